@@ -1,0 +1,244 @@
+//! The backend contract: the operations a decoder forward pass needs, written once for every device.
+//!
+//! Model code (in `tessera-worker`) is generic over [`Backend`]. Per-step metadata (positions, block
+//! tables, RoPE angles) is prepared once per step by [`Backend::prepare_step`], so a device backend
+//! uploads it once and every layer reuses it: no host↔device copies hide inside a layer.
+
+use crate::{HostTensor, Result};
+
+/// One sequence's part of a forward step.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeqMeta {
+    /// Index of this sequence's first new token among the step's tokens.
+    pub token_start: usize,
+    /// New tokens of this sequence in the step (prefill chunk length, or 1 when decoding).
+    pub num_tokens: usize,
+    /// Tokens in the sequence's context after this step, new ones included. The new tokens sit at
+    /// positions `context_len - num_tokens .. context_len`.
+    pub context_len: usize,
+    /// Physical KV-cache blocks holding positions `i*block_size .. (i+1)*block_size`.
+    pub block_table: Vec<u32>,
+}
+
+/// Host-side description of one forward step over a batch of sequences.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepMeta {
+    pub seqs: Vec<SeqMeta>,
+    /// Tokens per KV-cache block.
+    pub block_size: usize,
+}
+
+impl StepMeta {
+    /// Total new tokens in the step.
+    pub fn num_tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.num_tokens).sum()
+    }
+
+    /// The position of every new token, in step order.
+    pub fn positions(&self) -> Vec<u32> {
+        let mut out = Vec::with_capacity(self.num_tokens());
+        for s in &self.seqs {
+            let first = s.context_len - s.num_tokens;
+            out.extend((first..s.context_len).map(|p| p as u32));
+        }
+        out
+    }
+}
+
+/// How rotary pairs are laid out inside a head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RopeLayout {
+    /// Element `i` pairs with `i + rot_dim/2` (GPT-NeoX / Llama / HF `rotate_half`).
+    Half,
+    /// Element `2i` pairs with `2i + 1` (GPT-J; DeepSeek's `rope_interleave`).
+    Interleaved,
+}
+
+/// Everything needed to turn positions into rotation angles (built once per model).
+#[derive(Clone, Debug, PartialEq)]
+pub struct RopeTable {
+    /// One inverse frequency per rotary pair (`rot_dim / 2` of them).
+    pub inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (YaRN's attention factor; 1 otherwise).
+    pub attention_scaling: f32,
+    pub layout: RopeLayout,
+}
+
+impl RopeTable {
+    pub fn rot_dim(&self) -> usize {
+        self.inv_freq.len() * 2
+    }
+}
+
+/// Where the rotary part sits inside each head of a projection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RopeApply {
+    pub num_heads: usize,
+    /// Columns from one head to the next.
+    pub head_stride: usize,
+    /// Column of the first rotary element inside a head.
+    pub offset: usize,
+}
+
+/// Shape of one layer's paged KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvSpec {
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub num_kv_heads: usize,
+    pub k_dim: usize,
+    pub v_dim: usize,
+}
+
+/// Attention over the paged cache for a step (causal within each sequence).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct AttentionParams {
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub qk_dim: usize,
+    pub v_dim: usize,
+    /// Softmax scale applied to q·k.
+    pub scale: f32,
+    /// Attend only to the last `w` positions (inclusive of the query's own).
+    pub sliding_window: Option<usize>,
+}
+
+/// How router logits become per-expert scores.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scoring {
+    Softmax,
+    Sigmoid,
+}
+
+/// How a group of experts is scored when routing is group-limited (DeepSeek).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupScore {
+    /// The best expert of the group (DeepSeek-V2 `group_limited_greedy`).
+    Max,
+    /// The sum of the two best experts (DeepSeek-V3 `noaux_tc`).
+    SumTop2,
+}
+
+/// Top-k routing rule, covering softmax top-k (Mixtral, Qwen, OLMoE) and DeepSeek's grouped,
+/// bias-corrected sigmoid routing.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouterParams {
+    pub num_experts: usize,
+    pub top_k: usize,
+    pub scoring: Scoring,
+    /// Renormalise the selected weights to sum to one.
+    pub normalize: bool,
+    /// `(n_group, topk_group, group score)`: only experts of the best `topk_group` groups compete.
+    pub groups: Option<(usize, usize, GroupScore)>,
+    /// Multiplies the final weights (DeepSeek's `routed_scaling_factor`; 1 otherwise).
+    pub scaling: f32,
+}
+
+/// The three projections of one gated-MLP expert.
+pub struct ExpertWeights<'a, B: Backend + ?Sized> {
+    pub gate: &'a B::Weight,
+    pub up: &'a B::Weight,
+    pub down: &'a B::Weight,
+}
+
+/// A compute device. Activations are `[rows, cols]` f32 matrices ([`Backend::Tensor`]); weights keep
+/// their stored dtype ([`Backend::Weight`]).
+pub trait Backend: Send + Sync + Sized + 'static {
+    type Tensor: Send + Sync;
+    type Weight: Send + Sync;
+    /// Per-step metadata resident on the device.
+    type Step: Send + Sync;
+    /// One layer's paged K and V cache.
+    type KvLayer: Send + Sync;
+    /// Router decisions: for each token, `top_k` (expert, weight) pairs.
+    type Routing: Send + Sync;
+
+    /// Short name for logs ("cpu", "cuda:0").
+    fn name(&self) -> String;
+
+    // --- data movement -------------------------------------------------------------------------
+    fn upload_weight(&self, w: HostTensor) -> Result<Self::Weight>;
+    fn weight_shape<'a>(&self, w: &'a Self::Weight) -> &'a [usize];
+    fn tensor_from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
+    fn tensor_to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// `(rows, cols)` of an activation.
+    fn dims(&self, t: &Self::Tensor) -> (usize, usize);
+    fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<Self::Step>;
+
+    // --- dense math ----------------------------------------------------------------------------
+    /// Rows of an embedding table `[vocab, hidden]`, one per id.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+    /// `x · Wᵀ (+ bias)` for `W: [out, in]`.
+    fn linear(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Tensor>;
+    /// RMSNorm over each contiguous group of `w.len()` columns (a whole row, or one head).
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
+    /// `x += y`.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `silu(gate) * up`, elementwise.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
+    /// `x[r, :] *= sigmoid(g[r, 0])` (Qwen2-MoE's shared-expert gate).
+    fn mul_sigmoid_rows(&self, x: &mut Self::Tensor, g: &Self::Tensor) -> Result<()>;
+    /// Columns `start .. start + len`.
+    fn narrow_cols(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
+    /// Splits every head of `x: [T, heads*(a+b)]` into `([T, heads*a], [T, heads*b])`.
+    fn split_heads(
+        &self,
+        x: &Self::Tensor,
+        heads: usize,
+        a: usize,
+    ) -> Result<(Self::Tensor, Self::Tensor)>;
+    /// Joins `a: [T, heads*da]` with `b: [T, heads*db]` head by head; if `b` has `db` columns it is
+    /// broadcast to every head (MLA's shared rotary key).
+    fn concat_heads(
+        &self,
+        a: &Self::Tensor,
+        b: &Self::Tensor,
+        heads: usize,
+    ) -> Result<Self::Tensor>;
+    /// The listed rows, in order.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
+
+    // --- attention -----------------------------------------------------------------------------
+    fn rope(&self, x: &mut Self::Tensor, step: &Self::Step, at: RopeApply) -> Result<()>;
+    fn alloc_kv(&self, spec: KvSpec) -> Result<Self::KvLayer>;
+    /// Stores the step's new keys and values into their slots.
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvLayer,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        step: &Self::Step,
+    ) -> Result<()>;
+    fn attention(
+        &self,
+        q: &Self::Tensor,
+        cache: &Self::KvLayer,
+        step: &Self::Step,
+        params: &AttentionParams,
+    ) -> Result<Self::Tensor>;
+
+    // --- mixture of experts --------------------------------------------------------------------
+    /// Routes tokens given router logits `[T, num_experts]` and an optional per-expert
+    /// selection bias (DeepSeek-V3's `e_score_correction_bias`).
+    fn route(
+        &self,
+        logits: &Self::Tensor,
+        params: &RouterParams,
+        bias: Option<&Self::Weight>,
+    ) -> Result<Self::Routing>;
+    /// Tokens routed to each expert in this step (length `num_experts`).
+    fn expert_counts(&self, routing: &Self::Routing, num_experts: usize) -> Result<Vec<u32>>;
+    /// `Σ_e weight(t,e) · expert_e(x_t)` over the routed experts present in `experts` (an expert
+    /// owned by another rank is `None` and contributes nothing here).
+    fn moe(
+        &self,
+        x: &Self::Tensor,
+        routing: &Self::Routing,
+        experts: &[Option<ExpertWeights<'_, Self>>],
+    ) -> Result<Self::Tensor>;
+}
