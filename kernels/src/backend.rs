@@ -46,7 +46,7 @@ impl StepMeta {
 }
 
 /// How rotary pairs are laid out inside a head.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum RopeLayout {
     /// Element `i` pairs with `i + rot_dim/2` (GPT-NeoX / Llama / HF `rotate_half`).
     Half,
@@ -104,14 +104,14 @@ pub struct AttentionParams {
 }
 
 /// How router logits become per-expert scores.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Scoring {
     Softmax,
     Sigmoid,
 }
 
 /// How a group of experts is scored when routing is group-limited (DeepSeek).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum GroupScore {
     /// The best expert of the group (DeepSeek-V2 `group_limited_greedy`).
     Max,

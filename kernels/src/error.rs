@@ -18,9 +18,15 @@ pub enum BackendError {
 
 impl BackendError {
     pub(crate) fn shape(op: &'static str, detail: impl Into<String>) -> Self {
-        BackendError::Shape { op, detail: detail.into() }
+        BackendError::Shape {
+            op,
+            detail: detail.into(),
+        }
     }
     pub(crate) fn invalid(op: &'static str, detail: impl Into<String>) -> Self {
-        BackendError::Invalid { op, detail: detail.into() }
+        BackendError::Invalid {
+            op,
+            detail: detail.into(),
+        }
     }
 }

@@ -26,7 +26,11 @@ impl<T: AsRef<[u8]> + Any + Send + Sync> ByteOwner for T {
 #[derive(Clone)]
 pub enum HostData {
     /// Borrowed from a shared byte owner; `offset` is aligned for the dtype.
-    Shared { owner: Arc<dyn ByteOwner>, offset: usize, len: usize },
+    Shared {
+        owner: Arc<dyn ByteOwner>,
+        offset: usize,
+        len: usize,
+    },
     F32(Arc<Vec<f32>>),
     /// Raw 16-bit patterns for F16 or BF16.
     U16(Arc<Vec<u16>>),
@@ -67,13 +71,21 @@ impl HostTensor {
         let Some(bytes) = offset.checked_add(len).and_then(|end| all.get(offset..end)) else {
             return Err(BackendError::invalid(
                 "HostTensor::from_shared",
-                format!("bytes {offset}..{} beyond a buffer of {}", offset + len, all.len()),
+                format!(
+                    "bytes {offset}..{} beyond a buffer of {}",
+                    offset + len,
+                    all.len()
+                ),
             ));
         };
         if (bytes.as_ptr() as usize) % dtype.size() != 0 {
             return Self::from_bytes(bytes, dtype, shape);
         }
-        Ok(Self { dtype, shape, data: HostData::Shared { owner, offset, len } })
+        Ok(Self {
+            dtype,
+            shape,
+            data: HostData::Shared { owner, offset, len },
+        })
     }
 
     /// A tensor owning a copy of little-endian `bytes`.
@@ -82,15 +94,24 @@ impl HostTensor {
         if bytes.len() != n * dtype.size() {
             return Err(BackendError::shape(
                 "HostTensor::from_bytes",
-                format!("{} bytes for {n} {dtype} elements of shape {shape:?}", bytes.len()),
+                format!(
+                    "{} bytes for {n} {dtype} elements of shape {shape:?}",
+                    bytes.len()
+                ),
             ));
         }
         let data = match dtype {
             DType::F32 => HostData::F32(Arc::new(
-                bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+                bytes
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect(),
             )),
             DType::F16 | DType::BF16 => HostData::U16(Arc::new(
-                bytes.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect(),
+                bytes
+                    .chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]))
+                    .collect(),
             )),
         };
         Ok(Self { dtype, shape, data })
@@ -105,7 +126,11 @@ impl HostTensor {
                 format!("{} values for shape {shape:?}", values.len()),
             ));
         }
-        Ok(Self { dtype: DType::F32, shape, data: HostData::F32(Arc::new(values)) })
+        Ok(Self {
+            dtype: DType::F32,
+            shape,
+            data: HostData::F32(Arc::new(values)),
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -216,8 +241,10 @@ mod tests {
     #[test]
     fn bf16_conversion_is_exact() {
         let vals = [1.0f32, -0.5, 3.25, 1e-3];
-        let bytes: Vec<u8> =
-            vals.iter().flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes()).collect();
+        let bytes: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
         let t = HostTensor::from_bytes(&bytes, DType::BF16, vec![4]).unwrap();
         let got = t.to_f32_vec();
         for (g, v) in got.iter().zip(vals) {

@@ -30,7 +30,13 @@ impl CpuKv {
 /// The cache slot of `pos` for a sequence, checked against the table and the cache size.
 fn slot(table: &[u32], pos: usize, spec: &KvSpec) -> Result<usize> {
     let block = *table.get(pos / spec.block_size).ok_or_else(|| {
-        BackendError::invalid("attention", format!("position {pos} beyond a block table of {} blocks", table.len()))
+        BackendError::invalid(
+            "attention",
+            format!(
+                "position {pos} beyond a block table of {} blocks",
+                table.len()
+            ),
+        )
     })? as usize;
     if block >= spec.num_blocks {
         return Err(BackendError::invalid(
@@ -43,11 +49,19 @@ fn slot(table: &[u32], pos: usize, spec: &KvSpec) -> Result<usize> {
 
 pub(crate) fn write_kv(cache: &mut CpuKv, k: &[f32], v: &[f32], meta: &StepMeta) -> Result<()> {
     let spec = cache.spec;
-    let (kw, vw) = (spec.num_kv_heads * spec.k_dim, spec.num_kv_heads * spec.v_dim);
+    let (kw, vw) = (
+        spec.num_kv_heads * spec.k_dim,
+        spec.num_kv_heads * spec.v_dim,
+    );
     if k.len() != meta.num_tokens() * kw || v.len() != meta.num_tokens() * vw {
         return Err(BackendError::shape(
             "write_kv",
-            format!("k has {} and v {} values for {} tokens of widths {kw}/{vw}", k.len(), v.len(), meta.num_tokens()),
+            format!(
+                "k has {} and v {} values for {} tokens of widths {kw}/{vw}",
+                k.len(),
+                v.len(),
+                meta.num_tokens()
+            ),
         ));
     }
     for s in &meta.seqs {
@@ -62,27 +76,43 @@ pub(crate) fn write_kv(cache: &mut CpuKv, k: &[f32], v: &[f32], meta: &StepMeta)
     Ok(())
 }
 
-pub(crate) fn attention(q: &[f32], cache: &CpuKv, meta: &StepMeta, p: &AttentionParams) -> Result<Vec<f32>> {
+pub(crate) fn attention(
+    q: &[f32],
+    cache: &CpuKv,
+    meta: &StepMeta,
+    p: &AttentionParams,
+) -> Result<Vec<f32>> {
     let spec = &cache.spec;
     if spec.k_dim != p.qk_dim || spec.v_dim != p.v_dim || spec.num_kv_heads != p.num_kv_heads {
-        return Err(BackendError::shape("attention", format!("cache {spec:?} does not fit {p:?}")));
+        return Err(BackendError::shape(
+            "attention",
+            format!("cache {spec:?} does not fit {p:?}"),
+        ));
     }
     if p.num_kv_heads == 0 || p.num_heads % p.num_kv_heads != 0 {
         return Err(BackendError::shape(
             "attention",
-            format!("{} query heads over {} kv heads", p.num_heads, p.num_kv_heads),
+            format!(
+                "{} query heads over {} kv heads",
+                p.num_heads, p.num_kv_heads
+            ),
         ));
     }
     let (qw, ow) = (p.num_heads * p.qk_dim, p.num_heads * p.v_dim);
     let n = meta.num_tokens();
     if q.len() != n * qw {
-        return Err(BackendError::shape("attention", format!("q has {} values for {n} tokens × {qw}", q.len())));
+        return Err(BackendError::shape(
+            "attention",
+            format!("q has {} values for {n} tokens × {qw}", q.len()),
+        ));
     }
     // Resolve every (sequence, position) to its slot once; rows then only read.
     let mut slots_per_seq = Vec::with_capacity(meta.seqs.len());
     let mut row_of_token = vec![(0usize, 0usize); n];
     for (si, s) in meta.seqs.iter().enumerate() {
-        let slots = (0..s.context_len).map(|pos| slot(&s.block_table, pos, spec)).collect::<Result<Vec<_>>>()?;
+        let slots = (0..s.context_len)
+            .map(|pos| slot(&s.block_table, pos, spec))
+            .collect::<Result<Vec<_>>>()?;
         slots_per_seq.push(slots);
         let first = s.context_len - s.num_tokens;
         for j in 0..s.num_tokens {
@@ -90,7 +120,10 @@ pub(crate) fn attention(q: &[f32], cache: &CpuKv, meta: &StepMeta, p: &Attention
         }
     }
     let group = p.num_heads / p.num_kv_heads;
-    let (kw, vw) = (spec.num_kv_heads * spec.k_dim, spec.num_kv_heads * spec.v_dim);
+    let (kw, vw) = (
+        spec.num_kv_heads * spec.k_dim,
+        spec.num_kv_heads * spec.v_dim,
+    );
     let mut out = vec![0f32; n * ow];
     out.par_chunks_mut(ow).enumerate().for_each(|(t, orow)| {
         let (si, pos) = row_of_token[t];

@@ -36,7 +36,13 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
 
 /// `out[n, t] = Σ_k x[t, k] · w[n, k]` for the weight rows `rows`, written transposed
 /// (row-of-weight major) into `out`.
-fn rows_times_x(w: &WeightView<'_>, rows: std::ops::Range<usize>, x: &[f32], k: usize, out: &mut [f32]) {
+fn rows_times_x(
+    w: &WeightView<'_>,
+    rows: std::ops::Range<usize>,
+    x: &[f32],
+    k: usize,
+    out: &mut [f32],
+) {
     let t = x.len() / k;
     match w {
         WeightView::F32(v) => {
@@ -61,16 +67,25 @@ fn rows_times_x(w: &WeightView<'_>, rows: std::ops::Range<usize>, x: &[f32], k: 
 }
 
 /// `y[t, n] = Σ_k x[t, k] · w[n, k] (+ bias[n])` for `x: [t, k]`, `w: [n, k]`.
-pub(crate) fn linear(x: &[f32], k: usize, w: WeightView<'_>, n: usize, bias: Option<&[f32]>) -> Vec<f32> {
+pub(crate) fn linear(
+    x: &[f32],
+    k: usize,
+    w: WeightView<'_>,
+    n: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
     let t = x.len() / k;
     // Rows per task: enough multiply-adds (~32K) that rayon's overhead is noise.
     let rows_per_task = (32_768 / (k * t).max(1)).clamp(1, 256);
     let mut out_t = vec![0f32; n * t];
-    out_t.par_chunks_mut(rows_per_task * t).enumerate().for_each(|(c, chunk)| {
-        let start = c * rows_per_task;
-        let end = (start + rows_per_task).min(n);
-        rows_times_x(&w, start..end, x, k, chunk);
-    });
+    out_t
+        .par_chunks_mut(rows_per_task * t)
+        .enumerate()
+        .for_each(|(c, chunk)| {
+            let start = c * rows_per_task;
+            let end = (start + rows_per_task).min(n);
+            rows_times_x(&w, start..end, x, k, chunk);
+        });
     let mut y = if t == 1 {
         out_t
     } else {
@@ -109,7 +124,9 @@ mod tests {
     }
 
     fn data(len: usize, seed: u32) -> Vec<f32> {
-        (0..len).map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0).collect()
+        (0..len)
+            .map(|i| (((i as u32).wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
     }
 
     #[test]

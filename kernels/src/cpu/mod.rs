@@ -36,15 +36,21 @@ impl CpuWeight {
     }
 
     fn vector(&self, op: &'static str) -> Result<&[f32]> {
-        self.small
-            .as_deref()
-            .ok_or_else(|| BackendError::shape(op, format!("expected a 1-D weight, got {:?}", self.host.shape())))
+        self.small.as_deref().ok_or_else(|| {
+            BackendError::shape(
+                op,
+                format!("expected a 1-D weight, got {:?}", self.host.shape()),
+            )
+        })
     }
 
     fn matrix(&self, op: &'static str) -> Result<(usize, usize)> {
         match *self.host.shape() {
             [r, c] => Ok((r, c)),
-            ref s => Err(BackendError::shape(op, format!("expected a 2-D weight, got {s:?}"))),
+            ref s => Err(BackendError::shape(
+                op,
+                format!("expected a 2-D weight, got {s:?}"),
+            )),
         }
     }
 }
@@ -64,7 +70,10 @@ pub struct CpuBackend;
 
 fn same_shape(op: &'static str, a: &CpuTensor, b: &CpuTensor) -> Result<()> {
     if (a.rows, a.cols) != (b.rows, b.cols) {
-        return Err(BackendError::shape(op, format!("{}x{} vs {}x{}", a.rows, a.cols, b.rows, b.cols)));
+        return Err(BackendError::shape(
+            op,
+            format!("{}x{} vs {}x{}", a.rows, a.cols, b.rows, b.cols),
+        ));
     }
     Ok(())
 }
@@ -95,7 +104,10 @@ impl Backend for CpuBackend {
 
     fn tensor_from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CpuTensor> {
         if data.len() != rows * cols {
-            return Err(BackendError::shape("tensor_from_host", format!("{} values for {rows}x{cols}", data.len())));
+            return Err(BackendError::shape(
+                "tensor_from_host",
+                format!("{} values for {rows}x{cols}", data.len()),
+            ));
         }
         Ok(tensor(data, rows, cols))
     }
@@ -115,18 +127,32 @@ impl Backend for CpuBackend {
         let mut next = 0;
         for s in &meta.seqs {
             if s.token_start != next || s.num_tokens == 0 || s.num_tokens > s.context_len {
-                return Err(BackendError::invalid("prepare_step", format!("inconsistent sequence {s:?}")));
+                return Err(BackendError::invalid(
+                    "prepare_step",
+                    format!("inconsistent sequence {s:?}"),
+                ));
             }
             if s.block_table.len() * meta.block_size < s.context_len {
                 return Err(BackendError::invalid(
                     "prepare_step",
-                    format!("{} blocks cannot hold {} positions", s.block_table.len(), s.context_len),
+                    format!(
+                        "{} blocks cannot hold {} positions",
+                        s.block_table.len(),
+                        s.context_len
+                    ),
                 ));
             }
             next += s.num_tokens;
         }
-        let (cos, sin) = ops::rope_angles(&meta.positions(), &rope.inv_freq, rope.attention_scaling);
-        Ok(CpuStep { meta: meta.clone(), cos, sin, layout: rope.layout, rot_dim: rope.rot_dim() })
+        let (cos, sin) =
+            ops::rope_angles(&meta.positions(), &rope.inv_freq, rope.attention_scaling);
+        Ok(CpuStep {
+            meta: meta.clone(),
+            cos,
+            sin,
+            layout: rope.layout,
+            rot_dim: rope.rot_dim(),
+        })
     }
 
     fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
@@ -135,7 +161,10 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; ids.len() * hidden];
         for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
             if id as usize >= vocab {
-                return Err(BackendError::invalid("embedding", format!("token id {id} outside vocabulary of {vocab}")));
+                return Err(BackendError::invalid(
+                    "embedding",
+                    format!("token id {id} outside vocabulary of {vocab}"),
+                ));
             }
             view.convert_into(id as usize * hidden, row);
         }
@@ -145,21 +174,34 @@ impl Backend for CpuBackend {
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
         let (n, k) = w.matrix("linear")?;
         if x.cols != k {
-            return Err(BackendError::shape("linear", format!("x has {} columns, weight {:?}", x.cols, w.host.shape())));
+            return Err(BackendError::shape(
+                "linear",
+                format!("x has {} columns, weight {:?}", x.cols, w.host.shape()),
+            ));
         }
         let b = bias.map(|b| b.vector("linear bias")).transpose()?;
         if let Some(b) = b
             && b.len() != n
         {
-            return Err(BackendError::shape("linear", format!("bias of {} for {n} outputs", b.len())));
+            return Err(BackendError::shape(
+                "linear",
+                format!("bias of {} for {n} outputs", b.len()),
+            ));
         }
-        Ok(tensor(linear::linear(&x.data, k, w.host.view(), n, b), x.rows, n))
+        Ok(tensor(
+            linear::linear(&x.data, k, w.host.view(), n, b),
+            x.rows,
+            n,
+        ))
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
         let wv = w.vector("rms_norm")?;
         if wv.is_empty() || x.cols % wv.len() != 0 {
-            return Err(BackendError::shape("rms_norm", format!("{} columns, weight of {}", x.cols, wv.len())));
+            return Err(BackendError::shape(
+                "rms_norm",
+                format!("{} columns, weight of {}", x.cols, wv.len()),
+            ));
         }
         Ok(tensor(ops::rms_norm(&x.data, wv, eps), x.rows, x.cols))
     }
@@ -172,12 +214,19 @@ impl Backend for CpuBackend {
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
         same_shape("silu_mul", gate, up)?;
-        Ok(tensor(ops::silu_mul(&gate.data, &up.data), gate.rows, gate.cols))
+        Ok(tensor(
+            ops::silu_mul(&gate.data, &up.data),
+            gate.rows,
+            gate.cols,
+        ))
     }
 
     fn mul_sigmoid_rows(&self, x: &mut CpuTensor, g: &CpuTensor) -> Result<()> {
         if g.rows != x.rows || g.cols != 1 {
-            return Err(BackendError::shape("mul_sigmoid_rows", format!("gate {}x{} for {} rows", g.rows, g.cols, x.rows)));
+            return Err(BackendError::shape(
+                "mul_sigmoid_rows",
+                format!("gate {}x{} for {} rows", g.rows, g.cols, x.rows),
+            ));
         }
         for (row, gv) in x.data.chunks_exact_mut(x.cols.max(1)).zip(&g.data) {
             let s = ops::sigmoid(*gv);
@@ -188,15 +237,26 @@ impl Backend for CpuBackend {
 
     fn narrow_cols(&self, x: &CpuTensor, start: usize, len: usize) -> Result<CpuTensor> {
         if start + len > x.cols {
-            return Err(BackendError::shape("narrow_cols", format!("{start}+{len} of {} columns", x.cols)));
+            return Err(BackendError::shape(
+                "narrow_cols",
+                format!("{start}+{len} of {} columns", x.cols),
+            ));
         }
-        let data = x.data.chunks_exact(x.cols).flat_map(|r| &r[start..start + len]).copied().collect();
+        let data = x
+            .data
+            .chunks_exact(x.cols)
+            .flat_map(|r| &r[start..start + len])
+            .copied()
+            .collect();
         Ok(tensor(data, x.rows, len))
     }
 
     fn split_heads(&self, x: &CpuTensor, heads: usize, a: usize) -> Result<(CpuTensor, CpuTensor)> {
         if heads == 0 || x.cols % heads != 0 || x.cols / heads < a {
-            return Err(BackendError::shape("split_heads", format!("{} columns into {heads} heads at {a}", x.cols)));
+            return Err(BackendError::shape(
+                "split_heads",
+                format!("{} columns into {heads} heads at {a}", x.cols),
+            ));
         }
         let b = x.cols / heads - a;
         let (xa, xb) = ops::split_heads(&x.data, heads, a, b);
@@ -205,10 +265,17 @@ impl Backend for CpuBackend {
 
     fn concat_heads(&self, a: &CpuTensor, b: &CpuTensor, heads: usize) -> Result<CpuTensor> {
         if heads == 0 || a.rows != b.rows || a.cols % heads != 0 {
-            return Err(BackendError::shape("concat_heads", format!("{}x{} with {}x{}", a.rows, a.cols, b.rows, b.cols)));
+            return Err(BackendError::shape(
+                "concat_heads",
+                format!("{}x{} with {}x{}", a.rows, a.cols, b.rows, b.cols),
+            ));
         }
         let da = a.cols / heads;
-        let (db, broadcast) = if b.cols % heads == 0 && b.cols >= heads { (b.cols / heads, false) } else { (b.cols, true) };
+        let (db, broadcast) = if b.cols % heads == 0 && b.cols >= heads {
+            (b.cols / heads, false)
+        } else {
+            (b.cols, true)
+        };
         let data = ops::concat_heads(&a.data, da, &b.data, db, heads, broadcast);
         Ok(tensor(data, a.rows, heads * (da + db)))
     }
@@ -217,7 +284,10 @@ impl Backend for CpuBackend {
         let mut data = Vec::with_capacity(rows.len() * x.cols);
         for &r in rows {
             if r >= x.rows {
-                return Err(BackendError::invalid("gather_rows", format!("row {r} of {}", x.rows)));
+                return Err(BackendError::invalid(
+                    "gather_rows",
+                    format!("row {r} of {}", x.rows),
+                ));
             }
             data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
@@ -227,7 +297,13 @@ impl Backend for CpuBackend {
     fn rope(&self, x: &mut CpuTensor, step: &CpuStep, at: RopeApply) -> Result<()> {
         let need = (at.num_heads.max(1) - 1) * at.head_stride + at.offset + step.rot_dim;
         if x.rows != step.meta.num_tokens() || need > x.cols {
-            return Err(BackendError::shape("rope", format!("{}x{} for {at:?} and rot_dim {}", x.rows, x.cols, step.rot_dim)));
+            return Err(BackendError::shape(
+                "rope",
+                format!(
+                    "{}x{} for {at:?} and rot_dim {}",
+                    x.rows, x.cols, step.rot_dim
+                ),
+            ));
         }
         ops::rope(&mut x.data, x.cols, &step.cos, &step.sin, step.layout, at);
         Ok(())
@@ -237,16 +313,33 @@ impl Backend for CpuBackend {
         Ok(CpuKv::new(spec))
     }
 
-    fn write_kv(&self, cache: &mut CpuKv, k: &CpuTensor, v: &CpuTensor, step: &CpuStep) -> Result<()> {
+    fn write_kv(
+        &self,
+        cache: &mut CpuKv,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        step: &CpuStep,
+    ) -> Result<()> {
         attention::write_kv(cache, &k.data, &v.data, &step.meta)
     }
 
-    fn attention(&self, q: &CpuTensor, cache: &CpuKv, step: &CpuStep, params: &AttentionParams) -> Result<CpuTensor> {
+    fn attention(
+        &self,
+        q: &CpuTensor,
+        cache: &CpuKv,
+        step: &CpuStep,
+        params: &AttentionParams,
+    ) -> Result<CpuTensor> {
         let out = attention::attention(&q.data, cache, &step.meta, params)?;
         Ok(tensor(out, q.rows, params.num_heads * params.v_dim))
     }
 
-    fn route(&self, logits: &CpuTensor, params: &RouterParams, bias: Option<&CpuWeight>) -> Result<CpuRouting> {
+    fn route(
+        &self,
+        logits: &CpuTensor,
+        params: &RouterParams,
+        bias: Option<&CpuWeight>,
+    ) -> Result<CpuRouting> {
         let b = bias.map(|b| b.vector("route bias")).transpose()?;
         moe::route(&logits.data, params, b)
     }
@@ -255,11 +348,26 @@ impl Backend for CpuBackend {
         Ok(moe::expert_counts(routing, num_experts))
     }
 
-    fn moe(&self, x: &CpuTensor, routing: &CpuRouting, experts: &[Option<ExpertWeights<'_, Self>>]) -> Result<CpuTensor> {
+    fn moe(
+        &self,
+        x: &CpuTensor,
+        routing: &CpuRouting,
+        experts: &[Option<ExpertWeights<'_, Self>>],
+    ) -> Result<CpuTensor> {
         let cpu: Vec<_> = experts
             .iter()
-            .map(|e| e.as_ref().map(|e| moe::CpuExpert { gate: &e.gate.host, up: &e.up.host, down: &e.down.host }))
+            .map(|e| {
+                e.as_ref().map(|e| moe::CpuExpert {
+                    gate: &e.gate.host,
+                    up: &e.up.host,
+                    down: &e.down.host,
+                })
+            })
             .collect();
-        Ok(tensor(moe::moe(&x.data, x.cols, routing, &cpu)?, x.rows, x.cols))
+        Ok(tensor(
+            moe::moe(&x.data, x.cols, routing, &cpu)?,
+            x.rows,
+            x.cols,
+        ))
     }
 }

@@ -30,13 +30,20 @@ pub(crate) fn route(logits: &[f32], p: &RouterParams, bias: Option<&[f32]>) -> R
     if e == 0 || p.top_k == 0 || p.top_k > e || logits.len() % e != 0 {
         return Err(BackendError::invalid(
             "route",
-            format!("top-{} of {e} experts over {} logits", p.top_k, logits.len()),
+            format!(
+                "top-{} of {e} experts over {} logits",
+                p.top_k,
+                logits.len()
+            ),
         ));
     }
     if let Some(b) = bias
         && b.len() != e
     {
-        return Err(BackendError::shape("route", format!("bias of {} for {e} experts", b.len())));
+        return Err(BackendError::shape(
+            "route",
+            format!("bias of {} for {e} experts", b.len()),
+        ));
     }
     let tokens = logits.len() / e;
     let mut out = CpuRouting {
@@ -113,19 +120,30 @@ pub(crate) struct CpuExpert<'a> {
     pub down: &'a HostTensor,
 }
 
-pub(crate) fn moe(x: &[f32], hidden: usize, r: &CpuRouting, experts: &[Option<CpuExpert<'_>>]) -> Result<Vec<f32>> {
+pub(crate) fn moe(
+    x: &[f32],
+    hidden: usize,
+    r: &CpuRouting,
+    experts: &[Option<CpuExpert<'_>>],
+) -> Result<Vec<f32>> {
     let tokens = x.len() / hidden;
     if r.experts.len() != tokens * r.top_k {
         return Err(BackendError::shape(
             "moe",
-            format!("routing for {} tokens, activations for {tokens}", r.experts.len() / r.top_k.max(1)),
+            format!(
+                "routing for {} tokens, activations for {tokens}",
+                r.experts.len() / r.top_k.max(1)
+            ),
         ));
     }
     // Bucket (token, weight) by expert so each expert runs once over all of its tokens.
     let mut buckets: Vec<Vec<(usize, f32)>> = vec![Vec::new(); experts.len()];
     for (i, (&e, &w)) in r.experts.iter().zip(&r.weights).enumerate() {
         let bucket = buckets.get_mut(e as usize).ok_or_else(|| {
-            BackendError::invalid("moe", format!("expert {e} routed, but the layer has {}", experts.len()))
+            BackendError::invalid(
+                "moe",
+                format!("expert {e} routed, but the layer has {}", experts.len()),
+            )
         })?;
         bucket.push((i / r.top_k, w));
     }
@@ -158,7 +176,14 @@ mod tests {
     use super::*;
 
     fn params(scoring: Scoring) -> RouterParams {
-        RouterParams { num_experts: 4, top_k: 2, scoring, normalize: false, groups: None, scaling: 1.0 }
+        RouterParams {
+            num_experts: 4,
+            top_k: 2,
+            scoring,
+            normalize: false,
+            groups: None,
+            scaling: 1.0,
+        }
     }
 
     #[test]

@@ -31,7 +31,11 @@ pub(crate) fn silu_mul(gate: &[f32], up: &[f32]) -> Vec<f32> {
 }
 
 /// cos and sin of `position · inv_freq` for every token, `[tokens, rot_dim/2]` each, scaled.
-pub(crate) fn rope_angles(positions: &[u32], inv_freq: &[f32], scaling: f32) -> (Vec<f32>, Vec<f32>) {
+pub(crate) fn rope_angles(
+    positions: &[u32],
+    inv_freq: &[f32],
+    scaling: f32,
+) -> (Vec<f32>, Vec<f32>) {
     let half = inv_freq.len();
     let mut cos = Vec::with_capacity(positions.len() * half);
     let mut sin = Vec::with_capacity(positions.len() * half);
@@ -47,10 +51,24 @@ pub(crate) fn rope_angles(positions: &[u32], inv_freq: &[f32], scaling: f32) -> 
 }
 
 /// Rotates the rotary part of every head of `x: [tokens, cols]` in place.
-pub(crate) fn rope(x: &mut [f32], cols: usize, cos: &[f32], sin: &[f32], layout: RopeLayout, at: RopeApply) {
-    let half = if x.is_empty() { 0 } else { cos.len() / (x.len() / cols) };
+pub(crate) fn rope(
+    x: &mut [f32],
+    cols: usize,
+    cos: &[f32],
+    sin: &[f32],
+    layout: RopeLayout,
+    at: RopeApply,
+) {
+    let half = if x.is_empty() {
+        0
+    } else {
+        cos.len() / (x.len() / cols)
+    };
     for (t, row) in x.chunks_exact_mut(cols).enumerate() {
-        let (c, s) = (&cos[t * half..(t + 1) * half], &sin[t * half..(t + 1) * half]);
+        let (c, s) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
         for h in 0..at.num_heads {
             let head = &mut row[h * at.head_stride + at.offset..][..2 * half];
             for i in 0..half {
@@ -79,13 +97,24 @@ pub(crate) fn split_heads(x: &[f32], heads: usize, a: usize, b: usize) -> (Vec<f
 }
 
 /// Joins heads of `a: [T, heads*da]` and `b: [T, heads*db]` (or `[T, db]`, broadcast).
-pub(crate) fn concat_heads(a: &[f32], da: usize, b: &[f32], db: usize, heads: usize, broadcast: bool) -> Vec<f32> {
+pub(crate) fn concat_heads(
+    a: &[f32],
+    da: usize,
+    b: &[f32],
+    db: usize,
+    heads: usize,
+    broadcast: bool,
+) -> Vec<f32> {
     let rows = a.len() / (heads * da);
     let mut out = Vec::with_capacity(rows * heads * (da + db));
     for r in 0..rows {
         for h in 0..heads {
             out.extend_from_slice(&a[(r * heads + h) * da..][..da]);
-            let bh = if broadcast { r * db } else { (r * heads + h) * db };
+            let bh = if broadcast {
+                r * db
+            } else {
+                (r * heads + h) * db
+            };
             out.extend_from_slice(&b[bh..bh + db]);
         }
     }
@@ -109,7 +138,11 @@ mod tests {
     fn rope_half_and_interleaved_rotate_the_right_pairs() {
         // One token, one head of 4: position angle pi/2 for the first pair, 0 for the second.
         let (cos, sin) = (vec![0.0, 1.0], vec![1.0, 0.0]);
-        let at = RopeApply { num_heads: 1, head_stride: 4, offset: 0 };
+        let at = RopeApply {
+            num_heads: 1,
+            head_stride: 4,
+            offset: 0,
+        };
         let mut h = vec![1.0, 2.0, 3.0, 4.0];
         rope(&mut h, 4, &cos, &sin, RopeLayout::Half, at);
         // pair (0,2) rotated by 90°: (1,3) -> (-3,1); pair (1,3) unchanged.
@@ -123,7 +156,11 @@ mod tests {
     #[test]
     fn rope_respects_offset_and_stride() {
         let (cos, sin) = (vec![0.0], vec![1.0]);
-        let at = RopeApply { num_heads: 2, head_stride: 3, offset: 1 };
+        let at = RopeApply {
+            num_heads: 2,
+            head_stride: 3,
+            offset: 1,
+        };
         let mut x = vec![9.0, 1.0, 2.0, 8.0, 3.0, 4.0];
         rope(&mut x, 6, &cos, &sin, RopeLayout::Half, at);
         assert_eq!(x, vec![9.0, -2.0, 1.0, 8.0, -4.0, 3.0]);
