@@ -192,12 +192,12 @@ pub trait Backend: Send + Sync + Sized + 'static {
         heads: usize,
         a: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Joins `a: [T, heads*da]` with `b: [T, heads*db]` head by head; if `b` has `db` columns it is
-    /// broadcast to every head (MLA's shared rotary key).
-    fn concat_heads(
+    /// Appends `shared: [T, d]` to every head of `a: [T, heads*da]`, giving `[T, heads*(da+d)]`
+    /// (MLA's rotary key, shared by all heads).
+    fn concat_shared(
         &self,
         a: &Self::Tensor,
-        b: &Self::Tensor,
+        shared: &Self::Tensor,
         heads: usize,
     ) -> Result<Self::Tensor>;
     /// The listed rows, in order.

@@ -263,21 +263,19 @@ impl Backend for CpuBackend {
         Ok((tensor(xa, x.rows, heads * a), tensor(xb, x.rows, heads * b)))
     }
 
-    fn concat_heads(&self, a: &CpuTensor, b: &CpuTensor, heads: usize) -> Result<CpuTensor> {
-        if heads == 0 || a.rows != b.rows || a.cols % heads != 0 {
+    fn concat_shared(&self, a: &CpuTensor, shared: &CpuTensor, heads: usize) -> Result<CpuTensor> {
+        if heads == 0 || a.rows != shared.rows || a.cols % heads != 0 {
             return Err(BackendError::shape(
-                "concat_heads",
-                format!("{}x{} with {}x{}", a.rows, a.cols, b.rows, b.cols),
+                "concat_shared",
+                format!(
+                    "{}x{} in {heads} heads with {}x{}",
+                    a.rows, a.cols, shared.rows, shared.cols
+                ),
             ));
         }
         let da = a.cols / heads;
-        let (db, broadcast) = if b.cols % heads == 0 && b.cols >= heads {
-            (b.cols / heads, false)
-        } else {
-            (b.cols, true)
-        };
-        let data = ops::concat_heads(&a.data, da, &b.data, db, heads, broadcast);
-        Ok(tensor(data, a.rows, heads * (da + db)))
+        let data = ops::concat_shared(&a.data, da, &shared.data, shared.cols, heads);
+        Ok(tensor(data, a.rows, heads * (da + shared.cols)))
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {

@@ -1,0 +1,93 @@
+//! The routed mixture-of-experts block: router, the experts this shard owns, and optional shared
+//! experts (DeepSeek) or a sigmoid-gated shared expert (Qwen2-MoE).
+//!
+//! With expert parallelism each rank computes the same routing and runs only its own experts; the
+//! partial sums are combined by the cluster's all-reduce. On a single worker every expert is local.
+
+use tessera_common::{MoeSpec, ShardSpec};
+use tessera_kernels::{Backend, RouterParams};
+
+use super::{Mlp, WeightLoader};
+use crate::WorkerError;
+
+pub struct Moe<B: Backend> {
+    router: B::Weight,
+    router_bias: Option<B::Weight>,
+    params: RouterParams,
+    /// Indexed by expert id; `None` for experts owned by another rank.
+    experts: Vec<Option<Mlp<B>>>,
+    shared: Option<Mlp<B>>,
+    shared_gate: Option<B::Weight>,
+}
+
+impl<B: Backend> Moe<B> {
+    pub fn load(
+        w: &WeightLoader<'_, B>,
+        s: &MoeSpec,
+        layer: usize,
+        hidden: usize,
+        shard: &ShardSpec,
+    ) -> Result<Self, WorkerError> {
+        let experts = (0..s.num_experts)
+            .map(|e| {
+                shard
+                    .owns_expert(layer, e)
+                    .then(|| Mlp::load(w, &s.expert(e), hidden))
+                    .transpose()
+            })
+            .collect::<Result<_, _>>()?;
+        let (shared, shared_gate) = match &s.shared {
+            None => (None, None),
+            Some(sh) => (
+                Some(Mlp::load(w, &sh.mlp, hidden)?),
+                sh.gate
+                    .as_deref()
+                    .map(|g| w.matrix(g, 1, hidden))
+                    .transpose()?,
+            ),
+        };
+        Ok(Moe {
+            router: w.matrix(&s.router, s.num_experts, hidden)?,
+            router_bias: s
+                .router_bias
+                .as_deref()
+                .map(|n| w.vector(n, s.num_experts))
+                .transpose()?,
+            params: RouterParams {
+                num_experts: s.num_experts,
+                top_k: s.top_k,
+                scoring: s.rule.scoring,
+                normalize: s.rule.normalize,
+                groups: s.rule.groups,
+                scaling: s.rule.scaling,
+            },
+            experts,
+            shared,
+            shared_gate,
+        })
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.params.num_experts
+    }
+
+    /// The block's output and the number of tokens routed to each expert.
+    pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<(B::Tensor, Vec<u32>), WorkerError> {
+        let logits = b.linear(x, &self.router, None)?;
+        let routing = b.route(&logits, &self.params, self.router_bias.as_ref())?;
+        let experts: Vec<_> = self
+            .experts
+            .iter()
+            .map(|e| e.as_ref().map(Mlp::as_expert))
+            .collect();
+        let mut y = b.moe(x, &routing, &experts)?;
+        if let Some(shared) = &self.shared {
+            let mut s = shared.forward(b, x)?;
+            if let Some(g) = &self.shared_gate {
+                b.mul_sigmoid_rows(&mut s, &b.linear(x, g, None)?)?;
+            }
+            b.add_assign(&mut y, &s)?;
+        }
+        Ok((y, b.expert_counts(&routing, self.params.num_experts)?))
+    }
+}

@@ -1,0 +1,226 @@
+//! A decoder model assembled from a [`ModelSpec`]: embedding, the layer stack, final norm and the
+//! output projection. One forward step runs any mix of prefill chunks and decode tokens of several
+//! sequences, writing their keys and values into the paged cache.
+
+use std::time::Instant;
+
+use tessera_common::{AttentionSpec, FfnSpec, ModelSpec, ShardSpec};
+use tessera_kernels::{AttentionParams, Backend, KvSpec, RopeTable, StepMeta};
+
+use crate::WorkerError;
+use crate::checkpoint::Checkpoint;
+use crate::kv_cache::KvCache;
+use crate::layers::{Gqa, Linear, Mla, Mlp, Moe, RmsNorm, WeightLoader};
+
+enum Attention<B: Backend> {
+    Gqa(Gqa<B>),
+    Mla(Mla<B>),
+}
+
+enum Ffn<B: Backend> {
+    Dense(Mlp<B>),
+    Moe(Moe<B>),
+}
+
+struct DecoderLayer<B: Backend> {
+    input_norm: RmsNorm<B>,
+    post_attention_norm: RmsNorm<B>,
+    attention: Attention<B>,
+    ffn: Ffn<B>,
+}
+
+/// What one step produces.
+#[derive(Clone, Debug, Default)]
+pub struct StepOutput {
+    /// `[rows, vocab]` logits for the requested rows, row-major.
+    pub logits: Vec<f32>,
+    /// Tokens routed to each expert, per MoE layer (layer index, counts).
+    pub expert_counts: Vec<(usize, Vec<u32>)>,
+}
+
+pub struct Model<B: Backend> {
+    backend: B,
+    spec: ModelSpec,
+    embed: B::Weight,
+    /// `None` when tied to the embedding table.
+    lm_head: Option<Linear<B>>,
+    final_norm: RmsNorm<B>,
+    layers: Vec<DecoderLayer<B>>,
+    rope: RopeTable,
+}
+
+/// Bytes of the tensors `shard` will not read (experts owned elsewhere), for the progress total.
+fn skipped_bytes(spec: &ModelSpec, ckpt: &Checkpoint, shard: &ShardSpec) -> u64 {
+    let mut skipped = 0;
+    for (l, layer) in spec.layers.iter().enumerate() {
+        let FfnSpec::Moe(m) = &layer.ffn else {
+            continue;
+        };
+        for e in (0..m.num_experts).filter(|e| !shard.owns_expert(l, *e)) {
+            for name in m.expert(e).names() {
+                if let Ok(info) = ckpt.info(&name) {
+                    skipped +=
+                        info.shape.iter().product::<usize>() as u64 * info.dtype.size() as u64;
+                }
+            }
+        }
+    }
+    skipped
+}
+
+impl<B: Backend> Model<B> {
+    /// Loads the part of the model `shard` owns.
+    pub fn load(
+        backend: B,
+        spec: ModelSpec,
+        ckpt: &Checkpoint,
+        shard: &ShardSpec,
+    ) -> Result<Self, WorkerError> {
+        if shard.world_size > 1 {
+            return Err(WorkerError::Request(format!(
+                "world size {}: tensor-parallel execution needs the cluster's collectives",
+                shard.world_size
+            )));
+        }
+        let started = Instant::now();
+        let planned = ckpt
+            .total_bytes()
+            .saturating_sub(skipped_bytes(&spec, ckpt, shard));
+        let w = WeightLoader::new(&backend, ckpt, planned);
+        let (hidden, eps) = (spec.hidden_size, spec.rms_norm_eps);
+        let mut layers = Vec::with_capacity(spec.layers.len());
+        for (i, l) in spec.layers.iter().enumerate() {
+            layers.push(DecoderLayer {
+                input_norm: RmsNorm::load(&w, &l.input_norm, hidden, eps)?,
+                post_attention_norm: RmsNorm::load(&w, &l.post_attention_norm, hidden, eps)?,
+                attention: match &l.attention {
+                    AttentionSpec::Gqa(a) => Attention::Gqa(Gqa::load(&w, a, hidden, eps)?),
+                    AttentionSpec::Mla(a) => Attention::Mla(Mla::load(&w, a, hidden)?),
+                },
+                ffn: match &l.ffn {
+                    FfnSpec::Dense(m) => Ffn::Dense(Mlp::load(&w, m, hidden)?),
+                    FfnSpec::Moe(m) => Ffn::Moe(Moe::load(&w, m, i, hidden, shard)?),
+                },
+            });
+        }
+        let embed = w.matrix(&spec.embed_tokens, spec.vocab_size, hidden)?;
+        let lm_head = if spec.tie_word_embeddings {
+            None
+        } else {
+            Some(Linear {
+                weight: w.matrix(&spec.lm_head, spec.vocab_size, hidden)?,
+                bias: None,
+            })
+        };
+        let final_norm = RmsNorm::load(&w, &spec.final_norm, hidden, eps)?;
+        let bytes = w.finish();
+        tracing::info!(
+            architecture = %spec.architecture,
+            layers = spec.layers.len(),
+            mib = bytes / (1 << 20),
+            secs = started.elapsed().as_secs_f32(),
+            backend = %backend.name(),
+            "model loaded"
+        );
+        let rope = RopeTable {
+            inv_freq: spec.rope.inv_freq(),
+            attention_scaling: spec.rope.attention_scaling() as f32,
+            layout: spec.rope.layout,
+        };
+        Ok(Model {
+            backend,
+            spec,
+            embed,
+            lm_head,
+            final_norm,
+            layers,
+            rope,
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        &self.spec
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// The KV-cache shape of every layer for a pool of `num_blocks` blocks.
+    pub fn kv_specs(&self, num_blocks: usize, block_size: usize) -> Vec<KvSpec> {
+        self.layers
+            .iter()
+            .map(|l| {
+                let p: &AttentionParams = match &l.attention {
+                    Attention::Gqa(a) => a.params(),
+                    Attention::Mla(a) => a.params(),
+                };
+                KvSpec {
+                    num_blocks,
+                    block_size,
+                    num_kv_heads: p.num_kv_heads,
+                    k_dim: p.qk_dim,
+                    v_dim: p.v_dim,
+                }
+            })
+            .collect()
+    }
+
+    /// Runs one step over `tokens` (laid out as `meta` describes) and returns logits for
+    /// `logit_rows` (indices into `tokens`).
+    pub fn forward(
+        &self,
+        tokens: &[u32],
+        meta: &StepMeta,
+        cache: &mut KvCache<B>,
+        logit_rows: &[usize],
+    ) -> Result<StepOutput, WorkerError> {
+        let b = &self.backend;
+        if tokens.len() != meta.num_tokens() {
+            return Err(WorkerError::Request(format!(
+                "{} tokens for a step describing {}",
+                tokens.len(),
+                meta.num_tokens()
+            )));
+        }
+        if cache.layers.len() != self.layers.len() {
+            return Err(WorkerError::Request(format!(
+                "KV cache has {} layers, model {}",
+                cache.layers.len(),
+                self.layers.len()
+            )));
+        }
+        let step = b.prepare_step(meta, &self.rope)?;
+        let mut x = b.embedding(&self.embed, tokens)?;
+        let mut expert_counts = Vec::new();
+        for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
+            let h = layer.input_norm.forward(b, &x)?;
+            let a = match &layer.attention {
+                Attention::Gqa(att) => att.forward(b, &h, kv, &step)?,
+                Attention::Mla(att) => att.forward(b, &h, kv, &step)?,
+            };
+            b.add_assign(&mut x, &a)?;
+            let h = layer.post_attention_norm.forward(b, &x)?;
+            let f = match &layer.ffn {
+                Ffn::Dense(mlp) => mlp.forward(b, &h)?,
+                Ffn::Moe(moe) => {
+                    let (y, counts) = moe.forward(b, &h)?;
+                    expert_counts.push((i, counts));
+                    y
+                }
+            };
+            b.add_assign(&mut x, &f)?;
+        }
+        let x = self
+            .final_norm
+            .forward(b, &b.gather_rows(&x, logit_rows)?)?;
+        let logits = match &self.lm_head {
+            Some(head) => head.forward(b, &x)?,
+            None => b.linear(&x, &self.embed, None)?,
+        };
+        Ok(StepOutput {
+            logits: b.tensor_to_host(&logits)?,
+            expert_counts,
+        })
+    }
+}
