@@ -1,1 +1,286 @@
+//! The `tessera generate` contract, driven exactly as other tools drive it: a real process, flags,
+//! one JSON object on stdout. Numbers are checked against transformers' references.
 
+mod common;
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn tessera(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(args)
+        .output()
+        .expect("tessera runs")
+}
+
+/// Runs with `--json` and parses the single JSON object on stdout.
+fn generate_json(args: &[&str]) -> Value {
+    let mut all = vec!["generate", "--json"];
+    all.extend_from_slice(args);
+    let out = tessera(&all);
+    assert!(
+        out.status.success(),
+        "tessera {all:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).expect("utf-8 stdout");
+    let mut values = serde_json::Deserializer::from_str(&stdout).into_iter::<Value>();
+    let first = values.next().expect("one JSON object").expect("valid JSON");
+    assert!(
+        values.next().is_none(),
+        "stdout holds more than one JSON value: {stdout}"
+    );
+    first
+}
+
+fn ids(v: &[u32]) -> String {
+    v.iter().map(u32::to_string).collect::<Vec<_>>().join(",")
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+#[test]
+fn json_output_matches_transformers_on_every_fixture() {
+    for (name, dir) in common::fixtures() {
+        let reference = common::reference(&dir);
+        let tol = common::tolerance(&reference.dtype);
+        let case = &reference.cases[0];
+        let max = case.greedy_ids.len().to_string();
+        let prompt = ids(&case.prompt_ids);
+        let v = generate_json(&[
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--max-tokens",
+            &max,
+            "--temperature",
+            "0",
+            "--logprobs",
+            "3",
+            "--prompt-logprobs",
+        ]);
+        let got: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
+        // Stopping at eos may legitimately end early; compare with transformers' eos-aware run.
+        assert_eq!(got, case.greedy_until_eos, "{name}: tokens");
+        let lps = floats(&v["logprobs"]);
+        assert_eq!(lps.len(), got.len(), "{name}: one logprob per token");
+        for (a, b) in lps.iter().zip(&case.greedy_logprobs) {
+            assert!((a - b).abs() <= tol, "{name}: logprob {a} vs {b}");
+        }
+        let top = v["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), got.len(), "{name}");
+        assert_eq!(
+            top[0].as_array().unwrap().len(),
+            3,
+            "{name}: K alternatives"
+        );
+        assert_eq!(
+            top[0][0][0].as_u64().unwrap() as u32,
+            got[0],
+            "{name}: best alternative is the greedy token"
+        );
+        let plp = v["prompt_logprobs"].as_array().unwrap();
+        assert_eq!(plp.len(), case.prompt_ids.len(), "{name}");
+        assert!(plp[0].is_null(), "{name}: first prompt logprob is null");
+        for (a, b) in plp.iter().zip(&case.prompt_logprobs).skip(1) {
+            let (a, b) = (a.as_f64().unwrap() as f32, b.unwrap());
+            assert!((a - b).abs() <= tol, "{name}: prompt logprob {a} vs {b}");
+        }
+        let finish = v["finish_reason"].as_str().unwrap();
+        let want = if case.greedy_until_eos.len() < case.greedy_ids.len() {
+            "stop"
+        } else {
+            "length"
+        };
+        assert_eq!(finish, want, "{name}");
+        assert_eq!(
+            v.get("text").is_some(),
+            dir.join("tokenizer.json").exists(),
+            "{name}: text iff tokenizer"
+        );
+    }
+}
+
+#[test]
+fn text_prompt_is_tokenized_and_decoded_like_transformers() {
+    let dir = common::fixtures_dir().join("qwen3_moe");
+    let reference = common::reference(&dir);
+    let case = reference
+        .cases
+        .iter()
+        .find(|c| c.prompt_text.is_some())
+        .expect("a text case");
+    let max = case.greedy_ids.len().to_string();
+    let v = generate_json(&[
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt",
+        case.prompt_text.as_deref().unwrap(),
+        "--max-tokens",
+        &max,
+        "--temperature",
+        "0",
+    ]);
+    let got: Vec<u32> = serde_json::from_value(v["token_ids"].clone()).unwrap();
+    assert_eq!(got, case.greedy_until_eos);
+    if got == case.greedy_ids {
+        assert_eq!(v["text"].as_str(), case.greedy_text.as_deref());
+    }
+    assert!(
+        v.get("top_logprobs").is_none() && v.get("prompt_logprobs").is_none(),
+        "only when asked"
+    );
+}
+
+#[test]
+fn seeded_sampling_is_reproducible_and_streaming_prints_text() {
+    let dir = common::fixtures_dir().join("qwen3_moe");
+    let args = [
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "5,6,7",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "1.5",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+        "--seed",
+        "11",
+    ];
+    let a = generate_json(&args);
+    let b = generate_json(&args);
+    assert_eq!(a["token_ids"], b["token_ids"]);
+    let mut stream_args = vec!["generate"];
+    stream_args.extend_from_slice(&args);
+    let out = tessera(&stream_args);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        a["text"].as_str().unwrap().trim_end_matches('\n')
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("tokens/s"));
+}
+
+#[test]
+fn bad_input_fails_with_a_named_error() {
+    let llama = common::fixtures_dir().join("llama");
+    let llama = llama.to_str().unwrap();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &[
+                "generate",
+                "--model",
+                "/nonexistent/model",
+                "--prompt-ids",
+                "1",
+            ],
+            "config.json",
+        ),
+        (
+            &["generate", "--model", llama, "--prompt-ids", "1,999999"],
+            "999999",
+        ),
+        (
+            &["generate", "--model", llama, "--prompt", "hello"],
+            "tokenizer.json",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--temperature",
+                "-1",
+            ],
+            "temperature",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--top-p",
+                "0",
+            ],
+            "top_p",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--max-tokens",
+                "0",
+            ],
+            "max_tokens",
+        ),
+        (
+            &[
+                "generate",
+                "--model",
+                llama,
+                "--prompt-ids",
+                "1",
+                "--max-tokens",
+                "100000",
+            ],
+            "context",
+        ),
+        (
+            &["generate", "--model", llama, "--prompt-ids", "1,x"],
+            "prompt-ids",
+        ),
+        (&["generate", "--model", llama], "--prompt"),
+    ];
+    for (args, needle) in cases {
+        let out = tessera(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} should fail");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: stderr lacks `{needle}`: {stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+        assert!(out.stdout.is_empty(), "{args:?} wrote to stdout");
+    }
+}
+
+#[test]
+fn help_explains_every_flag() {
+    let out = tessera(&["generate", "--help"]);
+    let help = String::from_utf8(out.stdout).unwrap();
+    for flag in [
+        "--model",
+        "--prompt",
+        "--prompt-ids",
+        "--max-tokens",
+        "--temperature",
+        "--top-p",
+        "--top-k",
+        "--seed",
+        "--logprobs",
+        "--prompt-logprobs",
+        "--json",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}

@@ -173,7 +173,7 @@ impl RopeKeys {
 
 impl RopeSpec {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.rotary_dim == 0 || self.rotary_dim % 2 != 0 {
+        if self.rotary_dim == 0 || !self.rotary_dim.is_multiple_of(2) {
             return Err(ConfigError::invalid(
                 "rotary dims",
                 self.rotary_dim,

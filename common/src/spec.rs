@@ -114,7 +114,13 @@ impl MlpSpec {
 #[derive(Clone, Debug, Serialize)]
 pub enum FfnSpec {
     Dense(MlpSpec),
-    Moe(MoeSpec),
+    Moe(Box<MoeSpec>),
+}
+
+impl FfnSpec {
+    pub fn moe(spec: MoeSpec) -> Self {
+        FfnSpec::Moe(Box::new(spec))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
@@ -206,7 +212,7 @@ impl ModelSpec {
                     positive("num_attention_heads", a.num_heads)?;
                     positive("num_key_value_heads", a.num_kv_heads)?;
                     positive("head_dim", a.head_dim)?;
-                    if a.num_heads % a.num_kv_heads != 0 {
+                    if !a.num_heads.is_multiple_of(a.num_kv_heads) {
                         return Err(ConfigError::invalid(
                             "num_key_value_heads",
                             a.num_kv_heads,
@@ -247,7 +253,7 @@ impl ModelSpec {
                         ));
                     }
                     if let Some((groups, keep, _)) = m.rule.groups {
-                        if groups == 0 || m.num_experts % groups != 0 {
+                        if groups == 0 || !m.num_experts.is_multiple_of(groups) {
                             return Err(ConfigError::invalid(
                                 "n_group",
                                 groups,

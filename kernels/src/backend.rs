@@ -135,7 +135,7 @@ pub struct RouterParams {
 }
 
 /// The three projections of one gated-MLP expert.
-pub struct ExpertWeights<'a, B: Backend + ?Sized> {
+pub struct ExpertWeights<'a, B: Backend> {
     pub gate: &'a B::Weight,
     pub up: &'a B::Weight,
     pub down: &'a B::Weight,

@@ -78,7 +78,7 @@ impl HostTensor {
                 ),
             ));
         };
-        if (bytes.as_ptr() as usize) % dtype.size() != 0 {
+        if !(bytes.as_ptr() as usize).is_multiple_of(dtype.size()) {
             return Self::from_bytes(bytes, dtype, shape);
         }
         Ok(Self {

@@ -42,6 +42,40 @@ pub struct GenerateRequest {
     pub stop_token_ids: Vec<u32>,
 }
 
+impl GenerateRequest {
+    /// Checks the request against the model before any work (or weight loading) is done.
+    pub fn validate(&self, spec: &ModelSpec) -> Result<(), WorkerError> {
+        let req = self;
+        if req.prompt.is_empty() {
+            return Err(WorkerError::Request("prompt is empty".into()));
+        }
+        if let Some(bad) = req
+            .prompt
+            .iter()
+            .chain(&req.stop_token_ids)
+            .find(|t| **t as usize >= spec.vocab_size)
+        {
+            return Err(WorkerError::Request(format!(
+                "token id {bad} is outside the vocabulary ({})",
+                spec.vocab_size
+            )));
+        }
+        if req.max_tokens == 0 {
+            return Err(WorkerError::Request("max_tokens must be at least 1".into()));
+        }
+        let total = req.prompt.len() + req.max_tokens;
+        if total > spec.max_position_embeddings {
+            return Err(WorkerError::Request(format!(
+                "prompt ({}) + max_tokens ({}) = {total} exceeds the model's context of {} positions",
+                req.prompt.len(),
+                req.max_tokens,
+                spec.max_position_embeddings
+            )));
+        }
+        req.sampling.validate().map_err(WorkerError::Request)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FinishReason {
     Length,
@@ -87,44 +121,13 @@ impl<B: Backend> Engine<B> {
         self.model.spec()
     }
 
-    fn check(&self, req: &GenerateRequest) -> Result<(), WorkerError> {
-        let spec = self.model.spec();
-        if req.prompt.is_empty() {
-            return Err(WorkerError::Request("prompt is empty".into()));
-        }
-        if let Some(bad) = req
-            .prompt
-            .iter()
-            .chain(&req.stop_token_ids)
-            .find(|t| **t as usize >= spec.vocab_size)
-        {
-            return Err(WorkerError::Request(format!(
-                "token id {bad} is outside the vocabulary ({})",
-                spec.vocab_size
-            )));
-        }
-        if req.max_tokens == 0 {
-            return Err(WorkerError::Request("max_tokens must be at least 1".into()));
-        }
-        let total = req.prompt.len() + req.max_tokens;
-        if total > spec.max_position_embeddings {
-            return Err(WorkerError::Request(format!(
-                "prompt ({}) + max_tokens ({}) = {total} exceeds the model's context of {} positions",
-                req.prompt.len(),
-                req.max_tokens,
-                spec.max_position_embeddings
-            )));
-        }
-        req.sampling.validate().map_err(WorkerError::Request)
-    }
-
     /// Generates for one request, calling `on_token` with each new token as it is chosen.
     pub fn generate(
         &mut self,
         req: &GenerateRequest,
         mut on_token: impl FnMut(u32),
     ) -> Result<GenerateOutput, WorkerError> {
-        self.check(req)?;
+        req.validate(self.model.spec())?;
         let blocks = self
             .cache
             .allocate(self.cache.blocks_for(req.prompt.len() + req.max_tokens))?;

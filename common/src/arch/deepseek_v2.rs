@@ -54,7 +54,7 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
     let layers = (0..c.common.num_hidden_layers)
         .map(|i| {
             let ffn = if c.moe.is_moe(i, 0) {
-                FfnSpec::Moe(c.moe.moe(i, rule, false)?)
+                FfnSpec::moe(c.moe.moe(i, rule, false)?)
             } else {
                 dense_mlp(i, c.moe.intermediate_size)
             };

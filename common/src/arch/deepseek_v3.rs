@@ -53,7 +53,7 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
     let layers = (0..c.common.num_hidden_layers)
         .map(|i| {
             let ffn = if c.moe.is_moe(i, 3) {
-                FfnSpec::Moe(c.moe.moe(i, rule, true)?)
+                FfnSpec::moe(c.moe.moe(i, rule, true)?)
             } else {
                 dense_mlp(i, c.moe.intermediate_size)
             };

@@ -34,7 +34,7 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
     let layers = (0..c.common.num_hidden_layers)
         .map(|i| {
             let prefix = format!("model.layers.{i}.block_sparse_moe");
-            let ffn = FfnSpec::Moe(routed_moe(
+            let ffn = FfnSpec::moe(routed_moe(
                 prefix,
                 c.num_local_experts,
                 c.num_experts_per_tok,

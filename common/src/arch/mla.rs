@@ -47,7 +47,7 @@ impl DeepseekMoeKeys {
     pub fn is_moe(&self, i: usize, default_first_dense: usize) -> bool {
         self.n_routed_experts.is_some_and(|n| n > 0)
             && i >= self.first_k_dense_replace.unwrap_or(default_first_dense)
-            && i % self.moe_layer_freq.unwrap_or(1).max(1) == 0
+            && i.is_multiple_of(self.moe_layer_freq.unwrap_or(1).max(1))
     }
 
     /// The MoE block of layer `i` (`model.layers.{i}.mlp`) with the given routing rule.

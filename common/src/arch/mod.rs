@@ -128,7 +128,7 @@ impl CommonConfig {
         match self.head_dim {
             Some(d) => Ok(d),
             None if self.num_attention_heads > 0
-                && self.hidden_size % self.num_attention_heads == 0 =>
+                && self.hidden_size.is_multiple_of(self.num_attention_heads) =>
             {
                 Ok(self.hidden_size / self.num_attention_heads)
             }

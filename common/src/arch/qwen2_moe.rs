@@ -66,7 +66,7 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
                     ),
                     gate: Some(format!("{prefix}.shared_expert_gate.weight")),
                 });
-                FfnSpec::Moe(MoeSpec {
+                FfnSpec::moe(MoeSpec {
                     shared,
                     ..routed_moe(
                         prefix,

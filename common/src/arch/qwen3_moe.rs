@@ -39,7 +39,7 @@ pub struct Qwen3MoeConfig {
 
 /// Whether Qwen-MoE layer `i` is sparse (shared with Qwen2-MoE).
 pub(super) fn is_sparse(i: usize, num_experts: usize, step: usize, mlp_only: &[usize]) -> bool {
-    !mlp_only.contains(&i) && num_experts > 0 && step > 0 && (i + 1) % step == 0
+    !mlp_only.contains(&i) && num_experts > 0 && step > 0 && (i + 1).is_multiple_of(step)
 }
 
 pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
@@ -61,7 +61,7 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
         .map(|i| {
             let ffn = if is_sparse(i, c.num_experts, c.decoder_sparse_step, &mlp_only) {
                 let prefix = format!("model.layers.{i}.mlp");
-                FfnSpec::Moe(routed_moe(
+                FfnSpec::moe(routed_moe(
                     prefix,
                     c.num_experts,
                     c.num_experts_per_tok,

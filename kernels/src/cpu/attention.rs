@@ -89,7 +89,7 @@ pub(crate) fn attention(
             format!("cache {spec:?} does not fit {p:?}"),
         ));
     }
-    if p.num_kv_heads == 0 || p.num_heads % p.num_kv_heads != 0 {
+    if p.num_kv_heads == 0 || !p.num_heads.is_multiple_of(p.num_kv_heads) {
         return Err(BackendError::shape(
             "attention",
             format!(

@@ -197,7 +197,7 @@ impl Backend for CpuBackend {
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
         let wv = w.vector("rms_norm")?;
-        if wv.is_empty() || x.cols % wv.len() != 0 {
+        if wv.is_empty() || !x.cols.is_multiple_of(wv.len()) {
             return Err(BackendError::shape(
                 "rms_norm",
                 format!("{} columns, weight of {}", x.cols, wv.len()),
@@ -252,7 +252,7 @@ impl Backend for CpuBackend {
     }
 
     fn split_heads(&self, x: &CpuTensor, heads: usize, a: usize) -> Result<(CpuTensor, CpuTensor)> {
-        if heads == 0 || x.cols % heads != 0 || x.cols / heads < a {
+        if heads == 0 || !x.cols.is_multiple_of(heads) || x.cols / heads < a {
             return Err(BackendError::shape(
                 "split_heads",
                 format!("{} columns into {heads} heads at {a}", x.cols),
@@ -264,7 +264,7 @@ impl Backend for CpuBackend {
     }
 
     fn concat_shared(&self, a: &CpuTensor, shared: &CpuTensor, heads: usize) -> Result<CpuTensor> {
-        if heads == 0 || a.rows != shared.rows || a.cols % heads != 0 {
+        if heads == 0 || a.rows != shared.rows || !a.cols.is_multiple_of(heads) {
             return Err(BackendError::shape(
                 "concat_shared",
                 format!(

@@ -27,7 +27,7 @@ fn top_indices(v: &[f32], k: usize) -> Vec<usize> {
 
 pub(crate) fn route(logits: &[f32], p: &RouterParams, bias: Option<&[f32]>) -> Result<CpuRouting> {
     let e = p.num_experts;
-    if e == 0 || p.top_k == 0 || p.top_k > e || logits.len() % e != 0 {
+    if e == 0 || p.top_k == 0 || p.top_k > e || !logits.len().is_multiple_of(e) {
         return Err(BackendError::invalid(
             "route",
             format!(
@@ -68,7 +68,7 @@ pub(crate) fn route(logits: &[f32], p: &RouterParams, bias: Option<&[f32]>) -> R
         if let Some((n_group, topk_group, how)) = p.groups
             && n_group > 1
         {
-            if e % n_group != 0 || topk_group == 0 || topk_group > n_group {
+            if !e.is_multiple_of(n_group) || topk_group == 0 || topk_group > n_group {
                 return Err(BackendError::invalid(
                     "route",
                     format!("{e} experts in {n_group} groups, keeping {topk_group}"),
