@@ -1,1 +1,43 @@
-//! placeholder
+//! Tessera's protobuf packages, generated at build time by protox + tonic-prost-build (no system
+//! `protoc` needed). Packages are versioned: a breaking change adds `v2` beside `v1`.
+
+/// The worker control plane: shard assignment, steps, health and shutdown.
+pub mod worker {
+    pub mod v1 {
+        tonic::include_proto!("tessera.worker.v1");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use prost::Message;
+
+    use super::worker::v1::{SamplingParams, SequenceStep, StepRequest};
+
+    #[test]
+    fn step_requests_round_trip_and_keep_optional_presence() {
+        let req = StepRequest {
+            step_id: 7,
+            seqs: vec![SequenceStep {
+                seq_id: 1,
+                token_ids: vec![5, 6],
+                context_len: 2,
+                block_table: vec![3],
+                sampling: Some(SamplingParams {
+                    temperature: 0.0,
+                    top_p: None,
+                    top_k: 0,
+                    seed: Some(0),
+                }),
+                top_logprobs: 2,
+                prompt_logprobs: true,
+                sample: true,
+            }],
+        };
+        let back = StepRequest::decode(req.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back, req);
+        let sampling = back.seqs[0].sampling.unwrap();
+        assert_eq!(sampling.seed, Some(0), "an explicit zero seed survives");
+        assert_eq!(sampling.top_p, None, "an absent top_p stays absent");
+    }
+}
