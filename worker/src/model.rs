@@ -86,6 +86,7 @@ impl<B: Backend> Model<B> {
         let planned = ckpt
             .total_bytes()
             .saturating_sub(skipped_bytes(&spec, ckpt, shard));
+        tracing::info!(dir = %ckpt.dir().display(), mib = planned / (1 << 20), "loading weights");
         let w = WeightLoader::new(&backend, ckpt, planned);
         let (hidden, eps) = (spec.hidden_size, spec.rms_norm_eps);
         let mut layers = Vec::with_capacity(spec.layers.len());
@@ -118,7 +119,7 @@ impl<B: Backend> Model<B> {
             architecture = %spec.architecture,
             layers = spec.layers.len(),
             mib = bytes / (1 << 20),
-            secs = started.elapsed().as_secs_f32(),
+            secs = format!("{:.2}", started.elapsed().as_secs_f32()),
             backend = %backend.name(),
             "model loaded"
         );
