@@ -9,7 +9,7 @@ use tessera_common::{FfnSpec, ShardSpec, load_model_spec};
 use tessera_kernels::Backend;
 use tessera_kernels::cpu::CpuBackend;
 use tessera_worker::checkpoint::Checkpoint;
-use tessera_worker::layers::{Moe, WeightLoader};
+use tessera_worker::layers::{Moe, TpContext, WeightLoader};
 use tessera_worker::model::Model;
 
 fn owning(spec: &tessera_common::ModelSpec, experts: std::ops::Range<usize>) -> ShardSpec {
@@ -66,7 +66,11 @@ fn disjoint_expert_shards_sum_to_the_whole_layer() {
     let x = b.tensor_from_host(x, tokens, hidden).unwrap();
     let run = |shard: &ShardSpec| {
         let loader = WeightLoader::new(&b, &ckpt, 0);
-        let moe = Moe::load(&loader, &moe_spec, layer, hidden, shard).unwrap();
+        let tp = TpContext {
+            shard: shard.clone(),
+            ..TpContext::single()
+        };
+        let moe = Moe::load(&loader, &moe_spec, layer, hidden, &tp).unwrap();
         let (y, counts) = moe.forward(&b, &x).unwrap();
         (b.tensor_to_host(&y).unwrap(), counts)
     };

@@ -5,6 +5,7 @@
 //! `world_size` (contiguous head and column blocks).
 
 use std::collections::BTreeSet;
+use std::ops::Range;
 
 use serde::{Deserialize, Serialize};
 
@@ -26,9 +27,56 @@ impl ShardSpec {
         }
     }
 
-    pub fn owns_expert(&self, layer: usize, expert: usize) -> bool {
-        self.experts
-            .as_ref()
-            .is_none_or(|set| set.contains(&(layer, expert)))
+    /// Whether this worker runs `expert` of MoE `layer` (which has `num_experts`): the explicit
+    /// placement if given, else contiguous blocks of experts by rank.
+    pub fn owns_expert(&self, layer: usize, expert: usize, num_experts: usize) -> bool {
+        match &self.experts {
+            Some(set) => set.contains(&(layer, expert)),
+            None => split_range(num_experts, self.rank, self.world_size).contains(&expert),
+        }
+    }
+
+    /// This rank's part of `total` items split tensor-parallel.
+    pub fn split(&self, total: usize) -> Range<usize> {
+        split_range(total, self.rank, self.world_size)
+    }
+}
+
+/// The `rank`-th of `world` near-equal contiguous parts of `0..total` (earlier parts one larger
+/// when it does not divide).
+pub fn split_range(total: usize, rank: usize, world: usize) -> Range<usize> {
+    let world = world.max(1);
+    let (base, extra) = (total / world, total % world);
+    let start = rank * base + rank.min(extra);
+    start..start + base + usize::from(rank < extra)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_range_covers_everything_once() {
+        for (total, world) in [(8, 2), (6, 4), (3, 4), (7, 3)] {
+            let parts: Vec<_> = (0..world).map(|r| split_range(total, r, world)).collect();
+            assert_eq!(parts.iter().map(|r| r.len()).sum::<usize>(), total);
+            for w in parts.windows(2) {
+                assert_eq!(w[0].end, w[1].start);
+            }
+        }
+        assert_eq!(split_range(6, 3, 4), 5..6);
+        assert_eq!(split_range(3, 3, 4), 3..3);
+    }
+
+    #[test]
+    fn default_placement_is_contiguous_blocks() {
+        let shard = ShardSpec {
+            rank: 1,
+            world_size: 4,
+            experts: None,
+        };
+        let owned: Vec<usize> = (0..6).filter(|e| shard.owns_expert(0, *e, 6)).collect();
+        assert_eq!(owned, vec![2, 3]);
+        assert!(ShardSpec::whole().owns_expert(3, 5, 6));
     }
 }

@@ -11,7 +11,12 @@ pub enum WorkerError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
+    Collective(#[from] crate::collective::CollectiveError),
+    #[error(transparent)]
     Backend(#[from] tessera_kernels::BackendError),
+    /// A sharding plan that cannot work (heads that do not divide over the ranks, ...).
+    #[error("cannot shard the model: {0}")]
+    Plan(String),
     /// A request the engine cannot serve as given (the field and value are named).
     #[error("invalid request: {0}")]
     Request(String),

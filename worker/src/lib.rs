@@ -3,12 +3,14 @@
 //! - [`checkpoint`]: memory-mapped safetensors (single file or sharded), zero-copy, slice-aware.
 //! - [`layers`]: the shared building blocks (RMSNorm, linear, gated MLP, GQA and MLA attention,
 //!   routed MoE), each written once and generic over the compute [`Backend`](tessera_kernels::Backend).
+//! - [`collective`]: all-reduce and all-gather among the ranks of a replica, with deadlines.
 //! - [`model`]: a decoder assembled from a [`ModelSpec`](tessera_common::ModelSpec).
 //! - [`kv_cache`]: paged KV cache blocks and their allocator.
 //! - [`sampling`]: temperature / top-k / top-p sampling and log-probabilities.
 //! - [`engine`]: single-process generation (prefill, then cached decode steps).
 
 pub mod checkpoint;
+pub mod collective;
 pub mod engine;
 mod error;
 pub mod kv_cache;

@@ -9,8 +9,9 @@ use tessera_kernels::{AttentionParams, Backend, KvSpec, RopeTable, StepMeta};
 
 use crate::WorkerError;
 use crate::checkpoint::Checkpoint;
+use crate::checkpoint::Slice;
 use crate::kv_cache::KvCache;
-use crate::layers::{Gqa, Linear, Mla, Mlp, Moe, RmsNorm, WeightLoader};
+use crate::layers::{Gqa, Linear, Mla, Mlp, Moe, RmsNorm, TpContext, WeightLoader};
 
 enum Attention<B: Backend> {
     Gqa(Gqa<B>),
@@ -47,6 +48,7 @@ pub struct Model<B: Backend> {
     final_norm: RmsNorm<B>,
     layers: Vec<DecoderLayer<B>>,
     rope: RopeTable,
+    tp: TpContext<B>,
 }
 
 /// Bytes of the tensors `shard` will not read (experts owned elsewhere), for the progress total.
@@ -56,7 +58,7 @@ fn skipped_bytes(spec: &ModelSpec, ckpt: &Checkpoint, shard: &ShardSpec) -> u64 
         let FfnSpec::Moe(m) = &layer.ffn else {
             continue;
         };
-        for e in (0..m.num_experts).filter(|e| !shard.owns_expert(l, *e)) {
+        for e in (0..m.num_experts).filter(|e| !shard.owns_expert(l, *e, m.num_experts)) {
             for name in m.expert(e).names() {
                 if let Ok(info) = ckpt.info(&name) {
                     skipped +=
@@ -69,7 +71,7 @@ fn skipped_bytes(spec: &ModelSpec, ckpt: &Checkpoint, shard: &ShardSpec) -> u64 
 }
 
 impl<B: Backend> Model<B> {
-    /// Loads the part of the model `shard` owns.
+    /// Loads the model on one worker (`shard` may still leave out experts, for tests and tools).
     pub fn load(
         backend: B,
         spec: ModelSpec,
@@ -77,11 +79,30 @@ impl<B: Backend> Model<B> {
         shard: &ShardSpec,
     ) -> Result<Self, WorkerError> {
         if shard.world_size > 1 {
-            return Err(WorkerError::Request(format!(
-                "world size {}: tensor-parallel execution needs the cluster's collectives",
+            return Err(WorkerError::Plan(format!(
+                "world size {} needs a collective: use Model::load_rank",
                 shard.world_size
             )));
         }
+        Self::load_rank(
+            backend,
+            spec,
+            ckpt,
+            TpContext {
+                shard: shard.clone(),
+                ..TpContext::single()
+            },
+        )
+    }
+
+    /// Loads the part of the model one tensor-parallel rank owns.
+    pub fn load_rank(
+        backend: B,
+        spec: ModelSpec,
+        ckpt: &Checkpoint,
+        tp: TpContext<B>,
+    ) -> Result<Self, WorkerError> {
+        let shard = &tp.shard;
         let started = Instant::now();
         let planned = ckpt
             .total_bytes()
@@ -95,12 +116,12 @@ impl<B: Backend> Model<B> {
                 input_norm: RmsNorm::load(&w, &l.input_norm, hidden, eps)?,
                 post_attention_norm: RmsNorm::load(&w, &l.post_attention_norm, hidden, eps)?,
                 attention: match &l.attention {
-                    AttentionSpec::Gqa(a) => Attention::Gqa(Gqa::load(&w, a, hidden, eps)?),
-                    AttentionSpec::Mla(a) => Attention::Mla(Mla::load(&w, a, hidden)?),
+                    AttentionSpec::Gqa(a) => Attention::Gqa(Gqa::load(&w, a, (hidden, eps), &tp)?),
+                    AttentionSpec::Mla(a) => Attention::Mla(Mla::load(&w, a, hidden, &tp)?),
                 },
                 ffn: match &l.ffn {
-                    FfnSpec::Dense(m) => Ffn::Dense(Mlp::load(&w, m, hidden)?),
-                    FfnSpec::Moe(m) => Ffn::Moe(Moe::load(&w, m, i, hidden, shard)?),
+                    FfnSpec::Dense(m) => Ffn::Dense(Mlp::load_split(&w, m, hidden, &tp)?),
+                    FfnSpec::Moe(m) => Ffn::Moe(Moe::load(&w, m, i, hidden, &tp)?),
                 },
             });
         }
@@ -108,8 +129,14 @@ impl<B: Backend> Model<B> {
         let lm_head = if spec.tie_word_embeddings {
             None
         } else {
+            // Vocabulary-parallel: each rank computes its slice of the logits, then all-gather.
+            let part = if tp.world() > 1 {
+                Slice::Rows(tp.shard.split(spec.vocab_size))
+            } else {
+                Slice::Full
+            };
             Some(Linear {
-                weight: w.matrix(&spec.lm_head, spec.vocab_size, hidden)?,
+                weight: w.load(&spec.lm_head, &[spec.vocab_size, hidden], part)?,
                 bias: None,
             })
         };
@@ -136,6 +163,7 @@ impl<B: Backend> Model<B> {
             final_norm,
             layers,
             rope,
+            tp,
         })
     }
 
@@ -196,13 +224,14 @@ impl<B: Backend> Model<B> {
         let mut expert_counts = Vec::new();
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = layer.input_norm.forward(b, &x)?;
-            let a = match &layer.attention {
+            let mut a = match &layer.attention {
                 Attention::Gqa(att) => att.forward(b, &h, kv, &step)?,
                 Attention::Mla(att) => att.forward(b, &h, kv, &step)?,
             };
+            self.tp.all_reduce(b, &mut a)?;
             b.add_assign(&mut x, &a)?;
             let h = layer.post_attention_norm.forward(b, &x)?;
-            let f = match &layer.ffn {
+            let mut f = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(b, &h)?,
                 Ffn::Moe(moe) => {
                     let (y, counts) = moe.forward(b, &h)?;
@@ -210,12 +239,16 @@ impl<B: Backend> Model<B> {
                     y
                 }
             };
+            self.tp.all_reduce(b, &mut f)?;
             b.add_assign(&mut x, &f)?;
         }
         let x = self
             .final_norm
             .forward(b, &b.gather_rows(&x, logit_rows)?)?;
         let logits = match &self.lm_head {
+            Some(head) if self.tp.world() > 1 => {
+                self.tp.comm.all_gather_cols(b, head.forward(b, &x)?)?
+            }
             Some(head) => head.forward(b, &x)?,
             None => b.linear(&x, &self.embed, None)?,
         };

@@ -1,10 +1,14 @@
 //! Grouped-query attention (Llama, Qwen, Mixtral, OLMoE), with optional q/k biases and q/k RMSNorm
-//! per head (Qwen3) or over the whole projection (OLMoE).
+//! per head (Qwen3) or over the whole projection (OLMoE). Under tensor parallelism each rank owns a
+//! block of query heads (and the KV heads they read); `o_proj` yields a partial sum.
 
 use tessera_common::{GqaSpec, QkNorm};
 use tessera_kernels::{AttentionParams, Backend, RopeApply};
 
-use super::{Linear, RmsNorm, WeightLoader};
+use std::ops::Range;
+
+use super::tp::cols;
+use super::{Linear, LinearSpec, RmsNorm, Split, TpContext, WeightLoader};
 use crate::WorkerError;
 
 pub struct Gqa<B: Backend> {
@@ -14,6 +18,8 @@ pub struct Gqa<B: Backend> {
     o: Linear<B>,
     q_norm: Option<RmsNorm<B>>,
     k_norm: Option<RmsNorm<B>>,
+    /// Columns of q and k this rank keeps after a whole-projection norm.
+    keep: Option<(Range<usize>, Range<usize>)>,
     params: AttentionParams,
 }
 
@@ -21,34 +27,63 @@ impl<B: Backend> Gqa<B> {
     pub fn load(
         w: &WeightLoader<'_, B>,
         s: &GqaSpec,
-        hidden: usize,
-        eps: f32,
+        dims: (usize, f32),
+        tp: &TpContext<B>,
     ) -> Result<Self, WorkerError> {
-        let (qw, kvw) = (s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim);
+        let (hidden, eps) = dims;
+        let d = s.head_dim;
+        let (qw, kvw) = (s.num_heads * d, s.num_kv_heads * d);
+        let (hq, hkv) = tp.heads(s.num_heads, s.num_kv_heads)?;
         let p = &s.prefix;
         let norm =
             |name: &str, len: usize| RmsNorm::load(w, &format!("{p}.{name}.weight"), len, eps);
+        // A norm over the whole projection needs all of it: such ranks compute q and k in full and
+        // keep their heads after the norm.
+        let whole = s.qk_norm == QkNorm::Whole;
         let (q_norm, k_norm) = match s.qk_norm {
             QkNorm::None => (None, None),
-            QkNorm::PerHead => (
-                Some(norm("q_norm", s.head_dim)?),
-                Some(norm("k_norm", s.head_dim)?),
-            ),
+            QkNorm::PerHead => (Some(norm("q_norm", d)?), Some(norm("k_norm", d)?)),
             QkNorm::Whole => (Some(norm("q_norm", qw)?), Some(norm("k_norm", kvw)?)),
         };
+        let names = ["q_proj", "k_proj", "v_proj", "o_proj"].map(|n| format!("{p}.{n}"));
+        let spec = |i: usize, out, inp, bias| LinearSpec {
+            prefix: &names[i],
+            out,
+            inp,
+            bias,
+        };
+        let qk_split = |heads| {
+            if whole {
+                Split::Replicated
+            } else {
+                Split::Out(cols(heads, d))
+            }
+        };
         Ok(Gqa {
-            q: Linear::load(w, &format!("{p}.q_proj"), qw, hidden, s.qkv_bias)?,
-            k: Linear::load(w, &format!("{p}.k_proj"), kvw, hidden, s.qkv_bias)?,
-            v: Linear::load(w, &format!("{p}.v_proj"), kvw, hidden, s.qkv_bias)?,
-            o: Linear::load(w, &format!("{p}.o_proj"), hidden, qw, s.o_bias)?,
+            q: Linear::load_split(w, spec(0, qw, hidden, s.qkv_bias), qk_split(&hq))?,
+            k: Linear::load_split(w, spec(1, kvw, hidden, s.qkv_bias), qk_split(&hkv))?,
+            v: Linear::load_split(
+                w,
+                spec(2, kvw, hidden, s.qkv_bias),
+                Split::Out(cols(&hkv, d)),
+            )?,
+            o: Linear::load_split(
+                w,
+                spec(3, hidden, qw, s.o_bias),
+                Split::In {
+                    range: cols(&hq, d),
+                    bias: tp.is_first(),
+                },
+            )?,
             q_norm,
             k_norm,
+            keep: (whole && tp.world() > 1).then(|| (cols(&hq, d), cols(&hkv, d))),
             params: AttentionParams {
-                num_heads: s.num_heads,
-                num_kv_heads: s.num_kv_heads,
-                qk_dim: s.head_dim,
-                v_dim: s.head_dim,
-                scale: (s.head_dim as f32).powf(-0.5),
+                num_heads: hq.len(),
+                num_kv_heads: hkv.len(),
+                qk_dim: d,
+                v_dim: d,
+                scale: (d as f32).powf(-0.5),
                 sliding_window: s.sliding_window,
             },
         })
@@ -72,6 +107,10 @@ impl<B: Backend> Gqa<B> {
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(b, &q)?;
             k = kn.forward(b, &k)?;
+        }
+        if let Some((qc, kc)) = &self.keep {
+            q = b.narrow_cols(&q, qc.start, qc.len())?;
+            k = b.narrow_cols(&k, kc.start, kc.len())?;
         }
         b.rope(
             &mut q,

@@ -33,8 +33,14 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         }
     }
 
-    fn load(&self, name: &str, shape: &[usize]) -> Result<B::Weight, WorkerError> {
-        let host = self.checkpoint.load(name, shape, Slice::Full)?;
+    /// Part `slice` of tensor `name`, whose full shape must be `shape`.
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+    ) -> Result<B::Weight, WorkerError> {
+        let host = self.checkpoint.load(name, shape, slice)?;
         let size = host.size_bytes() as u64;
         let weight = self.backend.upload_weight(host)?;
         self.bytes.fetch_add(size, Ordering::Relaxed);
@@ -44,12 +50,12 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
 
     /// A `[rows, cols]` matrix.
     pub fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<B::Weight, WorkerError> {
-        self.load(name, &[rows, cols])
+        self.load(name, &[rows, cols], Slice::Full)
     }
 
     /// A vector of `len`.
     pub fn vector(&self, name: &str, len: usize) -> Result<B::Weight, WorkerError> {
-        self.load(name, &[len])
+        self.load(name, &[len], Slice::Full)
     }
 
     /// Closes the progress bar; returns the bytes loaded.

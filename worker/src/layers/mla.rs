@@ -8,7 +8,8 @@
 use tessera_common::MlaSpec;
 use tessera_kernels::{AttentionParams, Backend, RopeApply};
 
-use super::{Linear, RmsNorm, WeightLoader};
+use super::tp::cols;
+use super::{Linear, LinearSpec, RmsNorm, Split, TpContext, WeightLoader};
 use crate::WorkerError;
 
 /// transformers builds the latent norms with RMSNorm's default epsilon, not `rms_norm_eps`.
@@ -34,57 +35,67 @@ pub struct Mla<B: Backend> {
 }
 
 impl<B: Backend> Mla<B> {
-    pub fn load(w: &WeightLoader<'_, B>, s: &MlaSpec, hidden: usize) -> Result<Self, WorkerError> {
+    pub fn load(
+        w: &WeightLoader<'_, B>,
+        s: &MlaSpec,
+        hidden: usize,
+        tp: &TpContext<B>,
+    ) -> Result<Self, WorkerError> {
         let p = &s.prefix;
         let qk = s.qk_nope_head_dim + s.qk_rope_head_dim;
         let h = s.num_heads;
-        let query = match s.q_lora_rank {
-            None => Query::Direct(Linear::load(
+        let (heads, _) = tp.heads(h, h)?;
+        let name = |n: &str| format!("{p}.{n}");
+        let load = |n: &str, (out, inp, bias): (usize, usize, bool), split| {
+            Linear::load_split(
                 w,
-                &format!("{p}.q_proj"),
-                h * qk,
-                hidden,
-                false,
+                LinearSpec {
+                    prefix: &name(n),
+                    out,
+                    inp,
+                    bias,
+                },
+                split,
+            )
+        };
+        let query = match s.q_lora_rank {
+            None => Query::Direct(load(
+                "q_proj",
+                (h * qk, hidden, false),
+                Split::Out(cols(&heads, qk)),
             )?),
             Some(r) => Query::LowRank {
-                a: Linear::load(w, &format!("{p}.q_a_proj"), r, hidden, s.attention_bias)?,
-                norm: RmsNorm::load(w, &format!("{p}.q_a_layernorm.weight"), r, LATENT_NORM_EPS)?,
-                b: Linear::load(w, &format!("{p}.q_b_proj"), h * qk, r, false)?,
+                a: load("q_a_proj", (r, hidden, s.attention_bias), Split::Replicated)?,
+                norm: RmsNorm::load(w, &name("q_a_layernorm.weight"), r, LATENT_NORM_EPS)?,
+                b: load("q_b_proj", (h * qk, r, false), Split::Out(cols(&heads, qk)))?,
             },
         };
         let latent = s.kv_lora_rank;
+        let kv_width = s.qk_nope_head_dim + s.v_head_dim;
         Ok(Mla {
             query,
-            kv_a: Linear::load(
-                w,
-                &format!("{p}.kv_a_proj_with_mqa"),
-                latent + s.qk_rope_head_dim,
-                hidden,
-                s.attention_bias,
+            kv_a: load(
+                "kv_a_proj_with_mqa",
+                (latent + s.qk_rope_head_dim, hidden, s.attention_bias),
+                Split::Replicated,
             )?,
-            kv_norm: RmsNorm::load(
-                w,
-                &format!("{p}.kv_a_layernorm.weight"),
-                latent,
-                LATENT_NORM_EPS,
+            kv_norm: RmsNorm::load(w, &name("kv_a_layernorm.weight"), latent, LATENT_NORM_EPS)?,
+            kv_b: load(
+                "kv_b_proj",
+                (h * kv_width, latent, false),
+                Split::Out(cols(&heads, kv_width)),
             )?,
-            kv_b: Linear::load(
-                w,
-                &format!("{p}.kv_b_proj"),
-                h * (s.qk_nope_head_dim + s.v_head_dim),
-                latent,
-                false,
-            )?,
-            o: Linear::load(
-                w,
-                &format!("{p}.o_proj"),
-                hidden,
-                h * s.v_head_dim,
-                s.attention_bias,
+            o: load(
+                "o_proj",
+                (hidden, h * s.v_head_dim, s.attention_bias),
+                Split::In {
+                    range: cols(&heads, s.v_head_dim),
+                    bias: tp.is_first(),
+                },
             )?,
             params: AttentionParams {
-                num_heads: h,
-                num_kv_heads: h,
+                num_heads: heads.len(),
+                num_kv_heads: heads.len(),
                 qk_dim: qk,
                 v_dim: s.v_head_dim,
                 scale: s.softmax_scale,
@@ -106,7 +117,11 @@ impl<B: Backend> Mla<B> {
         step: &B::Step,
     ) -> Result<B::Tensor, WorkerError> {
         let s = &self.spec;
-        let (h, nope, rope) = (s.num_heads, s.qk_nope_head_dim, s.qk_rope_head_dim);
+        let (h, nope, rope) = (
+            self.params.num_heads,
+            s.qk_nope_head_dim,
+            s.qk_rope_head_dim,
+        );
         let mut q = match &self.query {
             Query::Direct(l) => l.forward(b, x)?,
             Query::LowRank { a, norm, b: up } => {

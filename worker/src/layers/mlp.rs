@@ -3,8 +3,9 @@
 use tessera_common::MlpSpec;
 use tessera_kernels::{Backend, ExpertWeights};
 
-use super::WeightLoader;
+use super::{TpContext, WeightLoader};
 use crate::WorkerError;
+use crate::checkpoint::Slice;
 
 pub struct Mlp<B: Backend> {
     pub gate: B::Weight,
@@ -24,6 +25,29 @@ impl<B: Backend> Mlp<B> {
             gate: w.matrix(&gate, i, hidden)?,
             up: w.matrix(&up, i, hidden)?,
             down: w.matrix(&down, hidden, i)?,
+        })
+    }
+
+    /// This rank's columns of the MLP (gate/up column-parallel, down row-parallel): its output is
+    /// a partial sum over the ranks.
+    pub fn load_split(
+        w: &WeightLoader<'_, B>,
+        spec: &MlpSpec,
+        hidden: usize,
+        tp: &TpContext<B>,
+    ) -> Result<Self, WorkerError> {
+        if tp.world() == 1 {
+            return Self::load(w, spec, hidden);
+        }
+        let [gate, up, down] = spec.names();
+        let (i, part) = (
+            spec.intermediate_size,
+            tp.shard.split(spec.intermediate_size),
+        );
+        Ok(Mlp {
+            gate: w.load(&gate, &[i, hidden], Slice::Rows(part.clone()))?,
+            up: w.load(&up, &[i, hidden], Slice::Rows(part.clone()))?,
+            down: w.load(&down, &[hidden, i], Slice::Cols(part))?,
         })
     }
 

@@ -9,16 +9,33 @@ mod loader;
 mod mla;
 mod mlp;
 mod moe;
+mod tp;
 
 pub use attention::Gqa;
 pub use loader::WeightLoader;
 pub use mla::Mla;
 pub use mlp::Mlp;
 pub use moe::Moe;
+pub use tp::TpContext;
+
+use std::ops::Range;
 
 use tessera_kernels::Backend;
 
 use crate::WorkerError;
+use crate::checkpoint::Slice;
+
+/// How a linear layer is divided among tensor-parallel ranks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Split {
+    /// Every rank holds the whole layer.
+    Replicated,
+    /// Column-parallel: this rank computes output features `range` (weight rows and bias slice).
+    Out(Range<usize>),
+    /// Row-parallel: this rank reads input features `range` and produces a partial sum; exactly one
+    /// rank adds the bias.
+    In { range: Range<usize>, bias: bool },
+}
 
 /// RMSNorm with a learned scale.
 pub struct RmsNorm<B: Backend> {
@@ -44,6 +61,15 @@ impl<B: Backend> RmsNorm<B> {
     }
 }
 
+/// Names and full shape of a linear layer: `{prefix}.weight` is `[out, inp]`.
+#[derive(Clone, Copy, Debug)]
+pub struct LinearSpec<'a> {
+    pub prefix: &'a str,
+    pub out: usize,
+    pub inp: usize,
+    pub bias: bool,
+}
+
 /// `x · Wᵀ + bias`.
 pub struct Linear<B: Backend> {
     pub weight: B::Weight,
@@ -59,13 +85,36 @@ impl<B: Backend> Linear<B> {
         inp: usize,
         bias: bool,
     ) -> Result<Self, WorkerError> {
-        Ok(Linear {
-            weight: w.matrix(&format!("{prefix}.weight"), out, inp)?,
-            bias: if bias {
-                Some(w.vector(&format!("{prefix}.bias"), out)?)
-            } else {
-                None
+        Self::load_split(
+            w,
+            LinearSpec {
+                prefix,
+                out,
+                inp,
+                bias,
             },
+            Split::Replicated,
+        )
+    }
+
+    /// Loads this rank's part of a linear layer.
+    pub fn load_split(
+        w: &WeightLoader<'_, B>,
+        l: LinearSpec<'_>,
+        split: Split,
+    ) -> Result<Self, WorkerError> {
+        let (weight, bias) = (format!("{}.weight", l.prefix), format!("{}.bias", l.prefix));
+        let shape = [l.out, l.inp];
+        let (wslice, bslice) = match split {
+            Split::Replicated => (Slice::Full, l.bias.then_some(Slice::Full)),
+            Split::Out(r) => (Slice::Rows(r.clone()), l.bias.then_some(Slice::Rows(r))),
+            Split::In { range, bias } => {
+                (Slice::Cols(range), (l.bias && bias).then_some(Slice::Full))
+            }
+        };
+        Ok(Linear {
+            weight: w.load(&weight, &shape, wslice)?,
+            bias: bslice.map(|s| w.load(&bias, &[l.out], s)).transpose()?,
         })
     }
 

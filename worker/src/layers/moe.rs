@@ -4,10 +4,10 @@
 //! With expert parallelism each rank computes the same routing and runs only its own experts; the
 //! partial sums are combined by the cluster's all-reduce. On a single worker every expert is local.
 
-use tessera_common::{MoeSpec, ShardSpec};
+use tessera_common::MoeSpec;
 use tessera_kernels::{Backend, RouterParams};
 
-use super::{Mlp, WeightLoader};
+use super::{Mlp, TpContext, WeightLoader};
 use crate::WorkerError;
 
 pub struct Moe<B: Backend> {
@@ -26,12 +26,12 @@ impl<B: Backend> Moe<B> {
         s: &MoeSpec,
         layer: usize,
         hidden: usize,
-        shard: &ShardSpec,
+        tp: &TpContext<B>,
     ) -> Result<Self, WorkerError> {
         let experts = (0..s.num_experts)
             .map(|e| {
-                shard
-                    .owns_expert(layer, e)
+                tp.shard
+                    .owns_expert(layer, e, s.num_experts)
                     .then(|| Mlp::load(w, &s.expert(e), hidden))
                     .transpose()
             })
@@ -39,7 +39,7 @@ impl<B: Backend> Moe<B> {
         let (shared, shared_gate) = match &s.shared {
             None => (None, None),
             Some(sh) => (
-                Some(Mlp::load(w, &sh.mlp, hidden)?),
+                Some(Mlp::load_split(w, &sh.mlp, hidden, tp)?),
                 sh.gate
                     .as_deref()
                     .map(|g| w.matrix(g, 1, hidden))

@@ -1,0 +1,71 @@
+//! Tensor-parallel bookkeeping for one rank: which heads and columns it owns, and the collective
+//! that joins its partial results with the other ranks'.
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use tessera_common::ShardSpec;
+use tessera_kernels::Backend;
+
+use crate::WorkerError;
+use crate::collective::{Collective, SingleRank};
+
+/// One rank's place in a tensor-parallel group.
+pub struct TpContext<B: Backend> {
+    pub shard: ShardSpec,
+    pub comm: Arc<dyn Collective<B>>,
+}
+
+impl<B: Backend> TpContext<B> {
+    /// The whole model on one rank.
+    pub fn single() -> Self {
+        TpContext {
+            shard: ShardSpec::whole(),
+            comm: Arc::new(SingleRank),
+        }
+    }
+
+    pub fn world(&self) -> usize {
+        self.shard.world_size.max(1)
+    }
+
+    pub fn is_first(&self) -> bool {
+        self.shard.rank == 0
+    }
+
+    /// This rank's query heads, and the KV heads they read. Query heads must divide evenly; KV
+    /// heads are split when the world divides them and replicated when they divide the world.
+    pub fn heads(
+        &self,
+        num_heads: usize,
+        num_kv_heads: usize,
+    ) -> Result<(Range<usize>, Range<usize>), WorkerError> {
+        let world = self.world();
+        if !num_heads.is_multiple_of(world) {
+            return Err(WorkerError::Plan(format!(
+                "{num_heads} attention heads cannot be split evenly over {world} ranks"
+            )));
+        }
+        if !(num_kv_heads.is_multiple_of(world) || world.is_multiple_of(num_kv_heads)) {
+            return Err(WorkerError::Plan(format!(
+                "{num_kv_heads} KV heads over {world} ranks: one must divide the other"
+            )));
+        }
+        let q = self.shard.split(num_heads);
+        let group = num_heads / num_kv_heads;
+        Ok((q.clone(), q.start / group..(q.end - 1) / group + 1))
+    }
+
+    /// Sums partial results over the ranks (a no-op on one rank).
+    pub fn all_reduce(&self, b: &B, t: &mut B::Tensor) -> Result<(), WorkerError> {
+        if self.world() > 1 {
+            self.comm.all_reduce_sum(b, t)?;
+        }
+        Ok(())
+    }
+}
+
+/// Scales a head range to a column range of heads `width` wide.
+pub fn cols(heads: &Range<usize>, width: usize) -> Range<usize> {
+    heads.start * width..heads.end * width
+}
