@@ -12,7 +12,7 @@ use tessera_common::{AttentionSpec, ModelSpec, ShardSpec, load_model_spec};
 use tessera_kernels::cpu::CpuBackend;
 use tessera_worker::WorkerError;
 use tessera_worker::checkpoint::Checkpoint;
-use tessera_worker::collective::InProcessGroup;
+use tessera_worker::collective::{Collective, InProcessGroup, TcpRank};
 use tessera_worker::engine::{Engine, EngineConfig, GenerateOutput, GenerateRequest};
 use tessera_worker::layers::TpContext;
 use tessera_worker::model::Model;
@@ -29,18 +29,34 @@ fn heads_allow(spec: &ModelSpec, world: usize) -> bool {
     })
 }
 
-/// Runs `requests` on `world` ranks; returns rank 0's outputs (all ranks must agree).
+type Comm = Arc<dyn Collective<CpuBackend>>;
+
+/// Runs `requests` on `world` in-process ranks; returns rank 0's outputs (all ranks must agree).
 fn run(
     dir: &Path,
     world: usize,
     requests: &[GenerateRequest],
 ) -> Result<Vec<GenerateOutput>, WorkerError> {
     let group = InProcessGroup::new(world, Duration::from_secs(20));
+    run_with(dir, world, requests, move |rank| {
+        Ok(Arc::new(group.member(rank)) as Comm)
+    })
+}
+
+/// Runs `requests` on `world` ranks, each joining the group through `connect(rank)` on its thread.
+fn run_with(
+    dir: &Path,
+    world: usize,
+    requests: &[GenerateRequest],
+    connect: impl Fn(usize) -> Result<Comm, WorkerError> + Send + Sync + 'static,
+) -> Result<Vec<GenerateOutput>, WorkerError> {
+    let connect = Arc::new(connect);
     let ranks: Vec<_> = (0..world)
         .map(|rank| {
-            let member = group.member(rank);
+            let connect = Arc::clone(&connect);
             let (dir, requests) = (dir.to_path_buf(), requests.to_vec());
             std::thread::spawn(move || -> Result<Vec<GenerateOutput>, WorkerError> {
+                let comm = connect(rank)?;
                 let spec = load_model_spec(&dir)?;
                 let ckpt = Checkpoint::open(&dir)?;
                 let tp = TpContext {
@@ -49,7 +65,7 @@ fn run(
                         world_size: world,
                         experts: None,
                     },
-                    comm: Arc::new(member),
+                    comm,
                 };
                 let model = Model::load_rank(CpuBackend, spec, &ckpt, tp)?;
                 let mut engine = Engine::new(model, EngineConfig::default())?;
@@ -137,4 +153,39 @@ fn tp2_and_tp3_match_one_rank_and_transformers() {
         sharded_runs >= 8,
         "too few fixtures ran sharded: {sharded_runs}"
     );
+}
+
+#[test]
+fn ranks_in_separate_sockets_match_one_rank() {
+    let dir = common::fixtures_dir().join("deepseek_v3");
+    let reference = common::reference(&dir);
+    let reqs = requests(&reference);
+    let single = run(&dir, 1, &reqs).unwrap();
+    let listener = std::sync::Mutex::new(Some(std::net::TcpListener::bind("127.0.0.1:0").unwrap()));
+    let addr = listener
+        .lock()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let timeout = Duration::from_secs(20);
+    let tcp = run_with(&dir, 2, &reqs, move |rank| {
+        let comm: Comm = match rank {
+            0 => Arc::new(TcpRank::root(
+                listener.lock().unwrap().take().unwrap(),
+                2,
+                timeout,
+            )?),
+            r => Arc::new(TcpRank::join(r, 2, addr, timeout)?),
+        };
+        Ok(comm)
+    })
+    .unwrap();
+    for (s, t) in single.iter().zip(&tcp) {
+        assert_eq!(s.token_ids, t.token_ids);
+        for (a, b) in s.logprobs.iter().zip(&t.logprobs) {
+            assert!((a - b).abs() <= 1e-4, "{a} vs {b}");
+        }
+    }
 }
