@@ -3,12 +3,13 @@
 //! this engine serves `tessera generate` and the correctness tests.
 
 use tessera_common::ModelSpec;
-use tessera_kernels::{Backend, SeqMeta, StepMeta};
+use tessera_kernels::Backend;
 
 use crate::WorkerError;
-use crate::kv_cache::KvCache;
+use crate::executor::{Executor, SeqStep};
+use crate::kv_cache::BlockAllocator;
 use crate::model::Model;
-use crate::sampling::{Sampler, SamplingParams, log_softmax, top_logprobs};
+use crate::sampling::SamplingParams;
 
 /// Cache geometry of an engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,21 +105,22 @@ pub struct GenerateOutput {
 }
 
 pub struct Engine<B: Backend> {
-    model: Model<B>,
-    cache: KvCache<B>,
+    executor: Executor<B>,
+    blocks: BlockAllocator,
+    next_seq: u64,
 }
 
 impl<B: Backend> Engine<B> {
     pub fn new(model: Model<B>, config: EngineConfig) -> Result<Self, WorkerError> {
-        let cache = KvCache::new(
-            model.backend(),
-            model.kv_specs(config.num_blocks, config.block_size),
-        )?;
-        Ok(Engine { model, cache })
+        Ok(Engine {
+            executor: Executor::new(model, config.num_blocks, config.block_size)?,
+            blocks: BlockAllocator::new(config.num_blocks, config.block_size),
+            next_seq: 0,
+        })
     }
 
     pub fn spec(&self) -> &ModelSpec {
-        self.model.spec()
+        self.executor.spec()
     }
 
     /// Generates for one request, calling `on_token` with each new token as it is chosen.
@@ -127,24 +129,25 @@ impl<B: Backend> Engine<B> {
         req: &GenerateRequest,
         mut on_token: impl FnMut(u32),
     ) -> Result<GenerateOutput, WorkerError> {
-        req.validate(self.model.spec())?;
+        req.validate(self.executor.spec())?;
         let blocks = self
-            .cache
-            .allocate(self.cache.blocks_for(req.prompt.len() + req.max_tokens))?;
-        let result = self.run(req, &blocks, &mut on_token);
-        self.cache.release(blocks);
+            .blocks
+            .allocate(self.blocks.blocks_for(req.prompt.len() + req.max_tokens))?;
+        let seq_id = self.next_seq;
+        self.next_seq += 1;
+        let result = self.run(req, seq_id, &blocks, &mut on_token);
+        self.executor.release(seq_id);
+        self.blocks.release(blocks);
         result
     }
 
     fn run(
         &mut self,
         req: &GenerateRequest,
+        seq_id: u64,
         blocks: &[u32],
         on_token: &mut dyn FnMut(u32),
     ) -> Result<GenerateOutput, WorkerError> {
-        let vocab = self.model.spec().vocab_size;
-        let n = req.prompt.len();
-        let mut sampler = Sampler::new(req.sampling.clone());
         let mut out = GenerateOutput {
             token_ids: Vec::new(),
             logprobs: Vec::new(),
@@ -152,28 +155,33 @@ impl<B: Backend> Engine<B> {
             prompt_logprobs: Vec::new(),
             finish_reason: FinishReason::Length,
         };
-        let rows: Vec<usize> = if req.prompt_logprobs {
-            (0..n).collect()
-        } else {
-            vec![n - 1]
+        let mut step = SeqStep {
+            seq_id,
+            tokens: req.prompt.clone(),
+            context_len: req.prompt.len(),
+            block_table: blocks.to_vec(),
+            sampling: req.sampling.clone(),
+            top_logprobs: req.top_logprobs,
+            prompt_logprobs: req.prompt_logprobs,
+            sample: true,
         };
-        let mut logits = self.step(&req.prompt, n, blocks, &rows)?;
-        if req.prompt_logprobs {
-            out.prompt_logprobs.push(None);
-            for i in 1..n {
-                let lp = log_softmax(&logits[(i - 1) * vocab..i * vocab]);
-                out.prompt_logprobs.push(Some(lp[req.prompt[i] as usize]));
-            }
-            logits.drain(..(n - 1) * vocab);
-        }
         loop {
-            let token = sampler.sample(&logits);
-            let lp = log_softmax(&logits);
-            out.logprobs.push(lp[token as usize]);
-            if req.top_logprobs > 0 {
-                out.top_logprobs.push(top_logprobs(&lp, req.top_logprobs));
+            let result = self
+                .executor
+                .step(std::slice::from_ref(&step))?
+                .results
+                .swap_remove(0);
+            if step.prompt_logprobs {
+                out.prompt_logprobs = result.prompt_logprobs;
             }
+            let token = result
+                .token
+                .ok_or_else(|| WorkerError::Request("the step sampled no token".into()))?;
             out.token_ids.push(token);
+            out.logprobs.push(result.logprob);
+            if req.top_logprobs > 0 {
+                out.top_logprobs.push(result.top_logprobs);
+            }
             on_token(token);
             if req.stop_token_ids.contains(&token) {
                 out.finish_reason = FinishReason::Stop;
@@ -182,31 +190,11 @@ impl<B: Backend> Engine<B> {
             if out.token_ids.len() >= req.max_tokens {
                 break;
             }
-            logits = self.step(&[token], n + out.token_ids.len(), blocks, &[0])?;
+            // Decode: feed only the new token; the prompt's keys and values are in the cache.
+            step.tokens = vec![token];
+            step.context_len += 1;
+            step.prompt_logprobs = false;
         }
         Ok(out)
-    }
-
-    /// One step of a single sequence whose context (after this step) is `context_len` tokens.
-    fn step(
-        &mut self,
-        tokens: &[u32],
-        context_len: usize,
-        blocks: &[u32],
-        rows: &[usize],
-    ) -> Result<Vec<f32>, WorkerError> {
-        let meta = StepMeta {
-            seqs: vec![SeqMeta {
-                token_start: 0,
-                num_tokens: tokens.len(),
-                context_len,
-                block_table: blocks.to_vec(),
-            }],
-            block_size: self.cache.block_size(),
-        };
-        Ok(self
-            .model
-            .forward(tokens, &meta, &mut self.cache, rows)?
-            .logits)
     }
 }

@@ -1,7 +1,9 @@
-//! The paged KV cache: per-layer block storage on the backend and a free list of block ids.
+//! The paged KV cache: per-layer block storage on the backend, and the allocator of block ids.
 //!
 //! Sequences own lists of block ids (their block tables); the backend's attention reads keys and
-//! values through those tables, so sequences of any length share one pool without copying.
+//! values through those tables, so sequences of any length share one pool without copying. The
+//! storage lives with the worker; the allocator lives with whoever schedules (the coordinator, or
+//! the single-process engine).
 
 use tessera_kernels::{Backend, KvSpec};
 
@@ -11,11 +13,10 @@ pub struct KvCache<B: Backend> {
     pub layers: Vec<B::KvLayer>,
     block_size: usize,
     num_blocks: usize,
-    free: Vec<u32>,
 }
 
 impl<B: Backend> KvCache<B> {
-    /// Allocates `num_blocks` blocks of `block_size` positions for every layer spec given.
+    /// Allocates storage for every layer spec given (all with the same block geometry).
     pub fn new(backend: &B, specs: Vec<KvSpec>) -> Result<Self, WorkerError> {
         let (num_blocks, block_size) = specs
             .first()
@@ -28,7 +29,6 @@ impl<B: Backend> KvCache<B> {
             layers,
             block_size,
             num_blocks,
-            free: (0..num_blocks as u32).rev().collect(),
         })
     }
 
@@ -38,6 +38,22 @@ impl<B: Backend> KvCache<B> {
 
     pub fn num_blocks(&self) -> usize {
         self.num_blocks
+    }
+}
+
+/// Hands out block ids of a pool.
+#[derive(Clone, Debug)]
+pub struct BlockAllocator {
+    block_size: usize,
+    free: Vec<u32>,
+}
+
+impl BlockAllocator {
+    pub fn new(num_blocks: usize, block_size: usize) -> Self {
+        BlockAllocator {
+            block_size: block_size.max(1),
+            free: (0..num_blocks as u32).rev().collect(),
+        }
     }
 
     pub fn num_free(&self) -> usize {
@@ -69,26 +85,18 @@ impl<B: Backend> KvCache<B> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tessera_kernels::cpu::CpuBackend;
 
     #[test]
     fn allocation_is_all_or_nothing_and_release_returns_blocks() {
-        let spec = KvSpec {
-            num_blocks: 4,
-            block_size: 16,
-            num_kv_heads: 1,
-            k_dim: 2,
-            v_dim: 2,
-        };
-        let mut cache = KvCache::new(&CpuBackend, vec![spec; 2]).unwrap();
-        assert_eq!(cache.blocks_for(17), 2);
-        let a = cache.allocate(3).unwrap();
+        let mut alloc = BlockAllocator::new(4, 16);
+        assert_eq!(alloc.blocks_for(17), 2);
+        let a = alloc.allocate(3).unwrap();
         assert!(matches!(
-            cache.allocate(2),
+            alloc.allocate(2),
             Err(WorkerError::OutOfBlocks { needed: 2, free: 1 })
         ));
-        assert_eq!(cache.num_free(), 1);
-        cache.release(a);
-        assert_eq!(cache.num_free(), 4);
+        assert_eq!(alloc.num_free(), 1);
+        alloc.release(a);
+        assert_eq!(alloc.num_free(), 4);
     }
 }

@@ -7,12 +7,14 @@
 //! - [`model`]: a decoder assembled from a [`ModelSpec`](tessera_common::ModelSpec).
 //! - [`kv_cache`]: paged KV cache blocks and their allocator.
 //! - [`sampling`]: temperature / top-k / top-p sampling and log-probabilities.
+//! - [`executor`]: one batched step (prefill chunks and decode tokens together) plus sampling.
 //! - [`engine`]: single-process generation (prefill, then cached decode steps).
 
 pub mod checkpoint;
 pub mod collective;
 pub mod engine;
 mod error;
+pub mod executor;
 pub mod kv_cache;
 pub mod layers;
 pub mod model;

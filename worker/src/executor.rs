@@ -1,0 +1,173 @@
+//! The worker's step executor: one forward step over a batch of sequences (any mix of prefill
+//! chunks and decode tokens), then sampling for the sequences that need a token.
+//!
+//! It holds the KV storage and the per-sequence state that must survive between steps (sampler
+//! streams, the last row's log-probabilities for a prefill continued in the next chunk). Deciding
+//! which sequences run and which blocks they use belongs to the scheduler that calls it: the
+//! single-process [`Engine`](crate::engine::Engine) today, the coordinator in a cluster.
+
+use std::collections::HashMap;
+
+use tessera_common::ModelSpec;
+use tessera_kernels::{Backend, SeqMeta, StepMeta};
+
+use crate::WorkerError;
+use crate::kv_cache::KvCache;
+use crate::model::Model;
+use crate::sampling::{Sampler, SamplingParams, log_softmax, top_logprobs};
+
+/// One sequence's part of a step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SeqStep {
+    pub seq_id: u64,
+    /// New tokens: a prefill chunk, or the last sampled token when decoding.
+    pub tokens: Vec<u32>,
+    /// Context length after this step, new tokens included.
+    pub context_len: usize,
+    pub block_table: Vec<u32>,
+    /// Used when the sequence is first seen; its sampler stream persists until released.
+    pub sampling: SamplingParams,
+    pub top_logprobs: usize,
+    /// Report `log p(token | everything before it)` for each new token.
+    pub prompt_logprobs: bool,
+    /// Sample a token after this step (false for a prefill chunk that is not the last).
+    pub sample: bool,
+}
+
+/// What a step yields for one sequence.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeqResult {
+    pub seq_id: u64,
+    pub token: Option<u32>,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+    /// One per new token when asked for; `None` for the sequence's very first token.
+    pub prompt_logprobs: Vec<Option<f32>>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepResult {
+    pub results: Vec<SeqResult>,
+    /// Tokens routed to each expert, per MoE layer.
+    pub expert_counts: Vec<(usize, Vec<u32>)>,
+}
+
+pub struct Executor<B: Backend> {
+    model: Model<B>,
+    cache: KvCache<B>,
+    samplers: HashMap<u64, Sampler>,
+    /// Log-probabilities after the last token of an unfinished prefill, for the next chunk.
+    carry: HashMap<u64, Vec<f32>>,
+}
+
+impl<B: Backend> Executor<B> {
+    /// An executor with a KV pool of `num_blocks` blocks of `block_size` positions.
+    pub fn new(model: Model<B>, num_blocks: usize, block_size: usize) -> Result<Self, WorkerError> {
+        let cache = KvCache::new(model.backend(), model.kv_specs(num_blocks, block_size))?;
+        Ok(Executor {
+            model,
+            cache,
+            samplers: HashMap::new(),
+            carry: HashMap::new(),
+        })
+    }
+
+    pub fn spec(&self) -> &ModelSpec {
+        self.model.spec()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.cache.block_size()
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.cache.num_blocks()
+    }
+
+    /// Forgets a finished or aborted sequence's state.
+    pub fn release(&mut self, seq_id: u64) {
+        self.samplers.remove(&seq_id);
+        self.carry.remove(&seq_id);
+    }
+
+    /// Runs one step over `seqs`.
+    pub fn step(&mut self, seqs: &[SeqStep]) -> Result<StepResult, WorkerError> {
+        let vocab = self.model.spec().vocab_size;
+        let mut meta = StepMeta {
+            seqs: Vec::with_capacity(seqs.len()),
+            block_size: self.cache.block_size(),
+        };
+        let (mut tokens, mut rows) = (Vec::new(), Vec::new());
+        // For each sequence: where its rows start in the logits, and how many it has.
+        let mut row_spans = Vec::with_capacity(seqs.len());
+        for s in seqs {
+            if s.tokens.is_empty() || s.context_len < s.tokens.len() {
+                return Err(WorkerError::Request(format!(
+                    "sequence {}: {} new tokens with context length {}",
+                    s.seq_id,
+                    s.tokens.len(),
+                    s.context_len
+                )));
+            }
+            let start = tokens.len();
+            meta.seqs.push(SeqMeta {
+                token_start: start,
+                num_tokens: s.tokens.len(),
+                context_len: s.context_len,
+                block_table: s.block_table.clone(),
+            });
+            tokens.extend_from_slice(&s.tokens);
+            let wanted: Vec<usize> = if s.prompt_logprobs {
+                (start..tokens.len()).collect()
+            } else if s.sample {
+                vec![tokens.len() - 1]
+            } else {
+                Vec::new()
+            };
+            row_spans.push((rows.len(), wanted.len()));
+            rows.extend(wanted);
+        }
+        let out = self.model.forward(&tokens, &meta, &mut self.cache, &rows)?;
+        let row = |i: usize| &out.logits[i * vocab..(i + 1) * vocab];
+        let mut results = Vec::with_capacity(seqs.len());
+        for (s, &(first, count)) in seqs.iter().zip(&row_spans) {
+            let mut r = SeqResult {
+                seq_id: s.seq_id,
+                ..Default::default()
+            };
+            let mut last_lp = None;
+            if s.prompt_logprobs {
+                let fresh = s.context_len == s.tokens.len();
+                let mut prev = self.carry.remove(&s.seq_id);
+                for (j, &t) in s.tokens.iter().enumerate() {
+                    let value = prev.as_ref().map(|lp: &Vec<f32>| lp[t as usize]);
+                    r.prompt_logprobs
+                        .push(if j == 0 && fresh { None } else { value });
+                    prev = Some(log_softmax(row(first + j)));
+                }
+                last_lp = prev;
+            }
+            if s.sample {
+                let logits = row(first + count - 1);
+                let lp = last_lp.take().unwrap_or_else(|| log_softmax(logits));
+                let sampler = self
+                    .samplers
+                    .entry(s.seq_id)
+                    .or_insert_with(|| Sampler::new(s.sampling.clone()));
+                let token = sampler.sample(logits);
+                r.token = Some(token);
+                r.logprob = lp[token as usize];
+                if s.top_logprobs > 0 {
+                    r.top_logprobs = top_logprobs(&lp, s.top_logprobs);
+                }
+            } else if let Some(lp) = last_lp {
+                self.carry.insert(s.seq_id, lp);
+            }
+            results.push(r);
+        }
+        Ok(StepResult {
+            results,
+            expert_counts: out.expert_counts,
+        })
+    }
+}
