@@ -9,10 +9,12 @@ use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 use tessera_common::{GenerationConfig, ShardSpec, load_model_spec};
+use tessera_coordinator::cluster::{LaunchOptions, LocalCluster};
 use tessera_coordinator::tokenizer::{IncrementalDecoder, Tokenizer};
 use tessera_kernels::cpu::CpuBackend;
 use tessera_worker::checkpoint::Checkpoint;
 use tessera_worker::engine::{Engine, EngineConfig, GenerateOutput, GenerateRequest};
+use tessera_worker::executor::StepRunner;
 use tessera_worker::model::Model;
 use tessera_worker::sampling::SamplingParams;
 
@@ -57,6 +59,10 @@ pub struct GenerateArgs {
     /// Print exactly one JSON object on stdout instead of streaming text.
     #[arg(long)]
     json: bool,
+    /// Tensor-parallel world size: with N > 1, an embedded cluster of N worker processes on
+    /// loopback runs the model (heads and MLP columns split, experts placed in blocks).
+    #[arg(long, default_value_t = 1, env = "TESSERA_TP")]
+    tp: usize,
     /// Positions per KV-cache block.
     #[arg(long, default_value_t = 16, env = "TESSERA_BLOCK_SIZE")]
     block_size: usize,
@@ -109,26 +115,55 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         prompt,
     };
     request.validate(&spec)?;
+    let blocks = (request.prompt.len() + request.max_tokens).div_ceil(args.block_size);
+    let cache = EngineConfig {
+        block_size: args.block_size,
+        num_blocks: blocks,
+    };
+    if args.tp == 0 {
+        bail!("--tp must be at least 1");
+    }
+    if args.tp > 1 {
+        let launch = LaunchOptions {
+            exe: std::env::current_exe().context("locating the tessera executable")?,
+            model_dir: dir.clone(),
+            world_size: args.tp,
+            cache,
+        };
+        let cluster = LocalCluster::launch(&launch)?;
+        return finish(
+            Engine::with_runner(cluster, cache),
+            &request,
+            tokenizer.as_ref(),
+            &args,
+        );
+    }
     let checkpoint = Checkpoint::open(dir)?;
     let model = Model::load(CpuBackend, spec, &checkpoint, &ShardSpec::whole())?;
-    let blocks = (request.prompt.len() + request.max_tokens).div_ceil(args.block_size);
-    let mut engine = Engine::new(
-        model,
-        EngineConfig {
-            block_size: args.block_size,
-            num_blocks: blocks,
-        },
-    )?;
+    finish(
+        Engine::new(model, cache)?,
+        &request,
+        tokenizer.as_ref(),
+        &args,
+    )
+}
 
+/// Runs the request and prints the result as `args` asks.
+fn finish<R: StepRunner>(
+    mut engine: Engine<R>,
+    request: &GenerateRequest,
+    tokenizer: Option<&Tokenizer>,
+    args: &GenerateArgs,
+) -> Result<()> {
     let started = Instant::now();
     let output = if args.json {
-        engine.generate(&request, |_| {})?
+        engine.generate(request, |_| {})?
     } else {
-        stream(&mut engine, &request, tokenizer.as_ref())?
+        stream(&mut engine, request, tokenizer)?
     };
     let secs = started.elapsed().as_secs_f64();
     if args.json {
-        println!("{}", to_json(&output, tokenizer.as_ref(), &args)?);
+        println!("{}", to_json(&output, tokenizer, args)?);
     } else {
         eprintln!(
             "\n[{} tokens in {:.2}s, {:.1} tokens/s, finish: {}]",
@@ -143,7 +178,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
 
 /// Generates while printing text deltas (or ids, without a tokenizer) as they arrive.
 fn stream(
-    engine: &mut Engine<CpuBackend>,
+    engine: &mut Engine<impl StepRunner>,
     request: &GenerateRequest,
     tokenizer: Option<&Tokenizer>,
 ) -> Result<GenerateOutput> {

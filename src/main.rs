@@ -4,6 +4,7 @@
 //! call into the library crates; all user-facing errors surface here with their full cause chain.
 
 mod generate;
+mod worker;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -21,8 +22,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Generate a continuation of one prompt with a local model (CPU).
+    /// Generate a continuation of one prompt (in this process, or on an embedded cluster with --tp).
     Generate(generate::GenerateArgs),
+    /// Run a worker: serves the worker control plane over gRPC and runs its shard of the model.
+    Worker(worker::WorkerArgs),
 }
 
 fn main() {
@@ -36,6 +39,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Worker(args) => worker::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", describe(&e));

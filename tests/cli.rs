@@ -284,3 +284,78 @@ fn help_explains_every_flag() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[test]
+fn embedded_cluster_of_worker_processes_matches_one_process() {
+    // Fixtures whose heads split over 2 and 3 ranks; --tp N starts N `tessera worker` processes.
+    for (name, world) in [
+        ("deepseek_v3", "2"),
+        ("qwen2_moe", "2"),
+        ("mixtral", "2"),
+        ("qwen3_moe", "2"),
+        ("kimi_k2_style", "2"),
+    ] {
+        let dir = common::fixtures_dir().join(name);
+        let reference = common::reference(&dir);
+        let case = &reference.cases[1];
+        let (prompt, max) = (ids(&case.prompt_ids), case.greedy_ids.len().to_string());
+        let args = [
+            "--model",
+            dir.to_str().unwrap(),
+            "--prompt-ids",
+            &prompt,
+            "--max-tokens",
+            &max,
+            "--temperature",
+            "0",
+            "--prompt-logprobs",
+        ];
+        let one = generate_json(&args);
+        let mut tp_args = args.to_vec();
+        tp_args.extend(["--tp", world]);
+        let many = generate_json(&tp_args);
+        assert_eq!(many["token_ids"], one["token_ids"], "{name} --tp {world}");
+        for (key, skip) in [("logprobs", 0), ("prompt_logprobs", 1)] {
+            for (a, b) in floats_opt(&many[key])
+                .iter()
+                .zip(floats_opt(&one[key]))
+                .skip(skip)
+            {
+                assert!(
+                    (a.unwrap() - b.unwrap()).abs() <= 1e-4,
+                    "{name} --tp {world} {key}: {a:?} vs {b:?}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_plan_that_cannot_split_fails_clearly() {
+    // qwen3_moe has 4 query heads: 3 ranks cannot split them.
+    let dir = common::fixtures_dir().join("qwen3_moe");
+    let out = tessera(&[
+        "generate",
+        "--json",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+        "--tp",
+        "3",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("heads") && stderr.contains("3 ranks"),
+        "{stderr}"
+    );
+}
+
+fn floats_opt(v: &Value) -> Vec<Option<f32>> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().map(|f| f as f32))
+        .collect()
+}

@@ -7,10 +7,11 @@ use tessera_common::{GenerationConfig, ShardSpec, load_model_spec};
 use tessera_kernels::cpu::CpuBackend;
 use tessera_worker::checkpoint::Checkpoint;
 use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
+use tessera_worker::executor::Executor;
 use tessera_worker::model::Model;
 use tessera_worker::sampling::SamplingParams;
 
-fn engine(dir: &std::path::Path) -> Engine<CpuBackend> {
+fn engine(dir: &std::path::Path) -> Engine<Executor<CpuBackend>> {
     let spec = load_model_spec(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let ckpt = Checkpoint::open(dir).unwrap();
     let model = Model::load(CpuBackend, spec, &ckpt, &ShardSpec::whole())

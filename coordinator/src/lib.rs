@@ -1,6 +1,7 @@
 //! The Tessera coordinator: turns user requests into work for the workers.
 //!
-//! Today it holds the text side of serving: [`tokenizer`] (Hugging Face `tokenizer.json`, with
-//! streaming detokenisation). The cluster plan, scheduler and public APIs join it in later issues.
+//! - [`tokenizer`]: Hugging Face `tokenizer.json`, with streaming detokenisation.
+//! - [`cluster`]: an embedded cluster of worker processes on loopback, driven over gRPC.
 
+pub mod cluster;
 pub mod tokenizer;

@@ -6,7 +6,7 @@ use tessera_common::ModelSpec;
 use tessera_kernels::Backend;
 
 use crate::WorkerError;
-use crate::executor::{Executor, SeqStep};
+use crate::executor::{Executor, SeqStep, StepRunner};
 use crate::kv_cache::BlockAllocator;
 use crate::model::Model;
 use crate::sampling::SamplingParams;
@@ -104,19 +104,31 @@ pub struct GenerateOutput {
     pub finish_reason: FinishReason,
 }
 
-pub struct Engine<B: Backend> {
-    executor: Executor<B>,
+/// Generation loop over any [`StepRunner`]: a local executor, or a cluster of workers.
+pub struct Engine<R: StepRunner> {
+    executor: R,
     blocks: BlockAllocator,
     next_seq: u64,
 }
 
-impl<B: Backend> Engine<B> {
+impl<B: Backend> Engine<Executor<B>> {
+    /// An engine running `model` in this process.
     pub fn new(model: Model<B>, config: EngineConfig) -> Result<Self, WorkerError> {
-        Ok(Engine {
-            executor: Executor::new(model, config.num_blocks, config.block_size)?,
+        Ok(Self::with_runner(
+            Executor::new(model, config.num_blocks, config.block_size)?,
+            config,
+        ))
+    }
+}
+
+impl<R: StepRunner> Engine<R> {
+    /// An engine driving `runner`, whose KV pool has `config`'s geometry.
+    pub fn with_runner(runner: R, config: EngineConfig) -> Self {
+        Engine {
+            executor: runner,
             blocks: BlockAllocator::new(config.num_blocks, config.block_size),
             next_seq: 0,
-        })
+        }
     }
 
     pub fn spec(&self) -> &ModelSpec {

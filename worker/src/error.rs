@@ -20,6 +20,9 @@ pub enum WorkerError {
     /// A request the engine cannot serve as given (the field and value are named).
     #[error("invalid request: {0}")]
     Request(String),
+    /// A worker process failed or could not be reached.
+    #[error("worker {rank}: {detail}")]
+    Remote { rank: usize, detail: String },
     /// The KV cache has no free block left.
     #[error("KV cache exhausted: {needed} blocks needed, {free} free")]
     OutOfBlocks { needed: usize, free: usize },

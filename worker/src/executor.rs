@@ -52,6 +52,26 @@ pub struct StepResult {
     pub expert_counts: Vec<(usize, Vec<u32>)>,
 }
 
+/// Something that runs steps: an [`Executor`] in this process, or a cluster of workers.
+pub trait StepRunner {
+    fn spec(&self) -> &ModelSpec;
+    fn step(&mut self, seqs: &[SeqStep]) -> Result<StepResult, WorkerError>;
+    /// Forgets a finished or aborted sequence's state.
+    fn release(&mut self, seq_id: u64);
+}
+
+impl<B: Backend> StepRunner for Executor<B> {
+    fn spec(&self) -> &ModelSpec {
+        Executor::spec(self)
+    }
+    fn step(&mut self, seqs: &[SeqStep]) -> Result<StepResult, WorkerError> {
+        Executor::step(self, seqs)
+    }
+    fn release(&mut self, seq_id: u64) {
+        Executor::release(self, seq_id)
+    }
+}
+
 pub struct Executor<B: Backend> {
     model: Model<B>,
     cache: KvCache<B>,

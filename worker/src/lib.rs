@@ -19,5 +19,6 @@ pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod sampling;
+pub mod service;
 
 pub use error::WorkerError;

@@ -7,6 +7,7 @@ mod attention;
 mod linear;
 mod moe;
 mod ops;
+mod simd_x86;
 
 pub use attention::CpuKv;
 pub use moe::CpuRouting;

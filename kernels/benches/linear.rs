@@ -1,0 +1,143 @@
+//! CPU `linear` (y = x·Wᵀ, bf16 weights) at the shapes of real MoE configs, and a STREAM-like
+//! read-bandwidth probe, so the kernel's weight throughput can be stated as a fraction of what the
+//! machine can read.
+//!
+//! `cargo bench -p tessera-kernels --bench linear` (add `-- --quick` or a filter such as
+//! `-- 'linear_bf16/.*t1$'` for a shorter run). Throughput is reported in bytes of weights per
+//! second (criterion's `Throughput::Bytes`), which at batch 1 is the number to compare with the
+//! `stream` group.
+//!
+//! Decode streams weights from DRAM, not from cache, so each shape cycles through enough copies of
+//! its weight to exceed `TESSERA_BENCH_FOOTPRINT_MIB` (default 256 MiB, several times a typical
+//! last-level cache).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use rayon::prelude::*;
+use tessera_kernels::cpu::{CpuBackend, CpuTensor, CpuWeight};
+use tessera_kernels::{Backend, DType, HostTensor};
+
+/// (name, out_features n, in_features k) from the models' `config.json`.
+const SHAPES: &[(&str, usize, usize)] = &[
+    // Qwen3-30B-A3B: hidden 2048, moe_intermediate 768, 32 query heads of 128.
+    ("qwen3_30b_a3b/expert_gate_up", 768, 2048),
+    ("qwen3_30b_a3b/expert_down", 2048, 768),
+    ("qwen3_30b_a3b/attn_q", 4096, 2048),
+    // DeepSeek-V3: hidden 7168, moe_intermediate 2048.
+    ("deepseek_v3/expert_gate_up", 2048, 7168),
+    // Mixtral-8x7B: hidden 4096, intermediate 14336.
+    ("mixtral_8x7b/expert_w1", 14336, 4096),
+];
+
+const BATCHES: &[usize] = &[1, 16];
+
+fn footprint_bytes() -> usize {
+    std::env::var("TESSERA_BENCH_FOOTPRINT_MIB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(256)
+        << 20
+}
+
+/// Deterministic values in [-1, 1).
+fn values(len: usize, seed: u32) -> impl Iterator<Item = f32> {
+    (0..len).map(move |i| {
+        let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13);
+        (h % 2048) as f32 / 1024.0 - 1.0
+    })
+}
+
+fn bf16_weight(b: &CpuBackend, n: usize, k: usize, seed: u32) -> CpuWeight {
+    let bytes: Vec<u8> = values(n * k, seed)
+        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
+        .collect();
+    let host = HostTensor::from_bytes(&bytes, DType::BF16, vec![n, k]).expect("weight");
+    b.upload_weight(host).expect("upload")
+}
+
+fn linear(c: &mut Criterion) {
+    let backend = CpuBackend;
+    let mut group = c.benchmark_group("linear_bf16");
+    for &(name, n, k) in SHAPES {
+        let bytes = n * k * 2;
+        let copies = footprint_bytes().div_ceil(bytes).max(1);
+        let weights: Vec<CpuWeight> = (0..copies)
+            .map(|i| bf16_weight(&backend, n, k, i as u32))
+            .collect();
+        for &t in BATCHES {
+            let x: CpuTensor = backend
+                .tensor_from_host(values(t * k, 99).collect(), t, k)
+                .expect("x");
+            group.throughput(Throughput::Bytes(bytes as u64));
+            group.bench_with_input(
+                BenchmarkId::new(format!("{name}_{n}x{k}"), format!("t{t}")),
+                &x,
+                |bch, x| {
+                    let mut i = 0;
+                    bch.iter(|| {
+                        let w = &weights[i % copies];
+                        i += 1;
+                        black_box(backend.linear(black_box(x), w, None).expect("linear"))
+                    })
+                },
+            );
+        }
+    }
+    group.finish();
+}
+
+/// Sum of a slice with 16 independent accumulators (vectorises with baseline SSE2).
+fn sum(v: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for c in v.chunks_exact(16) {
+        for j in 0..16 {
+            acc[j] += c[j];
+        }
+    }
+    acc.iter().sum::<f32>() + v.chunks_exact(16).remainder().iter().sum::<f32>()
+}
+
+/// STREAM-like read bandwidth: sum a large f32 array, on every rayon thread and on one.
+fn stream(c: &mut Criterion) {
+    let len = footprint_bytes() / 4;
+    let data: Vec<f32> = values(len, 7).collect();
+    let mut group = c.benchmark_group("stream");
+    group.throughput(Throughput::Bytes((len * 4) as u64));
+    group.bench_function(
+        format!(
+            "sum_f32_{}MiB/threads_{}",
+            len >> 18,
+            rayon::current_num_threads()
+        ),
+        |b| {
+            b.iter(|| {
+                black_box(
+                    black_box(&data[..])
+                        .par_chunks(1 << 16)
+                        .map(sum)
+                        .sum::<f32>(),
+                )
+            })
+        },
+    );
+    group.bench_function(format!("sum_f32_{}MiB/one_thread", len >> 18), |b| {
+        b.iter(|| black_box(sum(black_box(&data[..]))))
+    });
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = stream, linear
+}
+criterion_main!(benches);

@@ -1,0 +1,66 @@
+//! `tessera worker`: serves `tessera.worker.v1.Worker` on `--listen` and announces its addresses on
+//! stdout (`TESSERA_WORKER_READY grpc=ADDR collective=ADDR`) for the launcher that started it.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use tessera_proto::worker::v1::worker_server::WorkerServer;
+use tessera_worker::service::WorkerService;
+use tonic::transport::server::TcpIncoming;
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// Address for the worker's gRPC service; port 0 picks a free port (announced on stdout). The
+    /// collective endpoint binds the same interface on a free port.
+    #[arg(long, env = "TESSERA_WORKER_LISTEN", default_value = "127.0.0.1:0")]
+    listen: SocketAddr,
+    /// Exit when stdin closes: set by a launcher that pipes stdin, so the worker never outlives it.
+    #[arg(long)]
+    exit_with_stdin: bool,
+}
+
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let grpc = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding the worker's gRPC address {}", args.listen))?;
+        let collective = std::net::TcpListener::bind((args.listen.ip(), 0))
+            .context("binding the collective endpoint")?;
+        let (grpc_addr, collective_addr) = (grpc.local_addr()?, collective.local_addr()?);
+        let shutdown = Arc::new(tokio::sync::Notify::new());
+        if args.exit_with_stdin {
+            let notify = Arc::clone(&shutdown);
+            std::thread::spawn(move || {
+                let mut sink = [0u8; 64];
+                while matches!(std::io::stdin().read(&mut sink), Ok(n) if n > 0) {}
+                notify.notify_one();
+            });
+        }
+        let mut stdout = std::io::stdout();
+        writeln!(
+            stdout,
+            "TESSERA_WORKER_READY grpc={grpc_addr} collective={collective_addr}"
+        )?;
+        stdout.flush()?;
+        tracing::info!(%grpc_addr, %collective_addr, "worker ready");
+        let service = WorkerService::new(collective, Arc::clone(&shutdown));
+        let stop = async move {
+            tokio::select! {
+                _ = shutdown.notified() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
+        tonic::transport::Server::builder()
+            .add_service(WorkerServer::new(service))
+            .serve_with_incoming_shutdown(TcpIncoming::from(grpc), stop)
+            .await
+            .context("serving the worker")?;
+        Ok(())
+    })
+}

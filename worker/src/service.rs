@@ -1,0 +1,264 @@
+//! The worker's gRPC service (`tessera.worker.v1.Worker`): the coordinator assigns a shard, the
+//! worker loads it and joins its peers' collective group, then runs each step it is sent.
+//!
+//! Forward passes are CPU-bound, so they run on tokio's blocking pool; a worker runs one step at a
+//! time (steps are collective: every rank must run them in the same order).
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tessera_common::{ShardSpec, load_model_spec};
+use tessera_kernels::Backend;
+use tessera_kernels::cpu::CpuBackend;
+use tessera_proto::worker::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::WorkerError;
+use crate::checkpoint::Checkpoint;
+use crate::collective::{Collective, SingleRank, TcpRank};
+use crate::executor::{Executor, SeqStep, StepResult};
+use crate::layers::TpContext;
+use crate::model::Model;
+use crate::sampling::SamplingParams;
+
+/// How long a rank waits for its peers, at bootstrap and in every collective.
+const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct WorkerService {
+    executor: Arc<Mutex<Option<Executor<CpuBackend>>>>,
+    /// Bound at start so its address can be announced before any shard is assigned.
+    collective_listener: Mutex<Option<TcpListener>>,
+    shutdown: Arc<tokio::sync::Notify>,
+}
+
+impl WorkerService {
+    pub fn new(collective_listener: TcpListener, shutdown: Arc<tokio::sync::Notify>) -> Self {
+        WorkerService {
+            executor: Arc::new(Mutex::new(None)),
+            collective_listener: Mutex::new(Some(collective_listener)),
+            shutdown,
+        }
+    }
+}
+
+fn status(e: WorkerError) -> Status {
+    match e {
+        WorkerError::Request(_) | WorkerError::Plan(_) | WorkerError::Config(_) => {
+            Status::invalid_argument(e.to_string())
+        }
+        WorkerError::OutOfBlocks { .. } => Status::resource_exhausted(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn shard_of(req: &pb::LoadShardRequest) -> ShardSpec {
+    let a = req.shard.clone().unwrap_or_default();
+    let experts = (!a.experts.is_empty()).then(|| {
+        a.experts
+            .iter()
+            .flat_map(|r| (r.first..r.first + r.count).map(move |e| (r.layer as usize, e as usize)))
+            .collect()
+    });
+    ShardSpec {
+        rank: a.rank as usize,
+        world_size: a.world_size.max(1) as usize,
+        experts,
+    }
+}
+
+fn load(
+    req: pb::LoadShardRequest,
+    listener: Option<TcpListener>,
+) -> Result<(Executor<CpuBackend>, u64), WorkerError> {
+    let dir = PathBuf::from(&req.model_dir);
+    let shard = shard_of(&req);
+    let comm: Arc<dyn Collective<CpuBackend>> = match (shard.world_size, shard.rank) {
+        (1, _) => Arc::new(SingleRank),
+        (world, 0) => {
+            let l = listener.ok_or_else(|| {
+                WorkerError::Plan("this worker's collective listener is already in use".into())
+            })?;
+            Arc::new(TcpRank::root(l, world, COLLECTIVE_TIMEOUT)?)
+        }
+        (world, rank) => {
+            let root: SocketAddr = req
+                .peer_addresses
+                .first()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| {
+                    WorkerError::Plan(format!(
+                        "peer_addresses[0] = {:?} is not an address",
+                        req.peer_addresses.first()
+                    ))
+                })?;
+            Arc::new(TcpRank::join(rank, world, root, COLLECTIVE_TIMEOUT)?)
+        }
+    };
+    let spec = load_model_spec(&dir)?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let model = Model::load_rank(CpuBackend, spec, &ckpt, TpContext { shard, comm })?;
+    let bytes = ckpt
+        .touched()
+        .iter()
+        .filter_map(|n| ckpt.info(n).ok())
+        .map(|i| i.shape.iter().product::<usize>() as u64 * i.dtype.size() as u64)
+        .sum();
+    let executor = Executor::new(
+        model,
+        req.kv_blocks.max(1) as usize,
+        req.block_size.max(1) as usize,
+    )?;
+    Ok((executor, bytes))
+}
+
+fn seq_step(s: pb::SequenceStep) -> SeqStep {
+    let p = s.sampling.unwrap_or_default();
+    SeqStep {
+        seq_id: s.seq_id,
+        tokens: s.token_ids,
+        context_len: s.context_len as usize,
+        block_table: s.block_table,
+        sampling: SamplingParams {
+            temperature: p.temperature,
+            top_p: p.top_p.unwrap_or(1.0),
+            top_k: p.top_k as usize,
+            seed: p.seed,
+        },
+        top_logprobs: s.top_logprobs as usize,
+        prompt_logprobs: s.prompt_logprobs,
+        sample: s.sample,
+    }
+}
+
+fn step_response(step_id: u64, r: StepResult) -> pb::StepResponse {
+    pb::StepResponse {
+        step_id,
+        results: r
+            .results
+            .into_iter()
+            .map(|s| pb::SequenceResult {
+                seq_id: s.seq_id,
+                token_id: s.token,
+                logprob: s.logprob,
+                top: s
+                    .top_logprobs
+                    .into_iter()
+                    .map(|(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
+                    .collect(),
+                // NaN marks the sequence's very first token, which has no log-probability.
+                prompt_logprobs: s
+                    .prompt_logprobs
+                    .into_iter()
+                    .map(|v| v.unwrap_or(f32::NAN))
+                    .collect(),
+            })
+            .collect(),
+        expert_counts: r
+            .expert_counts
+            .into_iter()
+            .map(|(layer, counts)| pb::ExpertCounts {
+                layer: layer as u32,
+                counts,
+            })
+            .collect(),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Status> + Send + 'static,
+) -> Result<T, Status> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Status::internal(format!("worker task failed: {e}")))?
+}
+
+#[tonic::async_trait]
+impl pb::worker_server::Worker for WorkerService {
+    async fn load_shard(
+        &self,
+        request: Request<pb::LoadShardRequest>,
+    ) -> Result<Response<pb::LoadShardResponse>, Status> {
+        let req = request.into_inner();
+        let listener = self
+            .collective_listener
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .take();
+        let (executor, weight_bytes) =
+            blocking(move || load(req, listener).map_err(status)).await?;
+        let reply = pb::LoadShardResponse {
+            kv_blocks: executor.num_blocks() as u64,
+            weight_bytes,
+            backend: CpuBackend.name(),
+        };
+        *self
+            .executor
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))? = Some(executor);
+        Ok(Response::new(reply))
+    }
+
+    async fn step(
+        &self,
+        request: Request<pb::StepRequest>,
+    ) -> Result<Response<pb::StepResponse>, Status> {
+        let req = request.into_inner();
+        let executor = Arc::clone(&self.executor);
+        let reply = blocking(move || {
+            let mut guard = executor.lock().map_err(|_| Status::internal("poisoned"))?;
+            let exec = guard
+                .as_mut()
+                .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
+            let seqs: Vec<SeqStep> = req.seqs.into_iter().map(seq_step).collect();
+            Ok(step_response(
+                req.step_id,
+                exec.step(&seqs).map_err(status)?,
+            ))
+        })
+        .await?;
+        Ok(Response::new(reply))
+    }
+
+    async fn release(
+        &self,
+        request: Request<pb::ReleaseRequest>,
+    ) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let mut guard = self
+            .executor
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?;
+        if let Some(exec) = guard.as_mut() {
+            request
+                .into_inner()
+                .seq_ids
+                .into_iter()
+                .for_each(|id| exec.release(id));
+        }
+        Ok(Response::new(pb::ReleaseResponse {}))
+    }
+
+    async fn health(
+        &self,
+        _: Request<pb::HealthRequest>,
+    ) -> Result<Response<pb::HealthResponse>, Status> {
+        let ready = self
+            .executor
+            .lock()
+            .map_err(|_| Status::internal("poisoned"))?
+            .is_some();
+        Ok(Response::new(pb::HealthResponse {
+            ready,
+            free_blocks: 0,
+        }))
+    }
+
+    async fn shutdown(
+        &self,
+        _: Request<pb::ShutdownRequest>,
+    ) -> Result<Response<pb::ShutdownResponse>, Status> {
+        self.shutdown.notify_one();
+        Ok(Response::new(pb::ShutdownResponse {}))
+    }
+}
