@@ -36,7 +36,7 @@ pub struct LaunchOptions {
 pub struct LocalCluster {
     rt: tokio::runtime::Runtime,
     /// Held so the processes die with the cluster (`kill_on_drop`).
-    _children: Vec<Child>,
+    children: Vec<Child>,
     clients: Vec<WorkerClient<Channel>>,
     spec: ModelSpec,
     step_id: u64,
@@ -121,11 +121,18 @@ impl LocalCluster {
         })?;
         Ok(LocalCluster {
             rt,
-            _children: children,
+            children,
             clients,
             spec,
             step_id: 0,
         })
+    }
+}
+
+impl LocalCluster {
+    /// Process ids of the workers, by rank.
+    pub fn worker_pids(&self) -> Vec<Option<u32>> {
+        self.children.iter().map(Child::id).collect()
     }
 }
 

@@ -1,0 +1,77 @@
+//! The embedded cluster under faults: real worker processes on loopback, one of them killed.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use tessera_coordinator::cluster::{LaunchOptions, LocalCluster};
+use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
+use tessera_worker::sampling::SamplingParams;
+
+fn request(max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: vec![3, 4, 5],
+        max_tokens,
+        sampling: SamplingParams::greedy(),
+        top_logprobs: 0,
+        prompt_logprobs: false,
+        stop_token_ids: vec![],
+    }
+}
+
+#[test]
+fn a_killed_worker_fails_the_next_step_quickly_and_processes_are_reaped() {
+    let cache = EngineConfig {
+        block_size: 16,
+        num_blocks: 8,
+    };
+    let opts = LaunchOptions {
+        exe: env!("CARGO_BIN_EXE_tessera").into(),
+        model_dir: common::fixtures_dir().join("deepseek_v3"),
+        world_size: 2,
+        cache,
+    };
+    let cluster = LocalCluster::launch(&opts).unwrap();
+    let pids: Vec<u32> = cluster.worker_pids().into_iter().flatten().collect();
+    assert_eq!(pids.len(), 2);
+    let mut engine = Engine::with_runner(cluster, cache);
+    assert_eq!(
+        engine
+            .generate(&request(4), |_| {})
+            .unwrap()
+            .token_ids
+            .len(),
+        4
+    );
+
+    // SIGKILL rank 1 mid-generation: the step in flight (or the next) must fail within 5 s.
+    let victim = pids[1];
+    let started = Instant::now();
+    let err = engine
+        .generate(&request(60), |n| {
+            if n > 0
+                && std::process::Command::new("kill")
+                    .args(["-9", &victim.to_string()])
+                    .status()
+                    .is_ok()
+            {}
+        })
+        .expect_err("generation must fail once a worker is dead");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("worker"), "{err}");
+
+    // Dropping the cluster kills and reaps the remaining worker.
+    drop(engine);
+    std::thread::sleep(Duration::from_millis(300));
+    for pid in pids {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(
+            status.is_empty() || status.contains("State:\tZ"),
+            "worker {pid} still running"
+        );
+    }
+}
