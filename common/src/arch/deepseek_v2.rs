@@ -51,15 +51,12 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
         groups,
         scaling: c.moe.routed_scaling_factor.unwrap_or(1.0) as f32,
     };
-    let layers = (0..c.common.num_hidden_layers)
-        .map(|i| {
-            let ffn = if c.moe.is_moe(i, 0) {
-                FfnSpec::moe(c.moe.moe(i, rule, false)?)
-            } else {
-                dense_mlp(i, c.moe.intermediate_size)
-            };
-            Ok(layer(i, mla(&c.common, &c.mla, &rope, i), ffn))
-        })
-        .collect::<Result<_, ConfigError>>()?;
-    Ok(c.common.model(NAME, rope, layers))
+    c.common.model(NAME, rope.clone(), |i| {
+        let ffn = if c.moe.is_moe(i, 0) {
+            FfnSpec::moe(c.moe.moe(i, rule, false)?)
+        } else {
+            dense_mlp(i, c.moe.intermediate_size)
+        };
+        Ok(layer(i, mla(&c.common, &c.mla, &rope, i), ffn))
+    })
 }

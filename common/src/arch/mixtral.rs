@@ -31,24 +31,21 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
         qk_norm: QkNorm::None,
         sliding_window: c.sliding_window,
     };
-    let layers = (0..c.common.num_hidden_layers)
-        .map(|i| {
-            let prefix = format!("model.layers.{i}.block_sparse_moe");
-            let ffn = FfnSpec::moe(routed_moe(
-                prefix,
-                c.num_local_experts,
-                c.num_experts_per_tok,
-                RouterSpec::softmax(true),
-                MlpSpec {
-                    prefix: String::new(),
-                    intermediate_size: c.intermediate_size,
-                    gate: "w1".into(),
-                    up: "w3".into(),
-                    down: "w2".into(),
-                },
-            ));
-            Ok(layer(i, gqa(&c.common, i, opts)?, ffn))
-        })
-        .collect::<Result<_, ConfigError>>()?;
-    Ok(c.common.model(NAME, rope, layers))
+    c.common.model(NAME, rope, |i| {
+        let prefix = format!("model.layers.{i}.block_sparse_moe");
+        let ffn = FfnSpec::moe(routed_moe(
+            prefix,
+            c.num_local_experts,
+            c.num_experts_per_tok,
+            RouterSpec::softmax(true),
+            MlpSpec {
+                prefix: String::new(),
+                intermediate_size: c.intermediate_size,
+                gate: "w1".into(),
+                up: "w3".into(),
+                down: "w2".into(),
+            },
+        ));
+        Ok(layer(i, gqa(&c.common, i, opts)?, ffn))
+    })
 }

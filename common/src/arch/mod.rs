@@ -157,9 +157,17 @@ impl CommonConfig {
         )
     }
 
-    /// Assembles the spec with the standard top-level tensor names.
-    pub fn model(&self, architecture: &str, rope: RopeSpec, layers: Vec<LayerSpec>) -> ModelSpec {
-        ModelSpec {
+    /// Assembles the spec with the standard top-level tensor names; `layer_at(i)` describes layer `i`.
+    pub fn model(
+        &self,
+        architecture: &str,
+        rope: RopeSpec,
+        layer_at: impl Fn(usize) -> Result<LayerSpec, ConfigError>,
+    ) -> Result<ModelSpec, ConfigError> {
+        let layers = (0..self.num_hidden_layers)
+            .map(layer_at)
+            .collect::<Result<_, _>>()?;
+        Ok(ModelSpec {
             architecture: architecture.into(),
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
@@ -177,7 +185,7 @@ impl CommonConfig {
                 .map(TokenIds::into_vec)
                 .unwrap_or_default(),
             bos_token_id: self.bos_token_id,
-        }
+        })
     }
 }
 

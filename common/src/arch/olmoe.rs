@@ -35,18 +35,15 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
         qk_norm: QkNorm::Whole,
         sliding_window: None,
     };
-    let layers = (0..c.common.num_hidden_layers)
-        .map(|i| {
-            let prefix = format!("model.layers.{i}.mlp");
-            let ffn = FfnSpec::moe(routed_moe(
-                prefix,
-                c.num_experts,
-                c.num_experts_per_tok,
-                RouterSpec::softmax(c.norm_topk_prob),
-                MlpSpec::standard(String::new(), c.intermediate_size),
-            ));
-            Ok(layer(i, gqa(&c.common, i, opts)?, ffn))
-        })
-        .collect::<Result<_, ConfigError>>()?;
-    Ok(c.common.model(NAME, rope, layers))
+    c.common.model(NAME, rope, |i| {
+        let prefix = format!("model.layers.{i}.mlp");
+        let ffn = FfnSpec::moe(routed_moe(
+            prefix,
+            c.num_experts,
+            c.num_experts_per_tok,
+            RouterSpec::softmax(c.norm_topk_prob),
+            MlpSpec::standard(String::new(), c.intermediate_size),
+        ));
+        Ok(layer(i, gqa(&c.common, i, opts)?, ffn))
+    })
 }

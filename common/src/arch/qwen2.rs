@@ -40,14 +40,11 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
         qk_norm: QkNorm::None,
         sliding_window: None,
     };
-    let layers = (0..c.common.num_hidden_layers)
-        .map(|i| {
-            Ok(layer(
-                i,
-                gqa(&c.common, i, opts)?,
-                dense_mlp(i, c.intermediate_size),
-            ))
-        })
-        .collect::<Result<_, ConfigError>>()?;
-    Ok(c.common.model(NAME, rope, layers))
+    c.common.model(NAME, rope, |i| {
+        Ok(layer(
+            i,
+            gqa(&c.common, i, opts)?,
+            dense_mlp(i, c.intermediate_size),
+        ))
+    })
 }

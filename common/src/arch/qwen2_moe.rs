@@ -55,32 +55,29 @@ pub(super) fn spec(v: &Value) -> Result<ModelSpec, ConfigError> {
         sliding_window: None,
     };
     let mlp_only = c.mlp_only_layers.clone().unwrap_or_default();
-    let layers = (0..c.common.num_hidden_layers)
-        .map(|i| {
-            let ffn = if is_sparse(i, c.num_experts, c.decoder_sparse_step, &mlp_only) {
-                let prefix = format!("model.layers.{i}.mlp");
-                let shared = (c.shared_expert_intermediate_size > 0).then(|| SharedExpertSpec {
-                    mlp: MlpSpec::standard(
-                        format!("{prefix}.shared_expert"),
-                        c.shared_expert_intermediate_size,
-                    ),
-                    gate: Some(format!("{prefix}.shared_expert_gate.weight")),
-                });
-                FfnSpec::moe(MoeSpec {
-                    shared,
-                    ..routed_moe(
-                        prefix,
-                        c.num_experts,
-                        c.num_experts_per_tok,
-                        RouterSpec::softmax(c.norm_topk_prob),
-                        MlpSpec::standard(String::new(), c.moe_intermediate_size),
-                    )
-                })
-            } else {
-                dense_mlp(i, c.intermediate_size)
-            };
-            Ok(layer(i, gqa(&c.common, i, opts)?, ffn))
-        })
-        .collect::<Result<_, ConfigError>>()?;
-    Ok(c.common.model(NAME, rope, layers))
+    c.common.model(NAME, rope, |i| {
+        let ffn = if is_sparse(i, c.num_experts, c.decoder_sparse_step, &mlp_only) {
+            let prefix = format!("model.layers.{i}.mlp");
+            let shared = (c.shared_expert_intermediate_size > 0).then(|| SharedExpertSpec {
+                mlp: MlpSpec::standard(
+                    format!("{prefix}.shared_expert"),
+                    c.shared_expert_intermediate_size,
+                ),
+                gate: Some(format!("{prefix}.shared_expert_gate.weight")),
+            });
+            FfnSpec::moe(MoeSpec {
+                shared,
+                ..routed_moe(
+                    prefix,
+                    c.num_experts,
+                    c.num_experts_per_tok,
+                    RouterSpec::softmax(c.norm_topk_prob),
+                    MlpSpec::standard(String::new(), c.moe_intermediate_size),
+                )
+            })
+        } else {
+            dense_mlp(i, c.intermediate_size)
+        };
+        Ok(layer(i, gqa(&c.common, i, opts)?, ffn))
+    })
 }
