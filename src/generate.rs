@@ -129,6 +129,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             model_dir: dir.clone(),
             world_size: args.tp,
             cache,
+            placement: None,
         };
         let cluster = LocalCluster::launch(&launch)?;
         return finish(

@@ -4,7 +4,10 @@
 //! call into the library crates; all user-facing errors surface here with their full cause chain.
 
 mod generate;
+mod placement;
 mod worker;
+
+use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
@@ -24,6 +27,8 @@ struct Cli {
 enum Command {
     /// Generate a continuation of one prompt (in this process, or on an embedded cluster with --tp).
     Generate(generate::GenerateArgs),
+    /// Print the expert placement map (layer, expert) → rank for --tp N ranks, as JSON.
+    Placement(placement::PlacementArgs),
     /// Run a worker: serves the worker control plane over gRPC and runs its shard of the model.
     Worker(worker::WorkerArgs),
 }
@@ -35,11 +40,13 @@ fn main() {
                 .unwrap_or_else(|_| EnvFilter::new("warn,tessera=info,tessera_worker=info")),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
+        Command::Placement(args) => placement::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", describe(&e));

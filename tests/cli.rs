@@ -359,3 +359,22 @@ fn floats_opt(v: &Value) -> Vec<Option<f32>> {
         .map(|x| x.as_f64().map(|f| f as f32))
         .collect()
 }
+
+#[test]
+fn placement_command_prints_contiguous_blocks() {
+    let dir = common::fixtures_dir().join("deepseek_v3");
+    let out = tessera(&["placement", "--model", dir.to_str().unwrap(), "--tp", "4"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let map: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(map["world_size"], 4);
+    // deepseek_v3: layer 0 dense, layers 1-2 MoE with 8 experts → 2 per rank.
+    assert_eq!(map["layers"][0]["layer"], 1);
+    assert_eq!(
+        map["layers"][0]["ranks"],
+        serde_json::json!([0, 0, 1, 1, 2, 2, 3, 3])
+    );
+}

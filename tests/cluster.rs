@@ -4,6 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use tessera_common::PlacementMap;
 use tessera_coordinator::cluster::{LaunchOptions, LocalCluster};
 use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
 use tessera_worker::sampling::SamplingParams;
@@ -30,6 +31,7 @@ fn a_killed_worker_fails_the_next_step_quickly_and_processes_are_reaped() {
         model_dir: common::fixtures_dir().join("deepseek_v3"),
         world_size: 2,
         cache,
+        placement: None,
     };
     let cluster = LocalCluster::launch(&opts).unwrap();
     let pids: Vec<u32> = cluster.worker_pids().into_iter().flatten().collect();
@@ -74,4 +76,39 @@ fn a_killed_worker_fails_the_next_step_quickly_and_processes_are_reaped() {
             "worker {pid} still running"
         );
     }
+}
+
+#[test]
+fn an_explicit_placement_with_an_idle_rank_gives_the_same_tokens() {
+    let dir = common::fixtures_dir().join("deepseek_v3");
+    let spec = tessera_common::load_model_spec(&dir).unwrap();
+    let mut placement = PlacementMap::contiguous(&spec, 2);
+    // Every expert on rank 1: rank 0 runs attention and dense parts only.
+    placement
+        .layers
+        .iter_mut()
+        .for_each(|l| l.ranks.iter_mut().for_each(|r| *r = 1));
+    assert_eq!(placement.experts_per_rank()[0], 0);
+    let cache = EngineConfig {
+        block_size: 16,
+        num_blocks: 8,
+    };
+    let opts = LaunchOptions {
+        exe: env!("CARGO_BIN_EXE_tessera").into(),
+        model_dir: dir.clone(),
+        world_size: 2,
+        cache,
+        placement: Some(placement),
+    };
+    let mut engine = Engine::with_runner(LocalCluster::launch(&opts).unwrap(), cache);
+    let reference = common::reference(&dir);
+    let case = &reference.cases[0];
+    let req = GenerateRequest {
+        prompt: case.prompt_ids.clone(),
+        ..request(case.greedy_ids.len())
+    };
+    assert_eq!(
+        engine.generate(&req, |_| {}).unwrap().token_ids,
+        case.greedy_ids
+    );
 }

@@ -7,10 +7,12 @@
 //!   frequencies for every scaling variant (computed once here, applied by the kernels).
 //! - [`generation`]: `generation_config.json` (stop tokens, sampling defaults).
 //! - [`shard`]: which part of the model a worker owns.
+//! - [`placement`]: the expert placement map, (layer, expert) → rank.
 
 pub mod arch;
 mod error;
 pub mod generation;
+pub mod placement;
 pub mod rope;
 pub mod shard;
 pub mod spec;
@@ -18,6 +20,7 @@ pub mod spec;
 pub use arch::load_model_spec;
 pub use error::ConfigError;
 pub use generation::GenerationConfig;
+pub use placement::PlacementMap;
 pub use shard::ShardSpec;
 pub use spec::{
     AttentionSpec, FfnSpec, GqaSpec, LayerSpec, MlaSpec, MlpSpec, ModelSpec, MoeSpec, QkNorm,

@@ -42,6 +42,33 @@ impl ShardSpec {
     }
 }
 
+/// Rank `rank`'s query heads, and the KV heads they read, when `world` ranks split attention.
+/// Query heads must divide evenly; KV heads are split when the world divides them and replicated
+/// when they divide the world. The error explains which numbers do not fit.
+pub fn head_split(
+    num_heads: usize,
+    num_kv_heads: usize,
+    rank: usize,
+    world: usize,
+) -> Result<(Range<usize>, Range<usize>), String> {
+    let world = world.max(1);
+    if !num_heads.is_multiple_of(world) {
+        return Err(format!(
+            "{num_heads} attention heads cannot be split evenly over {world} ranks"
+        ));
+    }
+    if num_kv_heads == 0
+        || !(num_kv_heads.is_multiple_of(world) || world.is_multiple_of(num_kv_heads))
+    {
+        return Err(format!(
+            "{num_kv_heads} KV heads over {world} ranks: one must divide the other"
+        ));
+    }
+    let q = split_range(num_heads, rank, world);
+    let group = num_heads / num_kv_heads;
+    Ok((q.clone(), q.start / group..(q.end - 1) / group + 1))
+}
+
 /// The `rank`-th of `world` near-equal contiguous parts of `0..total` (earlier parts one larger
 /// when it does not divide).
 pub fn split_range(total: usize, rank: usize, world: usize) -> Range<usize> {

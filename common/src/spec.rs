@@ -184,6 +184,19 @@ impl ModelSpec {
             .count()
     }
 
+    /// Checks the attention of every layer splits over `world` tensor-parallel ranks.
+    pub fn check_tensor_parallel(&self, world: usize) -> Result<(), ConfigError> {
+        for layer in &self.layers {
+            let (heads, kv) = match &layer.attention {
+                AttentionSpec::Gqa(a) => (a.num_heads, a.num_kv_heads),
+                AttentionSpec::Mla(a) => (a.num_heads, a.num_heads),
+            };
+            crate::shard::head_split(heads, kv, 0, world)
+                .map_err(|reason| ConfigError::invalid("--tp", world, reason))?;
+        }
+        Ok(())
+    }
+
     /// Checks that the shapes fit together; errors name the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         positive("vocab_size", self.vocab_size)?;

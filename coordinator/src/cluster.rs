@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tessera_common::{ModelSpec, load_model_spec};
+use tessera_common::{ModelSpec, PlacementMap, load_model_spec};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::worker_client::WorkerClient;
 use tessera_worker::WorkerError;
@@ -31,6 +31,8 @@ pub struct LaunchOptions {
     pub model_dir: PathBuf,
     pub world_size: usize,
     pub cache: EngineConfig,
+    /// Where each expert runs; `None` places contiguous blocks of experts by rank.
+    pub placement: Option<PlacementMap>,
 }
 
 pub struct LocalCluster {
@@ -81,12 +83,31 @@ async fn start_worker(exe: &PathBuf, rank: usize) -> Result<(Child, String, Stri
 impl LocalCluster {
     pub fn launch(opts: &LaunchOptions) -> Result<Self, WorkerError> {
         let spec = load_model_spec(&opts.model_dir)?;
+        let world = opts.world_size.max(1);
+        // Plan-time checks, before any process starts.
+        spec.check_tensor_parallel(world)?;
+        let placement = opts
+            .placement
+            .clone()
+            .unwrap_or_else(|| PlacementMap::contiguous(&spec, world));
+        placement.validate(&spec)?;
+        if placement.world_size != world {
+            return Err(WorkerError::Plan(format!(
+                "placement is for {} ranks, --tp is {world}",
+                placement.world_size
+            )));
+        }
+        tracing::info!(
+            ranks = world,
+            experts_per_rank = ?placement.experts_per_rank(),
+            placement = %serde_json::to_string(&placement).unwrap_or_default(),
+            "expert placement"
+        );
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()
             .map_err(|e| remote(0, format!("cannot start the runtime: {e}")))?;
-        let world = opts.world_size.max(1);
         let (children, clients) = rt.block_on(async {
             let mut children = Vec::new();
             let (mut grpc, mut collective) = (Vec::new(), Vec::new());
@@ -105,7 +126,7 @@ impl LocalCluster {
                 let mut client = client.clone();
                 let req = pb::LoadShardRequest {
                     model_dir: opts.model_dir.to_string_lossy().into_owned(),
-                    shard: Some(pb::ShardAssignment { rank: rank as u32, world_size: world as u32, experts: vec![] }),
+                    shard: Some(assignment(&placement, rank)),
                     block_size: opts.cache.block_size as u32,
                     peer_addresses: collective.clone(),
                     kv_blocks: opts.cache.num_blocks as u64,
@@ -126,6 +147,24 @@ impl LocalCluster {
             spec,
             step_id: 0,
         })
+    }
+}
+
+/// Rank `rank`'s part of `placement`, as the control plane carries it.
+fn assignment(placement: &PlacementMap, rank: usize) -> pb::ShardAssignment {
+    let owned = placement.shard(rank).experts.unwrap_or_default();
+    pb::ShardAssignment {
+        rank: rank as u32,
+        world_size: placement.world_size as u32,
+        experts: owned
+            .into_iter()
+            .map(|(layer, e)| pb::ExpertRange {
+                layer: layer as u32,
+                first: e as u32,
+                count: 1,
+            })
+            .collect(),
+        placed: true,
     }
 }
 

@@ -55,7 +55,7 @@ fn status(e: WorkerError) -> Status {
 
 fn shard_of(req: &pb::LoadShardRequest) -> ShardSpec {
     let a = req.shard.clone().unwrap_or_default();
-    let experts = (!a.experts.is_empty()).then(|| {
+    let experts = a.placed.then(|| {
         a.experts
             .iter()
             .flat_map(|r| (r.first..r.first + r.count).map(move |e| (r.layer as usize, e as usize)))

@@ -5,6 +5,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use tessera_common::ShardSpec;
+use tessera_common::shard::head_split;
 use tessera_kernels::Backend;
 
 use crate::WorkerError;
@@ -33,27 +34,14 @@ impl<B: Backend> TpContext<B> {
         self.shard.rank == 0
     }
 
-    /// This rank's query heads, and the KV heads they read. Query heads must divide evenly; KV
-    /// heads are split when the world divides them and replicated when they divide the world.
+    /// This rank's query heads, and the KV heads they read ([`head_split`]).
     pub fn heads(
         &self,
         num_heads: usize,
         num_kv_heads: usize,
     ) -> Result<(Range<usize>, Range<usize>), WorkerError> {
-        let world = self.world();
-        if !num_heads.is_multiple_of(world) {
-            return Err(WorkerError::Plan(format!(
-                "{num_heads} attention heads cannot be split evenly over {world} ranks"
-            )));
-        }
-        if !(num_kv_heads.is_multiple_of(world) || world.is_multiple_of(num_kv_heads)) {
-            return Err(WorkerError::Plan(format!(
-                "{num_kv_heads} KV heads over {world} ranks: one must divide the other"
-            )));
-        }
-        let q = self.shard.split(num_heads);
-        let group = num_heads / num_kv_heads;
-        Ok((q.clone(), q.start / group..(q.end - 1) / group + 1))
+        head_split(num_heads, num_kv_heads, self.shard.rank, self.world())
+            .map_err(WorkerError::Plan)
     }
 
     /// Sums partial results over the ranks (a no-op on one rank).
