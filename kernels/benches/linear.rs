@@ -99,31 +99,48 @@ fn sum(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + v.chunks_exact(16).remainder().iter().sum::<f32>()
 }
 
-/// STREAM-like read bandwidth: sum a large f32 array, on every rayon thread and on one.
+/// [`sum`] over the four quarters of `v` in lockstep: four sequential streams at once, which is
+/// how the decode kernel reads weights (one stream per thread leaves bandwidth unused).
+fn sum4(v: &[f32]) -> f32 {
+    let q = v.len() / 4 / 16 * 16;
+    let (a, rest) = v.split_at(q);
+    let (b, rest) = rest.split_at(q);
+    let (c, rest) = rest.split_at(q);
+    let (d, tail) = rest.split_at(q);
+    let mut acc = [[0f32; 16]; 4];
+    for (((ca, cb), cc), cd) in a
+        .chunks_exact(16)
+        .zip(b.chunks_exact(16))
+        .zip(c.chunks_exact(16))
+        .zip(d.chunks_exact(16))
+    {
+        for j in 0..16 {
+            acc[0][j] += ca[j];
+            acc[1][j] += cb[j];
+            acc[2][j] += cc[j];
+            acc[3][j] += cd[j];
+        }
+    }
+    acc.iter().flatten().sum::<f32>() + tail.iter().sum::<f32>()
+}
+
+/// STREAM-like read bandwidth: sum a large f32 array on every rayon thread (one or four
+/// sequential streams per thread) and on one thread. The best of these is the machine's
+/// achievable read bandwidth that `linear_bf16/*/t1` is compared with.
 fn stream(c: &mut Criterion) {
     let len = footprint_bytes() / 4;
     let data: Vec<f32> = values(len, 7).collect();
     let mut group = c.benchmark_group("stream");
     group.throughput(Throughput::Bytes((len * 4) as u64));
-    group.bench_function(
-        format!(
-            "sum_f32_{}MiB/threads_{}",
-            len >> 18,
-            rayon::current_num_threads()
-        ),
-        |b| {
-            b.iter(|| {
-                black_box(
-                    black_box(&data[..])
-                        .par_chunks(1 << 16)
-                        .map(sum)
-                        .sum::<f32>(),
-                )
-            })
-        },
-    );
-    group.bench_function(format!("sum_f32_{}MiB/one_thread", len >> 18), |b| {
-        b.iter(|| black_box(sum(black_box(&data[..]))))
+    let (mib, threads) = (len >> 18, rayon::current_num_threads());
+    for (streams, f) in [(1, sum as fn(&[f32]) -> f32), (4, sum4)] {
+        group.bench_function(
+            format!("sum_f32_{mib}MiB/threads_{threads}_x{streams}_streams"),
+            |b| b.iter(|| black_box(black_box(&data[..]).par_chunks(1 << 16).map(f).sum::<f32>())),
+        );
+    }
+    group.bench_function(format!("sum_f32_{mib}MiB/one_thread_x4_streams"), |b| {
+        b.iter(|| black_box(sum4(black_box(&data[..]))))
     });
     group.finish();
 }

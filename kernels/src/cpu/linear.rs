@@ -80,15 +80,18 @@ fn rows_times_x(
     k: usize,
     out: &mut [f32],
 ) {
-    match (isa, w) {
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2(a), WeightView::F32(v)) => a.rows(v, rows, x, k, out),
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2(a), WeightView::F16(v)) => a.rows(v, rows, x, k, out),
-        #[cfg(target_arch = "x86_64")]
-        (Isa::Avx2(a), WeightView::BF16(v)) => a.rows(v, rows, x, k, out),
-        _ => rows_times_x_portable(w, rows, x, k, out),
+    #[cfg(target_arch = "x86_64")]
+    if let Isa::Avx2(a) = isa {
+        match w {
+            WeightView::F32(v) => a.rows(v, rows, x, k, out),
+            WeightView::F16(v) => a.rows(v, rows, x, k, out),
+            WeightView::BF16(v) => a.rows(v, rows, x, k, out),
+        }
+        return;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let Isa::Portable = isa;
+    rows_times_x_portable(w, rows, x, k, out)
 }
 
 fn rows_times_x_portable(
@@ -236,12 +239,11 @@ mod tests {
 
     /// Every implementation this machine can run: the portable one always, plus the detected one.
     fn isas() -> Vec<Isa> {
-        let mut v = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
-        if let Some(a) = crate::cpu::simd_x86::Avx2::detect() {
-            v.push(Isa::Avx2(a));
-        }
-        v
+        let simd = crate::cpu::simd_x86::Avx2::detect().map(Isa::Avx2);
+        #[cfg(not(target_arch = "x86_64"))]
+        let simd = None;
+        std::iter::once(Isa::Portable).chain(simd).collect()
     }
 
     /// Weights of every dtype with the same values (exactly representable in f16 and bf16).
