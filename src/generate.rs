@@ -91,12 +91,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         bail!("--block-size must be at least 1");
     }
     let mut stop_token_ids = gen_config.eos_token_ids();
-    stop_token_ids.extend(
-        spec.eos_token_ids
-            .iter()
-            .filter(|id| !stop_token_ids.contains(id))
-            .collect::<Vec<_>>(),
-    );
+    for id in &spec.eos_token_ids {
+        if !stop_token_ids.contains(id) {
+            stop_token_ids.push(*id);
+        }
+    }
     let sampling = SamplingParams {
         temperature: args.temperature.or(gen_config.temperature).unwrap_or(1.0),
         top_p: args.top_p.or(gen_config.top_p).unwrap_or(1.0),

@@ -11,9 +11,8 @@ use safetensors::{Dtype, SafeTensors};
 use tessera_common::{ShardSpec, load_model_spec};
 use tessera_kernels::cpu::CpuBackend;
 use tessera_worker::checkpoint::Checkpoint;
-use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
+use tessera_worker::engine::{Engine, EngineConfig};
 use tessera_worker::model::Model;
-use tessera_worker::sampling::SamplingParams;
 
 /// Copies a fixture's JSON files into a temp folder.
 fn copy_configs(from: &Path) -> tempfile::TempDir {
@@ -66,14 +65,7 @@ fn an_f16_copy_of_a_checkpoint_matches_transformers() {
     let mut engine = Engine::new(model, EngineConfig::default()).unwrap();
     let reference = common::reference(&src);
     for case in &reference.cases {
-        let req = GenerateRequest {
-            prompt: case.prompt_ids.clone(),
-            max_tokens: case.greedy_ids.len(),
-            sampling: SamplingParams::greedy(),
-            top_logprobs: 0,
-            prompt_logprobs: false,
-            stop_token_ids: vec![],
-        };
+        let req = common::greedy_request(case);
         let out = engine.generate(&req, |_| {}).unwrap();
         assert_eq!(out.token_ids, case.greedy_ids);
         for (a, b) in out.logprobs.iter().zip(&case.greedy_logprobs) {

@@ -9,7 +9,6 @@ use tessera_worker::checkpoint::Checkpoint;
 use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
 use tessera_worker::executor::Executor;
 use tessera_worker::model::Model;
-use tessera_worker::sampling::SamplingParams;
 
 fn engine(dir: &std::path::Path) -> Engine<Executor<CpuBackend>> {
     let spec = load_model_spec(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
@@ -35,12 +34,9 @@ fn greedy_tokens_and_logprobs_match_transformers() {
         assert_eq!(engine.spec().architecture, reference.architecture, "{name}");
         for (ci, case) in reference.cases.iter().enumerate() {
             let req = GenerateRequest {
-                prompt: case.prompt_ids.clone(),
-                max_tokens: case.greedy_ids.len(),
-                sampling: SamplingParams::greedy(),
                 top_logprobs: 5,
                 prompt_logprobs: true,
-                stop_token_ids: vec![],
+                ..common::greedy_request(case)
             };
             let out = engine.generate(&req, |_| {}).unwrap();
             if out.token_ids != case.greedy_ids {
@@ -102,12 +98,8 @@ fn generation_stops_at_eos_like_transformers() {
             .filter(|c| c.greedy_until_eos != c.greedy_ids)
         {
             let req = GenerateRequest {
-                prompt: case.prompt_ids.clone(),
-                max_tokens: case.greedy_ids.len(),
-                sampling: SamplingParams::greedy(),
-                top_logprobs: 0,
-                prompt_logprobs: false,
                 stop_token_ids: eos.clone(),
+                ..common::greedy_request(case)
             };
             let out = engine.generate(&req, |_| {}).unwrap();
             assert_eq!(out.token_ids, case.greedy_until_eos, "{name}");

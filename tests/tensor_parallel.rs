@@ -16,7 +16,6 @@ use tessera_worker::collective::{Collective, InProcessGroup, TcpRank};
 use tessera_worker::engine::{Engine, EngineConfig, GenerateOutput, GenerateRequest};
 use tessera_worker::layers::TpContext;
 use tessera_worker::model::Model;
-use tessera_worker::sampling::SamplingParams;
 
 /// Whether the attention heads of `spec` split over `world` ranks.
 fn heads_allow(spec: &ModelSpec, world: usize) -> bool {
@@ -91,12 +90,8 @@ fn requests(reference: &common::Reference) -> Vec<GenerateRequest> {
         .cases
         .iter()
         .map(|c| GenerateRequest {
-            prompt: c.prompt_ids.clone(),
-            max_tokens: c.greedy_ids.len(),
-            sampling: SamplingParams::greedy(),
-            top_logprobs: 0,
             prompt_logprobs: true,
-            stop_token_ids: vec![],
+            ..common::greedy_request(c)
         })
         .collect()
 }

@@ -50,6 +50,19 @@ pub fn reference(dir: &std::path::Path) -> Reference {
     serde_json::from_str(&text).expect("reference.json parses")
 }
 
+/// Greedy generation of `case`'s prompt for as many tokens as transformers produced, nothing
+/// extra reported and no stop tokens; tests override fields with struct-update syntax.
+pub fn greedy_request(case: &Case) -> tessera_worker::engine::GenerateRequest {
+    tessera_worker::engine::GenerateRequest {
+        prompt: case.prompt_ids.clone(),
+        max_tokens: case.greedy_ids.len(),
+        sampling: tessera_worker::sampling::SamplingParams::greedy(),
+        top_logprobs: 0,
+        prompt_logprobs: false,
+        stop_token_ids: vec![],
+    }
+}
+
 /// |Δ logprob| allowed against transformers for a checkpoint's stored dtype.
 pub fn tolerance(dtype: &str) -> f32 {
     if dtype == "float32" { 1e-3 } else { 5e-2 }

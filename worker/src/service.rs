@@ -243,14 +243,13 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         _: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let ready = self
+        let guard = self
             .executor
             .lock()
-            .map_err(|_| Status::internal("poisoned"))?
-            .is_some();
+            .map_err(|_| Status::internal("poisoned"))?;
         Ok(Response::new(pb::HealthResponse {
-            ready,
-            free_blocks: 0,
+            ready: guard.is_some(),
+            kv_blocks: guard.as_ref().map_or(0, |e| e.num_blocks() as u64),
         }))
     }
 
