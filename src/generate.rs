@@ -104,6 +104,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             .or(gen_config.top_k.map(|k| k as usize))
             .unwrap_or(0),
         seed: args.seed,
+        ..SamplingParams::default()
     };
     let request = GenerateRequest {
         max_tokens: args.max_tokens,

@@ -83,6 +83,7 @@ fn staggered_chunked_batches_match_transformers() {
                     sampling: SamplingParams::greedy(),
                     top_logprobs: 0,
                     sample,
+                    prompt_len: s.prompt.len(),
                 });
             }
             if batch.is_empty() {

@@ -13,7 +13,7 @@ use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::worker_client::WorkerClient;
 use tessera_worker::WorkerError;
 use tessera_worker::engine::EngineConfig;
-use tessera_worker::executor::{SeqResult, SeqStep, StepResult, StepRunner};
+use tessera_worker::executor::{SeqStep, StepResult, StepRunner};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -175,49 +175,6 @@ impl LocalCluster {
     }
 }
 
-fn to_proto(s: &SeqStep) -> pb::SequenceStep {
-    pb::SequenceStep {
-        seq_id: s.seq_id,
-        token_ids: s.tokens.clone(),
-        context_len: s.context_len as u32,
-        block_table: s.block_table.clone(),
-        sampling: Some(pb::SamplingParams {
-            temperature: s.sampling.temperature,
-            top_p: Some(s.sampling.top_p),
-            top_k: s.sampling.top_k as u32,
-            seed: s.sampling.seed,
-        }),
-        top_logprobs: s.top_logprobs as u32,
-        prompt_logprobs: s.prompt_logprobs,
-        sample: s.sample,
-    }
-}
-
-fn from_proto(r: pb::StepResponse) -> StepResult {
-    StepResult {
-        results: r
-            .results
-            .into_iter()
-            .map(|s| SeqResult {
-                seq_id: s.seq_id,
-                token: s.token_id,
-                logprob: s.logprob,
-                top_logprobs: s.top.into_iter().map(|t| (t.token_id, t.logprob)).collect(),
-                prompt_logprobs: s
-                    .prompt_logprobs
-                    .into_iter()
-                    .map(|v| (!v.is_nan()).then_some(v))
-                    .collect(),
-            })
-            .collect(),
-        expert_counts: r
-            .expert_counts
-            .into_iter()
-            .map(|c| (c.layer as usize, c.counts))
-            .collect(),
-    }
-}
-
 impl StepRunner for LocalCluster {
     fn spec(&self) -> &ModelSpec {
         &self.spec
@@ -229,7 +186,7 @@ impl StepRunner for LocalCluster {
         self.step_id += 1;
         let req = pb::StepRequest {
             step_id: self.step_id,
-            seqs: seqs.iter().map(to_proto).collect(),
+            seqs: seqs.iter().map(pb::SequenceStep::from).collect(),
         };
         let clients = self.clients.clone();
         self.rt.block_on(async move {
@@ -251,7 +208,9 @@ impl StepRunner for LocalCluster {
                     first = Some(reply.into_inner());
                 }
             }
-            first.map(from_proto).ok_or_else(|| remote(0, "no reply"))
+            first
+                .map(StepResult::from)
+                .ok_or_else(|| remote(0, "no reply"))
         })
     }
 

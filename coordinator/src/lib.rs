@@ -4,4 +4,5 @@
 //! - [`cluster`]: an embedded cluster of worker processes on loopback, driven over gRPC.
 
 pub mod cluster;
+pub mod scheduler;
 pub mod tokenizer;

@@ -176,6 +176,7 @@ impl<R: StepRunner> Engine<R> {
             top_logprobs: req.top_logprobs,
             prompt_logprobs: req.prompt_logprobs,
             sample: true,
+            prompt_len: req.prompt.len(),
         };
         loop {
             let result = self

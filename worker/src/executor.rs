@@ -1,8 +1,9 @@
 //! The worker's step executor: one forward step over a batch of sequences (any mix of prefill
 //! chunks and decode tokens), then sampling for the sequences that need a token.
 //!
-//! It holds the KV storage and the per-sequence state that must survive between steps (sampler
-//! streams, the last row's log-probabilities for a prefill continued in the next chunk). Deciding
+//! It holds the KV storage and the per-sequence state that must survive between steps (sampler,
+//! the tokens seen so far for penalties, the last row's log-probabilities for a prefill continued
+//! in the next chunk). Deciding
 //! which sequences run and which blocks they use belongs to the scheduler that calls it: the
 //! single-process [`Engine`](crate::engine::Engine) today, the coordinator in a cluster.
 
@@ -14,7 +15,7 @@ use tessera_kernels::{Backend, SeqMeta, StepMeta};
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
 use crate::model::Model;
-use crate::sampling::{Sampler, SamplingParams, log_softmax, top_logprobs};
+use crate::sampling::{History, Sampler, SamplingParams, log_softmax, top_logprobs};
 
 /// One sequence's part of a step.
 #[derive(Clone, Debug, PartialEq)]
@@ -32,6 +33,9 @@ pub struct SeqStep {
     pub prompt_logprobs: bool,
     /// Sample a token after this step (false for a prefill chunk that is not the last).
     pub sample: bool,
+    /// How many of the sequence's tokens are prompt (the rest were generated; a sequence
+    /// recomputed after preemption feeds both again).
+    pub prompt_len: usize,
 }
 
 /// What a step yields for one sequence.
@@ -72,10 +76,17 @@ impl<B: Backend> StepRunner for Executor<B> {
     }
 }
 
+/// What the executor remembers of a sequence between its steps.
+struct SeqState {
+    sampler: Sampler,
+    /// Every token fed so far, by position.
+    tokens: Vec<u32>,
+}
+
 pub struct Executor<B: Backend> {
     model: Model<B>,
     cache: KvCache<B>,
-    samplers: HashMap<u64, Sampler>,
+    seqs: HashMap<u64, SeqState>,
     /// Log-probabilities after the last token of an unfinished prefill, for the next chunk.
     carry: HashMap<u64, Vec<f32>>,
 }
@@ -87,7 +98,7 @@ impl<B: Backend> Executor<B> {
         Ok(Executor {
             model,
             cache,
-            samplers: HashMap::new(),
+            seqs: HashMap::new(),
             carry: HashMap::new(),
         })
     }
@@ -106,7 +117,7 @@ impl<B: Backend> Executor<B> {
 
     /// Forgets a finished or aborted sequence's state.
     pub fn release(&mut self, seq_id: u64) {
-        self.samplers.remove(&seq_id);
+        self.seqs.remove(&seq_id);
         self.carry.remove(&seq_id);
     }
 
@@ -167,14 +178,22 @@ impl<B: Backend> Executor<B> {
                 }
                 last_lp = prev;
             }
+            let state = self.seqs.entry(s.seq_id).or_insert_with(|| SeqState {
+                sampler: Sampler::new(s.sampling.clone()),
+                tokens: Vec::new(),
+            });
+            // Positions before this step's tokens are already known; a recomputed sequence
+            // starts again from position 0.
+            state.tokens.truncate(s.context_len - s.tokens.len());
+            state.tokens.extend_from_slice(&s.tokens);
             if s.sample {
                 let logits = row(first + count - 1);
                 let lp = last_lp.take().unwrap_or_else(|| log_softmax(logits));
-                let sampler = self
-                    .samplers
-                    .entry(s.seq_id)
-                    .or_insert_with(|| Sampler::new(s.sampling.clone()));
-                let token = sampler.sample(logits);
+                let history = History {
+                    tokens: &state.tokens,
+                    prompt_len: s.prompt_len,
+                };
+                let token = state.sampler.sample(logits, history);
                 r.token = Some(token);
                 r.logprob = lp[token as usize];
                 if s.top_logprobs > 0 {

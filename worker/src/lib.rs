@@ -9,6 +9,7 @@
 //! - [`sampling`]: temperature / top-k / top-p sampling and log-probabilities.
 //! - [`executor`]: one batched step (prefill chunks and decode tokens together) plus sampling.
 //! - [`engine`]: single-process generation (prefill, then cached decode steps).
+//! - [`service`], [`wire`]: the worker's gRPC service and the step types' wire form.
 
 pub mod checkpoint;
 pub mod collective;
@@ -20,5 +21,6 @@ pub mod layers;
 pub mod model;
 pub mod sampling;
 pub mod service;
+pub mod wire;
 
 pub use error::WorkerError;

@@ -18,10 +18,10 @@ use tonic::{Request, Response, Status};
 use crate::WorkerError;
 use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, SingleRank, TcpRank};
-use crate::executor::{Executor, SeqStep, StepResult};
+use crate::executor::{Executor, SeqStep};
 use crate::layers::TpContext;
 use crate::model::Model;
-use crate::sampling::SamplingParams;
+use crate::wire::step_response;
 
 /// How long a rank waits for its peers, at bootstrap and in every collective.
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -113,59 +113,6 @@ fn load(
     Ok((executor, bytes))
 }
 
-fn seq_step(s: pb::SequenceStep) -> SeqStep {
-    let p = s.sampling.unwrap_or_default();
-    SeqStep {
-        seq_id: s.seq_id,
-        tokens: s.token_ids,
-        context_len: s.context_len as usize,
-        block_table: s.block_table,
-        sampling: SamplingParams {
-            temperature: p.temperature,
-            top_p: p.top_p.unwrap_or(1.0),
-            top_k: p.top_k as usize,
-            seed: p.seed,
-        },
-        top_logprobs: s.top_logprobs as usize,
-        prompt_logprobs: s.prompt_logprobs,
-        sample: s.sample,
-    }
-}
-
-fn step_response(step_id: u64, r: StepResult) -> pb::StepResponse {
-    pb::StepResponse {
-        step_id,
-        results: r
-            .results
-            .into_iter()
-            .map(|s| pb::SequenceResult {
-                seq_id: s.seq_id,
-                token_id: s.token,
-                logprob: s.logprob,
-                top: s
-                    .top_logprobs
-                    .into_iter()
-                    .map(|(token_id, logprob)| pb::TokenLogprob { token_id, logprob })
-                    .collect(),
-                // NaN marks the sequence's very first token, which has no log-probability.
-                prompt_logprobs: s
-                    .prompt_logprobs
-                    .into_iter()
-                    .map(|v| v.unwrap_or(f32::NAN))
-                    .collect(),
-            })
-            .collect(),
-        expert_counts: r
-            .expert_counts
-            .into_iter()
-            .map(|(layer, counts)| pb::ExpertCounts {
-                layer: layer as u32,
-                counts,
-            })
-            .collect(),
-    }
-}
-
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> Result<T, Status> + Send + 'static,
 ) -> Result<T, Status> {
@@ -211,7 +158,7 @@ impl pb::worker_server::Worker for WorkerService {
             let exec = guard
                 .as_mut()
                 .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
-            let seqs: Vec<SeqStep> = req.seqs.into_iter().map(seq_step).collect();
+            let seqs: Vec<SeqStep> = req.seqs.into_iter().map(SeqStep::from).collect();
             Ok(step_response(
                 req.step_id,
                 exec.step(&seqs).map_err(status)?,
