@@ -129,6 +129,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             model_dir: dir.clone(),
             world_size: args.tp,
             cache,
+            kv_cache_bytes: None,
             placement: None,
         };
         let cluster = LocalCluster::launch(&launch)?;
@@ -184,11 +185,11 @@ fn stream(
     tokenizer: Option<&Tokenizer>,
 ) -> Result<GenerateOutput> {
     let mut stdout = std::io::stdout().lock();
-    let mut decoder = tokenizer.map(IncrementalDecoder::new);
+    let mut decoder = tokenizer.map(|t| (t, IncrementalDecoder::new()));
     let mut failure = None;
     let output = engine.generate(request, |id| {
         let piece = match decoder.as_mut() {
-            Some(d) => d.push(id).unwrap_or_else(|e| {
+            Some((t, d)) => d.push(t, id).unwrap_or_else(|e| {
                 failure.get_or_insert(e);
                 String::new()
             }),
@@ -202,8 +203,8 @@ fn stream(
     if let Some(e) = failure {
         return Err(e.into());
     }
-    if let Some(d) = decoder {
-        let _ = write!(stdout, "{}", d.finish()?);
+    if let Some((t, d)) = decoder {
+        let _ = write!(stdout, "{}", d.finish(t)?);
     }
     let _ = writeln!(stdout);
     Ok(output)

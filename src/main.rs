@@ -5,6 +5,7 @@
 
 mod generate;
 mod placement;
+mod serve;
 mod worker;
 
 use std::io::IsTerminal;
@@ -29,16 +30,17 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the expert placement map (layer, expert) → rank for --tp N ranks, as JSON.
     Placement(placement::PlacementArgs),
+    /// Serve a model over the OpenAI-compatible HTTP API and the tessera.v1 gRPC API.
+    Serve(serve::ServeArgs),
     /// Run a worker: serves the worker control plane over gRPC and runs its shard of the model.
     Worker(worker::WorkerArgs),
 }
 
 fn main() {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("warn,tessera=info,tessera_worker=info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new("warn,tessera=info,tessera_worker=info,tessera_coordinator=info")
+        }))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -47,6 +49,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Placement(args) => placement::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", describe(&e));

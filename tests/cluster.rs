@@ -31,6 +31,7 @@ fn a_killed_worker_fails_the_next_step_quickly_and_processes_are_reaped() {
         model_dir: common::fixtures_dir().join("deepseek_v3"),
         world_size: 2,
         cache,
+        kv_cache_bytes: None,
         placement: None,
     };
     let cluster = LocalCluster::launch(&opts).unwrap();
@@ -98,6 +99,7 @@ fn an_explicit_placement_with_an_idle_rank_gives_the_same_tokens() {
         model_dir: dir.clone(),
         world_size: 2,
         cache,
+        kv_cache_bytes: None,
         placement: Some(placement),
     };
     let mut engine = Engine::with_runner(LocalCluster::launch(&opts).unwrap(), cache);

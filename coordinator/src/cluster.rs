@@ -1,8 +1,10 @@
-//! An embedded cluster: the coordinator starts `world` worker processes on loopback, assigns each
-//! its shard, and drives steps over gRPC. Workers join each other's collective group (rank 0 is the
-//! rendezvous) and die with the coordinator: killed when it drops them, and exiting by themselves
-//! when their stdin (a pipe from the coordinator) closes, so even a SIGKILLed coordinator leaves no
-//! orphans.
+//! A worker group driven over gRPC: the coordinator assigns each worker its shard, the workers
+//! join each other's collective group (rank 0 is the rendezvous), and every step goes to all ranks.
+//!
+//! The group is either embedded ([`Cluster::launch`]: the coordinator starts the worker processes
+//! on loopback; they die with it, killed when it drops them and exiting by themselves when their
+//! stdin, a pipe from the coordinator, closes, so even a SIGKILLed coordinator leaves no orphans)
+//! or made of workers found elsewhere ([`Cluster::connect`], e.g. through etcd).
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -31,18 +33,35 @@ pub struct LaunchOptions {
     pub model_dir: PathBuf,
     pub world_size: usize,
     pub cache: EngineConfig,
+    /// When set, each worker sizes its KV cache to this many bytes instead of
+    /// `cache.num_blocks` blocks, and the group offers the smallest capacity any rank reports.
+    pub kv_cache_bytes: Option<u64>,
     /// Where each expert runs; `None` places contiguous blocks of experts by rank.
     pub placement: Option<PlacementMap>,
 }
 
-pub struct LocalCluster {
+/// A worker's addresses, as it announces them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerEndpoint {
+    pub grpc: String,
+    pub collective: String,
+}
+
+pub struct Cluster {
     rt: tokio::runtime::Runtime,
-    /// Held so the processes die with the cluster (`kill_on_drop`).
+    /// Held so the processes die with the cluster (`kill_on_drop`); empty for remote workers.
     children: Vec<Child>,
     clients: Vec<WorkerClient<Channel>>,
     spec: ModelSpec,
+    placement: PlacementMap,
     step_id: u64,
+    num_blocks: usize,
+    block_size: usize,
+    backend: String,
 }
+
+/// The embedded form keeps its historical name.
+pub type LocalCluster = Cluster;
 
 fn remote(rank: usize, detail: impl std::fmt::Display) -> WorkerError {
     WorkerError::Remote {
@@ -80,46 +99,93 @@ async fn start_worker(exe: &PathBuf, rank: usize) -> Result<(Child, String, Stri
     Ok((child, field("grpc=")?, field("collective=")?))
 }
 
-impl LocalCluster {
+/// Plan-time checks, before any process starts: heads divide, placement fits the model.
+fn plan(opts: &LaunchOptions) -> Result<(ModelSpec, PlacementMap), WorkerError> {
+    let spec = load_model_spec(&opts.model_dir)?;
+    let world = opts.world_size.max(1);
+    spec.check_tensor_parallel(world)?;
+    let placement = opts
+        .placement
+        .clone()
+        .unwrap_or_else(|| PlacementMap::contiguous(&spec, world));
+    placement.validate(&spec)?;
+    if placement.world_size != world {
+        return Err(WorkerError::Plan(format!(
+            "placement is for {} ranks, --tp is {world}",
+            placement.world_size
+        )));
+    }
+    tracing::info!(
+        ranks = world,
+        experts_per_rank = ?placement.experts_per_rank(),
+        placement = %serde_json::to_string(&placement).unwrap_or_default(),
+        "expert placement"
+    );
+    Ok((spec, placement))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, WorkerError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| remote(0, format!("cannot start the runtime: {e}")))
+}
+
+impl Cluster {
+    /// Starts `opts.world_size` worker processes on loopback and loads their shards.
     pub fn launch(opts: &LaunchOptions) -> Result<Self, WorkerError> {
-        let spec = load_model_spec(&opts.model_dir)?;
-        let world = opts.world_size.max(1);
-        // Plan-time checks, before any process starts.
-        spec.check_tensor_parallel(world)?;
-        let placement = opts
-            .placement
-            .clone()
-            .unwrap_or_else(|| PlacementMap::contiguous(&spec, world));
-        placement.validate(&spec)?;
-        if placement.world_size != world {
+        let (spec, placement) = plan(opts)?;
+        let rt = runtime()?;
+        let (children, endpoints) = rt.block_on(async {
+            let mut children = Vec::new();
+            let mut endpoints = Vec::new();
+            for rank in 0..opts.world_size.max(1) {
+                let (child, grpc, collective) = start_worker(&opts.exe, rank).await?;
+                children.push(child);
+                endpoints.push(WorkerEndpoint { grpc, collective });
+            }
+            Ok::<_, WorkerError>((children, endpoints))
+        })?;
+        Self::form(rt, children, &endpoints, opts, spec, placement)
+    }
+
+    /// Forms a group from running workers (rank = position in `endpoints`) and loads their shards.
+    pub fn connect(
+        endpoints: &[WorkerEndpoint],
+        opts: &LaunchOptions,
+    ) -> Result<Self, WorkerError> {
+        if endpoints.len() != opts.world_size.max(1) {
             return Err(WorkerError::Plan(format!(
-                "placement is for {} ranks, --tp is {world}",
-                placement.world_size
+                "{} workers for a world size of {}",
+                endpoints.len(),
+                opts.world_size
             )));
         }
-        tracing::info!(
-            ranks = world,
-            experts_per_rank = ?placement.experts_per_rank(),
-            placement = %serde_json::to_string(&placement).unwrap_or_default(),
-            "expert placement"
-        );
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .map_err(|e| remote(0, format!("cannot start the runtime: {e}")))?;
-        let (children, clients) = rt.block_on(async {
-            let mut children = Vec::new();
-            let (mut grpc, mut collective) = (Vec::new(), Vec::new());
-            for rank in 0..world {
-                let (child, g, c) = start_worker(&opts.exe, rank).await?;
-                children.push(child);
-                grpc.push(g);
-                collective.push(c);
-            }
+        let (spec, placement) = plan(opts)?;
+        Self::form(runtime()?, Vec::new(), endpoints, opts, spec, placement)
+    }
+
+    fn form(
+        rt: tokio::runtime::Runtime,
+        children: Vec<Child>,
+        endpoints: &[WorkerEndpoint],
+        opts: &LaunchOptions,
+        spec: ModelSpec,
+        placement: PlacementMap,
+    ) -> Result<Self, WorkerError> {
+        let peers: Vec<String> = endpoints.iter().map(|e| e.collective.clone()).collect();
+        let (clients, capacity, backend) = rt.block_on(async {
             let mut clients = Vec::new();
-            for (rank, addr) in grpc.iter().enumerate() {
-                clients.push(WorkerClient::connect(format!("http://{addr}")).await.map_err(|e| remote(rank, e))?);
+            for (rank, e) in endpoints.iter().enumerate() {
+                let channel = tokio::time::timeout(
+                    START_TIMEOUT,
+                    WorkerClient::connect(format!("http://{}", e.grpc)),
+                )
+                .await
+                .map_err(|_| remote(rank, format!("no answer from {} within {START_TIMEOUT:?}", e.grpc)))?
+                .map_err(|err| remote(rank, format!("cannot reach {}: {err}", e.grpc)))?;
+                clients.push(channel);
             }
             let mut loads = tokio::task::JoinSet::new();
             for (rank, client) in clients.iter().enumerate() {
@@ -128,25 +194,40 @@ impl LocalCluster {
                     model_dir: opts.model_dir.to_string_lossy().into_owned(),
                     shard: Some(assignment(&placement, rank)),
                     block_size: opts.cache.block_size as u32,
-                    peer_addresses: collective.clone(),
-                    kv_blocks: opts.cache.num_blocks as u64,
+                    peer_addresses: peers.clone(),
+                    kv_blocks: if opts.kv_cache_bytes.is_some() { 0 } else { opts.cache.num_blocks as u64 },
+                    kv_cache_bytes: opts.kv_cache_bytes.unwrap_or(0),
                 };
                 loads.spawn(async move { (rank, client.load_shard(req).await) });
             }
+            let (mut capacity, mut backend) = (usize::MAX, String::new());
             while let Some(joined) = loads.join_next().await {
                 let (rank, reply) = joined.map_err(|e| remote(0, e))?;
                 let reply = reply.map_err(|s| remote(rank, s.message()))?.into_inner();
-                tracing::info!(rank, backend = %reply.backend, mib = reply.weight_bytes >> 20, "worker loaded its shard");
+                tracing::info!(rank, backend = %reply.backend, mib = reply.weight_bytes >> 20, kv_blocks = reply.kv_blocks, "worker loaded its shard");
+                capacity = capacity.min(reply.kv_blocks as usize);
+                if rank == 0 {
+                    backend = reply.backend;
+                }
             }
-            Ok::<_, WorkerError>((children, clients))
+            Ok::<_, WorkerError>((clients, capacity, backend))
         })?;
-        Ok(LocalCluster {
+        Ok(Cluster {
             rt,
             children,
             clients,
             spec,
+            placement,
             step_id: 0,
+            num_blocks: capacity,
+            block_size: opts.cache.block_size.max(1),
+            backend,
         })
+    }
+
+    /// The expert placement the group was loaded with.
+    pub fn placement(&self) -> &PlacementMap {
+        &self.placement
     }
 }
 
@@ -168,14 +249,14 @@ fn assignment(placement: &PlacementMap, rank: usize) -> pb::ShardAssignment {
     }
 }
 
-impl LocalCluster {
+impl Cluster {
     /// Process ids of the workers, by rank.
     pub fn worker_pids(&self) -> Vec<Option<u32>> {
         self.children.iter().map(Child::id).collect()
     }
 }
 
-impl StepRunner for LocalCluster {
+impl StepRunner for Cluster {
     fn spec(&self) -> &ModelSpec {
         &self.spec
     }
@@ -214,17 +295,37 @@ impl StepRunner for LocalCluster {
         })
     }
 
-    fn release(&mut self, seq_id: u64) {
+    fn release(&mut self, seq_ids: &[u64]) {
+        if seq_ids.is_empty() {
+            return;
+        }
         let clients = self.clients.clone();
+        let req = pb::ReleaseRequest {
+            seq_ids: seq_ids.to_vec(),
+        };
         self.rt.block_on(async move {
+            let mut calls = tokio::task::JoinSet::new();
             for mut c in clients {
-                // A failed release only leaks a sampler entry on that worker.
-                let _ = c
-                    .release(pb::ReleaseRequest {
-                        seq_ids: vec![seq_id],
-                    })
-                    .await;
+                let req = req.clone();
+                // A failed release only leaks sampler state on that worker; a dead worker shows
+                // up in the next step.
+                calls.spawn(async move {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), c.release(req)).await;
+                });
             }
+            while calls.join_next().await.is_some() {}
         });
+    }
+
+    fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    fn backend(&self) -> String {
+        format!("{} x{}", self.backend, self.clients.len())
     }
 }

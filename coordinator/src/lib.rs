@@ -4,5 +4,9 @@
 //! - [`cluster`]: an embedded cluster of worker processes on loopback, driven over gRPC.
 
 pub mod cluster;
+pub mod grpc;
+pub mod http;
+pub mod jobs;
 pub mod scheduler;
+pub mod serving;
 pub mod tokenizer;

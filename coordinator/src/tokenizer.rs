@@ -60,39 +60,45 @@ impl Tokenizer {
 }
 
 /// Emits text deltas for a stream of generated ids.
-pub struct IncrementalDecoder<'a> {
-    tokenizer: &'a Tokenizer,
+///
+/// Each push decodes only a short window: the tokens since the last emitted text plus the few
+/// before them (whose text is subtracted), so long generations stay linear, and leading-space
+/// rules of the tokenizer's decoder apply as they would to the whole sequence.
+#[derive(Clone, Debug, Default)]
+pub struct IncrementalDecoder {
     ids: Vec<u32>,
-    emitted: String,
+    /// Window start: the tokens from here to `read` were already emitted.
+    prefix: usize,
+    /// Tokens before this index have been emitted as text.
+    read: usize,
 }
 
-impl<'a> IncrementalDecoder<'a> {
-    pub fn new(tokenizer: &'a Tokenizer) -> Self {
-        IncrementalDecoder {
-            tokenizer,
-            ids: Vec::new(),
-            emitted: String::new(),
-        }
+impl IncrementalDecoder {
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Adds a token; returns the new text it completes (possibly empty).
-    pub fn push(&mut self, id: u32) -> Result<String, TokenizerError> {
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String, TokenizerError> {
         self.ids.push(id);
-        let text = self.tokenizer.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') || !text.starts_with(&self.emitted) {
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let text = tok.decode(&self.ids[self.prefix..], true)?;
+        if text.ends_with('\u{FFFD}')
+            || text.len() <= before.len()
+            || !text.is_char_boundary(before.len())
+        {
             return Ok(String::new());
         }
-        let delta = text[self.emitted.len()..].to_string();
-        self.emitted = text;
+        let delta = text[before.len()..].to_string();
+        self.prefix = self.read;
+        self.read = self.ids.len();
         Ok(delta)
     }
 
     /// Whatever is still held back (an incomplete character at the very end).
-    pub fn finish(self) -> Result<String, TokenizerError> {
-        let text = self.tokenizer.decode(&self.ids, true)?;
-        Ok(text
-            .get(self.emitted.len()..)
-            .unwrap_or_default()
-            .to_string())
+    pub fn finish(&self, tok: &Tokenizer) -> Result<String, TokenizerError> {
+        let before = tok.decode(&self.ids[self.prefix..self.read], true)?;
+        let text = tok.decode(&self.ids[self.prefix..], true)?;
+        Ok(text.get(before.len()..).unwrap_or_default().to_string())
     }
 }

@@ -148,7 +148,7 @@ impl<R: StepRunner> Engine<R> {
         let seq_id = self.next_seq;
         self.next_seq += 1;
         let result = self.run(req, seq_id, &blocks, &mut on_token);
-        self.executor.release(seq_id);
+        self.executor.release(&[seq_id]);
         self.blocks.release(blocks);
         result
     }

@@ -60,8 +60,14 @@ pub struct StepResult {
 pub trait StepRunner {
     fn spec(&self) -> &ModelSpec;
     fn step(&mut self, seqs: &[SeqStep]) -> Result<StepResult, WorkerError>;
-    /// Forgets a finished or aborted sequence's state.
-    fn release(&mut self, seq_id: u64);
+    /// Forgets finished, aborted or preempted sequences' state.
+    fn release(&mut self, seq_ids: &[u64]);
+    /// KV-cache blocks available to the scheduler (the smallest any rank reported).
+    fn num_blocks(&self) -> usize;
+    /// Positions per KV-cache block.
+    fn block_size(&self) -> usize;
+    /// The compute backend, for logs and model info (e.g. "cpu (2 threads)").
+    fn backend(&self) -> String;
 }
 
 impl<B: Backend> StepRunner for Executor<B> {
@@ -71,8 +77,17 @@ impl<B: Backend> StepRunner for Executor<B> {
     fn step(&mut self, seqs: &[SeqStep]) -> Result<StepResult, WorkerError> {
         Executor::step(self, seqs)
     }
-    fn release(&mut self, seq_id: u64) {
-        Executor::release(self, seq_id)
+    fn release(&mut self, seq_ids: &[u64]) {
+        seq_ids.iter().for_each(|id| Executor::release(self, *id))
+    }
+    fn num_blocks(&self) -> usize {
+        Executor::num_blocks(self)
+    }
+    fn block_size(&self) -> usize {
+        Executor::block_size(self)
+    }
+    fn backend(&self) -> String {
+        self.model.backend().name()
     }
 }
 
@@ -92,6 +107,23 @@ pub struct Executor<B: Backend> {
 }
 
 impl<B: Backend> Executor<B> {
+    /// An executor whose KV pool takes at most `bytes` (at least one block).
+    pub fn with_kv_budget(
+        model: Model<B>,
+        bytes: u64,
+        block_size: usize,
+    ) -> Result<Self, WorkerError> {
+        let per_block: usize = model
+            .kv_specs(1, block_size)
+            .iter()
+            .map(|s| {
+                s.block_size * s.num_kv_heads * (s.k_dim + s.v_dim) * std::mem::size_of::<f32>()
+            })
+            .sum();
+        let blocks = (bytes / per_block.max(1) as u64).max(1) as usize;
+        Self::new(model, blocks, block_size)
+    }
+
     /// An executor with a KV pool of `num_blocks` blocks of `block_size` positions.
     pub fn new(model: Model<B>, num_blocks: usize, block_size: usize) -> Result<Self, WorkerError> {
         let cache = KvCache::new(model.backend(), model.kv_specs(num_blocks, block_size))?;

@@ -105,11 +105,12 @@ fn load(
         .filter_map(|n| ckpt.info(n).ok())
         .map(|i| i.shape.iter().product::<usize>() as u64 * i.dtype.size() as u64)
         .sum();
-    let executor = Executor::new(
-        model,
-        req.kv_blocks.max(1) as usize,
-        req.block_size.max(1) as usize,
-    )?;
+    let block_size = req.block_size.max(1) as usize;
+    let executor = if req.kv_blocks > 0 {
+        Executor::new(model, req.kv_blocks as usize, block_size)?
+    } else {
+        Executor::with_kv_budget(model, req.kv_cache_bytes, block_size)?
+    };
     Ok((executor, bytes))
 }
 

@@ -1,0 +1,194 @@
+//! The OpenAI-compatible HTTP API (axum): `/v1/models`, `/v1/completions`,
+//! `/v1/chat/completions` (JSON or SSE streaming ending in `data: [DONE]`), `/v1/placement`
+//! and `/health`. Errors use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
+//!
+//! Bodies are parsed by hand (not axum's `Json` extractor) so that every malformed body gets an
+//! OpenAI-shaped 400 naming the field at fault.
+
+mod openai;
+mod respond;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::serving::{EngineHandle, ServeError};
+
+pub use openai::{ChatRequest, CompletionRequest};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// An error as an HTTP response.
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: &'static str,
+    param: Option<String>,
+    message: String,
+}
+
+impl From<ServeError> for ApiError {
+    fn from(e: ServeError) -> Self {
+        let (status, kind, code, param) = match &e {
+            ServeError::InvalidArgument { field, .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_value",
+                Some(field.clone()),
+            ),
+            ServeError::QueueFull(_) => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+                None,
+            ),
+            ServeError::Unavailable(_) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "unavailable",
+                None,
+            ),
+            ServeError::NotFound(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "not_found",
+                None,
+            ),
+            ServeError::Internal(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "internal",
+                None,
+            ),
+        };
+        ApiError {
+            status,
+            kind,
+            code,
+            param,
+            message: e.to_string(),
+        }
+    }
+}
+
+impl ApiError {
+    fn body(&self) -> serde_json::Value {
+        json!({"error": {
+            "message": self.message,
+            "type": self.kind,
+            "param": self.param,
+            "code": self.code,
+        }})
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, axum::Json(self.body())).into_response()
+    }
+}
+
+/// Parses a JSON body as `T`; errors name the path of the field at fault. Request types that
+/// share fields parse the same value twice (serde's `flatten` would lose the path).
+fn parse<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
+    serde_path_to_error::deserialize(body).map_err(|e| {
+        let path = e.path().to_string();
+        let field = if path == "." {
+            "body".to_string()
+        } else {
+            path
+        };
+        ServeError::invalid(&field, format!("malformed request: {}", e.inner())).into()
+    })
+}
+
+fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ServeError::invalid("body", format!("not valid JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(ServeError::invalid("body", "must be a JSON object").into());
+    }
+    Ok(value)
+}
+
+pub fn router(engine: EngineHandle) -> Router {
+    Router::new()
+        .route("/health", get(health))
+        .route("/v1/models", get(models))
+        .route("/v1/placement", get(placement))
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(engine)
+}
+
+async fn health(State(engine): State<EngineHandle>) -> Response {
+    let stats = engine.stats();
+    match engine.health() {
+        Ok(()) => axum::Json(json!({
+            "status": "ok",
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "kv_cache_usage": stats.used_blocks as f64 / stats.num_blocks.max(1) as f64,
+        }))
+        .into_response(),
+        Err(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "degraded", "reason": reason})),
+        )
+            .into_response(),
+    }
+}
+
+async fn models(State(engine): State<EngineHandle>) -> Response {
+    let info = engine.info();
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": info.name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "tessera",
+            "max_model_len": info.max_context,
+        }],
+    }))
+    .into_response()
+}
+
+async fn placement(State(engine): State<EngineHandle>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        engine.info().placement_json.clone(),
+    )
+        .into_response()
+}
+
+async fn completions(State(engine): State<EngineHandle>, body: Bytes) -> Response {
+    let parsed = parse_body(&body).and_then(|v| {
+        let mut req: CompletionRequest = parse(&v)?;
+        req.sampling = parse(&v)?;
+        Ok(req)
+    });
+    match parsed {
+        Ok(req) => respond::completion(engine, req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_completions(State(engine): State<EngineHandle>, body: Bytes) -> Response {
+    let parsed = parse_body(&body).and_then(|v| {
+        let mut req: ChatRequest = parse(&v)?;
+        req.sampling = parse(&v)?;
+        Ok(req)
+    });
+    match parsed {
+        Ok(req) => respond::chat(engine, req).await,
+        Err(e) => e.into_response(),
+    }
+}

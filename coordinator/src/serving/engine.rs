@@ -1,0 +1,539 @@
+//! The serving loop: one thread owns the scheduler and the step runner (the worker group) and
+//! runs steps back to back while there is work; front ends talk to it through an
+//! [`EngineHandle`] (a channel), like TGI's router.
+//!
+//! Every accepted request ends with exactly one terminal event: `Finished` or `Failed`. A client
+//! that goes away (its [`RequestStream`] dropped) is noticed before the next step and its blocks
+//! are freed. When a step fails (a worker died or stalled past its deadline) every in-flight
+//! request fails with `Unavailable`, the group is dropped, and the loop rebuilds it through the
+//! [`RunnerFactory`] with backoff; meanwhile new requests are refused at once.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tessera_worker::WorkerError;
+use tessera_worker::executor::StepRunner;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::scheduler::{Finish, Scheduler, SchedulerConfig, SchedulerStats, SeqOutput, SeqRequest};
+use crate::serving::output::OutputState;
+use crate::serving::request::{GenerateParams, ModelInfo, ServeError};
+
+/// Builds (or rebuilds, after a failure) the worker group.
+pub type RunnerFactory = Box<dyn FnMut() -> Result<Box<dyn StepRunner + Send>, WorkerError> + Send>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Abort,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Abort => "abort",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenOut {
+    pub token: u32,
+    /// Text that may be shown now (possibly empty while a character or a possible stop string
+    /// is incomplete).
+    pub text: String,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+    /// With the first token only, when asked for.
+    pub prompt_logprobs: Option<Vec<Option<f32>>>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    Token(TokenOut),
+    /// Terminal. `text` is what was still held back.
+    Finished {
+        reason: FinishReason,
+        text: String,
+        usage: Usage,
+    },
+    /// Terminal.
+    Failed(ServeError),
+}
+
+/// Events of one accepted request; dropping it aborts the request.
+pub struct RequestStream {
+    pub request_id: String,
+    rx: mpsc::UnboundedReceiver<Event>,
+}
+
+impl RequestStream {
+    /// The next event; `None` only after a terminal event was received.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+enum Command {
+    Submit {
+        request_id: String,
+        params: GenerateParams,
+        events: mpsc::UnboundedSender<Event>,
+        reply: oneshot::Sender<Result<(), ServeError>>,
+    },
+    Abort {
+        request_id: String,
+        reply: oneshot::Sender<bool>,
+    },
+    Shutdown,
+}
+
+/// State shared between the loop and the front ends.
+pub struct Shared {
+    pub info: ModelInfo,
+    /// `Some(reason)` while the worker group is not whole.
+    degraded: Mutex<Option<String>>,
+    stats: Mutex<SchedulerStats>,
+    next_request: AtomicU64,
+    stopped: AtomicBool,
+}
+
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl EngineHandle {
+    pub fn info(&self) -> &ModelInfo {
+        &self.shared.info
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `Err(reason)` while the worker group is not whole.
+    pub fn health(&self) -> Result<(), String> {
+        match &*self
+            .shared
+            .degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+        {
+            Some(reason) => Err(reason.clone()),
+            None if self.shared.stopped.load(Ordering::Relaxed) => {
+                Err("the server is shutting down".into())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Queues a validated request; refused at once when the group is degraded or the queue full.
+    pub async fn submit(
+        &self,
+        request_id: Option<String>,
+        params: GenerateParams,
+    ) -> Result<RequestStream, ServeError> {
+        self.health().map_err(ServeError::Unavailable)?;
+        let request_id = match request_id.filter(|s| !s.is_empty()) {
+            Some(id) => id,
+            None => format!(
+                "req-{}",
+                self.shared.next_request.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        let (events, rx) = mpsc::unbounded_channel();
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Submit {
+            request_id: request_id.clone(),
+            params,
+            events,
+            reply,
+        };
+        let gone = || ServeError::Unavailable("the serving loop has stopped".into());
+        self.tx.send(cmd).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())??;
+        Ok(RequestStream { request_id, rx })
+    }
+
+    /// Aborts a running request by its id; false if none had it.
+    pub async fn abort(&self, request_id: &str) -> bool {
+        let (reply, answer) = oneshot::channel();
+        let cmd = Command::Abort {
+            request_id: request_id.to_string(),
+            reply,
+        };
+        self.tx.send(cmd).is_ok() && answer.await.unwrap_or(false)
+    }
+
+    /// Stops the loop: in-flight requests end with `Failed(Unavailable)`.
+    pub fn shutdown(&self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+        let _ = self.tx.send(Command::Shutdown);
+    }
+}
+
+/// A running request as the loop tracks it.
+struct Live {
+    request_id: String,
+    events: mpsc::UnboundedSender<Event>,
+    output: OutputState,
+    usage: Usage,
+}
+
+struct Loop {
+    rx: mpsc::UnboundedReceiver<Command>,
+    shared: Arc<Shared>,
+    sched: Scheduler,
+    runner: Option<Box<dyn StepRunner + Send>>,
+    factory: RunnerFactory,
+    live: HashMap<u64, Live>,
+    by_request: HashMap<String, u64>,
+    next_seq: u64,
+}
+
+/// Starts the serving loop on its own thread with an already built worker group.
+pub fn start(
+    info: ModelInfo,
+    scheduler: SchedulerConfig,
+    runner: Box<dyn StepRunner + Send>,
+    factory: RunnerFactory,
+) -> Result<EngineHandle, ServeError> {
+    let cfg = SchedulerConfig {
+        num_blocks: runner.num_blocks(),
+        block_size: runner.block_size(),
+        ..scheduler
+    };
+    cfg.validate().map_err(ServeError::Internal)?;
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        info,
+        degraded: Mutex::new(None),
+        stats: Mutex::new(SchedulerStats {
+            num_blocks: cfg.num_blocks,
+            ..Default::default()
+        }),
+        next_request: AtomicU64::new(0),
+        stopped: AtomicBool::new(false),
+    });
+    let mut lp = Loop {
+        rx,
+        shared: Arc::clone(&shared),
+        sched: Scheduler::new(cfg),
+        runner: Some(runner),
+        factory,
+        live: HashMap::new(),
+        by_request: HashMap::new(),
+        next_seq: 0,
+    };
+    std::thread::Builder::new()
+        .name("tessera-serving".into())
+        .spawn(move || lp.run())
+        .map_err(|e| ServeError::Internal(format!("cannot start the serving thread: {e}")))?;
+    Ok(EngineHandle { tx, shared })
+}
+
+impl Loop {
+    fn run(&mut self) {
+        loop {
+            if !self.sched.has_work() {
+                match self.rx.blocking_recv() {
+                    Some(cmd) => {
+                        if !self.handle(cmd) {
+                            return self.stop();
+                        }
+                    }
+                    None => return self.stop(),
+                }
+            }
+            while let Ok(cmd) = self.rx.try_recv() {
+                if !self.handle(cmd) {
+                    return self.stop();
+                }
+            }
+            self.drop_disconnected();
+            if self.sched.has_work() {
+                self.step();
+            }
+            self.publish_stats();
+        }
+    }
+
+    /// False when the loop must stop.
+    fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Submit {
+                request_id,
+                params,
+                events,
+                reply,
+            } => {
+                let _ = reply.send(self.admit(request_id, params, events));
+            }
+            Command::Abort { request_id, reply } => {
+                let found = match self.by_request.get(&request_id).copied() {
+                    Some(seq) => {
+                        self.abort(seq);
+                        true
+                    }
+                    None => false,
+                };
+                let _ = reply.send(found);
+            }
+            Command::Shutdown => return false,
+        }
+        true
+    }
+
+    fn admit(
+        &mut self,
+        request_id: String,
+        params: GenerateParams,
+        events: mpsc::UnboundedSender<Event>,
+    ) -> Result<(), ServeError> {
+        if self.runner.is_none() {
+            return Err(ServeError::Unavailable(
+                "the worker group is being rebuilt".into(),
+            ));
+        }
+        if self.by_request.contains_key(&request_id) {
+            return Err(ServeError::invalid(
+                "request_id",
+                format!("{request_id:?} is already running"),
+            ));
+        }
+        let seq = self.next_seq;
+        let usage = Usage {
+            prompt_tokens: params.prompt.len(),
+            completion_tokens: 0,
+        };
+        let output = OutputState::new(params.stop_strings.clone());
+        let req = SeqRequest {
+            prompt: params.prompt,
+            max_tokens: params.max_tokens,
+            sampling: params.sampling,
+            top_logprobs: params.top_logprobs,
+            prompt_logprobs: params.prompt_logprobs,
+            stop_token_ids: params.stop_token_ids,
+            priority: params.priority,
+        };
+        self.sched.add(seq, req).map_err(|e| match e {
+            crate::scheduler::AdmitError::QueueFull { .. } => ServeError::QueueFull(e.to_string()),
+            _ => ServeError::invalid("max_tokens", e.to_string()),
+        })?;
+        self.next_seq += 1;
+        self.by_request.insert(request_id.clone(), seq);
+        self.live.insert(
+            seq,
+            Live {
+                request_id,
+                events,
+                output,
+                usage,
+            },
+        );
+        Ok(())
+    }
+
+    fn drop_disconnected(&mut self) {
+        let gone: Vec<u64> = self
+            .live
+            .iter()
+            .filter(|(_, l)| l.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for seq in gone {
+            tracing::debug!(seq, "client went away; aborting");
+            self.abort(seq);
+        }
+    }
+
+    /// Ends a request with `Finished(Abort)` and frees everything it held.
+    fn abort(&mut self, seq: u64) {
+        self.sched.remove(seq);
+        if let Some(runner) = self.runner.as_mut() {
+            runner.release(&[seq]);
+        }
+        if let Some(live) = self.live.remove(&seq) {
+            self.by_request.remove(&live.request_id);
+            let _ = live.events.send(Event::Finished {
+                reason: FinishReason::Abort,
+                text: String::new(),
+                usage: live.usage,
+            });
+        }
+    }
+
+    fn step(&mut self) {
+        let plan = self.sched.schedule();
+        let Some(runner) = self.runner.as_mut() else {
+            return;
+        };
+        if !plan.preempted.is_empty() {
+            tracing::debug!(preempted = ?plan.preempted, "KV cache full; preempting");
+            runner.release(&plan.preempted);
+        }
+        if plan.steps.is_empty() {
+            return;
+        }
+        match runner.step(&plan.steps) {
+            Ok(result) => {
+                let outputs = self.sched.complete(&result);
+                let mut finished = Vec::new();
+                for out in outputs {
+                    if let Some(done) = self.deliver(out) {
+                        finished.push(done);
+                    }
+                }
+                if let Some(runner) = self.runner.as_mut()
+                    && !finished.is_empty()
+                {
+                    runner.release(&finished);
+                }
+            }
+            Err(e) => self.fail_group(e),
+        }
+    }
+
+    /// Sends one token to its client; returns the sequence id if the request ended.
+    fn deliver(&mut self, out: SeqOutput) -> Option<u64> {
+        let tok = self.shared.info.tokenizer.clone();
+        let live = self.live.get_mut(&out.id)?;
+        live.usage.completion_tokens += 1;
+        let (text, stopped) = live
+            .output
+            .push(tok.as_deref(), out.token)
+            .unwrap_or_else(|e| {
+                tracing::warn!(error = %e, "detokenising failed");
+                (String::new(), false)
+            });
+        let _ = live.events.send(Event::Token(TokenOut {
+            token: out.token,
+            text,
+            logprob: out.logprob,
+            top_logprobs: out.top_logprobs,
+            prompt_logprobs: out.prompt_logprobs,
+        }));
+        let reason = match (stopped, out.finish) {
+            (true, _) | (_, Some(Finish::Stop)) => FinishReason::Stop,
+            (_, Some(Finish::Length)) => FinishReason::Length,
+            (false, None) => return None,
+        };
+        if stopped {
+            // The scheduler may still hold it (a stop string is not a stop token).
+            self.sched.remove(out.id);
+        }
+        let live = self.live.remove(&out.id)?;
+        self.by_request.remove(&live.request_id);
+        let mut live = live;
+        let rest = if stopped {
+            String::new()
+        } else {
+            live.output.finish(tok.as_deref()).unwrap_or_default()
+        };
+        let _ = live.events.send(Event::Finished {
+            reason,
+            text: rest,
+            usage: live.usage,
+        });
+        Some(out.id)
+    }
+
+    /// A step failed: every request in flight fails, the group is rebuilt.
+    fn fail_group(&mut self, e: WorkerError) {
+        let reason = format!("the worker group failed: {e}");
+        tracing::error!(
+            "{reason}; failing {} requests and rebuilding",
+            self.live.len()
+        );
+        self.set_degraded(Some(reason.clone()));
+        for (_, live) in self.live.drain() {
+            let _ = live
+                .events
+                .send(Event::Failed(ServeError::Unavailable(reason.clone())));
+        }
+        self.by_request.clear();
+        self.sched.clear();
+        // Dropping the group kills processes the coordinator started.
+        self.runner = None;
+        self.publish_stats();
+        self.rebuild();
+    }
+
+    fn rebuild(&mut self) {
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let started = Instant::now();
+            match (self.factory)() {
+                Ok(runner) => {
+                    let cfg = SchedulerConfig {
+                        num_blocks: runner.num_blocks(),
+                        block_size: runner.block_size(),
+                        ..self.sched.config().clone()
+                    };
+                    self.sched = Scheduler::new(cfg);
+                    self.runner = Some(runner);
+                    tracing::info!(
+                        secs = started.elapsed().as_secs_f32(),
+                        "worker group is whole again; serving"
+                    );
+                    self.set_degraded(None);
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "rebuilding the worker group failed");
+                    self.set_degraded(Some(format!("rebuilding the worker group: {e}")));
+                }
+            }
+            // Answer whatever arrived meanwhile (refusing new work) while waiting.
+            let until = Instant::now() + delay;
+            while Instant::now() < until {
+                match self.rx.try_recv() {
+                    Ok(Command::Shutdown) => {
+                        self.shared.stopped.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Ok(cmd) => {
+                        self.handle(cmd);
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    fn set_degraded(&self, reason: Option<String>) {
+        *self
+            .shared
+            .degraded
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = reason;
+    }
+
+    fn publish_stats(&self) {
+        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.sched.stats();
+    }
+
+    fn stop(&mut self) {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+        for (_, live) in self.live.drain() {
+            let _ = live.events.send(Event::Failed(ServeError::Unavailable(
+                "the server is shutting down".into(),
+            )));
+        }
+        self.runner = None;
+    }
+}

@@ -1,0 +1,217 @@
+//! `tessera serve`: the coordinator with its embedded worker group (in this process with
+//! `--tp 1`, worker processes on loopback with `--tp N`), serving the OpenAI-compatible HTTP API
+//! and the public gRPC API until Ctrl-C or SIGTERM.
+//!
+//! Once both listeners are bound it prints `TESSERA_SERVE_READY http=ADDR grpc=ADDR` on stdout,
+//! so scripts and tests can use port 0.
+
+use std::io::Write;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use tessera_common::{GenerationConfig, PlacementMap, ShardSpec, load_model_spec};
+use tessera_coordinator::cluster::{Cluster, LaunchOptions};
+use tessera_coordinator::jobs::JobManager;
+use tessera_coordinator::scheduler::SchedulerConfig;
+use tessera_coordinator::serving::ModelInfo;
+use tessera_coordinator::serving::chat::ChatTemplate;
+use tessera_coordinator::serving::engine::{self, RunnerFactory};
+use tessera_coordinator::tokenizer::Tokenizer;
+use tessera_kernels::cpu::CpuBackend;
+use tessera_worker::checkpoint::Checkpoint;
+use tessera_worker::engine::EngineConfig;
+use tessera_worker::executor::{Executor, StepRunner};
+use tessera_worker::model::Model;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Hugging Face model folder: config.json, *.safetensors, tokenizer.json (for text),
+    /// tokenizer_config.json (for chat templates), generation_config.json.
+    #[arg(long, env = "TESSERA_MODEL")]
+    pub model: PathBuf,
+    /// The model name clients use; default: the folder's name.
+    #[arg(long, env = "TESSERA_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// Tensor-parallel world size: N > 1 starts N worker processes on loopback.
+    #[arg(long, default_value_t = 1, env = "TESSERA_TP")]
+    pub tp: usize,
+    /// Interface for the HTTP and gRPC listeners.
+    #[arg(long, default_value = "127.0.0.1", env = "TESSERA_HOST")]
+    pub host: IpAddr,
+    /// HTTP (OpenAI-compatible) port; 0 picks a free port and logs it.
+    #[arg(long, default_value_t = 8000, env = "TESSERA_PORT")]
+    pub port: u16,
+    /// gRPC (tessera.v1) port; 0 picks a free port and logs it.
+    #[arg(long, default_value_t = 50051, env = "TESSERA_GRPC_PORT")]
+    pub grpc_port: u16,
+    /// Positions per KV-cache block.
+    #[arg(long, default_value_t = 16, env = "TESSERA_BLOCK_SIZE")]
+    pub block_size: usize,
+    /// Memory each worker gives its KV cache, in MiB; the capacity is what the workers report.
+    #[arg(long, default_value_t = 256, env = "TESSERA_KV_CACHE_MIB")]
+    pub kv_cache_mib: u64,
+    /// Most sequences in one step.
+    #[arg(long, default_value_t = 64, env = "TESSERA_MAX_RUNNING")]
+    pub max_running: usize,
+    /// Most requests waiting to start; more are refused with HTTP 429 / RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 256, env = "TESSERA_MAX_WAITING")]
+    pub max_waiting: usize,
+    /// Most tokens in one step (decode tokens plus prefill chunks).
+    #[arg(long, default_value_t = 512, env = "TESSERA_MAX_STEP_TOKENS")]
+    pub max_step_tokens: usize,
+}
+
+/// Builds the worker group the flags describe; called again to rebuild it after a failure.
+fn factory(args: &ServeArgs) -> Result<RunnerFactory> {
+    let cache = EngineConfig {
+        block_size: args.block_size,
+        num_blocks: 0,
+    };
+    let kv_bytes = args.kv_cache_mib << 20;
+    let dir = args.model.clone();
+    if args.tp > 1 {
+        let launch = LaunchOptions {
+            exe: std::env::current_exe().context("locating the tessera executable")?,
+            model_dir: dir,
+            world_size: args.tp,
+            cache,
+            kv_cache_bytes: Some(kv_bytes),
+            placement: None,
+        };
+        return Ok(Box::new(move || {
+            Ok(Box::new(Cluster::launch(&launch)?) as Box<dyn StepRunner + Send>)
+        }));
+    }
+    Ok(Box::new(move || {
+        let spec = load_model_spec(&dir)?;
+        let ckpt = Checkpoint::open(&dir)?;
+        let model = Model::load(CpuBackend, spec, &ckpt, &ShardSpec::whole())?;
+        let exec = Executor::with_kv_budget(model, kv_bytes, cache.block_size)?;
+        Ok(Box::new(exec) as Box<dyn StepRunner + Send>)
+    }))
+}
+
+pub fn run(args: ServeArgs) -> Result<()> {
+    if args.tp == 0 || args.block_size == 0 {
+        bail!("--tp and --block-size must be at least 1");
+    }
+    let dir = &args.model;
+    let spec = load_model_spec(dir)
+        .with_context(|| format!("reading the model config in {}", dir.display()))?;
+    spec.check_tensor_parallel(args.tp)?;
+    let generation = GenerationConfig::load(dir)?;
+    let tokenizer = Tokenizer::load(dir)?.map(Arc::new);
+    let chat = ChatTemplate::load(dir).map_err(anyhow::Error::msg)?;
+    let mut eos_token_ids = generation.eos_token_ids();
+    for id in &spec.eos_token_ids {
+        if !eos_token_ids.contains(id) {
+            eos_token_ids.push(*id);
+        }
+    }
+    let name = args.served_model_name.clone().unwrap_or_else(|| {
+        dir.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| "model".into())
+    });
+    let mut make = factory(&args)?;
+    tracing::info!(model = %dir.display(), tp = args.tp, "starting the worker group");
+    let runner = make()?;
+    let placement = PlacementMap::contiguous(&spec, args.tp);
+    let info = ModelInfo {
+        name,
+        architecture: spec.architecture.clone(),
+        vocab_size: spec.vocab_size,
+        max_context: spec.max_position_embeddings,
+        eos_token_ids,
+        generation,
+        tokenizer,
+        chat,
+        world_size: args.tp,
+        backend: runner.backend(),
+        kv_blocks: runner.num_blocks(),
+        block_size: runner.block_size(),
+        placement_json: serde_json::to_string(&placement)?,
+    };
+    tracing::info!(
+        backend = %info.backend,
+        kv_blocks = info.kv_blocks,
+        block_size = info.block_size,
+        "worker group ready"
+    );
+    let scheduler = SchedulerConfig {
+        max_running: args.max_running,
+        max_waiting: args.max_waiting,
+        max_step_tokens: args.max_step_tokens,
+        ..Default::default()
+    };
+    let handle = engine::start(info, scheduler, runner, make)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(handle, &args))
+}
+
+async fn serve(handle: engine::EngineHandle, args: &ServeArgs) -> Result<()> {
+    let http = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port))
+        .await
+        .with_context(|| format!("binding HTTP on {}:{}", args.host, args.port))?;
+    let grpc = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.grpc_port))
+        .await
+        .with_context(|| format!("binding gRPC on {}:{}", args.host, args.grpc_port))?;
+    let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
+    tracing::info!("OpenAI-compatible HTTP on http://{http_addr}/v1, gRPC on {grpc_addr}");
+    let mut stdout = std::io::stdout();
+    writeln!(
+        stdout,
+        "TESSERA_SERVE_READY http={http_addr} grpc={grpc_addr}"
+    )?;
+    stdout.flush()?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let jobs = JobManager::new(handle.clone());
+    let http_task = tokio::spawn(
+        axum::serve(http, tessera_coordinator::http::router(handle.clone()))
+            .with_graceful_shutdown(stopped(stop_rx.clone()))
+            .into_future(),
+    );
+    let grpc_task = tokio::spawn(tessera_coordinator::grpc::serve(
+        handle.clone(),
+        jobs,
+        grpc,
+        stopped(stop_rx),
+    ));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    handle.shutdown();
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+        let _ = http_task.await;
+        let _ = grpc_task.await;
+    })
+    .await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => return std::future::pending().await,
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
