@@ -28,8 +28,9 @@ const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct WorkerService {
     executor: Arc<Mutex<Option<Executor<CpuBackend>>>>,
-    /// Bound at start so its address can be announced before any shard is assigned.
-    collective_listener: Mutex<Option<TcpListener>>,
+    /// Bound at start so its address can be announced before any shard is assigned; kept for
+    /// the worker's lifetime, because a rebuilt group (after a peer died) loads shards again.
+    collective_listener: TcpListener,
     shutdown: Arc<tokio::sync::Notify>,
 }
 
@@ -37,7 +38,7 @@ impl WorkerService {
     pub fn new(collective_listener: TcpListener, shutdown: Arc<tokio::sync::Notify>) -> Self {
         WorkerService {
             executor: Arc::new(Mutex::new(None)),
-            collective_listener: Mutex::new(Some(collective_listener)),
+            collective_listener,
             shutdown,
         }
     }
@@ -129,11 +130,12 @@ impl pb::worker_server::Worker for WorkerService {
         request: Request<pb::LoadShardRequest>,
     ) -> Result<Response<pb::LoadShardResponse>, Status> {
         let req = request.into_inner();
-        let listener = self
-            .collective_listener
+        // The previous group's executor (and its collective connections) goes first.
+        self.executor
             .lock()
             .map_err(|_| Status::internal("poisoned"))?
             .take();
+        let listener = self.collective_listener.try_clone().ok();
         let (executor, weight_bytes) =
             blocking(move || load(req, listener).map_err(status)).await?;
         let reply = pb::LoadShardResponse {

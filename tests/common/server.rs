@@ -1,0 +1,101 @@
+//! A real `tessera serve` process for integration tests: started on free ports, killed (with its
+//! worker processes) when dropped.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Server {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub http: String,
+    /// `http://127.0.0.1:PORT` (for tonic clients)
+    pub grpc: String,
+}
+
+impl Server {
+    /// Starts `tessera serve --model DIR --port 0 --grpc-port 0 EXTRA...` and waits until it
+    /// announces its addresses.
+    pub fn start(model: &std::path::Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("serve")
+            .arg("--model")
+            .arg(model)
+            .args(["--port", "0", "--grpc-port", "0"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("tessera serve starts");
+        let stdout = child.stdout.take().expect("stdout is piped");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("reading the ready line");
+        let field = |key: &str| {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .map(|a| format!("http://{a}"))
+                .unwrap_or_else(|| panic!("unexpected ready line {line:?}"))
+        };
+        Server {
+            http: field("http="),
+            grpc: field("grpc="),
+            child,
+        }
+    }
+
+    /// Process ids of the worker processes this server started.
+    pub fn worker_pids(&self) -> Vec<u32> {
+        let out = Command::new("pgrep")
+            .args(["-P", &self.child.id().to_string()])
+            .output()
+            .expect("pgrep runs");
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+
+    /// `GET /health` as (status code, body).
+    pub async fn health(&self, client: &reqwest::Client) -> (u16, serde_json::Value) {
+        let r = client
+            .get(format!("{}/health", self.http))
+            .send()
+            .await
+            .expect("health answers");
+        let code = r.status().as_u16();
+        (code, r.json().await.unwrap_or_default())
+    }
+
+    /// Waits until `/health` satisfies `pred`, failing after `limit`.
+    pub async fn wait_health(
+        &self,
+        client: &reqwest::Client,
+        limit: Duration,
+        pred: impl Fn(u16, &serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let (code, body) = self.health(client).await;
+            if pred(code, &body) {
+                return body;
+            }
+            assert!(
+                start.elapsed() < limit,
+                "health never reached the expected state: {code} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,75 @@
+//! Losing a worker under `tessera serve --tp 2`: the streaming client gets a terminal error
+//! promptly, the coordinator stays up and reports itself degraded, rebuilds the group, and serves
+//! the next request.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use common::server::Server;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_a_worker_fails_the_stream_then_the_group_is_rebuilt() {
+    let model = common::fixtures_dir().join("qwen3_moe");
+    let server = Server::start(&model, &["--tp", "2"]);
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/completions", server.http);
+    let workers = server.worker_pids();
+    assert_eq!(workers.len(), 2, "two worker processes: {workers:?}");
+
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": true, "stream": true});
+    let resp = http.post(&url).json(&body).send().await.unwrap();
+    let mut chunks = resp.bytes_stream();
+    chunks.next().await.unwrap().unwrap();
+    let killed_at = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-9", &workers[1].to_string()])
+        .status()
+        .unwrap();
+    // The stream must end with an error chunk, then [DONE].
+    let mut rest = String::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(c) = chunks.next().await {
+            rest.push_str(&String::from_utf8_lossy(&c.unwrap()));
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the stream did not end within 5 s: {rest}");
+    let error = rest
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter(|l| *l != "[DONE]")
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v.get("error").is_some())
+        .unwrap_or_else(|| panic!("no error event in {rest}"));
+    assert_eq!(error["error"]["type"], "service_unavailable", "{error}");
+    assert!(rest.trim_end().ends_with("data: [DONE]"));
+    assert!(
+        killed_at.elapsed() < Duration::from_secs(5),
+        "error after {:?}",
+        killed_at.elapsed()
+    );
+
+    // The coordinator is still up: degraded (503) or already rebuilt, then whole again.
+    let (code, _) = server.health(&http).await;
+    assert!(code == 503 || code == 200);
+    server
+        .wait_health(&http, Duration::from_secs(60), |c, _| c == 200)
+        .await;
+    let ok: Value = http
+        .post(&url)
+        .json(&json!({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(ok["usage"]["completion_tokens"], 4, "{ok}");
+    let new_workers = server.worker_pids();
+    assert_eq!(new_workers.len(), 2);
+    assert!(!new_workers.contains(&workers[1]));
+}
