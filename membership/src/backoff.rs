@@ -32,7 +32,8 @@ impl Backoff {
         let half = ceiling / 2;
         // Upper-half jitter keeps a guaranteed minimum wait (no hot loop) while still de-correlating
         // peers that failed at the same instant.
-        let extra_nanos = rand::rng().random_range(0..=ceiling.saturating_sub(half).as_nanos() as u64);
+        let extra_nanos =
+            rand::rng().random_range(0..=ceiling.saturating_sub(half).as_nanos() as u64);
         half + Duration::from_nanos(extra_nanos)
     }
 

@@ -109,10 +109,7 @@ impl MembershipConfig {
         if self.lease_ttl.subsec_nanos() != 0 {
             return Err(invalid(
                 "lease_ttl",
-                format!(
-                    "is {:?}; etcd leases are whole seconds",
-                    self.lease_ttl
-                ),
+                format!("is {:?}; etcd leases are whole seconds", self.lease_ttl),
             ));
         }
         for (field, d) in [
@@ -160,7 +157,9 @@ fn validate_prefix(prefix: &str) -> Result<(), MembershipError> {
     if !prefix.starts_with('/') || prefix.len() < 2 {
         return Err(invalid(
             "prefix",
-            format!("is {prefix:?}; it must start with '/' and name something, e.g. \"/tessera/prod\""),
+            format!(
+                "is {prefix:?}; it must start with '/' and name something, e.g. \"/tessera/prod\""
+            ),
         ));
     }
     if prefix.ends_with('/') {
@@ -172,7 +171,9 @@ fn validate_prefix(prefix: &str) -> Result<(), MembershipError> {
     if prefix.contains("//") || prefix.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(invalid(
             "prefix",
-            format!("is {prefix:?}; it must not contain empty segments, spaces or control characters"),
+            format!(
+                "is {prefix:?}; it must not contain empty segments, spaces or control characters"
+            ),
         ));
     }
     Ok(())
@@ -211,29 +212,18 @@ mod tests {
 
     #[test]
     fn validate_names_the_bad_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut MembershipConfig)>)> = vec![
-            ("endpoints", Box::new(|c| c.endpoints.clear())),
-            (
-                "endpoints",
-                Box::new(|c| c.endpoints = vec!["https://x:2379".into()]),
-            ),
-            ("prefix", Box::new(|c| c.prefix = "tessera".into())),
-            ("prefix", Box::new(|c| c.prefix = "/tessera/".into())),
-            ("prefix", Box::new(|c| c.prefix = "/a//b".into())),
-            (
-                "lease_ttl",
-                Box::new(|c| c.lease_ttl = Duration::from_secs(1)),
-            ),
-            (
-                "lease_ttl",
-                Box::new(|c| c.lease_ttl = Duration::from_millis(2500)),
-            ),
-            ("request_timeout", Box::new(|c| c.request_timeout = Duration::ZERO)),
-            ("max_start_retries", Box::new(|c| c.max_start_retries = 0)),
-            (
-                "backoff_max",
-                Box::new(|c| c.backoff_max = Duration::from_millis(1)),
-            ),
+        type Mutation = fn(&mut MembershipConfig);
+        let cases: [(&str, Mutation); 10] = [
+            ("endpoints", |c| c.endpoints.clear()),
+            ("endpoints", |c| c.endpoints = vec!["https://x:2379".into()]),
+            ("prefix", |c| c.prefix = "tessera".into()),
+            ("prefix", |c| c.prefix = "/tessera/".into()),
+            ("prefix", |c| c.prefix = "/a//b".into()),
+            ("lease_ttl", |c| c.lease_ttl = Duration::from_secs(1)),
+            ("lease_ttl", |c| c.lease_ttl = Duration::from_millis(2500)),
+            ("request_timeout", |c| c.request_timeout = Duration::ZERO),
+            ("max_start_retries", |c| c.max_start_retries = 0),
+            ("backoff_max", |c| c.backoff_max = Duration::from_millis(1)),
         ];
         for (field, mutate) in cases {
             let mut c = MembershipConfig::default();

@@ -22,7 +22,9 @@ pub enum MembershipError {
     InvalidRecord { field: &'static str, reason: String },
 
     /// etcd could not be reached within the start-up retry budget.
-    #[error("etcd at {endpoints} unreachable after {attempts} attempt(s) over {elapsed:.1?}: {cause}")]
+    #[error(
+        "etcd at {endpoints} unreachable after {attempts} attempt(s) over {elapsed:.1?}: {cause}"
+    )]
     Unreachable {
         endpoints: String,
         attempts: u32,

@@ -132,7 +132,10 @@ pub struct MemberWatch {
 impl MemberWatch {
     /// A view fed by something other than etcd (a static worker list, a test): every value sent
     /// on the channel's sender is a complete member list. `prefix` only names it in errors.
-    pub fn from_receiver(prefix: impl Into<String>, rx: watch::Receiver<Vec<WorkerRecord>>) -> Self {
+    pub fn from_receiver(
+        prefix: impl Into<String>,
+        rx: watch::Receiver<Vec<WorkerRecord>>,
+    ) -> Self {
         Self {
             prefix: prefix.into(),
             rx,
@@ -140,7 +143,6 @@ impl MemberWatch {
         }
     }
 
-    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn with_task(
         prefix: String,
         rx: watch::Receiver<Vec<WorkerRecord>>,
@@ -311,7 +313,9 @@ mod tests {
             tx.send(vec![rec("a", 1), rec("b", 2)]).unwrap();
             tx
         });
-        let got = wait_for_members(&mut w, 2, Duration::from_secs(5)).await.unwrap();
+        let got = wait_for_members(&mut w, 2, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(got.len(), 2);
         drop(feeder.await.unwrap());
         assert!(matches!(

@@ -74,8 +74,8 @@ impl WorkerRecord {
         let key_id = key
             .strip_prefix(workers_prefix)
             .ok_or_else(|| format!("the key is not under {workers_prefix}"))?;
-        let record: WorkerRecord =
-            serde_json::from_slice(value).map_err(|e| format!("the value is not a worker record: {e}"))?;
+        let record: WorkerRecord = serde_json::from_slice(value)
+            .map_err(|e| format!("the value is not a worker record: {e}"))?;
         if record.id != key_id {
             return Err(format!(
                 "the record's id {:?} differs from the key's {key_id:?}",
@@ -109,18 +109,20 @@ mod tests {
 
     #[test]
     fn ignores_unknown_fields_from_newer_workers() {
-        let v = br#"{"id":"w0","grpc_addr":"a:1","collective_addr":"a:2","version":"9","gpu":"h100"}"#;
+        let v =
+            br#"{"id":"w0","grpc_addr":"a:1","collective_addr":"a:2","version":"9","gpu":"h100"}"#;
         assert!(WorkerRecord::from_kv("/p/workers/", b"/p/workers/w0", v).is_ok());
     }
 
     #[test]
     fn rejects_malformed_values_with_a_reason() {
         let p = "/p/workers/";
+        let w0 = rec("w0").to_json();
         let bad: [(&[u8], &[u8], &str); 5] = [
             (b"/p/workers/w0", b"not json", "not a worker record"),
             (b"/p/workers/w0", br#"{"id":"w0"}"#, "not a worker record"),
-            (b"/p/workers/w1", rec("w0").to_json().as_bytes(), "differs"),
-            (b"/q/workers/w0", rec("w0").to_json().as_bytes(), "not under"),
+            (b"/p/workers/w1", w0.as_bytes(), "differs"),
+            (b"/q/workers/w0", w0.as_bytes(), "not under"),
             (b"/p/workers/\xff", b"{}", "UTF-8"),
         ];
         for (k, v, why) in bad {

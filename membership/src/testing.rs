@@ -127,7 +127,8 @@ impl EtcdServer {
         self.stop();
         let data = self.data_dir();
         if data.exists() {
-            std::fs::remove_dir_all(&data).map_err(io_err(format!("removing {}", data.display())))?;
+            std::fs::remove_dir_all(&data)
+                .map_err(io_err(format!("removing {}", data.display())))?;
         }
         self.launch().await
     }
@@ -230,7 +231,10 @@ fn free_port() -> Result<u16, EtcdServerError> {
     // Binding port 0 and releasing it leaves a small window in which another process could take
     // the port; etcd would then fail to start and say so in the error.
     let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(io_err("finding a free port"))?;
-    let port = l.local_addr().map_err(io_err("finding a free port"))?.port();
+    let port = l
+        .local_addr()
+        .map_err(io_err("finding a free port"))?
+        .port();
     Ok(port)
 }
 

@@ -7,8 +7,6 @@
 //! surviving leases itself); when etcd says the lease is gone (it expired while the worker was cut
 //! off, or etcd lost its data) the task grants a new lease and writes the record again.
 
-use std::time::Duration;
-
 use etcd_client::{Client, PutOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -50,9 +48,10 @@ pub async fn register(
     let key = cfg.worker_key(&record.id);
     let value = record.to_json();
     let what = format!("registering worker {}", record.id);
-    let (client, lease) = with_start_retry(cfg, &what, async || {
+    let (k, v) = (&key, &value);
+    let (client, lease) = with_start_retry(cfg, &what, || async move {
         let mut client = connect(cfg).await?;
-        let lease = grant_and_put(&mut client, cfg, &key, &value).await?;
+        let lease = grant_and_put(&mut client, cfg, k, v).await?;
         Ok((client, lease))
     })
     .await?;
@@ -72,6 +71,7 @@ pub async fn register(
         value,
         worker: record.id.clone(),
         lease_tx,
+        outage_since: None,
     };
     let task = tokio::spawn(keeper.run(lease));
     Ok(Registration {
@@ -207,14 +207,20 @@ struct Keeper {
     value: String,
     worker: String,
     lease_tx: watch::Sender<i64>,
+    /// When the current run of failures began, for the "resumed" log line.
+    outage_since: Option<Instant>,
 }
 
 impl Keeper {
     async fn run(mut self, mut lease: i64) {
-        let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
+        // A restarted etcd extends surviving leases by one TTL; retrying at least every half TTL
+        // means the keep-alives resume before that extension runs out.
+        let cap = self.cfg.backoff_max.min(self.cfg.lease_ttl / 2);
+        let mut backoff = Backoff::new(self.cfg.backoff_initial.min(cap), cap);
         loop {
             match self.keep_alive(lease, &mut backoff).await {
                 Ended::Interrupted(cause) => {
+                    self.outage_since.get_or_insert_with(Instant::now);
                     let delay = backoff.next_delay();
                     warn!(
                         worker = %self.worker,
@@ -237,6 +243,7 @@ impl Keeper {
                         "lease lost ({reason}); registering again with a new lease"
                     );
                     lease = self.reregister(&mut backoff).await;
+                    self.outage_since = None;
                     self.lease_tx.send_replace(lease);
                     info!(
                         worker = %self.worker,
@@ -251,15 +258,24 @@ impl Keeper {
 
     /// Keeps `lease` alive until the stream ends, sending a keep-alive every third of the TTL.
     async fn keep_alive(&mut self, lease: i64, backoff: &mut Backoff) -> Ended {
-        let (mut keeper, mut stream) = match rpc(&self.cfg, self.client.lease_keep_alive(lease)).await {
-            Ok(pair) => pair,
-            Err(e) if e.is_lease_not_found() => {
-                return Ended::LeaseGone(format!("etcd no longer knows it: {e}"));
-            }
-            Err(e) => return Ended::Interrupted(e.to_string()),
-        };
+        let (mut keeper, mut stream) =
+            match rpc(&self.cfg, self.client.lease_keep_alive(lease)).await {
+                Ok(pair) => pair,
+                Err(e) if e.is_lease_not_found() => {
+                    return Ended::LeaseGone(format!("etcd no longer knows it: {e}"));
+                }
+                Err(e) => return Ended::Interrupted(e.to_string()),
+            };
         // Opening the stream already renewed the lease once.
         backoff.reset();
+        if let Some(since) = self.outage_since.take() {
+            info!(
+                worker = %self.worker,
+                lease = %lease_hex(lease),
+                "etcd keep-alive resumed after {:.1?}; the lease survived",
+                since.elapsed()
+            );
+        }
         let mut last_answer = Instant::now();
         let period = self.cfg.lease_ttl / 3;
         let mut ticks = tokio::time::interval_at(Instant::now() + period, period);
@@ -305,7 +321,7 @@ impl Keeper {
                     return lease;
                 }
                 Err(e) => {
-                    let delay: Duration = backoff.next_delay();
+                    let delay = backoff.next_delay();
                     warn!(
                         worker = %self.worker,
                         key = %self.key,

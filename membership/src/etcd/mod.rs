@@ -36,20 +36,41 @@ pub(crate) enum RpcError {
 
 impl fmt::Display for RpcError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // etcd-client's and tonic's own Display forms are either terse ("transport error") or a
+        // debug dump; the operator needs the gRPC message and the root cause (connection refused,
+        // broken pipe), once each.
         match self {
             RpcError::Timeout(d) => write!(f, "no answer within {d:.1?}"),
-            RpcError::Etcd(e) => {
-                // tonic's transport errors say little at the top ("transport error"); the cause
-                // that matters (connection refused, DNS) is further down the chain.
-                write!(f, "{e}")?;
-                let mut source = e.source();
-                while let Some(s) = source {
-                    write!(f, ": {s}")?;
-                    source = s.source();
-                }
-                Ok(())
+            RpcError::Etcd(etcd_client::Error::GRpcStatus(s)) => {
+                let head = if s.message().is_empty() {
+                    format!("{:?}", s.code())
+                } else {
+                    s.message().to_owned()
+                };
+                write_with_root_cause(f, &head, s.source())
             }
+            RpcError::Etcd(etcd_client::Error::TransportError(e)) => {
+                write_with_root_cause(f, &e.to_string(), e.source())
+            }
+            RpcError::Etcd(e) => write!(f, "{e}"),
         }
+    }
+}
+
+fn write_with_root_cause(
+    f: &mut fmt::Formatter<'_>,
+    head: &str,
+    source: Option<&(dyn std::error::Error + 'static)>,
+) -> fmt::Result {
+    let mut root = None;
+    let mut cur = source;
+    while let Some(s) = cur {
+        root = Some(s);
+        cur = s.source();
+    }
+    match root.map(ToString::to_string) {
+        Some(r) if !head.contains(&r) => write!(f, "{head}: {r}"),
+        _ => write!(f, "{head}"),
     }
 }
 
@@ -66,9 +87,7 @@ impl RpcError {
         match self {
             // etcd-client reports a keep-alive answered with TTL 0 this way.
             RpcError::Etcd(etcd_client::Error::LeaseKeepAliveError(_)) => true,
-            RpcError::Etcd(etcd_client::Error::GRpcStatus(s)) => {
-                s.code() == tonic::Code::NotFound
-            }
+            RpcError::Etcd(etcd_client::Error::GRpcStatus(s)) => s.code() == tonic::Code::NotFound,
             _ => false,
         }
     }
@@ -99,11 +118,17 @@ pub(crate) async fn connect(cfg: &MembershipConfig) -> Result<Client, RpcError> 
 
 /// Runs `attempt` until it succeeds, `cfg.max_start_retries` attempts have failed, or the next
 /// attempt would start after `cfg.start_retry_deadline`. `what` names the operation in log lines.
-pub(crate) async fn with_start_retry<T>(
+///
+/// `attempt` is a closure returning a future rather than an async closure: the futures of async
+/// closures are not yet provably `Send`, and callers spawn `register` and `watch` onto tokio.
+pub(crate) async fn with_start_retry<T, F>(
     cfg: &MembershipConfig,
     what: &str,
-    mut attempt: impl AsyncFnMut() -> Result<T, RpcError>,
-) -> Result<T, MembershipError> {
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, MembershipError>
+where
+    F: Future<Output = Result<T, RpcError>>,
+{
     let started = Instant::now();
     let endpoints = cfg.endpoints_display();
     let max = cfg.max_start_retries;
@@ -130,7 +155,9 @@ pub(crate) async fn with_start_retry<T>(
                 cause,
             });
         }
-        warn!("{what}: etcd at {endpoints} unreachable (attempt {n}/{max}): {cause}; retrying in {delay:.1?}");
+        warn!(
+            "{what}: etcd at {endpoints} unreachable (attempt {n}/{max}): {cause}; retrying in {delay:.1?}"
+        );
         tokio::time::sleep(delay).await;
     }
 }

@@ -5,7 +5,8 @@
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::watch as channel;
-use tracing::warn;
+use tokio::time::Instant;
+use tracing::{info, warn};
 
 use super::{RpcError, connect, rpc, with_start_retry};
 use crate::backoff::Backoff;
@@ -23,7 +24,8 @@ pub async fn watch(cfg: &MembershipConfig) -> Result<MemberWatch, MembershipErro
     cfg.validate()?;
     let prefix = cfg.workers_prefix();
     let what = format!("watching {prefix}");
-    let (client, set, revision) = with_start_retry(cfg, &what, async || {
+    let prefix = &prefix;
+    let (client, set, revision) = with_start_retry(cfg, &what, || async move {
         let mut client = connect(cfg).await?;
         let mut set = MemberSet::new(prefix.clone());
         let revision = relist(&mut client, cfg, &mut set).await?;
@@ -72,6 +74,7 @@ impl Watcher {
         let mut backoff = Backoff::new(self.cfg.backoff_initial, self.cfg.backoff_max);
         loop {
             let cause = self.follow(revision, &mut backoff).await;
+            let since = Instant::now();
             let mut delay = backoff.next_delay();
             warn!(
                 prefix = %self.cfg.prefix,
@@ -87,6 +90,12 @@ impl Watcher {
                     Ok(r) => {
                         revision = r;
                         self.publish();
+                        info!(
+                            prefix = %self.cfg.prefix,
+                            "membership watch resumed after {:.1?}; {} worker(s) present",
+                            since.elapsed(),
+                            self.tx.borrow().len()
+                        );
                         break;
                     }
                     Err(e) => {
@@ -108,10 +117,11 @@ impl Watcher {
         let options = WatchOptions::new()
             .with_prefix()
             .with_start_revision(revision + 1);
-        let mut stream = match rpc(&self.cfg, self.client.watch(prefix.as_str(), Some(options))).await {
-            Ok(s) => s,
-            Err(e) => return e.to_string(),
-        };
+        let mut stream =
+            match rpc(&self.cfg, self.client.watch(prefix.as_str(), Some(options))).await {
+                Ok(s) => s,
+                Err(e) => return e.to_string(),
+            };
         loop {
             // No deadline here: a quiet cluster sends nothing for hours. A dead connection shows
             // through the HTTP/2 pings configured in `connect`.
