@@ -28,10 +28,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 #[derive(Debug, thiserror::Error)]
 pub enum EtcdServerError {
     #[error(
-        "the `etcd` binary was not found (${ETCD_BIN_ENV} unset and no `etcd` on PATH); install \
-         Debian's etcd-server: `apt-get install etcd-server` (tests/run.sh installs it)"
+        "the `etcd` binary was not found ({looked}); install Debian's etcd-server: \
+         `apt-get install etcd-server` (tests/run.sh installs it)"
     )]
-    NotInstalled,
+    NotInstalled { looked: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -69,7 +69,7 @@ pub struct EtcdServer {
 impl EtcdServer {
     /// Starts etcd on two free loopback ports and waits until it reports healthy.
     pub async fn start() -> Result<Self, EtcdServerError> {
-        let bin = find_etcd().ok_or(EtcdServerError::NotInstalled)?;
+        let bin = find_etcd()?;
         let dir = tempfile::Builder::new()
             .prefix("tessera-etcd-")
             .tempdir()
@@ -238,15 +238,24 @@ fn free_port() -> Result<u16, EtcdServerError> {
     Ok(port)
 }
 
-fn find_etcd() -> Option<PathBuf> {
+fn find_etcd() -> Result<PathBuf, EtcdServerError> {
     if let Some(p) = std::env::var_os(ETCD_BIN_ENV) {
         let p = PathBuf::from(p);
-        return is_file(&p).then_some(p);
+        return if is_file(&p) {
+            Ok(p)
+        } else {
+            Err(EtcdServerError::NotInstalled {
+                looked: format!("${ETCD_BIN_ENV} is {}, which is not a file", p.display()),
+            })
+        };
     }
-    let path = std::env::var_os("PATH")?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .map(|d| d.join("etcd"))
         .find(|p| is_file(p))
+        .ok_or_else(|| EtcdServerError::NotInstalled {
+            looked: format!("no `etcd` on PATH and ${ETCD_BIN_ENV} unset"),
+        })
 }
 
 fn is_file(p: &Path) -> bool {
