@@ -66,6 +66,12 @@ impl Default for MembershipConfig {
 /// slack for one slow round trip.
 const MIN_LEASE_TTL: Duration = Duration::from_secs(2);
 
+/// The longest lease accepted: beyond an hour, a dead worker would linger too long to be useful.
+const MAX_LEASE_TTL: Duration = Duration::from_secs(3600);
+
+/// Upper bound on every other duration, so deadline arithmetic cannot overflow.
+const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> MembershipError {
     MembershipError::InvalidConfig {
         field,
@@ -106,6 +112,15 @@ impl MembershipConfig {
                 ),
             ));
         }
+        if self.lease_ttl > MAX_LEASE_TTL {
+            return Err(invalid(
+                "lease_ttl",
+                format!(
+                    "is {:?}; it must be at most {MAX_LEASE_TTL:?}",
+                    self.lease_ttl
+                ),
+            ));
+        }
         if self.lease_ttl.subsec_nanos() != 0 {
             return Err(invalid(
                 "lease_ttl",
@@ -117,9 +132,16 @@ impl MembershipConfig {
             ("request_timeout", self.request_timeout),
             ("start_retry_deadline", self.start_retry_deadline),
             ("backoff_initial", self.backoff_initial),
+            ("backoff_max", self.backoff_max),
         ] {
             if d.is_zero() {
                 return Err(invalid(field, "must be greater than zero"));
+            }
+            if d > MAX_DURATION {
+                return Err(invalid(
+                    field,
+                    format!("is {d:?}; it must be at most {MAX_DURATION:?}"),
+                ));
             }
         }
         if self.max_start_retries == 0 {
@@ -213,7 +235,7 @@ mod tests {
     #[test]
     fn validate_names_the_bad_field() {
         type Mutation = fn(&mut MembershipConfig);
-        let cases: [(&str, Mutation); 10] = [
+        let cases: [(&str, Mutation); 12] = [
             ("endpoints", |c| c.endpoints.clear()),
             ("endpoints", |c| c.endpoints = vec!["https://x:2379".into()]),
             ("prefix", |c| c.prefix = "tessera".into()),
@@ -221,6 +243,10 @@ mod tests {
             ("prefix", |c| c.prefix = "/a//b".into()),
             ("lease_ttl", |c| c.lease_ttl = Duration::from_secs(1)),
             ("lease_ttl", |c| c.lease_ttl = Duration::from_millis(2500)),
+            ("lease_ttl", |c| c.lease_ttl = Duration::MAX),
+            ("start_retry_deadline", |c| {
+                c.start_retry_deadline = Duration::from_secs(u64::MAX)
+            }),
             ("request_timeout", |c| c.request_timeout = Duration::ZERO),
             ("max_start_retries", |c| c.max_start_retries = 0),
             ("backoff_max", |c| c.backoff_max = Duration::from_millis(1)),

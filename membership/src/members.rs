@@ -183,7 +183,10 @@ impl MemberWatch {
         wanted: usize,
         timeout: Duration,
     ) -> Result<Vec<WorkerRecord>, MembershipError> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        // A timeout too large to represent is no timeout at all.
+        let deadline = tokio::time::Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(86400 * 365 * 30));
         loop {
             let now = self.rx.borrow_and_update().clone();
             if now.len() >= wanted {
@@ -322,6 +325,13 @@ mod tests {
             w.changed().await,
             Err(MembershipError::WatchClosed { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn wait_for_accepts_an_unbounded_timeout() {
+        let (_tx, rx) = watch::channel(vec![rec("a", 1)]);
+        let mut w = MemberWatch::from_receiver("/t", rx);
+        assert_eq!(w.wait_for(1, Duration::MAX).await.unwrap().len(), 1);
     }
 
     #[tokio::test]
