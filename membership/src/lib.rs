@@ -8,7 +8,7 @@
 //! The etcd client lives behind the `etcd` cargo feature because etcd-client compiles its protobuf
 //! definitions with a system `protoc`. Without the feature the same API exists and `register` and
 //! `watch` return [`MembershipError::NotBuilt`], so dependents need no `#[cfg]` of their own. The
-//! `testing` feature adds [`testing::EtcdServer`], a real etcd process for tests.
+//! `testing` feature adds `testing::EtcdServer`, a real etcd process for tests.
 
 // Without etcd, the halves of these modules that apply etcd's events have no caller outside their
 // unit tests; they are still compiled (and tested) in that build.
