@@ -4,9 +4,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Everything the tests need beyond Rust itself. (Today: nothing; etcd-server and prometheus join
-# here with the cluster and operations issues.)
+# Everything the tests need beyond Rust itself: etcd-server for the membership tests (a real etcd
+# on loopback), protobuf-compiler because etcd-client's build script runs `protoc`. (prometheus
+# joins here with the operations issue.)
 need_apt=()
+command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
+command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_apt[@]}"
@@ -17,11 +20,14 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+# Optional features the tests cover (not --all-features: `cuda` needs a CUDA toolkit).
+features=(--features etcd)
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run --workspace --locked --no-fail-fast
+    cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
 else
-    cargo test --workspace --locked --no-fail-fast
+    cargo test --workspace --locked --no-fail-fast "${features[@]}"
 fi
