@@ -4,6 +4,7 @@
 //! call into the library crates; all user-facing errors surface here with their full cause chain.
 
 mod generate;
+mod membership;
 mod placement;
 mod serve;
 mod worker;
@@ -30,6 +31,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the expert placement map (layer, expert) → rank for --tp N ranks, as JSON.
     Placement(placement::PlacementArgs),
+    /// Run a coordinator whose workers register in etcd: forms the group of --tp workers it
+    /// finds, serves like `serve`, and re-forms the group when a worker is lost.
+    Coordinator(serve::CoordinatorArgs),
     /// Serve a model over the OpenAI-compatible HTTP API and the tessera.v1 gRPC API.
     Serve(serve::ServeArgs),
     /// Run a worker: serves the worker control plane over gRPC and runs its shard of the model.
@@ -49,7 +53,8 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Placement(args) => placement::run(args),
-        Command::Serve(args) => serve::run(args),
+        Command::Serve(args) => serve::run(args, None),
+        Command::Coordinator(args) => serve::run_coordinator(args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", describe(&e));

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tessera_common::{GenerationConfig, PlacementMap, ShardSpec, load_model_spec};
-use tessera_coordinator::cluster::{Cluster, LaunchOptions};
+use tessera_coordinator::cluster::{Cluster, LaunchOptions, WorkerEndpoint};
 use tessera_coordinator::jobs::JobManager;
 use tessera_coordinator::scheduler::SchedulerConfig;
 use tessera_coordinator::serving::ModelInfo;
@@ -21,6 +21,8 @@ use tessera_coordinator::serving::chat::ChatTemplate;
 use tessera_coordinator::serving::engine::{self, RunnerFactory};
 use tessera_coordinator::tokenizer::Tokenizer;
 use tessera_kernels::cpu::CpuBackend;
+use tessera_membership::MembershipConfig;
+use tessera_worker::WorkerError;
 use tessera_worker::checkpoint::Checkpoint;
 use tessera_worker::engine::EngineConfig;
 use tessera_worker::executor::{Executor, StepRunner};
@@ -64,23 +66,85 @@ pub struct ServeArgs {
     pub max_step_tokens: usize,
 }
 
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    #[command(flatten)]
+    pub etcd: crate::membership::EtcdArgs,
+    /// How long to wait for --tp workers to register before giving up (at start) or retrying
+    /// (after a worker was lost).
+    #[arg(long, default_value_t = 300, env = "TESSERA_WAIT_FOR_WORKERS_SECS")]
+    pub wait_for_workers_secs: u64,
+}
+
+pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
+    let Some(cfg) = args.etcd.config()? else {
+        bail!("tessera coordinator needs --etcd (use `tessera serve` for an embedded cluster)");
+    };
+    let wait = std::time::Duration::from_secs(args.wait_for_workers_secs);
+    run(args.serve, Some((cfg, wait)))
+}
+
+/// A group formed from the first `--tp` workers registered in etcd (sorted by id = rank order).
+fn etcd_factory(
+    launch: LaunchOptions,
+    cfg: MembershipConfig,
+    wait: std::time::Duration,
+) -> RunnerFactory {
+    Box::new(move || {
+        let plan_err = |e: String| WorkerError::Plan(e);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| plan_err(format!("cannot start a runtime: {e}")))?;
+        let world = launch.world_size;
+        tracing::info!(etcd = %cfg.endpoints_display(), prefix = %cfg.prefix, world, "waiting for workers");
+        let members = rt
+            .block_on(async {
+                let mut w = tessera_membership::watch(&cfg).await?;
+                tessera_membership::wait_for_members(&mut w, world, wait).await
+            })
+            .map_err(|e| plan_err(format!("forming the group from etcd: {e}")))?;
+        let endpoints: Vec<WorkerEndpoint> = members
+            .into_iter()
+            .take(world)
+            .map(|m| {
+                tracing::info!(id = %m.id, grpc = %m.grpc_addr, "group member");
+                WorkerEndpoint {
+                    grpc: m.grpc_addr,
+                    collective: m.collective_addr,
+                }
+            })
+            .collect();
+        Ok(Box::new(Cluster::connect(&endpoints, &launch)?) as Box<dyn StepRunner + Send>)
+    })
+}
+
 /// Builds the worker group the flags describe; called again to rebuild it after a failure.
-fn factory(args: &ServeArgs) -> Result<RunnerFactory> {
+fn factory(
+    args: &ServeArgs,
+    etcd: Option<(MembershipConfig, std::time::Duration)>,
+) -> Result<RunnerFactory> {
     let cache = EngineConfig {
         block_size: args.block_size,
         num_blocks: 0,
     };
     let kv_bytes = args.kv_cache_mib << 20;
     let dir = args.model.clone();
+    let launch = LaunchOptions {
+        exe: std::env::current_exe().context("locating the tessera executable")?,
+        model_dir: dir.clone(),
+        world_size: args.tp,
+        cache,
+        kv_cache_bytes: Some(kv_bytes),
+        placement: None,
+    };
+    if let Some((cfg, wait)) = etcd {
+        return Ok(etcd_factory(launch, cfg, wait));
+    }
     if args.tp > 1 {
-        let launch = LaunchOptions {
-            exe: std::env::current_exe().context("locating the tessera executable")?,
-            model_dir: dir,
-            world_size: args.tp,
-            cache,
-            kv_cache_bytes: Some(kv_bytes),
-            placement: None,
-        };
         return Ok(Box::new(move || {
             Ok(Box::new(Cluster::launch(&launch)?) as Box<dyn StepRunner + Send>)
         }));
@@ -94,7 +158,7 @@ fn factory(args: &ServeArgs) -> Result<RunnerFactory> {
     }))
 }
 
-pub fn run(args: ServeArgs) -> Result<()> {
+pub fn run(args: ServeArgs, etcd: Option<(MembershipConfig, std::time::Duration)>) -> Result<()> {
     if args.tp == 0 || args.block_size == 0 {
         bail!("--tp and --block-size must be at least 1");
     }
@@ -117,7 +181,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into())
     });
-    let mut make = factory(&args)?;
+    let mut make = factory(&args, etcd)?;
     tracing::info!(model = %dir.display(), tp = args.tp, "starting the worker group");
     let runner = make()?;
     let placement = PlacementMap::contiguous(&spec, args.tp);

@@ -20,6 +20,22 @@ pub struct WorkerArgs {
     /// Exit when stdin closes: set by a launcher that pipes stdin, so the worker never outlives it.
     #[arg(long)]
     exit_with_stdin: bool,
+    /// This worker's id in etcd (unique in the cluster; a restarted worker reuses its id).
+    /// Default: <hostname>-<grpc port>.
+    #[arg(long, env = "TESSERA_WORKER_ID")]
+    worker_id: Option<String>,
+    #[command(flatten)]
+    etcd: crate::membership::EtcdArgs,
+}
+
+fn default_worker_id(port: u16) -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{port}")
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
@@ -49,11 +65,35 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         )?;
         stdout.flush()?;
         tracing::info!(%grpc_addr, %collective_addr, "worker ready");
+        let registration = match args.etcd.config()? {
+            Some(cfg) => {
+                let record = tessera_membership::WorkerRecord {
+                    id: args
+                        .worker_id
+                        .clone()
+                        .unwrap_or_else(|| default_worker_id(grpc_addr.port())),
+                    grpc_addr: grpc_addr.to_string(),
+                    collective_addr: collective_addr.to_string(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                };
+                let reg = tessera_membership::register(&cfg, record)
+                    .await
+                    .context("registering in etcd")?;
+                tracing::info!(
+                    key = reg.key(),
+                    lease = reg.lease_id(),
+                    "registered in etcd"
+                );
+                Some(reg)
+            }
+            None => None,
+        };
         let service = WorkerService::new(collective, Arc::clone(&shutdown));
         let stop = async move {
             tokio::select! {
                 _ = shutdown.notified() => {}
                 _ = tokio::signal::ctrl_c() => {}
+                _ = terminated() => {}
             }
         };
         tonic::transport::Server::builder()
@@ -61,6 +101,23 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc), stop)
             .await
             .context("serving the worker")?;
+        if let Some(reg) = registration {
+            // Leave at once rather than after the lease expires.
+            match reg.deregister().await {
+                Ok(()) => tracing::info!("deregistered from etcd"),
+                Err(e) => tracing::warn!(error = %e, "deregistering failed; the lease will expire"),
+            }
+        }
         Ok(())
     })
+}
+
+/// Resolves on SIGTERM (never elsewhere).
+async fn terminated() {
+    #[cfg(unix)]
+    if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        s.recv().await;
+        return;
+    }
+    std::future::pending::<()>().await
 }

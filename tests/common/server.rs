@@ -19,8 +19,13 @@ impl Server {
     /// Starts `tessera serve --model DIR --port 0 --grpc-port 0 EXTRA...` and waits until it
     /// announces its addresses.
     pub fn start(model: &std::path::Path, extra: &[&str]) -> Server {
+        Self::start_command("serve", model, extra)
+    }
+
+    /// Like [`Server::start`] for another serving subcommand (e.g. `coordinator`).
+    pub fn start_command(command: &str, model: &std::path::Path, extra: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .arg("serve")
+            .arg(command)
             .arg("--model")
             .arg(model)
             .args(["--port", "0", "--grpc-port", "0"])
