@@ -381,3 +381,51 @@ async fn chat_requests_use_the_models_template() {
         .unwrap();
     assert_eq!(wrong["error"]["code"], "not_found", "{wrong}");
 }
+
+/// Runs `tessera bench` against `url` and returns its JSON report.
+fn bench(url: &str, extra: &[&str]) -> Value {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["bench", "--url", url, "--json", "--num-requests", "12"])
+        .args(["--input-len", "10", "--output-len", "6"])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_load_generator_reports_throughput_and_latency_over_both_apis() {
+    let server = Server::start(&model(), &["--tp", "2"]);
+    let (http, grpc) = (server.http.clone(), server.grpc.clone());
+    let reports = tokio::task::spawn_blocking(move || {
+        [
+            bench(&http, &["--concurrency", "4"]),
+            bench(&grpc, &["--api", "grpc", "--request-rate", "100"]),
+        ]
+    })
+    .await
+    .unwrap();
+    for r in reports {
+        assert_eq!(r["completed"], 12, "{r}");
+        assert_eq!(r["failed"], 0, "{r}");
+        assert_eq!(
+            r["output_tokens"],
+            12 * 6,
+            "eos is ignored, lengths are exact: {r}"
+        );
+        assert!(r["output_tokens_per_s"].as_f64().unwrap() > 0.0);
+        for key in ["ttft_ms", "itl_ms", "e2e_ms"] {
+            let p = &r[key];
+            assert!(
+                p["p50"].as_f64().unwrap() <= p["p99"].as_f64().unwrap(),
+                "{key}: {p}"
+            );
+        }
+        assert!(r["ttft_ms"]["p50"].as_f64().unwrap() > 0.0);
+    }
+}

@@ -156,6 +156,7 @@ async fn models(State(engine): State<EngineHandle>) -> Response {
             "created": 0,
             "owned_by": "tessera",
             "max_model_len": info.max_context,
+            "vocab_size": info.vocab_size,
         }],
     }))
     .into_response()
