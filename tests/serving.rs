@@ -429,3 +429,55 @@ async fn the_load_generator_reports_throughput_and_latency_over_both_apis() {
         assert!(r["ttft_ms"]["p50"].as_f64().unwrap() > 0.0);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_placement_map_is_readable_and_replaceable_at_runtime() {
+    let server = Server::start(&model(), &["--tp", "2"]);
+    let reference = common::reference(&model());
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/placement", server.http);
+    let before: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(before["world_size"], 2, "{before}");
+    let layer = &before["layers"][0];
+    let experts = layer["ranks"].as_array().unwrap().len();
+    assert_eq!(layer["ranks"][0], 0);
+
+    // A stream in flight while the experts move finishes as it would have alone.
+    let mut grpc = TesseraClient::connect(server.grpc.clone()).await.unwrap();
+    let (solo, _, _) = grpc_generate(&mut grpc, grpc_request(&[5, 6, 7], 60))
+        .await
+        .unwrap();
+    let mut g = grpc.clone();
+    let running =
+        tokio::spawn(async move { grpc_generate(&mut g, grpc_request(&[5, 6, 7], 60)).await });
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    // Every expert to rank 1: rank 0 keeps attention and dense work only.
+    let moved = json!({"world_size": 2, "layers": before["layers"].as_array().unwrap().iter()
+        .map(|l| json!({"layer": l["layer"], "ranks": vec![1; experts]})).collect::<Vec<_>>()});
+    let resp = http.put(&url).json(&moved).send().await.unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let after: Value = http.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(after, moved);
+    assert_eq!(
+        running.await.unwrap().unwrap().0,
+        solo,
+        "the preempted stream is unchanged"
+    );
+    let case = &reference.cases[0];
+    let (ids, _, _) = grpc_generate(
+        &mut grpc,
+        grpc_request(&case.prompt_ids, case.greedy_ids.len() as u32),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        ids, case.greedy_ids,
+        "transformers' tokens under the new placement"
+    );
+
+    let bad = json!({"world_size": 3, "layers": moved["layers"]});
+    let resp = http.put(&url).json(&bad).send().await.unwrap();
+    assert_eq!(resp.status(), 400);
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["error"]["param"], "placement", "{err}");
+}

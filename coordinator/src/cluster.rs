@@ -54,6 +54,9 @@ pub struct Cluster {
     clients: Vec<WorkerClient<Channel>>,
     spec: ModelSpec,
     placement: PlacementMap,
+    /// The group's options and worker addresses, for loading a new placement.
+    opts: LaunchOptions,
+    endpoints: Vec<WorkerEndpoint>,
     step_id: u64,
     num_blocks: usize,
     block_size: usize,
@@ -174,7 +177,6 @@ impl Cluster {
         spec: ModelSpec,
         placement: PlacementMap,
     ) -> Result<Self, WorkerError> {
-        let peers: Vec<String> = endpoints.iter().map(|e| e.collective.clone()).collect();
         let (clients, capacity, backend) = rt.block_on(async {
             let mut clients = Vec::new();
             for (rank, e) in endpoints.iter().enumerate() {
@@ -183,33 +185,16 @@ impl Cluster {
                     WorkerClient::connect(format!("http://{}", e.grpc)),
                 )
                 .await
-                .map_err(|_| remote(rank, format!("no answer from {} within {START_TIMEOUT:?}", e.grpc)))?
+                .map_err(|_| {
+                    remote(
+                        rank,
+                        format!("no answer from {} within {START_TIMEOUT:?}", e.grpc),
+                    )
+                })?
                 .map_err(|err| remote(rank, format!("cannot reach {}: {err}", e.grpc)))?;
                 clients.push(channel);
             }
-            let mut loads = tokio::task::JoinSet::new();
-            for (rank, client) in clients.iter().enumerate() {
-                let mut client = client.clone();
-                let req = pb::LoadShardRequest {
-                    model_dir: opts.model_dir.to_string_lossy().into_owned(),
-                    shard: Some(assignment(&placement, rank)),
-                    block_size: opts.cache.block_size as u32,
-                    peer_addresses: peers.clone(),
-                    kv_blocks: if opts.kv_cache_bytes.is_some() { 0 } else { opts.cache.num_blocks as u64 },
-                    kv_cache_bytes: opts.kv_cache_bytes.unwrap_or(0),
-                };
-                loads.spawn(async move { (rank, client.load_shard(req).await) });
-            }
-            let (mut capacity, mut backend) = (usize::MAX, String::new());
-            while let Some(joined) = loads.join_next().await {
-                let (rank, reply) = joined.map_err(|e| remote(0, e))?;
-                let reply = reply.map_err(|s| remote(rank, s.message()))?.into_inner();
-                tracing::info!(rank, backend = %reply.backend, mib = reply.weight_bytes >> 20, kv_blocks = reply.kv_blocks, "worker loaded its shard");
-                capacity = capacity.min(reply.kv_blocks as usize);
-                if rank == 0 {
-                    backend = reply.backend;
-                }
-            }
+            let (capacity, backend) = load_shards(&clients, endpoints, opts, &placement).await?;
             Ok::<_, WorkerError>((clients, capacity, backend))
         })?;
         Ok(Cluster {
@@ -218,6 +203,8 @@ impl Cluster {
             clients,
             spec,
             placement,
+            opts: opts.clone(),
+            endpoints: endpoints.to_vec(),
             step_id: 0,
             num_blocks: capacity,
             block_size: opts.cache.block_size.max(1),
@@ -229,6 +216,45 @@ impl Cluster {
     pub fn placement(&self) -> &PlacementMap {
         &self.placement
     }
+}
+
+/// Sends every rank its shard of `placement`; returns the smallest KV capacity reported and rank
+/// 0's backend name.
+async fn load_shards(
+    clients: &[WorkerClient<Channel>],
+    endpoints: &[WorkerEndpoint],
+    opts: &LaunchOptions,
+    placement: &PlacementMap,
+) -> Result<(usize, String), WorkerError> {
+    let peers: Vec<String> = endpoints.iter().map(|e| e.collective.clone()).collect();
+    let mut loads = tokio::task::JoinSet::new();
+    for (rank, client) in clients.iter().enumerate() {
+        let mut client = client.clone();
+        let req = pb::LoadShardRequest {
+            model_dir: opts.model_dir.to_string_lossy().into_owned(),
+            shard: Some(assignment(placement, rank)),
+            block_size: opts.cache.block_size as u32,
+            peer_addresses: peers.clone(),
+            kv_blocks: if opts.kv_cache_bytes.is_some() {
+                0
+            } else {
+                opts.cache.num_blocks as u64
+            },
+            kv_cache_bytes: opts.kv_cache_bytes.unwrap_or(0),
+        };
+        loads.spawn(async move { (rank, client.load_shard(req).await) });
+    }
+    let (mut capacity, mut backend) = (usize::MAX, String::new());
+    while let Some(joined) = loads.join_next().await {
+        let (rank, reply) = joined.map_err(|e| remote(0, e))?;
+        let reply = reply.map_err(|s| remote(rank, s.message()))?.into_inner();
+        tracing::info!(rank, backend = %reply.backend, mib = reply.weight_bytes >> 20, kv_blocks = reply.kv_blocks, "worker loaded its shard");
+        capacity = capacity.min(reply.kv_blocks as usize);
+        if rank == 0 {
+            backend = reply.backend;
+        }
+    }
+    Ok((capacity, backend))
 }
 
 /// Rank `rank`'s part of `placement`, as the control plane carries it.
@@ -327,5 +353,29 @@ impl StepRunner for Cluster {
 
     fn backend(&self) -> String {
         format!("{} x{}", self.backend, self.clients.len())
+    }
+
+    /// Reloads every rank's shard under `placement` (the workers stay up; their KV caches are
+    /// rebuilt, so the caller must have released every sequence).
+    fn set_placement(&mut self, placement: &PlacementMap) -> Result<(), WorkerError> {
+        placement.validate(&self.spec)?;
+        if placement.world_size != self.clients.len() {
+            return Err(WorkerError::Plan(format!(
+                "placement is for {} ranks, the group has {}",
+                placement.world_size,
+                self.clients.len()
+            )));
+        }
+        tracing::info!(
+            experts_per_rank = ?placement.experts_per_rank(),
+            "loading a new expert placement"
+        );
+        let (clients, endpoints, opts) = (&self.clients, &self.endpoints, &self.opts);
+        let (capacity, _) = self
+            .rt
+            .block_on(load_shards(clients, endpoints, opts, placement))?;
+        self.num_blocks = capacity;
+        self.placement = placement.clone();
+        Ok(())
     }
 }

@@ -182,7 +182,7 @@ impl Tessera for TesseraService {
             backend: i.backend.clone(),
             kv_blocks: stats.num_blocks as u64,
             block_size: i.block_size as u32,
-            placement_json: i.placement_json.clone(),
+            placement_json: self.engine.placement_json(),
             eos_token_ids: i.eos_token_ids.clone(),
         }))
     }

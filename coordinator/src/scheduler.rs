@@ -269,6 +269,26 @@ impl Scheduler {
         ids
     }
 
+    /// Preempts every running sequence (they wait, to be recomputed) and returns their ids; then
+    /// no block is in use and the pool may be resized.
+    pub fn preempt_all(&mut self) -> Vec<u64> {
+        let mut ids = Vec::new();
+        while let Some(id) = self.running.pop() {
+            self.preempt(id);
+            ids.push(id);
+        }
+        self.in_flight.clear();
+        ids
+    }
+
+    /// Sets the pool size; only valid when no block is in use (after [`Self::preempt_all`]).
+    pub fn resize(&mut self, num_blocks: usize) {
+        if self.blocks.num_free() == self.cfg.num_blocks {
+            self.cfg.num_blocks = num_blocks;
+            self.blocks = BlockAllocator::new(num_blocks, self.cfg.block_size);
+        }
+    }
+
     /// Decides the next step.
     pub fn schedule(&mut self) -> Plan {
         let mut plan = Plan::default();

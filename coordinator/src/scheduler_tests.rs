@@ -57,6 +57,10 @@ fn run_step(s: &mut Scheduler) -> Vec<SeqOutput> {
     s.complete(&answer(&plan))
 }
 
+fn ids_of(plan: &Plan) -> Vec<u64> {
+    ids(plan)
+}
+
 fn ids(plan: &Plan) -> Vec<u64> {
     plan.steps.iter().map(|s| s.seq_id).collect()
 }
@@ -290,6 +294,25 @@ fn a_removed_sequence_is_ignored_in_late_results() {
     s.remove(1);
     assert!(s.complete(&answer(&plan)).is_empty());
     assert_eq!(s.stats().used_blocks, 0);
+}
+
+#[test]
+fn preempting_everything_frees_every_block_and_keeps_the_work() {
+    let mut s = Scheduler::new(cfg(8, 64));
+    s.add(1, req(5, 4)).unwrap();
+    s.add(2, req(3, 4)).unwrap();
+    run_step(&mut s);
+    let mut ids = s.preempt_all();
+    ids.sort();
+    assert_eq!(ids, [1, 2]);
+    assert_eq!(s.stats().used_blocks, 0);
+    assert_eq!(s.stats().waiting, 2);
+    s.resize(4);
+    assert_eq!(s.stats().num_blocks, 4);
+    // Both are recomputed with their generated token, in their original order.
+    let plan = s.schedule();
+    assert_eq!(ids_of(&plan), [1, 2]);
+    assert_eq!(plan.steps[0].tokens.len(), 6);
 }
 
 #[test]

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use tessera_common::ModelSpec;
+use tessera_common::{ModelSpec, PlacementMap};
 use tessera_kernels::{Backend, SeqMeta, StepMeta};
 
 use crate::WorkerError;
@@ -68,6 +68,9 @@ pub trait StepRunner {
     fn block_size(&self) -> usize;
     /// The compute backend, for logs and model info (e.g. "cpu (2 threads)").
     fn backend(&self) -> String;
+    /// Moves experts between ranks. Callers first release every sequence: the KV cache does not
+    /// survive (sequences are recomputed).
+    fn set_placement(&mut self, placement: &PlacementMap) -> Result<(), WorkerError>;
 }
 
 impl<B: Backend> StepRunner for Executor<B> {
@@ -88,6 +91,17 @@ impl<B: Backend> StepRunner for Executor<B> {
     }
     fn backend(&self) -> String {
         self.model.backend().name()
+    }
+    fn set_placement(&mut self, placement: &PlacementMap) -> Result<(), WorkerError> {
+        // One process holds every expert: the only valid map is the single-rank one.
+        placement.validate(self.spec())?;
+        if placement.world_size != 1 {
+            return Err(WorkerError::Plan(format!(
+                "placement is for {} ranks; this server runs one",
+                placement.world_size
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -121,7 +121,7 @@ pub fn router(engine: EngineHandle) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
-        .route("/v1/placement", get(placement))
+        .route("/v1/placement", get(placement).put(set_placement))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -165,9 +165,22 @@ async fn models(State(engine): State<EngineHandle>) -> Response {
 async fn placement(State(engine): State<EngineHandle>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        engine.info().placement_json.clone(),
+        engine.placement_json(),
     )
         .into_response()
+}
+
+/// `PUT /v1/placement` with a placement map (the shape `GET` returns).
+async fn set_placement(State(engine): State<EngineHandle>, body: Bytes) -> Response {
+    let result = async {
+        let map: tessera_common::PlacementMap = parse(&parse_body(&body)?)?;
+        engine.set_placement(map).await?;
+        Ok::<_, ApiError>(())
+    };
+    match result.await {
+        Ok(()) => placement(State(engine)).await,
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn completions(State(engine): State<EngineHandle>, body: Bytes) -> Response {

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tessera_common::PlacementMap;
 use tessera_worker::WorkerError;
 use tessera_worker::executor::StepRunner;
 use tokio::sync::{mpsc, oneshot};
@@ -96,6 +97,10 @@ enum Command {
         request_id: String,
         reply: oneshot::Sender<bool>,
     },
+    SetPlacement {
+        placement: PlacementMap,
+        reply: oneshot::Sender<Result<(), ServeError>>,
+    },
     Shutdown,
 }
 
@@ -105,6 +110,8 @@ pub struct Shared {
     /// `Some(reason)` while the worker group is not whole.
     degraded: Mutex<Option<String>>,
     stats: Mutex<SchedulerStats>,
+    /// The expert placement the group runs, as JSON.
+    placement: Mutex<String>,
     next_request: AtomicU64,
     stopped: AtomicBool,
 }
@@ -178,6 +185,27 @@ impl EngineHandle {
         self.tx.send(cmd).is_ok() && answer.await.unwrap_or(false)
     }
 
+    /// The expert placement the group runs, as JSON.
+    pub fn placement_json(&self) -> String {
+        self.shared
+            .placement
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Moves experts between ranks at runtime (e.g. from a load balancer). Running sequences are
+    /// preempted and recomputed under the new placement, so clients see no difference.
+    pub async fn set_placement(&self, placement: PlacementMap) -> Result<(), ServeError> {
+        self.health().map_err(ServeError::Unavailable)?;
+        let (reply, answer) = oneshot::channel();
+        let gone = || ServeError::Unavailable("the serving loop has stopped".into());
+        self.tx
+            .send(Command::SetPlacement { placement, reply })
+            .map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
     /// Stops the loop: in-flight requests end with `Failed(Unavailable)`.
     pub fn shutdown(&self) {
         self.shared.stopped.store(true, Ordering::Relaxed);
@@ -218,6 +246,7 @@ pub fn start(
     };
     cfg.validate().map_err(ServeError::Internal)?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let placement = info.placement_json.clone();
     let shared = Arc::new(Shared {
         info,
         degraded: Mutex::new(None),
@@ -225,6 +254,7 @@ pub fn start(
             num_blocks: cfg.num_blocks,
             ..Default::default()
         }),
+        placement: Mutex::new(placement),
         next_request: AtomicU64::new(0),
         stopped: AtomicBool::new(false),
     });
@@ -292,6 +322,9 @@ impl Loop {
                 };
                 let _ = reply.send(found);
             }
+            Command::SetPlacement { placement, reply } => {
+                let _ = reply.send(self.set_placement(placement));
+            }
             Command::Shutdown => return false,
         }
         true
@@ -345,6 +378,42 @@ impl Loop {
             },
         );
         Ok(())
+    }
+
+    fn set_placement(&mut self, placement: PlacementMap) -> Result<(), ServeError> {
+        let Some(runner) = self.runner.as_mut() else {
+            return Err(ServeError::Unavailable(
+                "the worker group is being rebuilt".into(),
+            ));
+        };
+        let json =
+            serde_json::to_string(&placement).map_err(|e| ServeError::Internal(e.to_string()))?;
+        let preempted = self.sched.preempt_all();
+        runner.release(&preempted);
+        match runner.set_placement(&placement) {
+            Ok(()) => {
+                self.sched.resize(runner.num_blocks());
+                *self
+                    .shared
+                    .placement
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = json;
+                tracing::info!(
+                    preempted = preempted.len(),
+                    "new expert placement in effect"
+                );
+                Ok(())
+            }
+            // Refused before any worker changed (a map that does not fit the model).
+            Err(e @ (WorkerError::Plan(_) | WorkerError::Config(_))) => {
+                Err(ServeError::invalid("placement", e.to_string()))
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.fail_group(e);
+                Err(ServeError::Unavailable(msg))
+            }
+        }
     }
 
     fn drop_disconnected(&mut self) {
@@ -485,6 +554,13 @@ impl Loop {
                     };
                     self.sched = Scheduler::new(cfg);
                     self.runner = Some(runner);
+                    // A rebuilt group runs the placement it was built with.
+                    *self
+                        .shared
+                        .placement
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner()) =
+                        self.shared.info.placement_json.clone();
                     tracing::info!(
                         secs = started.elapsed().as_secs_f32(),
                         "worker group is whole again; serving"
