@@ -40,10 +40,10 @@ from transformers import AutoTokenizer  # noqa: E402
 MODEL_DIR = REPO_ROOT / "models" / "tessera-demo"
 NUM_NEW_TOKENS = 32
 PROMPTS = [
-    "The cat sat on the mat",
+    "The cat sat on the mat.",
     "A fool and his money",
     "Q: What is the meaning of life?",
-    "<|im_start|>user\nTell me a fortune about computers.<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\nTell me a fortune about Linux.<|im_end|>\n<|im_start|>assistant\n",
 ]
 
 
