@@ -409,7 +409,11 @@ def train(model: torch.nn.Module, train_docs: list[list[int]], held_rows: torch.
             history.append((step + 1, loss))
             log(f"step {step + 1}: held-out loss {loss:.4f} (ppl {math.exp(loss):.1f})")
     model.config.output_router_logits = False
-    return {"seconds": time.monotonic() - start, "epochs": batches.epoch + batches.pos / len(batches.rows), "history": history}
+    return {
+        "seconds": time.monotonic() - start,
+        "epochs": batches.epoch + batches.pos / len(batches.rows),
+        "history": history,
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -644,7 +648,8 @@ def main() -> None:
 
     fortunes = read_fortunes()
     train_f, held_f = split(fortunes)
-    log(f"{len(fortunes)} fortunes from {len({f.source for f in fortunes})} files: {len(train_f)} train, {len(held_f)} held out")
+    n_files = len({f.source for f in fortunes})
+    log(f"{len(fortunes)} fortunes from {n_files} files: {len(train_f)} train, {len(held_f)} held out")
 
     tok = train_tokenizer(train_f, h.vocab_size)
     train_docs = encode_docs(tok, [document(f) for f in train_f])
