@@ -376,7 +376,9 @@ def held_out_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int = 
     return total / count
 
 
-def train(model: torch.nn.Module, train_docs: list[list[int]], held_rows: torch.Tensor, h: Hyper, log) -> dict:
+def train(
+    model: torch.nn.Module, train_docs: list[list[int]], held_rows: torch.Tensor, h: Hyper, log, evaluate: bool = True
+) -> dict:
     model.config.output_router_logits = True  # adds the load-balancing loss to outputs.loss
     opt = make_optimizer(model, h)
     batches = Batches(train_docs, h)
@@ -404,7 +406,7 @@ def train(model: torch.nn.Module, train_docs: list[list[int]], held_rows: torch.
                 f"{elapsed / 60:.1f} min (eta {elapsed / (step + 1) * (h.steps - step - 1) / 60:.1f} min)"
             )
             ce_sum, ce_n = 0.0, 0
-        if (step + 1) % eval_every == 0 or step + 1 == h.steps:
+        if evaluate and ((step + 1) % eval_every == 0 or step + 1 == h.steps):
             loss = held_out_loss(model, held_rows)
             history.append((step + 1, loss))
             log(f"step {step + 1}: held-out loss {loss:.4f} (ppl {math.exp(loss):.1f})")
@@ -667,7 +669,7 @@ def main() -> None:
         h.steps = args.probe
         h.warmup_steps = min(h.warmup_steps, args.probe)
         t = time.monotonic()
-        train(model, train_docs, held_rows[: h.batch_size], h, log)
+        train(model, train_docs, held_rows, h, log, evaluate=False)
         per_step = (time.monotonic() - t) / args.probe
         log(f"probe: {per_step:.2f} s/step; {defaults.steps} steps would take {per_step * defaults.steps / 60:.0f} min")
         return
