@@ -21,15 +21,11 @@ use tessera_worker::sampling::SamplingParams;
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// Hugging Face model folder: config.json, *.safetensors, optional tokenizer.json and
-    /// generation_config.json.
+    /// generation_config.json. Default: the demo model shipped in models/tessera-demo.
     #[arg(long, env = "TESSERA_MODEL")]
-    model: PathBuf,
-    /// Prompt text (needs the folder's tokenizer.json).
-    #[arg(
-        long,
-        conflicts_with = "prompt_ids",
-        required_unless_present = "prompt_ids"
-    )]
+    model: Option<PathBuf>,
+    /// Prompt text (needs the folder's tokenizer.json). Default: "A fool and his money".
+    #[arg(long, conflicts_with = "prompt_ids")]
     prompt: Option<String>,
     /// Prompt as comma-separated token ids, e.g. 1,2,3.
     #[arg(long, value_delimiter = ',')]
@@ -69,7 +65,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let dir = &args.model;
+    let dir = &crate::demo::model_or_default(args.model.clone())?;
     let spec = load_model_spec(dir)
         .with_context(|| format!("reading the model config in {}", dir.display()))?;
     let gen_config = GenerationConfig::load(dir)?;
@@ -85,7 +81,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             tok.encode(text, true)?
         }
         (None, Some(ids)) => ids.clone(),
-        (None, None) => bail!("give --prompt or --prompt-ids"),
+        (None, None) => match &tokenizer {
+            Some(tok) => tok.encode(crate::demo::DEFAULT_PROMPT, true)?,
+            None => bail!("give --prompt-ids: {} has no tokenizer.json", dir.display()),
+        },
     };
     if args.block_size == 0 {
         bail!("--block-size must be at least 1");

@@ -3,6 +3,7 @@
 //! Subcommands parse their flags (every flag also reads a `TESSERA_*` environment variable) and
 //! call into the library crates; all user-facing errors surface here with their full cause chain.
 
+mod demo;
 mod generate;
 mod loadgen;
 mod membership;

@@ -31,9 +31,10 @@ use tessera_worker::model::Model;
 #[derive(Args, Debug)]
 pub struct ServeArgs {
     /// Hugging Face model folder: config.json, *.safetensors, tokenizer.json (for text),
-    /// tokenizer_config.json (for chat templates), generation_config.json.
+    /// tokenizer_config.json (for chat templates), generation_config.json. Default: the demo
+    /// model shipped in models/tessera-demo.
     #[arg(long, env = "TESSERA_MODEL")]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// The model name clients use; default: the folder's name.
     #[arg(long, env = "TESSERA_SERVED_MODEL_NAME")]
     pub served_model_name: Option<String>,
@@ -132,7 +133,7 @@ fn factory(
         num_blocks: 0,
     };
     let kv_bytes = args.kv_cache_mib << 20;
-    let dir = args.model.clone();
+    let dir = crate::demo::model_or_default(args.model.clone())?;
     let launch = LaunchOptions {
         exe: std::env::current_exe().context("locating the tessera executable")?,
         model_dir: dir.clone(),
@@ -162,7 +163,7 @@ pub fn run(args: ServeArgs, etcd: Option<(MembershipConfig, std::time::Duration)
     if args.tp == 0 || args.block_size == 0 {
         bail!("--tp and --block-size must be at least 1");
     }
-    let dir = &args.model;
+    let dir = &crate::demo::model_or_default(args.model.clone())?;
     let spec = load_model_spec(dir)
         .with_context(|| format!("reading the model config in {}", dir.display()))?;
     spec.check_tensor_parallel(args.tp)?;

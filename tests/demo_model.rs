@@ -238,3 +238,35 @@ fn cli_generate_with_tp2_matches_transformers() {
         }
     }
 }
+
+/// The quickstart: no `--model`, no `--prompt`, an embedded 2-worker cluster, from any directory.
+#[test]
+fn the_quickstart_defaults_run_the_demo_model_on_two_workers() {
+    let anywhere = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .current_dir(anywhere.path())
+        .env_remove("TESSERA_MODEL")
+        .args([
+            "generate",
+            "--tp",
+            "2",
+            "--temperature",
+            "0",
+            "--max-tokens",
+            "8",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // transformers' greedy continuation of "A fool and his money" (see MODEL_CARD.md).
+    assert!(
+        v["text"].as_str().unwrap().starts_with(" is a good thing."),
+        "{v}"
+    );
+}
