@@ -92,15 +92,7 @@ async fn workers_register_the_coordinator_forms_the_group_and_survives_a_lost_wo
     let completions = format!("{}/v1/completions", server.http);
     let greedy = json!({"prompt": case.prompt_ids, "max_tokens": case.greedy_ids.len(),
                         "temperature": 0, "ignore_eos": true, "logprobs": 0});
-    let first: Value = http
-        .post(&completions)
-        .json(&greedy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let first: Value = common::server::post_json(&http, &completions, &greedy).await;
     assert_eq!(
         first["usage"]["completion_tokens"],
         case.greedy_ids.len(),
@@ -119,14 +111,7 @@ async fn workers_register_the_coordinator_forms_the_group_and_survives_a_lost_wo
     chunks.next().await.unwrap().unwrap();
     let killed = Instant::now();
     w1.signal("-9");
-    let mut rest = String::new();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(c) = chunks.next().await {
-            rest.push_str(&String::from_utf8_lossy(&c.unwrap()));
-        }
-    })
-    .await
-    .unwrap_or_else(|_| panic!("no terminal event within 5 s: {rest}"));
+    let rest = common::server::drain_within(&mut chunks, Duration::from_secs(5)).await;
     assert!(
         rest.contains("\"error\""),
         "the stream ends with an error: {rest}"
@@ -141,15 +126,7 @@ async fn workers_register_the_coordinator_forms_the_group_and_survives_a_lost_wo
     server
         .wait_health(&http, Duration::from_secs(60), |c, _| c == 200)
         .await;
-    let again: Value = http
-        .post(&completions)
-        .json(&greedy)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let again: Value = common::server::post_json(&http, &completions, &greedy).await;
     assert_eq!(
         again["choices"][0]["text"], first["choices"][0]["text"],
         "{again}"

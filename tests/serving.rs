@@ -331,29 +331,21 @@ async fn batch_jobs_complete_and_cancel() {
 async fn chat_requests_use_the_models_template() {
     let server = Server::start(&model(), &[]);
     let http = reqwest::Client::new();
-    let chat: Value = http
-        .post(format!("{}/v1/chat/completions", server.http))
-        .json(
-            &json!({"model": "qwen3_moe", "messages": [{"role": "user", "content": "The cat"}],
+    let chat: Value = common::server::post_json(
+        &http,
+        format!("{}/v1/chat/completions", server.http),
+        &json!({"model": "qwen3_moe", "messages": [{"role": "user", "content": "The cat"}],
                       "max_tokens": 6, "temperature": 0, "logprobs": true, "top_logprobs": 2}),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    )
+    .await;
     // The same prompt rendered by hand, through the completions endpoint.
     let prompt = "<|im_start|>user\nThe cat<|im_end|>\n<|im_start|>assistant\n";
-    let plain: Value = http
-        .post(format!("{}/v1/completions", server.http))
-        .json(&json!({"prompt": prompt, "max_tokens": 6, "temperature": 0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let plain: Value = common::server::post_json(
+        &http,
+        format!("{}/v1/completions", server.http),
+        &json!({"prompt": prompt, "max_tokens": 6, "temperature": 0}),
+    )
+    .await;
     assert_eq!(chat["object"], "chat.completion");
     assert_eq!(
         chat["choices"][0]["message"]["content"], plain["choices"][0]["text"],
@@ -370,15 +362,12 @@ async fn chat_requests_use_the_models_template() {
     );
     assert_eq!(lps[0]["top_logprobs"].as_array().unwrap().len(), 2);
 
-    let wrong: Value = http
-        .post(format!("{}/v1/chat/completions", server.http))
-        .json(&json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let wrong: Value = common::server::post_json(
+        &http,
+        format!("{}/v1/chat/completions", server.http),
+        &json!({"model": "gpt-9", "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
     assert_eq!(wrong["error"]["code"], "not_found", "{wrong}");
 }
 

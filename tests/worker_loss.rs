@@ -30,14 +30,7 @@ async fn sigkill_of_a_worker_fails_the_stream_then_the_group_is_rebuilt() {
         .status()
         .unwrap();
     // The stream must end with an error chunk, then [DONE].
-    let mut rest = String::new();
-    let read = tokio::time::timeout(Duration::from_secs(5), async {
-        while let Some(c) = chunks.next().await {
-            rest.push_str(&String::from_utf8_lossy(&c.unwrap()));
-        }
-    })
-    .await;
-    assert!(read.is_ok(), "the stream did not end within 5 s: {rest}");
+    let rest = common::server::drain_within(&mut chunks, Duration::from_secs(5)).await;
     let error = rest
         .lines()
         .filter_map(|l| l.strip_prefix("data: "))
@@ -59,15 +52,12 @@ async fn sigkill_of_a_worker_fails_the_stream_then_the_group_is_rebuilt() {
     server
         .wait_health(&http, Duration::from_secs(60), |c, _| c == 200)
         .await;
-    let ok: Value = http
-        .post(&url)
-        .json(&json!({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ok: Value = common::server::post_json(
+        &http,
+        &url,
+        &json!({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
     assert_eq!(ok["usage"]["completion_tokens"], 4, "{ok}");
     let new_workers = server.worker_pids();
     assert_eq!(new_workers.len(), 2);

@@ -98,6 +98,44 @@ impl Server {
     }
 }
 
+/// POSTs `body` as JSON and returns the JSON answer (whatever the status).
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: impl reqwest::IntoUrl,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let resp = client
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("the server answers");
+    resp.json().await.expect("a JSON answer")
+}
+
+/// Reads what is left of a streaming response, failing if it does not end within `limit`.
+pub async fn drain_within(
+    chunks: &mut (impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    limit: Duration,
+) -> String {
+    use futures_util::StreamExt;
+    let mut rest = String::new();
+    let ended = tokio::time::timeout(limit, async {
+        while let Some(c) = chunks.next().await {
+            match c {
+                Ok(c) => rest.push_str(&String::from_utf8_lossy(&c)),
+                Err(_) => break,
+            }
+        }
+    })
+    .await;
+    assert!(
+        ended.is_ok(),
+        "the stream did not end within {limit:?}: {rest}"
+    );
+    rest
+}
+
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
