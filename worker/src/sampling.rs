@@ -354,14 +354,16 @@ mod tests {
             ..SamplingParams::greedy()
         };
         assert_eq!(greedy(frequency), 2);
-        // repetition 4: 0.75, 0.5, 0.25 (prompt token too), -1 untouched → token 0.
-        // With a negative favourite the penalty multiplies: -1 * 4 = -4.
+        // With negative logits the penalty multiplies: seen tokens 0, 1, 2 fall to -2, -2.4 and
+        // -12, so the unseen token 3 (-0.7) wins.
         let rep = SamplingParams {
             repetition_penalty: 4.0,
             ..SamplingParams::greedy()
         };
         let negatives = [-0.5, -0.6, -3.0, -0.7];
-        assert_eq!(Sampler::new(rep).sample(&negatives, history), 1);
+        assert_eq!(Sampler::new(rep.clone()).sample(&negatives, history), 3);
+        // Positive logits are divided: 0.75, 0.5, 0.25 (a prompt token too), -1 → token 0 still.
+        assert_eq!(Sampler::new(rep).sample(&logits, history), 0);
         let bias = SamplingParams {
             logit_bias: vec![(3, 10.0)],
             ..SamplingParams::greedy()
