@@ -3,6 +3,7 @@
 //! Subcommands parse their flags (every flag also reads a `TESSERA_*` environment variable) and
 //! call into the library crates; all user-facing errors surface here with their full cause chain.
 
+mod bench;
 mod generate;
 mod placement;
 mod worker;
@@ -31,6 +32,8 @@ enum Command {
     Placement(placement::PlacementArgs),
     /// Run a worker: serves the worker control plane over gRPC and runs its shard of the model.
     Worker(worker::WorkerArgs),
+    /// Performance measurements: --roofline reports decode speed against memory bandwidth.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Placement(args) => placement::run(args),
+        Command::Bench(args) => bench::run(args),
     };
     if let Err(e) = result {
         eprintln!("error: {}", describe(&e));

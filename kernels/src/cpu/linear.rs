@@ -49,6 +49,14 @@ impl Isa {
         });
         *BEST
     }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(_) => "avx2+fma+f16c",
+        }
+    }
 }
 
 /// Dot product with eight independent accumulators, so the compiler can keep them in SIMD lanes.

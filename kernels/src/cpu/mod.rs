@@ -4,9 +4,11 @@
 //! from the memory-mapped checkpoint) and are widened row by row inside the kernels.
 
 mod attention;
+pub mod bandwidth;
 mod linear;
 mod moe;
 mod ops;
+pub mod profile;
 mod simd_x86;
 
 pub use attention::CpuKv;
@@ -16,6 +18,16 @@ use crate::{
     AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvSpec, Result, RopeApply,
     RopeLayout, RopeTable, RouterParams, StepMeta,
 };
+
+/// The matrix kernels this process runs (chosen once, at first use).
+pub fn kernels_name() -> &'static str {
+    linear::Isa::best().name()
+}
+
+/// Threads in the compute pool (rayon's global pool: the logical CPUs, or `RAYON_NUM_THREADS`).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
 
 /// A row-major `[rows, cols]` f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -114,6 +126,7 @@ impl Backend for CpuBackend {
     }
 
     fn tensor_to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        let _p = profile::scope("tensor_to_host", String::new);
         Ok(t.data.clone())
     }
 
@@ -122,6 +135,7 @@ impl Backend for CpuBackend {
     }
 
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CpuStep> {
+        let _p = profile::scope("prepare_step", String::new);
         if meta.block_size == 0 {
             return Err(BackendError::invalid("prepare_step", "block size 0"));
         }
@@ -157,6 +171,7 @@ impl Backend for CpuBackend {
     }
 
     fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
+        let _p = profile::scope("embedding", String::new);
         let (vocab, hidden) = table.matrix("embedding")?;
         let view = table.host.view();
         let mut out = vec![0f32; ids.len() * hidden];
@@ -173,6 +188,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
+        let _p = profile::scope("linear", || format!("{:?} t{}", w.host.shape(), x.rows));
         let (n, k) = w.matrix("linear")?;
         if x.cols != k {
             return Err(BackendError::shape(
@@ -197,6 +213,7 @@ impl Backend for CpuBackend {
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        let _p = profile::scope("rms_norm", String::new);
         let wv = w.vector("rms_norm")?;
         if wv.is_empty() || !x.cols.is_multiple_of(wv.len()) {
             return Err(BackendError::shape(
@@ -208,12 +225,14 @@ impl Backend for CpuBackend {
     }
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        let _p = profile::scope("add", String::new);
         same_shape("add_assign", x, y)?;
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
         Ok(())
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        let _p = profile::scope("silu_mul", String::new);
         same_shape("silu_mul", gate, up)?;
         Ok(tensor(
             ops::silu_mul(&gate.data, &up.data),
@@ -280,6 +299,7 @@ impl Backend for CpuBackend {
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        let _p = profile::scope("gather_rows", String::new);
         let mut data = Vec::with_capacity(rows.len() * x.cols);
         for &r in rows {
             if r >= x.rows {
@@ -294,6 +314,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &mut CpuTensor, step: &CpuStep, at: RopeApply) -> Result<()> {
+        let _p = profile::scope("rope", String::new);
         let need = (at.num_heads.max(1) - 1) * at.head_stride + at.offset + step.rot_dim;
         if x.rows != step.meta.num_tokens() || need > x.cols {
             return Err(BackendError::shape(
@@ -319,6 +340,7 @@ impl Backend for CpuBackend {
         v: &CpuTensor,
         step: &CpuStep,
     ) -> Result<()> {
+        let _p = profile::scope("write_kv", String::new);
         attention::write_kv(cache, &k.data, &v.data, &step.meta)
     }
 
@@ -329,6 +351,7 @@ impl Backend for CpuBackend {
         step: &CpuStep,
         params: &AttentionParams,
     ) -> Result<CpuTensor> {
+        let _p = profile::scope("attention", String::new);
         let out = attention::attention(&q.data, cache, &step.meta, params)?;
         Ok(tensor(out, q.rows, params.num_heads * params.v_dim))
     }
@@ -339,6 +362,7 @@ impl Backend for CpuBackend {
         params: &RouterParams,
         bias: Option<&CpuWeight>,
     ) -> Result<CpuRouting> {
+        let _p = profile::scope("route", String::new);
         let b = bias.map(|b| b.vector("route bias")).transpose()?;
         moe::route(&logits.data, params, b)
     }
@@ -353,6 +377,7 @@ impl Backend for CpuBackend {
         routing: &CpuRouting,
         experts: &[Option<ExpertWeights<'_, Self>>],
     ) -> Result<CpuTensor> {
+        let _p = profile::scope("moe", || format!("t{}", x.rows));
         let cpu: Vec<_> = experts
             .iter()
             .map(|e| {

@@ -1,0 +1,121 @@
+//! The roofline report as a readable table (the `--json` form is the serialised [`Roofline`]).
+
+use std::fmt::Write;
+
+use super::roofline::Roofline;
+
+fn gb(bytes: f64) -> String {
+    format!("{:.3} GB", bytes / 1e9)
+}
+
+pub fn table(r: &Roofline) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        s,
+        "Roofline report (commit {})",
+        r.commit.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        s,
+        "machine   {} | {} threads of {} logical CPUs | kernels {} | load avg {} → {}",
+        m.cpu,
+        m.threads,
+        m.logical_cpus,
+        m.kernels,
+        m.load_average[0].map_or("?".into(), |v| format!("{v:.2}")),
+        m.load_average[1].map_or("?".into(), |v| format!("{v:.2}")),
+    );
+    let md = &r.model;
+    let _ = writeln!(
+        s,
+        "model     {} | {} layers, hidden {}, vocab {}{} | {} of {} | {}{}",
+        md.architecture,
+        md.layers,
+        md.hidden_size,
+        md.vocab_size,
+        match (md.experts, md.top_k) {
+            (Some(e), Some(k)) => format!(", {e} experts top-{k}"),
+            _ => String::new(),
+        },
+        gb(md.total_weight_bytes as f64),
+        md.weight_dtypes.join("/"),
+        md.dir.display(),
+        if md.generated { " (generated now)" } else { "" },
+    );
+    let (b0, b1) = (&r.bandwidth_before, &r.bandwidth_after);
+    let _ = writeln!(
+        s,
+        "bandwidth read {:.1} GB/s (before: 1 stream {:.1}, 4 streams {:.1}, copy {:.1}; after: {:.1}, {:.1}, {:.1})",
+        r.bandwidth_gb_s,
+        b0.read_1stream_gb_s,
+        b0.read_4stream_gb_s,
+        b0.copy_gb_s,
+        b1.read_1stream_gb_s,
+        b1.read_4stream_gb_s,
+        b1.copy_gb_s,
+    );
+    let _ = writeln!(
+        s,
+        "active weights per token {} → batch-1 roofline {:.1} tok/s",
+        gb(r.active_bytes_per_token as f64),
+        r.roofline_tok_s_batch1
+    );
+    let _ = writeln!(
+        s,
+        "\n{:>6} {:>10} {:>9} {:>9} {:>12} {:>13} {:>9} {:>8} {:>12}",
+        "batch",
+        "tok/s",
+        "step ms",
+        "min ms",
+        "bytes/step",
+        "roof tok/s",
+        "of roof",
+        "vs b1",
+        "prefill t/s"
+    );
+    for b in &r.batches {
+        let _ = writeln!(
+            s,
+            "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>12} {:>13.1} {:>8.1}% {:>8} {:>12.1}",
+            b.batch,
+            b.tok_s,
+            b.step_ms_median,
+            b.step_ms_min,
+            gb(b.weight_bytes_per_step),
+            b.roofline_tok_s,
+            100.0 * b.roofline_fraction,
+            b.speedup_vs_batch1
+                .map_or("-".into(), |x| format!("{x:.2}x")),
+            b.prefill_tok_s,
+        );
+    }
+    if let Some(f) = r.roofline_fraction_batch1 {
+        let _ = writeln!(
+            s,
+            "\nbatch-1 decode: {:.1}% of the bandwidth roofline ({} prompt tokens, {} timed steps)",
+            100.0 * f,
+            r.prompt_len,
+            r.timed_steps
+        );
+    }
+    if let Some(p) = &r.profile {
+        let _ = writeln!(
+            s,
+            "\nbatch-1 profile: {:.2} ms/token, {:.3} ms outside backend ops, empty parallel region {:.1} µs",
+            p.step_ms, p.outside_ops_ms, p.fork_join_us
+        );
+        let _ = writeln!(s, "{:>8} {:>8} {:>7}  op", "ms/tok", "calls", "share");
+        for op in &p.ops {
+            let _ = writeln!(
+                s,
+                "{:>8.3} {:>8.1} {:>6.1}%  {}",
+                op.ms_per_token,
+                op.calls_per_token,
+                100.0 * op.share,
+                op.op
+            );
+        }
+    }
+    s
+}
