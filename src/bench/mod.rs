@@ -57,10 +57,10 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = 0, env = "TESSERA_BENCH_SEED")]
     pub seed: u64,
-    /// Also time each backend operation during extra batch-1 decode steps and report where the
-    /// time goes.
-    #[arg(long, env = "TESSERA_BENCH_PROFILE")]
-    pub profile: bool,
+    /// Also time each backend operation during extra decode steps at this batch size (1 if given
+    /// without a value) and report where the time goes.
+    #[arg(long, env = "TESSERA_BENCH_PROFILE", num_args = 0..=1, default_missing_value = "1")]
+    pub profile: Option<usize>,
 }
 
 /// Synthetic model shapes.

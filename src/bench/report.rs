@@ -102,16 +102,16 @@ pub fn table(r: &Roofline) -> String {
     if let Some(p) = &r.profile {
         let _ = writeln!(
             s,
-            "\nbatch-1 profile: {:.2} ms/token, {:.3} ms outside backend ops, empty parallel region {:.1} µs",
-            p.step_ms, p.outside_ops_ms, p.fork_join_us
+            "\nprofile at batch {}: {:.2} ms/step, {:.3} ms outside backend ops, empty parallel region {:.1} µs",
+            p.batch, p.step_ms, p.outside_ops_ms, p.fork_join_us
         );
-        let _ = writeln!(s, "{:>8} {:>8} {:>7}  op", "ms/tok", "calls", "share");
+        let _ = writeln!(s, "{:>8} {:>8} {:>7}  op", "ms/step", "calls", "share");
         for op in &p.ops {
             let _ = writeln!(
                 s,
                 "{:>8.3} {:>8.1} {:>6.1}%  {}",
-                op.ms_per_token,
-                op.calls_per_token,
+                op.ms_per_step,
+                op.calls_per_step,
                 100.0 * op.share,
                 op.op
             );

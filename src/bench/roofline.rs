@@ -83,13 +83,15 @@ pub struct BatchResult {
 #[derive(Debug, Serialize)]
 pub struct ProfileEntry {
     pub op: String,
-    pub calls_per_token: f64,
-    pub ms_per_token: f64,
+    pub calls_per_step: f64,
+    pub ms_per_step: f64,
     pub share: f64,
 }
 
 #[derive(Debug, Serialize)]
 pub struct Profile {
+    /// Sequences per profiled step.
+    pub batch: usize,
     pub step_ms: f64,
     /// Step time outside the backend's operations (step assembly, sampling, bookkeeping).
     pub outside_ops_ms: f64,
@@ -344,10 +346,10 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         };
         runs.push((batch, run_batch(&mut exec, &mut alloc, &plan)?));
     }
-    let profile = if args.profile {
-        tracing::info!(steps = args.tokens, "profiling batch-1 decode");
+    let profile = if let Some(batch) = args.profile {
+        tracing::info!(batch, steps = args.tokens, "profiling decode");
         let plan = RunPlan {
-            batch: 1,
+            batch,
             prompt_len: args.prompt_len,
             warmup: args.warmup,
             steps: args.tokens,
@@ -357,7 +359,7 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         };
         profile::take();
         let outcome = run_batch(&mut exec, &mut alloc, &plan)?;
-        Some(summarise_profile(&outcome, profile::take()))
+        Some(summarise_profile(batch, &outcome, profile::take()))
     } else {
         None
     };
@@ -420,19 +422,20 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     })
 }
 
-fn summarise_profile(o: &RunOutcome, ops: Vec<profile::OpTime>) -> Profile {
+fn summarise_profile(batch: usize, o: &RunOutcome, ops: Vec<profile::OpTime>) -> Profile {
     let steps = o.step_secs.len().max(1) as f64;
     let step_total: f64 = o.step_secs.iter().sum();
     let in_ops: f64 = ops.iter().map(|t| t.seconds).sum();
     Profile {
+        batch,
         step_ms: step_total / steps * 1e3,
         outside_ops_ms: (step_total - in_ops).max(0.0) / steps * 1e3,
         fork_join_us: profile::fork_join_us(),
         ops: ops
             .into_iter()
             .map(|t| ProfileEntry {
-                calls_per_token: t.calls as f64 / steps,
-                ms_per_token: t.seconds / steps * 1e3,
+                calls_per_step: t.calls as f64 / steps,
+                ms_per_step: t.seconds / steps * 1e3,
                 share: t.seconds / step_total.max(1e-12),
                 op: t.op,
             })

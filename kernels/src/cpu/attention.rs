@@ -3,10 +3,12 @@
 //! The cache of one layer is `num_blocks × block_size` slots, each holding `num_kv_heads` keys of
 //! `k_dim` and values of `v_dim`. A sequence's block table maps its positions to slots; attention
 //! reads keys and values straight from those slots (no per-step copy of the cache). Query heads are
-//! grouped onto KV heads (GQA). Rows (tokens) are processed in parallel.
+//! grouped onto KV heads (GQA). Work is split by (token, KV head), so a single decoding token still
+//! spreads over the threads when the context is long enough to be worth it.
 
 use rayon::prelude::*;
 
+use super::scratch;
 use crate::{AttentionParams, BackendError, KvSpec, Result, StepMeta};
 
 /// One layer's K and V storage.
@@ -106,54 +108,75 @@ pub(crate) fn attention(
             format!("q has {} values for {n} tokens × {qw}", q.len()),
         ));
     }
-    // Resolve every (sequence, position) to its slot once; rows then only read.
-    let mut slots_per_seq = Vec::with_capacity(meta.seqs.len());
-    let mut row_of_token = vec![(0usize, 0usize); n];
+    // Check every sequence's block table once; the rows then map positions to slots unchecked.
+    let mut row_of_token = Vec::with_capacity(n);
+    let mut macs = 0;
     for (si, s) in meta.seqs.iter().enumerate() {
-        let slots = (0..s.context_len)
-            .map(|pos| slot(&s.block_table, pos, spec))
-            .collect::<Result<Vec<_>>>()?;
-        slots_per_seq.push(slots);
-        let first = s.context_len - s.num_tokens;
-        for j in 0..s.num_tokens {
-            row_of_token[s.token_start + j] = (si, first + j);
+        if s.context_len > 0 {
+            slot(&s.block_table, s.context_len - 1, spec)?;
         }
+        if let Some(&bad) = s.block_table[..s.context_len.div_ceil(spec.block_size)]
+            .iter()
+            .find(|b| **b as usize >= spec.num_blocks)
+        {
+            return Err(BackendError::invalid(
+                "attention",
+                format!("block {bad} beyond a cache of {} blocks", spec.num_blocks),
+            ));
+        }
+        let first = s.context_len - s.num_tokens;
+        row_of_token.extend((first..s.context_len).map(|pos| (si, pos)));
+        macs += s.num_tokens * s.context_len * p.num_heads * (p.qk_dim + p.v_dim);
     }
     let group = p.num_heads / p.num_kv_heads;
     let (kw, vw) = (
         spec.num_kv_heads * spec.k_dim,
         spec.num_kv_heads * spec.v_dim,
     );
-    let mut out = vec![0f32; n * ow];
-    out.par_chunks_mut(ow).enumerate().for_each(|(t, orow)| {
+    let bs = spec.block_size;
+    // One unit of work: token `t`'s query heads that share KV head `kvh` (adjacent in the output).
+    let unit = |u: usize, ogroup: &mut [f32]| {
+        let (t, kvh) = (u / p.num_kv_heads, u % p.num_kv_heads);
         let (si, pos) = row_of_token[t];
-        let slots = &slots_per_seq[si];
+        let table = &meta.seqs[si].block_table;
         let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let ctx = &slots[lo..=pos];
-        let mut scores = vec![0f32; ctx.len()];
-        for h in 0..p.num_heads {
-            let kvh = h / group;
-            let qh = &q[t * qw + h * p.qk_dim..][..p.qk_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (sc, &sl) in scores.iter_mut().zip(ctx) {
-                let kh = &cache.k[sl * kw + kvh * p.qk_dim..][..p.qk_dim];
-                *sc = super::linear::dot(qh, kh) * p.scale;
-                max = max.max(*sc);
-            }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            let oh = &mut orow[h * p.v_dim..(h + 1) * p.v_dim];
-            for (sc, &sl) in scores.iter().zip(ctx) {
-                let w = sc / sum;
-                let vh = &cache.v[sl * vw + kvh * p.v_dim..][..p.v_dim];
-                for (o, v) in oh.iter_mut().zip(vh) {
-                    *o += w * v;
+        let slot_of = |q: usize| table[q / bs] as usize * bs + q % bs;
+        scratch::with_zeroed(pos + 1 - lo, |scores| {
+            for (g, oh) in ogroup.chunks_exact_mut(p.v_dim).enumerate() {
+                let h = kvh * group + g;
+                let qh = &q[t * qw + h * p.qk_dim..][..p.qk_dim];
+                let mut max = f32::NEG_INFINITY;
+                for (sc, q_pos) in scores.iter_mut().zip(lo..=pos) {
+                    let kh = &cache.k[slot_of(q_pos) * kw + kvh * p.qk_dim..][..p.qk_dim];
+                    *sc = super::linear::dot(qh, kh) * p.scale;
+                    max = max.max(*sc);
+                }
+                let mut sum = 0f32;
+                for sc in scores.iter_mut() {
+                    *sc = (*sc - max).exp();
+                    sum += *sc;
+                }
+                oh.fill(0.0);
+                for (sc, q_pos) in scores.iter().zip(lo..=pos) {
+                    let w = sc / sum;
+                    let vh = &cache.v[slot_of(q_pos) * vw + kvh * p.v_dim..][..p.v_dim];
+                    for (o, v) in oh.iter_mut().zip(vh) {
+                        *o += w * v;
+                    }
                 }
             }
-        }
-    });
+        })
+    };
+    let mut out = vec![0f32; n * ow];
+    let chunk = (group * p.v_dim).max(1);
+    if super::linear::worth_parallel(macs) {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(u, o)| unit(u, o));
+    } else {
+        out.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(u, o)| unit(u, o));
+    }
     Ok(out)
 }

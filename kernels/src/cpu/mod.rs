@@ -9,6 +9,7 @@ mod linear;
 mod moe;
 mod ops;
 pub mod profile;
+mod scratch;
 mod simd_x86;
 
 pub use attention::CpuKv;
@@ -210,6 +211,57 @@ impl Backend for CpuBackend {
             x.rows,
             n,
         ))
+    }
+
+    fn linear_many(
+        &self,
+        x: &CpuTensor,
+        layers: &[(&CpuWeight, Option<&CpuWeight>)],
+    ) -> Result<Vec<CpuTensor>> {
+        let _p = profile::scope("linear_many", || {
+            let shapes: Vec<_> = layers.iter().map(|(w, _)| w.host.shape()).collect();
+            format!("{shapes:?} t{}", x.rows)
+        });
+        let mut projs = Vec::with_capacity(layers.len());
+        for (w, bias) in layers {
+            let (n, k) = w.matrix("linear_many")?;
+            if x.cols != k {
+                return Err(BackendError::shape(
+                    "linear_many",
+                    format!("x has {} columns, weight {:?}", x.cols, w.host.shape()),
+                ));
+            }
+            let bias = bias.map(|b| b.vector("linear_many bias")).transpose()?;
+            if let Some(b) = bias
+                && b.len() != n
+            {
+                return Err(BackendError::shape(
+                    "linear_many",
+                    format!("bias of {} for {n} outputs", b.len()),
+                ));
+            }
+            projs.push(linear::Proj {
+                w: w.host.view(),
+                n,
+                bias,
+            });
+        }
+        let outs = linear::linear_many(linear::Isa::best(), &x.data, x.cols, &projs);
+        Ok(outs
+            .into_iter()
+            .zip(&projs)
+            .map(|(y, p)| tensor(y, x.rows, p.n))
+            .collect())
+    }
+
+    fn mlp(&self, x: &CpuTensor, w: &ExpertWeights<'_, Self>) -> Result<CpuTensor> {
+        let _p = profile::scope("mlp", || format!("{:?} t{}", w.gate.host.shape(), x.rows));
+        let e = moe::CpuExpert {
+            gate: &w.gate.host,
+            up: &w.up.host,
+            down: &w.down.host,
+        };
+        Ok(tensor(moe::mlp(&x.data, x.cols, &e)?, x.rows, x.cols))
     }
 
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
