@@ -57,39 +57,55 @@ pub fn table(r: &Roofline) -> String {
     );
     let _ = writeln!(
         s,
+        "compute   FMA peak {} | {:.0} M multiply-adds per token",
+        r.fma_peak_gflops
+            .map_or("not measured".into(), |p| format!("{p:.0} GFLOP/s")),
+        r.macs_per_token as f64 / 1e6,
+    );
+    let _ = writeln!(
+        s,
         "active weights per token {} → batch-1 roofline {:.1} tok/s",
         gb(r.active_bytes_per_token as f64),
         r.roofline_tok_s_batch1
     );
     let _ = writeln!(
         s,
-        "\n{:>6} {:>10} {:>9} {:>9} {:>12} {:>13} {:>9} {:>8} {:>12}",
+        "\n{:>5} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>7} {:>7} {:>7} {:>9}",
         "batch",
         "tok/s",
         "step ms",
         "min ms",
         "bytes/step",
-        "roof tok/s",
+        "mem roof",
+        "cpu roof",
         "of roof",
         "vs b1",
-        "prefill t/s"
+        "ceiling",
+        "prefill/s"
     );
+    let x = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}x"));
     for b in &r.batches {
         let _ = writeln!(
             s,
-            "{:>6} {:>10.1} {:>9.2} {:>9.2} {:>12} {:>13.1} {:>8.1}% {:>8} {:>12.1}",
+            "{:>5} {:>8.1} {:>8.2} {:>8.2} {:>10} {:>9.1} {:>9} {:>6.1}% {:>7} {:>7} {:>9.1}",
             b.batch,
             b.tok_s,
             b.step_ms_median,
             b.step_ms_min,
             gb(b.weight_bytes_per_step),
-            b.roofline_tok_s,
+            b.memory_roof_tok_s,
+            b.compute_roof_tok_s
+                .map_or("-".into(), |c| format!("{c:.1}")),
             100.0 * b.roofline_fraction,
-            b.speedup_vs_batch1
-                .map_or("-".into(), |x| format!("{x:.2}x")),
+            x(b.speedup_vs_batch1),
+            x(b.speedup_ceiling_vs_batch1),
             b.prefill_tok_s,
         );
     }
+    let _ = writeln!(
+        s,
+        "(roofs in tok/s; \"of roof\" is against the lower roof; \"ceiling\" is this batch's roof over batch 1's)"
+    );
     if let Some(f) = r.roofline_fraction_batch1 {
         let _ = writeln!(
             s,

@@ -18,7 +18,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use tessera_common::{FfnSpec, ModelSpec, ShardSpec, load_model_spec};
-use tessera_kernels::cpu::bandwidth::{self, Bandwidth};
+use tessera_kernels::cpu::probe::{self, Bandwidth};
 use tessera_kernels::cpu::{self, CpuBackend, profile};
 use tessera_worker::checkpoint::Checkpoint;
 use tessera_worker::executor::{Executor, SeqStep};
@@ -75,9 +75,17 @@ pub struct BatchResult {
     /// Mean weight bytes a timed step read, from the steps' routing.
     pub weight_bytes_per_step: f64,
     /// `batch × bandwidth / weight_bytes_per_step`: this batch size's memory roof.
+    pub memory_roof_tok_s: f64,
+    /// `peak FLOP/s / (2 × multiply-adds per token)`: the compute roof (any batch).
+    pub compute_roof_tok_s: Option<f64>,
+    /// The lower of the two roofs.
     pub roofline_tok_s: f64,
+    /// "memory" or "compute": which roof is lower.
+    pub bound_by: &'static str,
     pub roofline_fraction: f64,
     pub speedup_vs_batch1: Option<f64>,
+    /// This batch's roof over batch 1's: the most batching could gain here.
+    pub speedup_ceiling_vs_batch1: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,7 +117,12 @@ pub struct Roofline {
     pub bandwidth_gb_s: f64,
     pub bandwidth_before: Bandwidth,
     pub bandwidth_after: Bandwidth,
+    /// Peak multiply-add throughput of all threads (10⁹ FLOP/s), best before or after; `None`
+    /// with the portable kernels.
+    pub fma_peak_gflops: Option<f64>,
     pub active_bytes_per_token: u64,
+    /// Weight multiply-adds per decoded token.
+    pub macs_per_token: u64,
     /// `bandwidth / active_bytes_per_token`.
     pub roofline_tok_s_batch1: f64,
     /// Batch size (as a string) → decode tokens per second.
@@ -294,7 +307,8 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     let load_before = load_average();
     let probe_bytes = args.bandwidth_mib << 20;
     tracing::info!(mib = args.bandwidth_mib, "measuring memory bandwidth");
-    let bandwidth_before = bandwidth::measure(probe_bytes, PROBE_REPS);
+    let bandwidth_before = probe::bandwidth(probe_bytes, PROBE_REPS);
+    let peak_before = probe::fma_peak_gflops(PROBE_REPS);
 
     let (dir, generated) = match &args.model {
         Some(dir) => (dir.clone(), false),
@@ -365,9 +379,15 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     };
 
     tracing::info!("measuring memory bandwidth again");
-    let bandwidth_after = bandwidth::measure(probe_bytes, PROBE_REPS);
+    let bandwidth_after = probe::bandwidth(probe_bytes, PROBE_REPS);
+    let peak = match (peak_before, probe::fma_peak_gflops(PROBE_REPS)) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
     let bw = bandwidth_before.max(bandwidth_after).read_gb_s() * 1e9;
     let active = footprint.active_bytes_per_token();
+    let macs = footprint.macs_per_token();
+    let compute_roof = peak.map(|p| p * 1e9 / (2.0 * macs.max(1) as f64));
 
     let mut batches = Vec::new();
     let mut decode_tok_s = BTreeMap::new();
@@ -376,7 +396,11 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         let total: f64 = o.step_secs.iter().sum();
         let tok_s = (batch * o.step_secs.len()) as f64 / total;
         let bytes = o.step_bytes.iter().sum::<u64>() as f64 / o.step_bytes.len().max(1) as f64;
-        let roof = batch as f64 * bw / bytes;
+        let memory_roof = batch as f64 * bw / bytes;
+        let (roof, bound_by) = match compute_roof {
+            Some(c) if c < memory_roof => (c, "compute"),
+            _ => (memory_roof, "memory"),
+        };
         if batch == 1 {
             batch1 = Some(tok_s);
         }
@@ -389,13 +413,22 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
             step_ms_min,
             prefill_tok_s: (batch * args.prompt_len) as f64 / o.prefill_secs,
             weight_bytes_per_step: bytes,
+            memory_roof_tok_s: memory_roof,
+            compute_roof_tok_s: compute_roof,
             roofline_tok_s: roof,
+            bound_by,
             roofline_fraction: tok_s / roof,
             speedup_vs_batch1: None,
+            speedup_ceiling_vs_batch1: None,
         });
     }
+    let roof_b1 = batches
+        .iter()
+        .find(|b| b.batch == 1)
+        .map(|b| b.roofline_tok_s);
     for b in &mut batches {
         b.speedup_vs_batch1 = batch1.map(|one| b.tok_s / one);
+        b.speedup_ceiling_vs_batch1 = roof_b1.map(|one| b.roofline_tok_s / one);
     }
     let roof1 = bw / active as f64;
     Ok(Roofline {
@@ -411,7 +444,9 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         bandwidth_gb_s: bw / 1e9,
         bandwidth_before,
         bandwidth_after,
+        fma_peak_gflops: peak,
         active_bytes_per_token: active,
+        macs_per_token: macs,
         roofline_tok_s_batch1: roof1,
         decode_tok_s,
         roofline_fraction_batch1: batch1.map(|t| t / roof1),

@@ -22,16 +22,14 @@ pub struct MoeLayerBytes {
     pub top_k: usize,
     /// Bytes of each expert's projections, by expert id (0 for experts not loaded here).
     pub expert_bytes: Vec<u64>,
+    /// Elements (multiply-adds per token) of each expert's projections.
+    pub expert_elems: Vec<u64>,
 }
 
 impl MoeLayerBytes {
-    fn mean_expert_bytes(&self) -> f64 {
-        let loaded: Vec<u64> = self
-            .expert_bytes
-            .iter()
-            .copied()
-            .filter(|b| *b > 0)
-            .collect();
+    /// Mean over the experts loaded here.
+    fn mean(v: &[u64]) -> f64 {
+        let loaded: Vec<u64> = v.iter().copied().filter(|b| *b > 0).collect();
         loaded.iter().sum::<u64>() as f64 / loaded.len().max(1) as f64
     }
 }
@@ -44,6 +42,8 @@ pub struct WeightFootprint {
     pub embedding_row_bytes: u64,
     /// Read once per step whatever the batch.
     pub dense_bytes: u64,
+    /// Multiply-adds per token of the dense matrices (the output projection included).
+    pub dense_macs: u64,
     pub moe_layers: Vec<MoeLayerBytes>,
 }
 
@@ -60,6 +60,7 @@ impl WeightFootprint {
                     layer: l,
                     top_k: m.top_k,
                     expert_bytes: vec![0; m.num_experts],
+                    expert_elems: vec![0; m.num_experts],
                 });
             }
         }
@@ -67,17 +68,22 @@ impl WeightFootprint {
             total_bytes: 0,
             embedding_row_bytes: 0,
             dense_bytes: 0,
+            dense_macs: 0,
             moe_layers,
         };
         for name in ckpt.touched() {
             let info = ckpt.info(&name)?;
-            let bytes = info.shape.iter().product::<usize>() as u64 * info.dtype.size() as u64;
+            let elems = info.shape.iter().product::<usize>() as u64;
+            let bytes = elems * info.dtype.size() as u64;
+            // Vectors (norms, biases) scale or add: no multiply-adds to speak of.
+            let macs = if info.shape.len() == 2 { elems } else { 0 };
             fp.total_bytes += bytes;
             if name == spec.embed_tokens {
                 fp.embedding_row_bytes = bytes / spec.vocab_size.max(1) as u64;
                 if spec.tie_word_embeddings {
                     // The output projection reads the whole table every step.
                     fp.dense_bytes += bytes;
+                    fp.dense_macs += macs;
                 }
                 continue;
             }
@@ -89,8 +95,12 @@ impl WeightFootprint {
             match expert {
                 Some((i, e)) if e < fp.moe_layers[i].expert_bytes.len() => {
                     fp.moe_layers[i].expert_bytes[e] += bytes;
+                    fp.moe_layers[i].expert_elems[e] += macs;
                 }
-                _ => fp.dense_bytes += bytes,
+                _ => {
+                    fp.dense_bytes += bytes;
+                    fp.dense_macs += macs;
+                }
             }
         }
         Ok(fp)
@@ -102,9 +112,19 @@ impl WeightFootprint {
         let experts: f64 = self
             .moe_layers
             .iter()
-            .map(|m| m.top_k as f64 * m.mean_expert_bytes())
+            .map(|m| m.top_k as f64 * MoeLayerBytes::mean(&m.expert_bytes))
             .sum();
         self.embedding_row_bytes + self.dense_bytes + experts.round() as u64
+    }
+
+    /// Weight multiply-adds per decoded token (attention over the context not included).
+    pub fn macs_per_token(&self) -> u64 {
+        let experts: f64 = self
+            .moe_layers
+            .iter()
+            .map(|m| m.top_k as f64 * MoeLayerBytes::mean(&m.expert_elems))
+            .sum();
+        self.dense_macs + experts.round() as u64
     }
 
     /// Bytes read by a step of `tokens` tokens whose routing chose `counts` (per MoE layer, tokens
@@ -167,6 +187,13 @@ mod tests {
         let per_layer = 2 * (2 * h + 2 * m.head_dim as u64 + 2 * q * h + 2 * kv * h + 8 * h);
         let dense = m.num_layers as u64 * per_layer + 2 * h + 2 * h * m.vocab_size as u64;
         assert_eq!(fp.dense_bytes, dense);
+        let dense_macs =
+            m.num_layers as u64 * (2 * q * h + 2 * kv * h + 8 * h) + h * m.vocab_size as u64;
+        assert_eq!(fp.dense_macs, dense_macs);
+        assert_eq!(
+            fp.macs_per_token(),
+            dense_macs + m.num_layers as u64 * expert
+        );
         let active = 2 * h + dense + m.num_layers as u64 * 2 * expert;
         assert_eq!(fp.active_bytes_per_token(), active);
         // One token choosing experts 0 and 5 in both layers reads what a lone token reads.

@@ -64,6 +64,18 @@ impl Isa {
         *BEST
     }
 
+    /// Runs `iters` rounds of twelve independent vector multiply-adds and returns the FLOPs done
+    /// (the compute-roof probe); `None` for the portable path, which has no such loop.
+    pub(crate) fn fma_flops(self, iters: usize) -> Option<f64> {
+        match self {
+            Isa::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(a) => Some(a.fma_flops(iters)),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512(a) => Some(a.fma_flops(iters)),
+        }
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
@@ -171,6 +183,60 @@ pub(crate) fn rows_times_x(
         }
     }
     rows_times_x_portable(m, rows, x, k, out)
+}
+
+/// `out[g·vd + c] += Σ_i probs[g·ps + i] · values[i·vd + c]` for `g < group`, `c < vd` and every
+/// value row `i` (attention's weighted sum of values, for a group of query heads).
+pub(crate) fn pv_accumulate(
+    isa: Isa,
+    probs: &[f32],
+    ps: usize,
+    group: usize,
+    values: &[f32],
+    vd: usize,
+    out: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd_x86::Pv;
+        let a = Pv {
+            p: probs,
+            ps,
+            group,
+            v: values,
+            vd,
+        };
+        match isa {
+            Isa::Avx2(s) => return s.pv(a, out),
+            Isa::Avx512(s) => return s.pv(a, out),
+            Isa::Portable => {}
+        }
+    }
+    for (i, row) in values.chunks_exact(vd).enumerate() {
+        for (g, o) in out.chunks_exact_mut(vd).take(group).enumerate() {
+            let w = probs[g * ps + i];
+            for (o, v) in o.iter_mut().zip(row) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// `xs ← exp(xs - max) / Σ exp(xs - max)`.
+pub(crate) fn softmax_in_place(isa: Isa, xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx2(s) => return s.softmax(xs),
+        Isa::Avx512(s) => return s.softmax(xs),
+        Isa::Portable => {}
+    }
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in xs.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    xs.iter_mut().for_each(|v| *v /= sum);
 }
 
 fn rows_times_x_portable(m: Mat<'_>, rows: Range<usize>, x: &[f32], k: usize, out: &mut [f32]) {
@@ -501,6 +567,41 @@ pub(crate) mod tests {
                         n,
                     );
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn pv_and_softmax_match_the_portable_path() {
+        for isa in isas() {
+            for (group, vd, n) in [(8, 128, 16), (5, 20, 7), (1, 3, 1), (12, 64, 3)] {
+                let ps = n + 3;
+                let probs = data(group * ps, 41);
+                let values = data(n * vd, 42);
+                let mut got = data(group * vd, 43);
+                let mut want = got.clone();
+                pv_accumulate(isa, &probs, ps, group, &values, vd, &mut got);
+                pv_accumulate(Isa::Portable, &probs, ps, group, &values, vd, &mut want);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{isa:?} pv {group}x{vd}x{n}: {g} vs {w}"
+                    );
+                }
+            }
+            for len in [1, 7, 8, 33, 300] {
+                // Logits spanning ±40 around an offset: exponentials from ~1 down to underflow.
+                let xs: Vec<f32> = data(len, 44).iter().map(|v| 40.0 * v + 3.0).collect();
+                let (mut got, mut want) = (xs.clone(), xs.clone());
+                softmax_in_place(isa, &mut got);
+                softmax_in_place(Isa::Portable, &mut want);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() <= 1e-6 * w.max(1e-30) + 1e-37,
+                        "{isa:?} softmax {len}: {g} vs {w}"
+                    );
+                }
+                assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5);
             }
         }
     }

@@ -4,10 +4,10 @@
 //! from the memory-mapped checkpoint) and are widened row by row inside the kernels.
 
 mod attention;
-pub mod bandwidth;
 mod linear;
 mod moe;
 mod ops;
+pub mod probe;
 pub mod profile;
 mod scratch;
 mod simd_x86;

@@ -80,6 +80,67 @@ impl Avx2 {
     }
 }
 
+impl Avx2 {
+    /// `iters` rounds of [`FMA_CHAINS`] independent multiply-adds; returns the FLOPs done.
+    pub(crate) fn fma_flops(self, iters: usize) -> f64 {
+        // SAFETY: `self` proves AVX2 and FMA.
+        let sink = unsafe { fma_loop_avx2(iters) };
+        std::hint::black_box(sink);
+        (iters * FMA_CHAINS * 8 * 2) as f64
+    }
+}
+
+impl Avx512 {
+    /// `iters` rounds of [`FMA_CHAINS`] independent multiply-adds; returns the FLOPs done.
+    pub(crate) fn fma_flops(self, iters: usize) -> f64 {
+        // SAFETY: `self` proves AVX-512F.
+        let sink = unsafe { fma_loop_avx512(iters) };
+        std::hint::black_box(sink);
+        (iters * FMA_CHAINS * 16 * 2) as f64
+    }
+}
+
+/// Independent accumulator chains of the peak probe: more than FMA latency × FMA units (4 × 2 on
+/// current cores), so the units, not the dependency chains, are the limit.
+const FMA_CHAINS: usize = 12;
+
+/// The peak-throughput loop for `S`: only register operands.
+///
+/// # Safety
+/// Runs inside a `#[target_feature]` entry point for `S`.
+#[inline(always)]
+unsafe fn fma_loop<S: Simd>(iters: usize) -> f32 {
+    // SAFETY: register-only intrinsics of `S`, enabled by the caller.
+    unsafe {
+        let ones = [1.0f32; 16];
+        let a = S::load(ones.as_ptr());
+        let b = S::load(ones.as_ptr());
+        let mut acc = [S::zero(); FMA_CHAINS];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = S::fma(a, b, *v);
+            }
+        }
+        acc.iter().map(|v| S::hsum(*v)).sum()
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fma_loop_avx2(iters: usize) -> f32 {
+    // SAFETY: forwarded from the caller.
+    unsafe { fma_loop::<Avx2Ops>(iters) }
+}
+
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn fma_loop_avx512(iters: usize) -> f32 {
+    // SAFETY: forwarded from the caller.
+    unsafe { fma_loop::<Avx512Ops>(iters) }
+}
+
 impl Avx512 {
     pub(crate) fn detect() -> Option<Self> {
         (Avx2::detect().is_some() && is_x86_feature_detected!("avx512f"))
@@ -103,6 +164,264 @@ impl Avx512 {
             )
         }
     }
+}
+
+/// `out[g·vd + c] += Σ_{i<n} p[g·ps + i] · v[i·vd + c]` for `g < group`, `c < vd`, with
+/// `n = v.len() / vd`: attention's probability-weighted sum of value rows, for a group of heads.
+pub(crate) struct Pv<'a> {
+    pub p: &'a [f32],
+    pub ps: usize,
+    pub group: usize,
+    pub v: &'a [f32],
+    pub vd: usize,
+}
+
+impl Pv<'_> {
+    /// Asserts the bounds [`pv_generic`] needs; returns `n`.
+    fn check(&self, out: &[f32]) -> usize {
+        assert!(
+            self.vd > 0 && self.v.len().is_multiple_of(self.vd),
+            "v is not [n, {}]",
+            self.vd
+        );
+        let n = self.v.len() / self.vd;
+        if n > 0 && self.group > 0 {
+            assert!(
+                (self.group - 1) * self.ps + n <= self.p.len(),
+                "p too short"
+            );
+        }
+        assert!(self.group * self.vd <= out.len(), "out too short");
+        n
+    }
+}
+
+impl Avx2 {
+    /// [`Pv`] with AVX2.
+    pub(crate) fn pv(self, a: Pv<'_>, out: &mut [f32]) {
+        let n = a.check(out);
+        // SAFETY: `self` proves AVX2 and FMA; `check` asserted the bounds `pv_avx2` needs.
+        unsafe {
+            pv_avx2(
+                a.p.as_ptr(),
+                a.ps,
+                a.group,
+                a.v.as_ptr(),
+                n,
+                a.vd,
+                out.as_mut_ptr(),
+            )
+        }
+    }
+
+    /// `xs ← softmax(xs)`, exponentials eight at a time.
+    pub(crate) fn softmax(self, xs: &mut [f32]) {
+        // SAFETY: `self` proves AVX2 and FMA; the slice bounds every access.
+        unsafe { softmax_avx2(xs) }
+    }
+}
+
+impl Avx512 {
+    /// [`Pv`] with AVX-512.
+    pub(crate) fn pv(self, a: Pv<'_>, out: &mut [f32]) {
+        let n = a.check(out);
+        // SAFETY: `self` proves AVX-512F; `check` asserted the bounds `pv_avx512` needs.
+        unsafe {
+            pv_avx512(
+                a.p.as_ptr(),
+                a.ps,
+                a.group,
+                a.v.as_ptr(),
+                n,
+                a.vd,
+                out.as_mut_ptr(),
+            )
+        }
+    }
+
+    /// `xs ← softmax(xs)` (the AVX2 code: a CPU with AVX-512F has AVX2 too).
+    pub(crate) fn softmax(self, xs: &mut [f32]) {
+        Avx2 { _detected: () }.softmax(xs)
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA; otherwise as [`pv_generic`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_avx2(
+    p: *const f32,
+    ps: usize,
+    group: usize,
+    v: *const f32,
+    n: usize,
+    vd: usize,
+    out: *mut f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { pv_generic::<Avx2Ops>(p, ps, group, v, n, vd, out) }
+}
+
+/// # Safety
+/// The CPU has AVX-512F; otherwise as [`pv_generic`].
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn pv_avx512(
+    p: *const f32,
+    ps: usize,
+    group: usize,
+    v: *const f32,
+    n: usize,
+    vd: usize,
+    out: *mut f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { pv_generic::<Avx512Ops>(p, ps, group, v, n, vd, out) }
+}
+
+/// [`Pv`] on raw pointers: heads in register blocks of up to eight.
+///
+/// # Safety
+/// Runs inside a `#[target_feature]` entry point for `S`; `p[g·ps + i]` is readable for `g < group`,
+/// `i < n`; `v` has `n · vd` readable values; `out` has `group · vd` writable ones.
+#[inline(always)]
+unsafe fn pv_generic<S: Simd>(
+    p: *const f32,
+    ps: usize,
+    group: usize,
+    v: *const f32,
+    n: usize,
+    vd: usize,
+    out: *mut f32,
+) {
+    let mut g = 0;
+    // SAFETY: each block covers heads `g..g + G` below `group`.
+    unsafe {
+        while g + 8 <= group {
+            pv_block::<S, 8>(p.add(g * ps), ps, v, n, vd, out.add(g * vd));
+            g += 8;
+        }
+        while g + 4 <= group {
+            pv_block::<S, 4>(p.add(g * ps), ps, v, n, vd, out.add(g * vd));
+            g += 4;
+        }
+        while g < group {
+            pv_block::<S, 1>(p.add(g * ps), ps, v, n, vd, out.add(g * vd));
+            g += 1;
+        }
+    }
+}
+
+/// `G` heads of [`pv_generic`]: for each column chunk the `G` accumulators stay in registers while
+/// every value row streams past (each row is reused `G` times).
+///
+/// # Safety
+/// As [`pv_generic`] with `group = G`.
+#[inline(always)]
+unsafe fn pv_block<S: Simd, const G: usize>(
+    p: *const f32,
+    ps: usize,
+    v: *const f32,
+    n: usize,
+    vd: usize,
+    out: *mut f32,
+) {
+    // SAFETY: `c + LANES <= vd`, `i < n` and `g < G` keep every access inside the caller's ranges.
+    unsafe {
+        let mut c = 0;
+        while c + S::LANES <= vd {
+            let mut acc = [S::zero(); G];
+            for (g, a) in acc.iter_mut().enumerate() {
+                *a = S::load(out.add(g * vd + c));
+            }
+            for i in 0..n {
+                let row = S::load(v.add(i * vd + c));
+                for (g, a) in acc.iter_mut().enumerate() {
+                    *a = S::fma(S::splat(*p.add(g * ps + i)), row, *a);
+                }
+            }
+            for (g, a) in acc.iter().enumerate() {
+                S::store(out.add(g * vd + c), *a);
+            }
+            c += S::LANES;
+        }
+        for cc in c..vd {
+            for g in 0..G {
+                let mut s = *out.add(g * vd + cc);
+                for i in 0..n {
+                    s += *p.add(g * ps + i) * *v.add(i * vd + cc);
+                }
+                *out.add(g * vd + cc) = s;
+            }
+        }
+    }
+}
+
+/// `e^x` for eight lanes (Cephes' single-precision method: `x = n·ln2 + r`, a degree-6
+/// polynomial for `e^r`, `2^n` from the exponent bits). Relative error about 2e-7; inputs below
+/// -87.3 give about 1e-38 rather than 0, which a softmax cannot tell apart.
+///
+/// # Safety
+/// AVX2 and FMA are enabled in the caller.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2/FMA intrinsics, enabled by the caller.
+    unsafe {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.7),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // r = x - n·ln2, with ln2 split in two so the subtraction stays exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow2n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n))
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_avx2(xs: &mut [f32]) {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut chunks = xs.chunks_exact_mut(8);
+    // SAFETY: every chunk holds exactly 8 values; AVX2 and FMA are enabled here.
+    let sum = unsafe {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        for c in chunks.by_ref() {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        Avx2Ops::hsum(acc)
+    };
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        *v = (*v - max).exp();
+        tail += *v;
+    }
+    let inv = 1.0 / (sum + tail);
+    xs.iter_mut().for_each(|v| *v *= inv);
 }
 
 /// Rows `rows` of a weight matrix whose row `r` is `w[r·stride .. r·stride + k]` (a column window
@@ -248,6 +567,9 @@ trait Simd {
     /// `a · b + c`.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
     unsafe fn hsum(v: Self::V) -> f32;
+    unsafe fn splat(v: f32) -> Self::V;
+    /// `LANES` writable f32 at `p`.
+    unsafe fn store(p: *mut f32, v: Self::V);
 }
 
 struct Avx2Ops;
@@ -291,6 +613,18 @@ impl Simd for Avx2Ops {
             _mm_cvtss_f32(s)
         }
     }
+
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> __m256 {
+        // SAFETY: AVX is enabled in every caller.
+        unsafe { _mm256_set1_ps(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: the caller guarantees 8 writable f32 at `p`.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
 }
 
 impl Simd for Avx512Ops {
@@ -325,6 +659,18 @@ impl Simd for Avx512Ops {
     unsafe fn hsum(v: __m512) -> f32 {
         // SAFETY: AVX-512F is enabled in every caller.
         unsafe { _mm512_reduce_add_ps(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> __m512 {
+        // SAFETY: AVX-512F is enabled in every caller.
+        unsafe { _mm512_set1_ps(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        // SAFETY: the caller guarantees 16 writable f32 at `p`.
+        unsafe { _mm512_storeu_ps(p, v) }
     }
 }
 

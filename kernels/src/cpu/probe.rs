@@ -1,4 +1,5 @@
-//! STREAM-like memory-bandwidth probes: the roof that batch-1 decode is measured against.
+//! The machine's two roofs: STREAM-like memory bandwidth (what batch-1 decode is bound by) and
+//! peak multiply-add throughput (what large batches are bound by).
 //!
 //! Decode reads every active weight once per token, so its speed limit is how fast this machine
 //! streams bytes from DRAM into the cores. The probes read (and copy) a buffer much larger than
@@ -94,7 +95,7 @@ fn best_secs(reps: usize, mut f: impl FnMut()) -> f64 {
 
 /// Measures read and copy bandwidth over `bytes`-sized buffers (at least 1 MiB), best of `reps`.
 /// Allocates `2 × bytes` for the duration of the call.
-pub fn measure(bytes: usize, reps: usize) -> Bandwidth {
+pub fn bandwidth(bytes: usize, reps: usize) -> Bandwidth {
     let len = (bytes.max(1 << 20) / 4).next_multiple_of(64);
     let threads = rayon::current_num_threads().max(1);
     let part = len.div_ceil(threads).next_multiple_of(64);
@@ -123,6 +124,29 @@ pub fn measure(bytes: usize, reps: usize) -> Bandwidth {
     }
 }
 
+/// Runs `iters` rounds of register-only multiply-adds (twelve independent vector chains) on every
+/// thread of the pool and returns the FLOPs done (a multiply-add is two); `None` without SIMD
+/// kernels. Timed by the caller, this is the compute roof: it measures the FMA units, not memory.
+pub fn fma_burst(iters: usize) -> Option<f64> {
+    let isa = super::linear::Isa::best();
+    isa.fma_flops(1)?;
+    Some(
+        rayon::broadcast(|_| isa.fma_flops(iters).unwrap_or(0.0))
+            .iter()
+            .sum(),
+    )
+}
+
+/// Peak f32 multiply-add throughput of all threads in 10⁹ FLOP/s ([`fma_burst`] of ~1 GFLOP per
+/// thread, best of `reps`); `None` without SIMD kernels.
+pub fn fma_peak_gflops(reps: usize) -> Option<f64> {
+    const ITERS: usize = 5_000_000;
+    fma_burst(1)?;
+    let mut flops = 0.0;
+    let secs = best_secs(reps, || flops = fma_burst(ITERS).unwrap_or(0.0));
+    Some(flops / secs / 1e9)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,7 +157,7 @@ mod tests {
         let want: f32 = v.iter().sum();
         assert_eq!(sum1(&v), want);
         assert_eq!(sum4(&v), want);
-        let b = measure(1 << 20, 2);
+        let b = bandwidth(1 << 20, 2);
         assert!(b.read_gb_s() > 0.0 && b.copy_gb_s > 0.0);
         assert_eq!(b.bytes, 1 << 20);
         let better = b.max(Bandwidth {
@@ -141,5 +165,14 @@ mod tests {
             ..b
         });
         assert_eq!(better.read_gb_s(), f64::INFINITY);
+    }
+
+    #[test]
+    fn fma_peak_is_positive_where_there_are_simd_kernels() {
+        match super::super::linear::Isa::best() {
+            super::super::linear::Isa::Portable => assert!(fma_peak_gflops(1).is_none()),
+            #[cfg(target_arch = "x86_64")]
+            _ => assert!(fma_peak_gflops(1).unwrap() > 0.0),
+        }
     }
 }
