@@ -24,8 +24,8 @@ pub struct BenchArgs {
     #[arg(long)]
     pub json: bool,
     /// Folder of the synthetic checkpoint: reused if it holds one of this shape and seed, generated
-    /// there if missing. Default: a folder per shape under $XDG_CACHE_HOME/tessera/bench (or
-    /// ~/.cache, or the temp dir).
+    /// there if missing. Default: qwen3-moe-SIZE-seedN under $XDG_CACHE_HOME/tessera/bench (or
+    /// ~/.cache/tessera/bench, or the temp dir).
     #[arg(long, env = "TESSERA_BENCH_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Measure this Hugging Face model folder instead of a synthetic checkpoint.
@@ -82,10 +82,11 @@ impl ModelSize {
         }
     }
 
+    /// The preset's name in [`SyntheticModel::preset`] and the cache.
     pub fn name(self) -> &'static str {
         match self {
-            ModelSize::Qwen3Moe1b => "qwen3-moe-1b",
-            ModelSize::Tiny => "qwen3-moe-tiny",
+            ModelSize::Qwen3Moe1b => "1b",
+            ModelSize::Tiny => "tiny",
         }
     }
 }

@@ -26,7 +26,7 @@ use tessera_worker::footprint::WeightFootprint;
 use tessera_worker::kv_cache::BlockAllocator;
 use tessera_worker::model::Model;
 use tessera_worker::sampling::SamplingParams;
-use tessera_worker::synthetic::ensure_checkpoint;
+use tessera_worker::synthetic::{cache_dir, ensure_checkpoint};
 
 use super::BenchArgs;
 
@@ -132,16 +132,6 @@ pub struct Roofline {
     pub prompt_len: usize,
     pub timed_steps: usize,
     pub profile: Option<Profile>,
-}
-
-/// `$XDG_CACHE_HOME`, else `~/.cache`, else the temp dir; then `tessera/bench`.
-fn cache_root() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(std::env::temp_dir);
-    base.join("tessera").join("bench")
 }
 
 fn git_commit() -> Option<String> {
@@ -313,13 +303,10 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     let (dir, generated) = match &args.model {
         Some(dir) => (dir.clone(), false),
         None => {
-            let dir = args.checkpoint_dir.clone().unwrap_or_else(|| {
-                cache_root().join(format!("{}-seed{}", args.model_size.name(), args.seed))
-            });
-            if let Some(parent) = dir.parent() {
-                std::fs::create_dir_all(parent)
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
+            let dir = args
+                .checkpoint_dir
+                .clone()
+                .unwrap_or_else(|| cache_dir(args.model_size.name(), args.seed));
             ensure_checkpoint(&dir, &args.model_size.model(), args.seed)?
         }
     };

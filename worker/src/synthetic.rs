@@ -89,6 +89,15 @@ impl SyntheticModel {
         }
     }
 
+    /// The shapes benchmarks know by name: `1b` ([`Self::qwen3_moe_1b`]) and `tiny`.
+    pub fn preset(name: &str) -> Option<Self> {
+        match name {
+            "1b" => Some(Self::qwen3_moe_1b()),
+            "tiny" => Some(Self::tiny()),
+            _ => None,
+        }
+    }
+
     /// The `config.json` transformers would write for this shape.
     pub fn config_json(&self) -> Value {
         json!({
@@ -421,6 +430,22 @@ pub fn write_checkpoint(dir: &Path, model: &SyntheticModel, seed: u64) -> Result
     Ok(())
 }
 
+/// Where benchmarks cache synthetic checkpoints: `$XDG_CACHE_HOME/tessera/bench`, else
+/// `~/.cache/tessera/bench`, else the same under the temp dir.
+pub fn cache_root() -> PathBuf {
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir);
+    base.join("tessera").join("bench")
+}
+
+/// The cache folder of preset `name` generated from `seed` (one folder per shape and seed).
+pub fn cache_dir(name: &str, seed: u64) -> PathBuf {
+    cache_root().join(format!("qwen3-moe-{name}-seed{seed}"))
+}
+
 /// Whether `dir` holds a complete checkpoint of `model` generated from `seed`.
 pub fn is_complete(dir: &Path, model: &SyntheticModel, seed: u64) -> bool {
     let Ok(text) = std::fs::read_to_string(dir.join(MARKER_FILE)) else {
@@ -445,6 +470,9 @@ pub fn ensure_checkpoint(
 ) -> Result<(PathBuf, bool), WorkerError> {
     if is_complete(dir, model, seed) {
         return Ok((dir.to_path_buf(), false));
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err("creating", parent))?;
     }
     if dir.exists() {
         return Err(WorkerError::Request(format!(
