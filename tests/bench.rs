@@ -54,12 +54,17 @@ fn roofline_json_on_a_tiny_model_has_every_field() {
     let stdout = String::from_utf8(out.stdout).unwrap();
     let mut values = serde_json::Deserializer::from_str(&stdout).into_iter::<Value>();
     let v = values.next().expect("one JSON object").expect("valid JSON");
-    assert!(values.next().is_none(), "more than one JSON value: {stdout}");
+    assert!(
+        values.next().is_none(),
+        "more than one JSON value: {stdout}"
+    );
 
     positive(&v["bandwidth_gb_s"], "bandwidth_gb_s");
     let active = positive(&v["active_bytes_per_token"], "active_bytes_per_token");
     positive(&v["roofline_fraction_batch1"], "roofline_fraction_batch1");
-    let rates = v["decode_tok_s"].as_object().expect("decode_tok_s is a map");
+    let rates = v["decode_tok_s"]
+        .as_object()
+        .expect("decode_tok_s is a map");
     assert_eq!(rates.keys().collect::<Vec<_>>(), ["1", "3"]);
     for (batch, rate) in rates {
         positive(rate, &format!("decode_tok_s[{batch}]"));
@@ -71,7 +76,11 @@ fn roofline_json_on_a_tiny_model_has_every_field() {
     assert_eq!(active, want, "active bytes of the tiny model");
     assert_eq!(v["model"]["architecture"], "Qwen3MoeForCausalLM");
     assert_eq!(v["model"]["generated"], true);
-    assert!(v["profile"]["ops"].as_array().is_some_and(|o| !o.is_empty()));
+    assert!(
+        v["profile"]["ops"]
+            .as_array()
+            .is_some_and(|o| !o.is_empty())
+    );
     for b in v["batches"].as_array().expect("batches") {
         positive(&b["roofline_tok_s"], "roofline_tok_s");
         positive(&b["weight_bytes_per_step"], "weight_bytes_per_step");
@@ -89,7 +98,10 @@ fn bench_without_a_mode_says_the_load_generator_is_not_built() {
     let out = tessera(&["bench"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("not built yet") && err.contains("--roofline"), "{err}");
+    assert!(
+        err.contains("not built yet") && err.contains("--roofline"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -108,6 +120,9 @@ fn a_checkpoint_dir_holding_something_else_is_refused() {
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("does not hold a synthetic checkpoint"), "{err}");
+    assert!(
+        err.contains("does not hold a synthetic checkpoint"),
+        "{err}"
+    );
     assert!(root.path().join("notes.txt").exists());
 }

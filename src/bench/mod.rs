@@ -29,7 +29,7 @@ pub struct BenchArgs {
     #[arg(long, env = "TESSERA_BENCH_CHECKPOINT_DIR")]
     pub checkpoint_dir: Option<PathBuf>,
     /// Measure this Hugging Face model folder instead of a synthetic checkpoint.
-    #[arg(long, env = "TESSERA_MODEL", conflicts_with = "checkpoint_dir")]
+    #[arg(long, env = "TESSERA_BENCH_MODEL", conflicts_with = "checkpoint_dir")]
     pub model: Option<PathBuf>,
     /// Shape of the synthetic model.
     #[arg(long, value_enum, default_value_t = ModelSize::Qwen3Moe1b, env = "TESSERA_BENCH_MODEL_SIZE")]

@@ -14,7 +14,7 @@ use tessera_kernels::{Backend, SeqMeta, StepMeta};
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
 use crate::model::Model;
-use crate::sampling::{Sampler, SamplingParams, log_softmax, top_logprobs};
+use crate::sampling::{Sampler, SamplingParams, log_softmax, log_sum_exp, top_logprobs};
 
 /// One sequence's part of a step.
 #[derive(Clone, Debug, PartialEq)]
@@ -169,15 +169,23 @@ impl<B: Backend> Executor<B> {
             }
             if s.sample {
                 let logits = row(first + count - 1);
-                let lp = last_lp.take().unwrap_or_else(|| log_softmax(logits));
                 let sampler = self
                     .samplers
                     .entry(s.seq_id)
                     .or_insert_with(|| Sampler::new(s.sampling.clone()));
                 let token = sampler.sample(logits);
                 r.token = Some(token);
-                r.logprob = lp[token as usize];
-                if s.top_logprobs > 0 {
+                // The whole log-softmax only when more than the chosen token's value is needed.
+                let lp = match last_lp.take() {
+                    Some(lp) => Some(lp),
+                    None if s.top_logprobs > 0 => Some(log_softmax(logits)),
+                    None => None,
+                };
+                r.logprob = match &lp {
+                    Some(lp) => lp[token as usize],
+                    None => logits[token as usize] - log_sum_exp(logits),
+                };
+                if let Some(lp) = lp.filter(|_| s.top_logprobs > 0) {
                     r.top_logprobs = top_logprobs(&lp, s.top_logprobs);
                 }
             } else if let Some(lp) = last_lp {

@@ -25,6 +25,12 @@ pub fn kernels_name() -> &'static str {
     linear::Isa::best().name()
 }
 
+/// `ln Σ e^x` over `xs` (numerically safe), with vectorised exponentials where the CPU has them:
+/// the normaliser of a log-softmax over a vocabulary.
+pub fn log_sum_exp(xs: &[f32]) -> f32 {
+    linear::log_sum_exp(linear::Isa::best(), xs)
+}
+
 /// Threads in the compute pool (rayon's global pool: the logical CPUs, or `RAYON_NUM_THREADS`).
 pub fn threads() -> usize {
     rayon::current_num_threads()

@@ -35,6 +35,7 @@ const STRIPES: usize = 4;
 const ROWS_MANY: usize = 3;
 /// Token rows per register block.
 const TOKENS: usize = 4;
+const _: () = assert!(TOKENS <= 6, "token_blocks handles remainders of up to 5 tokens");
 /// Bytes of activations in one token tile (`tokens × k × 4`): half of a 512 KiB L2.
 const X_TILE_BYTES: usize = 256 << 10;
 /// Most tokens in one tile.
@@ -219,6 +220,12 @@ impl Avx2 {
         // SAFETY: `self` proves AVX2 and FMA; the slice bounds every access.
         unsafe { softmax_avx2(xs) }
     }
+
+    /// `Σ e^(x - max)`, exponentials eight at a time.
+    pub(crate) fn sum_exp(self, xs: &[f32], max: f32) -> f32 {
+        // SAFETY: `self` proves AVX2 and FMA; the slice bounds every access.
+        unsafe { sum_exp_avx2(xs, max) }
+    }
 }
 
 impl Avx512 {
@@ -242,6 +249,11 @@ impl Avx512 {
     /// `xs ← softmax(xs)` (the AVX2 code: a CPU with AVX-512F has AVX2 too).
     pub(crate) fn softmax(self, xs: &mut [f32]) {
         Avx2 { _detected: () }.softmax(xs)
+    }
+
+    /// `Σ e^(x - max)` (the AVX2 code).
+    pub(crate) fn sum_exp(self, xs: &[f32], max: f32) -> f32 {
+        Avx2 { _detected: () }.sum_exp(xs, max)
     }
 }
 
@@ -396,6 +408,26 @@ unsafe fn exp8(x: __m256) -> __m256 {
         ));
         _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n))
     }
+}
+
+/// `Σ e^(x - max)` over `xs`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sum_exp_avx2(xs: &[f32], max: f32) -> f32 {
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| (v - max).exp()).sum();
+    // SAFETY: every chunk holds exactly 8 values; AVX2 and FMA are enabled here.
+    let sum = unsafe {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        for c in chunks {
+            acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m)));
+        }
+        Avx2Ops::hsum(acc)
+    };
+    sum + tail
 }
 
 /// # Safety
@@ -808,6 +840,8 @@ unsafe fn token_blocks<S: Simd, W: Elem, const R: usize>(
             1 => block::<S, W, R, 1>(w, ws, x.add(j * k), k, out.add(j), stride),
             2 => block::<S, W, R, 2>(w, ws, x.add(j * k), k, out.add(j), stride),
             3 => block::<S, W, R, 3>(w, ws, x.add(j * k), k, out.add(j), stride),
+            4 => block::<S, W, R, 4>(w, ws, x.add(j * k), k, out.add(j), stride),
+            5 => block::<S, W, R, 5>(w, ws, x.add(j * k), k, out.add(j), stride),
             _ => {}
         }
     }
