@@ -3,6 +3,7 @@
 //! Subcommands parse their flags (every flag also reads a `TESSERA_*` environment variable) and
 //! call into the library crates; all user-facing errors surface here with their full cause chain.
 
+mod bench;
 mod demo;
 mod generate;
 mod loadgen;
@@ -33,9 +34,6 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the expert placement map (layer, expert) → rank for --tp N ranks, as JSON.
     Placement(placement::PlacementArgs),
-    /// Benchmark a running server: N streaming requests at a request rate or concurrency;
-    /// reports throughput and TTFT / inter-token latency percentiles.
-    Bench(BenchArgs),
     /// Run a coordinator whose workers register in etcd: forms the group of --tp workers it
     /// finds, serves like `serve`, and re-forms the group when a worker is lost.
     Coordinator(serve::CoordinatorArgs),
@@ -43,15 +41,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Run a worker: serves the worker control plane over gRPC and runs its shard of the model.
     Worker(worker::WorkerArgs),
-}
-
-#[derive(clap::Args, Debug)]
-struct BenchArgs {
-    #[command(flatten)]
-    load: loadgen::LoadArgs,
-    /// Print exactly one JSON object on stdout instead of a table.
-    #[arg(long)]
-    json: bool,
+    /// Benchmarks: load a running server (--url: throughput, TTFT and inter-token latency
+    /// percentiles), or --roofline: decode speed against this machine's memory bandwidth.
+    Bench(bench::BenchArgs),
 }
 
 fn main() {
@@ -68,7 +60,7 @@ fn main() {
         Command::Worker(args) => worker::run(args),
         Command::Placement(args) => placement::run(args),
         Command::Serve(args) => serve::run(args, None),
-        Command::Bench(args) => loadgen::run(&args.load, args.json),
+        Command::Bench(args) => bench::run(args),
         Command::Coordinator(args) => serve::run_coordinator(args),
     };
     if let Err(e) = result {

@@ -1,11 +1,13 @@
-//! CPU `linear` (y = x·Wᵀ, bf16 weights) at the shapes of real MoE configs, and a STREAM-like
-//! read-bandwidth probe, so the kernel's weight throughput can be stated as a fraction of what the
-//! machine can read.
+//! CPU `linear` (y = x·Wᵀ, bf16 weights) at the shapes of real MoE configs, and the machine's two
+//! roofs (STREAM-like read bandwidth, peak FMA throughput), so the kernel can be stated as a
+//! fraction of what the machine can do.
 //!
-//! `cargo bench -p tessera-kernels --bench linear` (add `-- --quick` or a filter such as
-//! `-- 'linear_bf16/.*t1$'` for a shorter run). Throughput is reported in bytes of weights per
-//! second (criterion's `Throughput::Bytes`), which at batch 1 is the number to compare with the
-//! `stream` group.
+//! `cargo bench -p tessera-kernels --bench linear` (add a filter such as `-- '/t1$'` for part of
+//! it). Batches of 1 and 4 tokens are bound by memory: their throughput is bytes of weights read
+//! per second (10⁹ bytes = 1 GB), to compare with `roofs/read`. Batches of 16 and 64 are bound by
+//! arithmetic: their throughput is in FLOP/s (criterion prints "elem/s"; one element is one
+//! FLOP, a multiply-add is two), to compare with `roofs/fma_peak`. Either converts to the other:
+//! bf16 weights give `FLOP = t × bytes`.
 //!
 //! Decode streams weights from DRAM, not from cache, so each shape cycles through enough copies of
 //! its weight to exceed `TESSERA_BENCH_FOOTPRINT_MIB` (default 256 MiB, several times a typical
@@ -16,7 +18,7 @@ use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use rayon::prelude::*;
-use tessera_kernels::cpu::{CpuBackend, CpuTensor, CpuWeight};
+use tessera_kernels::cpu::{CpuBackend, CpuTensor, CpuWeight, probe};
 use tessera_kernels::{Backend, DType, HostTensor};
 
 /// (name, out_features n, in_features k) from the models' `config.json`.
@@ -31,7 +33,7 @@ const SHAPES: &[(&str, usize, usize)] = &[
     ("mixtral_8x7b/expert_w1", 14336, 4096),
 ];
 
-const BATCHES: &[usize] = &[1, 16];
+const BATCHES: &[usize] = &[1, 4, 16, 64];
 
 fn footprint_bytes() -> usize {
     std::env::var("TESSERA_BENCH_FOOTPRINT_MIB")
@@ -70,7 +72,11 @@ fn linear(c: &mut Criterion) {
             let x: CpuTensor = backend
                 .tensor_from_host(values(t * k, 99).collect(), t, k)
                 .expect("x");
-            group.throughput(Throughput::Bytes(bytes as u64));
+            group.throughput(if t <= 4 {
+                Throughput::BytesDecimal(bytes as u64)
+            } else {
+                Throughput::Elements((2 * t * n * k) as u64)
+            });
             group.bench_with_input(
                 BenchmarkId::new(format!("{name}_{n}x{k}"), format!("t{t}")),
                 &x,
@@ -124,24 +130,31 @@ fn sum4(v: &[f32]) -> f32 {
     acc.iter().flatten().sum::<f32>() + tail.iter().sum::<f32>()
 }
 
-/// STREAM-like read bandwidth: sum a large f32 array on every rayon thread (one or four
-/// sequential streams per thread) and on one thread. The best of these is the machine's
-/// achievable read bandwidth that `linear_bf16/*/t1` is compared with.
-fn stream(c: &mut Criterion) {
+/// The roofs. Read bandwidth: sum a large f32 array on every rayon thread (one or four sequential
+/// streams per thread) and on one thread; the best is what `linear_bf16/*/t1` is compared with.
+/// FMA peak: register-only multiply-adds on every thread, what `t16`/`t64` are compared with.
+fn roofs(c: &mut Criterion) {
     let len = footprint_bytes() / 4;
     let data: Vec<f32> = values(len, 7).collect();
-    let mut group = c.benchmark_group("stream");
-    group.throughput(Throughput::Bytes((len * 4) as u64));
+    let mut group = c.benchmark_group("roofs");
+    group.throughput(Throughput::BytesDecimal((len * 4) as u64));
     let (mib, threads) = (len >> 18, rayon::current_num_threads());
     for (streams, f) in [(1, sum as fn(&[f32]) -> f32), (4, sum4)] {
         group.bench_function(
-            format!("sum_f32_{mib}MiB/threads_{threads}_x{streams}_streams"),
+            format!("read_{mib}MiB/threads_{threads}_x{streams}_streams"),
             |b| b.iter(|| black_box(black_box(&data[..]).par_chunks(1 << 16).map(f).sum::<f32>())),
         );
     }
-    group.bench_function(format!("sum_f32_{mib}MiB/one_thread_x4_streams"), |b| {
+    group.bench_function(format!("read_{mib}MiB/one_thread_x4_streams"), |b| {
         b.iter(|| black_box(sum4(black_box(&data[..]))))
     });
+    const ITERS: usize = 1_000_000;
+    if let Some(flops) = probe::fma_burst(ITERS) {
+        group.throughput(Throughput::Elements(flops as u64));
+        group.bench_function(format!("fma_peak/threads_{threads}"), |b| {
+            b.iter(|| black_box(probe::fma_burst(ITERS)))
+        });
+    }
     group.finish();
 }
 
@@ -155,6 +168,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = stream, linear
+    targets = roofs, linear
 }
 criterion_main!(benches);

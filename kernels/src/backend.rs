@@ -175,6 +175,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Tensor>;
+    /// `[x · W_iᵀ (+ b_i)]` for several weights applied to the same input (q, k and v), in one
+    /// call so that a backend can run them as one pass. The default calls [`Backend::linear`].
+    fn linear_many(
+        &self,
+        x: &Self::Tensor,
+        layers: &[(&Self::Weight, Option<&Self::Weight>)],
+    ) -> Result<Vec<Self::Tensor>> {
+        layers.iter().map(|(w, b)| self.linear(x, w, *b)).collect()
+    }
+    /// The gated MLP `down(silu(gate(x)) · up(x))`, in one call so that a backend can fuse it.
+    /// The default composes [`Backend::linear`] and [`Backend::silu_mul`].
+    fn mlp(&self, x: &Self::Tensor, w: &ExpertWeights<'_, Self>) -> Result<Self::Tensor> {
+        let h = self.silu_mul(&self.linear(x, w.gate, None)?, &self.linear(x, w.up, None)?)?;
+        self.linear(&h, w.down, None)
+    }
     /// RMSNorm over each contiguous group of `w.len()` columns (a whole row, or one head).
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
     /// `x += y`.

@@ -23,6 +23,13 @@ pub enum WorkerError {
     /// A worker process failed or could not be reached.
     #[error("worker {rank}: {detail}")]
     Remote { rank: usize, detail: String },
+    /// A file or folder could not be read or written.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     /// The KV cache has no free block left.
     #[error("KV cache exhausted: {needed} blocks needed, {free} free")]
     OutOfBlocks { needed: usize, free: usize },

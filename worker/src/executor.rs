@@ -15,7 +15,7 @@ use tessera_kernels::{Backend, SeqMeta, StepMeta};
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
 use crate::model::Model;
-use crate::sampling::{History, Sampler, SamplingParams, log_softmax, top_logprobs};
+use crate::sampling::{History, Sampler, SamplingParams, log_softmax, log_sum_exp, top_logprobs};
 
 /// One sequence's part of a step.
 #[derive(Clone, Debug, PartialEq)]
@@ -234,15 +234,23 @@ impl<B: Backend> Executor<B> {
             state.tokens.extend_from_slice(&s.tokens);
             if s.sample {
                 let logits = row(first + count - 1);
-                let lp = last_lp.take().unwrap_or_else(|| log_softmax(logits));
                 let history = History {
                     tokens: &state.tokens,
                     prompt_len: s.prompt_len,
                 };
                 let token = state.sampler.sample(logits, history);
                 r.token = Some(token);
-                r.logprob = lp[token as usize];
-                if s.top_logprobs > 0 {
+                // The whole log-softmax only when more than the chosen token's value is needed.
+                let lp = match last_lp.take() {
+                    Some(lp) => Some(lp),
+                    None if s.top_logprobs > 0 => Some(log_softmax(logits)),
+                    None => None,
+                };
+                r.logprob = match &lp {
+                    Some(lp) => lp[token as usize],
+                    None => logits[token as usize] - log_sum_exp(logits),
+                };
+                if let Some(lp) = lp.filter(|_| s.top_logprobs > 0) {
                     r.top_logprobs = top_logprobs(&lp, s.top_logprobs);
                 }
             } else if let Some(lp) = last_lp {

@@ -10,17 +10,21 @@
 //! - [`executor`]: one batched step (prefill chunks and decode tokens together) plus sampling.
 //! - [`engine`]: single-process generation (prefill, then cached decode steps).
 //! - [`service`], [`wire`]: the worker's gRPC service and the step types' wire form.
+//! - [`synthetic`]: random-weight checkpoints in a real layout, for benchmarks.
+//! - [`footprint`]: the weight bytes a decode step reads (a roofline's denominator).
 
 pub mod checkpoint;
 pub mod collective;
 pub mod engine;
 mod error;
 pub mod executor;
+pub mod footprint;
 pub mod kv_cache;
 pub mod layers;
 pub mod model;
 pub mod sampling;
 pub mod service;
+pub mod synthetic;
 pub mod wire;
 
 pub use error::WorkerError;

@@ -109,9 +109,15 @@ impl SamplingParams {
 
 /// Natural-log softmax.
 pub fn log_softmax(logits: &[f32]) -> Vec<f32> {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let lse = max + logits.iter().map(|v| (v - max).exp()).sum::<f32>().ln();
+    let lse = log_sum_exp(logits);
     logits.iter().map(|v| v - lse).collect()
+}
+
+/// `ln Σ e^logit`: `log_softmax(logits)[i] == logits[i] - log_sum_exp(logits)`, without
+/// materialising the vocabulary-sized vector. Exponentials are vectorised where the CPU allows
+/// (a 150k-token vocabulary is otherwise a visible share of a decode step).
+pub fn log_sum_exp(logits: &[f32]) -> f32 {
+    tessera_kernels::cpu::log_sum_exp(logits)
 }
 
 /// The `k` most likely `(token, logprob)` pairs, best first (ties: lower id first).

@@ -1,15 +1,25 @@
 //! Paged causal attention on the CPU.
 //!
-//! The cache of one layer is `num_blocks × block_size` slots, each holding `num_kv_heads` keys of
-//! `k_dim` and values of `v_dim`. A sequence's block table maps its positions to slots; attention
-//! reads keys and values straight from those slots (no per-step copy of the cache). Query heads are
-//! grouped onto KV heads (GQA). Rows (tokens) are processed in parallel.
+//! The cache of one layer is `num_blocks` blocks of `block_size` slots. Within a block, storage is
+//! head-major: `[kv_head][slot][dim]`, so the keys (or values) one KV head holds for a block's
+//! consecutive positions are one contiguous `block_size × dim` matrix. A sequence's block table
+//! maps its positions to blocks; attention reads keys and values straight from the blocks (no
+//! per-step copy of the cache).
+//!
+//! Query heads are grouped onto KV heads (GQA), and the unit of work is one token's group of query
+//! heads that share a KV head: every key and value row is read once for the whole group. Scores of
+//! a block are one small matrix product (the SIMD `linear` kernel, keys as weight rows and the
+//! group's queries as tokens), the softmax exponentials are vectorised, and `P·V` accumulates the
+//! group's outputs in registers. Units run in parallel when the context makes it worth it, so a
+//! single decoding token still spreads over the threads.
 
 use rayon::prelude::*;
 
-use crate::{AttentionParams, BackendError, KvSpec, Result, StepMeta};
+use super::linear::{Isa, Mat, pv_accumulate, rows_times_x, softmax_in_place};
+use super::scratch;
+use crate::{AttentionParams, BackendError, KvSpec, Result, StepMeta, WeightView};
 
-/// One layer's K and V storage.
+/// One layer's K and V storage, `[block][kv_head][slot][dim]`.
 pub struct CpuKv {
     pub(crate) spec: KvSpec,
     pub(crate) k: Vec<f32>,
@@ -27,8 +37,15 @@ impl CpuKv {
     }
 }
 
-/// The cache slot of `pos` for a sequence, checked against the table and the cache size.
-fn slot(table: &[u32], pos: usize, spec: &KvSpec) -> Result<usize> {
+impl KvSpec {
+    /// Index of the first element of `(block, kv_head, slot)` in a cache of rows `dim` wide.
+    fn at(&self, block: usize, head: usize, slot: usize, dim: usize) -> usize {
+        ((block * self.num_kv_heads + head) * self.block_size + slot) * dim
+    }
+}
+
+/// The cache block of `pos` for a sequence, checked against the table and the cache size.
+fn block_of(table: &[u32], pos: usize, spec: &KvSpec) -> Result<usize> {
     let block = *table.get(pos / spec.block_size).ok_or_else(|| {
         BackendError::invalid(
             "attention",
@@ -44,15 +61,13 @@ fn slot(table: &[u32], pos: usize, spec: &KvSpec) -> Result<usize> {
             format!("block {block} beyond a cache of {} blocks", spec.num_blocks),
         ));
     }
-    Ok(block * spec.block_size + pos % spec.block_size)
+    Ok(block)
 }
 
 pub(crate) fn write_kv(cache: &mut CpuKv, k: &[f32], v: &[f32], meta: &StepMeta) -> Result<()> {
     let spec = cache.spec;
-    let (kw, vw) = (
-        spec.num_kv_heads * spec.k_dim,
-        spec.num_kv_heads * spec.v_dim,
-    );
+    let (kd, vd) = (spec.k_dim, spec.v_dim);
+    let (kw, vw) = (spec.num_kv_heads * kd, spec.num_kv_heads * vd);
     if k.len() != meta.num_tokens() * kw || v.len() != meta.num_tokens() * vw {
         return Err(BackendError::shape(
             "write_kv",
@@ -67,10 +82,15 @@ pub(crate) fn write_kv(cache: &mut CpuKv, k: &[f32], v: &[f32], meta: &StepMeta)
     for s in &meta.seqs {
         let first = s.context_len - s.num_tokens;
         for j in 0..s.num_tokens {
-            let slot = slot(&s.block_table, first + j, &spec)?;
+            let pos = first + j;
+            let (block, slot) = (block_of(&s.block_table, pos, &spec)?, pos % spec.block_size);
             let t = s.token_start + j;
-            cache.k[slot * kw..(slot + 1) * kw].copy_from_slice(&k[t * kw..(t + 1) * kw]);
-            cache.v[slot * vw..(slot + 1) * vw].copy_from_slice(&v[t * vw..(t + 1) * vw]);
+            for h in 0..spec.num_kv_heads {
+                let at = spec.at(block, h, slot, kd);
+                cache.k[at..at + kd].copy_from_slice(&k[t * kw + h * kd..][..kd]);
+                let at = spec.at(block, h, slot, vd);
+                cache.v[at..at + vd].copy_from_slice(&v[t * vw + h * vd..][..vd]);
+            }
         }
     }
     Ok(())
@@ -106,54 +126,221 @@ pub(crate) fn attention(
             format!("q has {} values for {n} tokens × {qw}", q.len()),
         ));
     }
-    // Resolve every (sequence, position) to its slot once; rows then only read.
-    let mut slots_per_seq = Vec::with_capacity(meta.seqs.len());
-    let mut row_of_token = vec![(0usize, 0usize); n];
+    // Check every sequence's block table once; the units then map positions to blocks unchecked.
+    let mut row_of_token = Vec::with_capacity(n);
+    let mut macs = 0;
     for (si, s) in meta.seqs.iter().enumerate() {
-        let slots = (0..s.context_len)
-            .map(|pos| slot(&s.block_table, pos, spec))
-            .collect::<Result<Vec<_>>>()?;
-        slots_per_seq.push(slots);
-        let first = s.context_len - s.num_tokens;
-        for j in 0..s.num_tokens {
-            row_of_token[s.token_start + j] = (si, first + j);
+        for b in 0..s.context_len.div_ceil(spec.block_size) {
+            block_of(&s.block_table, b * spec.block_size, spec)?;
         }
+        let first = s.context_len - s.num_tokens;
+        row_of_token.extend((first..s.context_len).map(|pos| (si, pos)));
+        macs += s.num_tokens * s.context_len * p.num_heads * (p.qk_dim + p.v_dim);
     }
     let group = p.num_heads / p.num_kv_heads;
-    let (kw, vw) = (
-        spec.num_kv_heads * spec.k_dim,
-        spec.num_kv_heads * spec.v_dim,
-    );
-    let mut out = vec![0f32; n * ow];
-    out.par_chunks_mut(ow).enumerate().for_each(|(t, orow)| {
+    let bs = spec.block_size;
+    let isa = Isa::best();
+    // One unit of work: token `t`'s query heads that share KV head `kvh` (adjacent in `q` and in
+    // the output).
+    let unit = |u: usize, ogroup: &mut [f32]| {
+        let (t, kvh) = (u / p.num_kv_heads, u % p.num_kv_heads);
         let (si, pos) = row_of_token[t];
-        let slots = &slots_per_seq[si];
+        let table = &meta.seqs[si].block_table;
         let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let ctx = &slots[lo..=pos];
-        let mut scores = vec![0f32; ctx.len()];
-        for h in 0..p.num_heads {
-            let kvh = h / group;
-            let qh = &q[t * qw + h * p.qk_dim..][..p.qk_dim];
-            let mut max = f32::NEG_INFINITY;
-            for (sc, &sl) in scores.iter_mut().zip(ctx) {
-                let kh = &cache.k[sl * kw + kvh * p.qk_dim..][..p.qk_dim];
-                *sc = super::linear::dot(qh, kh) * p.scale;
-                max = max.max(*sc);
+        let q_group = &q[t * qw + kvh * group * p.qk_dim..][..group * p.qk_dim];
+        // Runs of consecutive positions in one block: (first position, block, slot, length).
+        let runs = (lo / bs..=pos / bs).map(|b| {
+            let first = (b * bs).max(lo);
+            let end = ((b + 1) * bs).min(pos + 1);
+            (first, table[b] as usize, first % bs, end - first)
+        });
+        let len = pos + 1 - lo;
+        // `probs[g · len + i]`: head `g`'s weight for position `lo + i`.
+        scratch::with_zeroed(len * group, |probs| {
+            scratch::with_zeroed(bs * group, |block_scores| {
+                for (first, block, slot, n) in runs.clone() {
+                    let keys = Mat {
+                        w: WeightView::F32(&cache.k),
+                        offset: spec.at(block, kvh, slot, p.qk_dim),
+                        stride: p.qk_dim,
+                    };
+                    let s = &mut block_scores[..n * group];
+                    rows_times_x(isa, keys, 0..n, q_group, p.qk_dim, s);
+                    for (i, row) in s.chunks_exact(group).enumerate() {
+                        for (g, v) in row.iter().enumerate() {
+                            probs[g * len + first - lo + i] = v * p.scale;
+                        }
+                    }
+                }
+            });
+            for head in probs.chunks_exact_mut(len) {
+                softmax_in_place(isa, head);
             }
-            let mut sum = 0f32;
-            for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
-                sum += *sc;
+            ogroup.fill(0.0);
+            for (first, block, slot, n) in runs {
+                let values = &cache.v[spec.at(block, kvh, slot, p.v_dim)..][..n * p.v_dim];
+                pv_accumulate(
+                    isa,
+                    &probs[first - lo..],
+                    len,
+                    group,
+                    values,
+                    p.v_dim,
+                    ogroup,
+                );
             }
-            let oh = &mut orow[h * p.v_dim..(h + 1) * p.v_dim];
-            for (sc, &sl) in scores.iter().zip(ctx) {
-                let w = sc / sum;
-                let vh = &cache.v[sl * vw + kvh * p.v_dim..][..p.v_dim];
-                for (o, v) in oh.iter_mut().zip(vh) {
-                    *o += w * v;
+        })
+    };
+    let mut out = vec![0f32; n * ow];
+    let chunk = (group * p.v_dim).max(1);
+    if super::linear::worth_parallel(macs) {
+        out.par_chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(u, o)| unit(u, o));
+    } else {
+        out.chunks_mut(chunk)
+            .enumerate()
+            .for_each(|(u, o)| unit(u, o));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::SeqMeta;
+
+    fn vals(len: usize, seed: u64) -> Vec<f32> {
+        (0..len as u64)
+            .map(|i| {
+                let h =
+                    (i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed.wrapping_mul(0xD6E8_FEB8);
+                ((h >> 40) % 2000) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Softmax attention of one query head over explicit key/value rows, in f64.
+    fn naive(q: &[f32], keys: &[&[f32]], values: &[&[f32]], scale: f32) -> Vec<f64> {
+        let s: Vec<f64> = keys
+            .iter()
+            .map(|k| {
+                q.iter()
+                    .zip(*k)
+                    .map(|(a, b)| *a as f64 * *b as f64)
+                    .sum::<f64>()
+                    * scale as f64
+            })
+            .collect();
+        let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+        let z: f64 = e.iter().sum();
+        (0..values[0].len())
+            .map(|c| e.iter().zip(values).map(|(p, v)| p / z * v[c] as f64).sum())
+            .collect()
+    }
+
+    #[test]
+    fn gqa_over_scattered_blocks_matches_a_naive_reference() {
+        let (heads, kv_heads, d, bs) = (8, 2, 64, 4);
+        let spec = KvSpec {
+            num_blocks: 80,
+            block_size: bs,
+            num_kv_heads: kv_heads,
+            k_dim: d,
+            v_dim: d,
+        };
+        let mut cache = CpuKv::new(spec);
+        cache.k = vals(cache.k.len(), 1);
+        cache.v = vals(cache.v.len(), 2);
+        // Two sequences with out-of-order tables: a decode token at position 69 and a two-token
+        // chunk ending at position 49 (enough work to run in parallel).
+        let meta = StepMeta {
+            seqs: vec![
+                SeqMeta {
+                    token_start: 0,
+                    num_tokens: 1,
+                    context_len: 70,
+                    block_table: (0..18).rev().map(|b| b * 3 + 1).collect(),
+                },
+                SeqMeta {
+                    token_start: 1,
+                    num_tokens: 2,
+                    context_len: 50,
+                    block_table: (60..73).collect(),
+                },
+            ],
+            block_size: bs,
+        };
+        let q = vals(3 * heads * d, 3);
+        for window in [None, Some(5)] {
+            let p = AttentionParams {
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                qk_dim: d,
+                v_dim: d,
+                scale: 0.125,
+                sliding_window: window,
+            };
+            let out = attention(&q, &cache, &meta, &p).unwrap();
+            for (t, (si, pos)) in [(0, 69), (1, 48), (1, 49)].into_iter().enumerate() {
+                let table = &meta.seqs[si].block_table;
+                let lo = window.map_or(0, |w| (pos + 1usize).saturating_sub(w));
+                for h in 0..heads {
+                    let kvh = h / (heads / kv_heads);
+                    // The documented layout: [block][kv_head][slot][dim].
+                    let row = |c: &[f32], x: usize| {
+                        let at = ((table[x / bs] as usize * kv_heads + kvh) * bs + x % bs) * d;
+                        c[at..at + d].to_vec()
+                    };
+                    let keys: Vec<Vec<f32>> = (lo..=pos).map(|x| row(&cache.k, x)).collect();
+                    let values: Vec<Vec<f32>> = (lo..=pos).map(|x| row(&cache.v, x)).collect();
+                    let want = naive(
+                        &q[(t * heads + h) * d..][..d],
+                        &keys.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                        &values.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                        0.125,
+                    );
+                    let got = &out[(t * heads + h) * d..][..d];
+                    for (g, w) in got.iter().zip(&want) {
+                        assert!(
+                            (*g as f64 - w).abs() < 1e-5,
+                            "window {window:?} token {t} head {h}: {g} vs {w}"
+                        );
+                    }
                 }
             }
         }
-    });
-    Ok(out)
+    }
+
+    #[test]
+    fn a_block_beyond_the_cache_is_an_error() {
+        let spec = KvSpec {
+            num_blocks: 2,
+            block_size: 4,
+            num_kv_heads: 1,
+            k_dim: 8,
+            v_dim: 8,
+        };
+        let cache = CpuKv::new(spec);
+        let meta = StepMeta {
+            seqs: vec![SeqMeta {
+                token_start: 0,
+                num_tokens: 1,
+                context_len: 6,
+                block_table: vec![0, 5],
+            }],
+            block_size: 4,
+        };
+        let p = AttentionParams {
+            num_heads: 1,
+            num_kv_heads: 1,
+            qk_dim: 8,
+            v_dim: 8,
+            scale: 1.0,
+            sliding_window: None,
+        };
+        let err = attention(&[0.0; 8], &cache, &meta, &p).unwrap_err();
+        assert!(err.to_string().contains("block 5"), "{err}");
+    }
 }

@@ -2,27 +2,28 @@
 //!
 //! Decode is bound by memory bandwidth, so the kernel streams every weight row exactly once per
 //! call, whatever the number of tokens. Rows are spread over the rayon pool in chunks big enough to
-//! amortise scheduling, and each chunk runs one of two implementations, chosen once per process
+//! amortise scheduling, and each chunk runs one of three implementations, chosen once per process
 //! ([`Isa::best`]):
 //!
-//! - x86-64 with AVX2, FMA and F16C (detected at run time; the binary itself targets baseline
-//!   x86-64): `simd_x86` widens bf16/f16/f32 weights to f32 in registers and multiplies a block of
-//!   weight rows by a block of token rows at once;
-//! - everywhere else, the portable path: each row is widened to f32 once (into a per-thread buffer,
-//!   no allocation per call) and then dotted with every token's activations.
+//! - x86-64 with AVX-512F, or with AVX2, FMA and F16C (detected at run time; the binary itself
+//!   targets baseline x86-64): `simd_x86` widens bf16/f16/f32 weights to f32 in registers and
+//!   multiplies a block of weight rows by a block of token rows at once;
+//! - everywhere else, the portable path: each row is widened to f32 once (into a reused per-thread
+//!   buffer) and then dotted with every token's activations.
 //!
-//! `TESSERA_CPU_KERNELS=portable` forces the portable path (for comparison and debugging).
+//! `TESSERA_CPU_KERNELS=portable` (or `avx2`) forces that path, for comparison and debugging.
+//!
+//! A parallel region costs a fixed ~5–15 µs of thread hand-off, as much as streaming a few hundred
+//! kilobytes, so small products (a router, a tiny model's projections) run on the calling thread,
+//! and [`linear_many`] runs several projections of the same input (q, k and v) as one region.
 
-use std::cell::RefCell;
+use std::ops::Range;
 use std::sync::LazyLock;
 
 use rayon::prelude::*;
 
+use super::scratch;
 use crate::WeightView;
-
-thread_local! {
-    static ROW: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
 
 /// The implementation `linear` runs.
 #[derive(Clone, Copy, Debug)]
@@ -32,22 +33,57 @@ pub(crate) enum Isa {
     /// AVX2 + FMA + F16C; the value is the proof that the CPU has them.
     #[cfg(target_arch = "x86_64")]
     Avx2(super::simd_x86::Avx2),
+    /// AVX-512F; the value is the proof that the CPU has it.
+    #[cfg(target_arch = "x86_64")]
+    Avx512(super::simd_x86::Avx512),
 }
 
 impl Isa {
-    /// The fastest implementation this CPU supports, detected on first use.
+    /// The fastest implementation this CPU supports (or the one `TESSERA_CPU_KERNELS` names, if the
+    /// CPU supports it), detected on first use.
     pub(crate) fn best() -> Isa {
         static BEST: LazyLock<Isa> = LazyLock::new(|| {
-            if std::env::var("TESSERA_CPU_KERNELS").is_ok_and(|v| v == "portable") {
+            let forced = std::env::var("TESSERA_CPU_KERNELS").unwrap_or_default();
+            if forced == "portable" {
                 return Isa::Portable;
             }
             #[cfg(target_arch = "x86_64")]
-            if let Some(a) = super::simd_x86::Avx2::detect() {
-                return Isa::Avx2(a);
+            {
+                use super::simd_x86::{Avx2, Avx512};
+                if forced != "avx2"
+                    && let Some(a) = Avx512::detect()
+                {
+                    return Isa::Avx512(a);
+                }
+                if let Some(a) = Avx2::detect() {
+                    return Isa::Avx2(a);
+                }
             }
             Isa::Portable
         });
         *BEST
+    }
+
+    /// Runs `iters` rounds of twelve independent vector multiply-adds and returns the FLOPs done
+    /// (the compute-roof probe); `None` for the portable path, which has no such loop.
+    pub(crate) fn fma_flops(self, iters: usize) -> Option<f64> {
+        match self {
+            Isa::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(a) => Some(a.fma_flops(iters)),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512(a) => Some(a.fma_flops(iters)),
+        }
+    }
+
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(_) => "avx2+fma+f16c",
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512(_) => "avx512f",
+        }
     }
 }
 
@@ -70,58 +106,192 @@ pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// `out[n, t] = Σ_k x[t, k] · w[n, k]` for the weight rows `rows`, written transposed
-/// (row-of-weight major) into `out`.
-fn rows_times_x(
+/// A weight matrix, or a window of its columns: row `r` is elements
+/// `offset + r·stride .. offset + r·stride + k` of `w` (`k` is the activations' width).
+#[derive(Clone, Copy)]
+pub(crate) struct Mat<'a> {
+    pub w: WeightView<'a>,
+    pub offset: usize,
+    pub stride: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A whole `[_, k]` matrix.
+    pub(crate) fn full(w: WeightView<'a>, k: usize) -> Self {
+        Mat {
+            w,
+            offset: 0,
+            stride: k,
+        }
+    }
+}
+
+/// `out[i·t + j] = Σ_c x[j, c] · row(rows.start + i)[c]` for the weight rows `rows` and every token
+/// `j < t = x.len() / k`: written transposed (weight-row major), on the calling thread.
+pub(crate) fn rows_times_x(
     isa: Isa,
-    w: &WeightView<'_>,
-    rows: std::ops::Range<usize>,
+    m: Mat<'_>,
+    rows: Range<usize>,
     x: &[f32],
     k: usize,
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if let Isa::Avx2(a) = isa {
-        match w {
-            WeightView::F32(v) => a.rows(v, rows, x, k, out),
-            WeightView::F16(v) => a.rows(v, rows, x, k, out),
-            WeightView::BF16(v) => a.rows(v, rows, x, k, out),
+    {
+        use super::simd_x86::Rows;
+        let (o, s, r) = (m.offset, m.stride, rows.clone());
+        macro_rules! run {
+            ($a:expr) => {
+                match m.w {
+                    WeightView::F32(v) => $a.rows(
+                        Rows {
+                            w: &v[o..],
+                            stride: s,
+                            rows: r,
+                        },
+                        x,
+                        k,
+                        out,
+                    ),
+                    WeightView::F16(v) => $a.rows(
+                        Rows {
+                            w: &v[o..],
+                            stride: s,
+                            rows: r,
+                        },
+                        x,
+                        k,
+                        out,
+                    ),
+                    WeightView::BF16(v) => $a.rows(
+                        Rows {
+                            w: &v[o..],
+                            stride: s,
+                            rows: r,
+                        },
+                        x,
+                        k,
+                        out,
+                    ),
+                }
+            };
         }
-        return;
+        match isa {
+            Isa::Avx2(a) => return run!(a),
+            Isa::Avx512(a) => return run!(a),
+            Isa::Portable => {}
+        }
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let Isa::Portable = isa;
-    rows_times_x_portable(w, rows, x, k, out)
+    rows_times_x_portable(m, rows, x, k, out)
 }
 
-fn rows_times_x_portable(
-    w: &WeightView<'_>,
-    rows: std::ops::Range<usize>,
-    x: &[f32],
-    k: usize,
+/// `out[g·vd + c] += Σ_i probs[g·ps + i] · values[i·vd + c]` for `g < group`, `c < vd` and every
+/// value row `i` (attention's weighted sum of values, for a group of query heads).
+pub(crate) fn pv_accumulate(
+    isa: Isa,
+    probs: &[f32],
+    ps: usize,
+    group: usize,
+    values: &[f32],
+    vd: usize,
     out: &mut [f32],
 ) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::simd_x86::Pv;
+        let a = Pv {
+            p: probs,
+            ps,
+            group,
+            v: values,
+            vd,
+        };
+        match isa {
+            Isa::Avx2(s) => return s.pv(a, out),
+            Isa::Avx512(s) => return s.pv(a, out),
+            Isa::Portable => {}
+        }
+    }
+    for (i, row) in values.chunks_exact(vd).enumerate() {
+        for (g, o) in out.chunks_exact_mut(vd).take(group).enumerate() {
+            let w = probs[g * ps + i];
+            for (o, v) in o.iter_mut().zip(row) {
+                *o += w * v;
+            }
+        }
+    }
+}
+
+/// `ln Σ e^x`, computed as `max + ln Σ e^(x - max)` so nothing overflows (`-inf` if empty).
+pub(crate) fn log_sum_exp(isa: Isa, xs: &[f32]) -> f32 {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if !max.is_finite() {
+        return max;
+    }
+    let sum = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2(s) => s.sum_exp(xs, max),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512(s) => s.sum_exp(xs, max),
+        Isa::Portable => {
+            // Eight partial sums, so the adds are not one serial chain.
+            let mut acc = [0f32; 8];
+            for (i, v) in xs.iter().enumerate() {
+                acc[i % 8] += (v - max).exp();
+            }
+            acc.iter().sum()
+        }
+    };
+    max + sum.ln()
+}
+
+/// `xs ← exp(xs - max) / Σ exp(xs - max)`.
+pub(crate) fn softmax_in_place(isa: Isa, xs: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx2(s) => return s.softmax(xs),
+        Isa::Avx512(s) => return s.softmax(xs),
+        Isa::Portable => {}
+    }
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in xs.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    xs.iter_mut().for_each(|v| *v /= sum);
+}
+
+fn rows_times_x_portable(m: Mat<'_>, rows: Range<usize>, x: &[f32], k: usize, out: &mut [f32]) {
     let t = x.len() / k;
-    match w {
+    let start = |n: usize| m.offset + n * m.stride;
+    match m.w {
         WeightView::F32(v) => {
             for (i, n) in rows.enumerate() {
-                let wr = &v[n * k..(n + 1) * k];
+                let wr = &v[start(n)..start(n) + k];
                 for (tt, xr) in x.chunks_exact(k).enumerate() {
                     out[i * t + tt] = dot(xr, wr);
                 }
             }
         }
-        _ => ROW.with(|buf| {
-            let mut buf = buf.borrow_mut();
-            buf.resize(k, 0.0);
+        w => scratch::with_zeroed(k, |buf| {
             for (i, n) in rows.enumerate() {
-                w.convert_into(n * k, &mut buf);
+                w.convert_into(start(n), buf);
                 for (tt, xr) in x.chunks_exact(k).enumerate() {
-                    out[i * t + tt] = dot(xr, &buf);
+                    out[i * t + tt] = dot(xr, buf);
                 }
             }
         }),
     }
+}
+
+/// Multiply-adds below which a product runs on the calling thread: about 256 KiB of bf16 weights at
+/// batch 1, which streams in roughly the time a parallel region costs.
+const INLINE_WORK: usize = 1 << 17;
+
+/// Whether work of `macs` multiply-adds is worth a parallel region.
+pub(crate) fn worth_parallel(macs: usize) -> bool {
+    macs >= INLINE_WORK && rayon::current_num_threads() > 1
 }
 
 /// Weight rows per rayon task: enough work (~1M multiply-adds; 2 MiB of bf16 weights at
@@ -131,6 +301,14 @@ fn rows_per_task(n: usize, k: usize, t: usize) -> usize {
     let by_work = (1 << 20) / (k * t).max(1);
     let by_balance = n.div_ceil(4 * rayon::current_num_threads());
     by_work.min(by_balance).clamp(1, 1024).next_multiple_of(12)
+}
+
+/// One projection of a [`linear_many`] call: `w` is `[n, k]`.
+#[derive(Clone, Copy)]
+pub(crate) struct Proj<'a> {
+    pub w: WeightView<'a>,
+    pub n: usize,
+    pub bias: Option<&'a [f32]>,
 }
 
 /// `y[t, n] = Σ_k x[t, k] · w[n, k] (+ bias[n])` for `x: [t, k]`, `w: [n, k]`.
@@ -153,43 +331,64 @@ pub(crate) fn linear_with(
     n: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    let t = x.len() / k;
-    if t == 0 || n == 0 {
-        return Vec::new();
-    }
-    let rows_per_task = rows_per_task(n, k, t);
-    let mut out_t = vec![0f32; n * t];
-    out_t
-        .par_chunks_mut(rows_per_task * t)
-        .enumerate()
-        .for_each(|(c, chunk)| {
-            let start = c * rows_per_task;
-            let end = (start + rows_per_task).min(n);
-            rows_times_x(isa, &w, start..end, x, k, chunk);
-        });
-    let mut y = if t == 1 {
-        out_t
-    } else {
-        let mut y = vec![0f32; t * n];
-        for (nn, col) in out_t.chunks_exact(t).enumerate() {
-            for (tt, v) in col.iter().enumerate() {
-                y[tt * n + nn] = *v;
+    let mut out = linear_many(isa, x, k, &[Proj { w, n, bias }]);
+    out.pop().unwrap_or_default()
+}
+
+/// Several products of the same `x: [t, k]`, as one parallel region: `[x · W_iᵀ (+ b_i)]`.
+pub(crate) fn linear_many(isa: Isa, x: &[f32], k: usize, projs: &[Proj<'_>]) -> Vec<Vec<f32>> {
+    let t = x.len() / k.max(1);
+    let total_n: usize = projs.iter().map(|p| p.n).sum();
+    // Weight-row-major results, one per projection.
+    let mut outs_t: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; p.n * t]).collect();
+    if t > 0 && total_n > 0 {
+        if worth_parallel(total_n * k * t) {
+            let rows = rows_per_task(total_n, k, t);
+            let mut tasks = Vec::with_capacity(total_n.div_ceil(rows) + projs.len());
+            for (p, out) in projs.iter().zip(outs_t.iter_mut()) {
+                for (c, chunk) in out.chunks_mut(rows * t).enumerate() {
+                    let start = c * rows;
+                    tasks.push((p, start..(start + rows).min(p.n), chunk));
+                }
             }
-        }
-        y
-    };
-    if let Some(b) = bias {
-        for row in y.chunks_exact_mut(n) {
-            for (v, bb) in row.iter_mut().zip(b) {
-                *v += bb;
+            tasks
+                .into_par_iter()
+                .for_each(|(p, r, chunk)| rows_times_x(isa, Mat::full(p.w, k), r, x, k, chunk));
+        } else {
+            for (p, out) in projs.iter().zip(outs_t.iter_mut()) {
+                rows_times_x(isa, Mat::full(p.w, k), 0..p.n, x, k, out);
             }
         }
     }
-    y
+    projs
+        .iter()
+        .zip(outs_t)
+        .map(|(p, out_t)| {
+            let mut y = if t <= 1 {
+                out_t
+            } else {
+                let mut y = vec![0f32; t * p.n];
+                for (nn, col) in out_t.chunks_exact(t).enumerate() {
+                    for (tt, v) in col.iter().enumerate() {
+                        y[tt * p.n + nn] = *v;
+                    }
+                }
+                y
+            };
+            if let Some(b) = p.bias {
+                for row in y.chunks_exact_mut(p.n) {
+                    for (v, bb) in row.iter_mut().zip(b) {
+                        *v += bb;
+                    }
+                }
+            }
+            y
+        })
+        .collect()
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use half::{bf16, f16};
 
@@ -238,12 +437,15 @@ mod tests {
     }
 
     /// Every implementation this machine can run: the portable one always, plus the detected one.
-    fn isas() -> Vec<Isa> {
+    pub(crate) fn isas() -> Vec<Isa> {
+        let mut out = vec![Isa::Portable];
         #[cfg(target_arch = "x86_64")]
-        let simd = crate::cpu::simd_x86::Avx2::detect().map(Isa::Avx2);
-        #[cfg(not(target_arch = "x86_64"))]
-        let simd = None;
-        std::iter::once(Isa::Portable).chain(simd).collect()
+        {
+            use crate::cpu::simd_x86::{Avx2, Avx512};
+            out.extend(Avx2::detect().map(Isa::Avx2));
+            out.extend(Avx512::detect().map(Isa::Avx512));
+        }
+        out
     }
 
     /// Weights of every dtype with the same values (exactly representable in f16 and bf16).
@@ -336,12 +538,138 @@ mod tests {
 
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn best_is_the_simd_path_when_the_cpu_has_it() {
-        let forced = std::env::var("TESSERA_CPU_KERNELS").is_ok_and(|v| v == "portable");
-        if crate::cpu::simd_x86::Avx2::detect().is_some() && !forced {
-            assert!(matches!(Isa::best(), Isa::Avx2(_)));
+    fn best_is_the_widest_simd_path_the_cpu_has() {
+        use crate::cpu::simd_x86::{Avx2, Avx512};
+        let forced = std::env::var("TESSERA_CPU_KERNELS").unwrap_or_default();
+        let best = Isa::best();
+        if forced == "portable" || Avx2::detect().is_none() {
+            assert!(matches!(best, Isa::Portable));
+        } else if forced != "avx2" && Avx512::detect().is_some() {
+            assert!(matches!(best, Isa::Avx512(_)));
         } else {
-            assert!(matches!(Isa::best(), Isa::Portable));
+            assert!(matches!(best, Isa::Avx2(_)));
+        }
+    }
+
+    #[test]
+    fn column_windows_match_the_reference() {
+        // Rows of a [n, wide] matrix restricted to columns c0..c0 + k (the MoE's down slices).
+        for isa in isas() {
+            for (t, n, wide, c0, k) in [
+                (1, 9, 40, 3, 17),
+                (2, 16, 64, 32, 32),
+                (5, 7, 300, 100, 161),
+            ] {
+                let x = data(t * k, 21);
+                let (w, h, b) = weights(n * wide, 22);
+                let window: Vec<f32> = (0..n)
+                    .flat_map(|r| w[r * wide + c0..r * wide + c0 + k].to_vec())
+                    .collect();
+                for (name, view) in [
+                    ("f32", WeightView::F32(&w)),
+                    ("f16", WeightView::F16(&h)),
+                    ("bf16", WeightView::BF16(&b)),
+                ] {
+                    let m = Mat {
+                        w: view,
+                        offset: c0,
+                        stride: wide,
+                    };
+                    let mut got_t = vec![0f32; n * t];
+                    rows_times_x(isa, m, 0..n, &x, k, &mut got_t);
+                    let got: Vec<f32> = (0..t)
+                        .flat_map(|j| (0..n).map(move |r| (r, j)))
+                        .map(|(r, j)| got_t[r * t + j])
+                        .collect();
+                    check_f64(
+                        &format!("{isa:?} {name} window {t}x{n}x{k}"),
+                        &got,
+                        &x,
+                        k,
+                        &window,
+                        n,
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pv_and_softmax_match_the_portable_path() {
+        for isa in isas() {
+            for (group, vd, n) in [(8, 128, 16), (5, 20, 7), (1, 3, 1), (12, 64, 3)] {
+                let ps = n + 3;
+                let probs = data(group * ps, 41);
+                let values = data(n * vd, 42);
+                let mut got = data(group * vd, 43);
+                let mut want = got.clone();
+                pv_accumulate(isa, &probs, ps, group, &values, vd, &mut got);
+                pv_accumulate(Isa::Portable, &probs, ps, group, &values, vd, &mut want);
+                for (g, w) in got.iter().zip(&want) {
+                    assert!(
+                        (g - w).abs() < 1e-5,
+                        "{isa:?} pv {group}x{vd}x{n}: {g} vs {w}"
+                    );
+                }
+            }
+            for len in [1, 7, 8, 33, 300, 32768] {
+                // Logits spanning ±40 around an offset: exponentials from ~1 down to underflow.
+                let xs: Vec<f32> = data(len, 44).iter().map(|v| 40.0 * v + 3.0).collect();
+                let (mut got, mut want) = (xs.clone(), xs.clone());
+                softmax_in_place(isa, &mut got);
+                softmax_in_place(Isa::Portable, &mut want);
+                for (g, w) in got.iter().zip(&want) {
+                    // Both sides sum in f32, in different orders: ~1e-5 relative over 32k terms.
+                    assert!(
+                        (g - w).abs() <= 2e-5 * w.max(1e-30) + 1e-37,
+                        "{isa:?} softmax {len}: {g} vs {w}"
+                    );
+                }
+                assert!((got.iter().sum::<f32>() - 1.0).abs() < 1e-5);
+                let (l, lp) = (log_sum_exp(isa, &xs), log_sum_exp(Isa::Portable, &xs));
+                assert!(
+                    (l - lp).abs() <= 1e-5 * lp.abs().max(1.0),
+                    "{isa:?} lse {len}: {l} vs {lp}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn linear_many_matches_separate_products_and_adds_biases() {
+        for isa in isas() {
+            for t in [1, 3, 16] {
+                let k = 256;
+                let x = data(t * k, 31);
+                let (wq, _, bq) = weights(600 * k, 32);
+                let (wk, _, bk) = weights(100 * k, 33);
+                let bias: Vec<f32> = (0..100).map(|i| i as f32 * 0.5).collect();
+                let outs = linear_many(
+                    isa,
+                    &x,
+                    k,
+                    &[
+                        Proj {
+                            w: WeightView::BF16(&bq),
+                            n: 600,
+                            bias: None,
+                        },
+                        Proj {
+                            w: WeightView::BF16(&bk),
+                            n: 100,
+                            bias: Some(&bias),
+                        },
+                    ],
+                );
+                assert_eq!(outs.len(), 2);
+                check_f64(&format!("{isa:?} many q t{t}"), &outs[0], &x, k, &wq, 600);
+                let unbiased: Vec<f32> = outs[1]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| v - bias[i % 100])
+                    .collect();
+                check_f64(&format!("{isa:?} many k t{t}"), &unbiased, &x, k, &wk, 100);
+            }
         }
     }
 }

@@ -7,6 +7,9 @@ mod attention;
 mod linear;
 mod moe;
 mod ops;
+pub mod probe;
+pub mod profile;
+mod scratch;
 mod simd_x86;
 
 pub use attention::CpuKv;
@@ -16,6 +19,22 @@ use crate::{
     AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvSpec, Result, RopeApply,
     RopeLayout, RopeTable, RouterParams, StepMeta,
 };
+
+/// The matrix kernels this process runs (chosen once, at first use).
+pub fn kernels_name() -> &'static str {
+    linear::Isa::best().name()
+}
+
+/// `ln Σ e^x` over `xs` (numerically safe), with vectorised exponentials where the CPU has them:
+/// the normaliser of a log-softmax over a vocabulary.
+pub fn log_sum_exp(xs: &[f32]) -> f32 {
+    linear::log_sum_exp(linear::Isa::best(), xs)
+}
+
+/// Threads in the compute pool (rayon's global pool: the logical CPUs, or `RAYON_NUM_THREADS`).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
+}
 
 /// A row-major `[rows, cols]` f32 matrix.
 #[derive(Clone, Debug, PartialEq)]
@@ -114,6 +133,7 @@ impl Backend for CpuBackend {
     }
 
     fn tensor_to_host(&self, t: &CpuTensor) -> Result<Vec<f32>> {
+        let _p = profile::scope("tensor_to_host", String::new);
         Ok(t.data.clone())
     }
 
@@ -122,6 +142,7 @@ impl Backend for CpuBackend {
     }
 
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CpuStep> {
+        let _p = profile::scope("prepare_step", String::new);
         if meta.block_size == 0 {
             return Err(BackendError::invalid("prepare_step", "block size 0"));
         }
@@ -157,6 +178,7 @@ impl Backend for CpuBackend {
     }
 
     fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
+        let _p = profile::scope("embedding", String::new);
         let (vocab, hidden) = table.matrix("embedding")?;
         let view = table.host.view();
         let mut out = vec![0f32; ids.len() * hidden];
@@ -173,6 +195,7 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuWeight, bias: Option<&CpuWeight>) -> Result<CpuTensor> {
+        let _p = profile::scope("linear", || format!("{:?} t{}", w.host.shape(), x.rows));
         let (n, k) = w.matrix("linear")?;
         if x.cols != k {
             return Err(BackendError::shape(
@@ -196,7 +219,59 @@ impl Backend for CpuBackend {
         ))
     }
 
+    fn linear_many(
+        &self,
+        x: &CpuTensor,
+        layers: &[(&CpuWeight, Option<&CpuWeight>)],
+    ) -> Result<Vec<CpuTensor>> {
+        let _p = profile::scope("linear_many", || {
+            let shapes: Vec<_> = layers.iter().map(|(w, _)| w.host.shape()).collect();
+            format!("{shapes:?} t{}", x.rows)
+        });
+        let mut projs = Vec::with_capacity(layers.len());
+        for (w, bias) in layers {
+            let (n, k) = w.matrix("linear_many")?;
+            if x.cols != k {
+                return Err(BackendError::shape(
+                    "linear_many",
+                    format!("x has {} columns, weight {:?}", x.cols, w.host.shape()),
+                ));
+            }
+            let bias = bias.map(|b| b.vector("linear_many bias")).transpose()?;
+            if let Some(b) = bias
+                && b.len() != n
+            {
+                return Err(BackendError::shape(
+                    "linear_many",
+                    format!("bias of {} for {n} outputs", b.len()),
+                ));
+            }
+            projs.push(linear::Proj {
+                w: w.host.view(),
+                n,
+                bias,
+            });
+        }
+        let outs = linear::linear_many(linear::Isa::best(), &x.data, x.cols, &projs);
+        Ok(outs
+            .into_iter()
+            .zip(&projs)
+            .map(|(y, p)| tensor(y, x.rows, p.n))
+            .collect())
+    }
+
+    fn mlp(&self, x: &CpuTensor, w: &ExpertWeights<'_, Self>) -> Result<CpuTensor> {
+        let _p = profile::scope("mlp", || format!("{:?} t{}", w.gate.host.shape(), x.rows));
+        let e = moe::CpuExpert {
+            gate: &w.gate.host,
+            up: &w.up.host,
+            down: &w.down.host,
+        };
+        Ok(tensor(moe::mlp(&x.data, x.cols, &e)?, x.rows, x.cols))
+    }
+
     fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32) -> Result<CpuTensor> {
+        let _p = profile::scope("rms_norm", String::new);
         let wv = w.vector("rms_norm")?;
         if wv.is_empty() || !x.cols.is_multiple_of(wv.len()) {
             return Err(BackendError::shape(
@@ -208,12 +283,14 @@ impl Backend for CpuBackend {
     }
 
     fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        let _p = profile::scope("add", String::new);
         same_shape("add_assign", x, y)?;
         x.data.iter_mut().zip(&y.data).for_each(|(a, b)| *a += b);
         Ok(())
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        let _p = profile::scope("silu_mul", String::new);
         same_shape("silu_mul", gate, up)?;
         Ok(tensor(
             ops::silu_mul(&gate.data, &up.data),
@@ -280,6 +357,7 @@ impl Backend for CpuBackend {
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        let _p = profile::scope("gather_rows", String::new);
         let mut data = Vec::with_capacity(rows.len() * x.cols);
         for &r in rows {
             if r >= x.rows {
@@ -294,6 +372,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &mut CpuTensor, step: &CpuStep, at: RopeApply) -> Result<()> {
+        let _p = profile::scope("rope", String::new);
         let need = (at.num_heads.max(1) - 1) * at.head_stride + at.offset + step.rot_dim;
         if x.rows != step.meta.num_tokens() || need > x.cols {
             return Err(BackendError::shape(
@@ -319,6 +398,7 @@ impl Backend for CpuBackend {
         v: &CpuTensor,
         step: &CpuStep,
     ) -> Result<()> {
+        let _p = profile::scope("write_kv", String::new);
         attention::write_kv(cache, &k.data, &v.data, &step.meta)
     }
 
@@ -329,6 +409,7 @@ impl Backend for CpuBackend {
         step: &CpuStep,
         params: &AttentionParams,
     ) -> Result<CpuTensor> {
+        let _p = profile::scope("attention", String::new);
         let out = attention::attention(&q.data, cache, &step.meta, params)?;
         Ok(tensor(out, q.rows, params.num_heads * params.v_dim))
     }
@@ -339,6 +420,7 @@ impl Backend for CpuBackend {
         params: &RouterParams,
         bias: Option<&CpuWeight>,
     ) -> Result<CpuRouting> {
+        let _p = profile::scope("route", String::new);
         let b = bias.map(|b| b.vector("route bias")).transpose()?;
         moe::route(&logits.data, params, b)
     }
@@ -353,6 +435,7 @@ impl Backend for CpuBackend {
         routing: &CpuRouting,
         experts: &[Option<ExpertWeights<'_, Self>>],
     ) -> Result<CpuTensor> {
+        let _p = profile::scope("moe", || format!("t{}", x.rows));
         let cpu: Vec<_> = experts
             .iter()
             .map(|e| {

@@ -7,7 +7,8 @@ pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let g = w.len();
     let mut out = vec![0f32; x.len()];
     for (o, xs) in out.chunks_exact_mut(g).zip(x.chunks_exact(g)) {
-        let ms = xs.iter().map(|v| v * v).sum::<f32>() / g as f32;
+        // `dot` keeps eight partial sums: a plain `.sum()` is one serial chain of adds.
+        let ms = super::linear::dot(xs, xs) / g as f32;
         let inv = 1.0 / (ms + eps).sqrt();
         for ((o, v), ww) in o.iter_mut().zip(xs).zip(w) {
             *o = ww * (v * inv);

@@ -1,4 +1,4 @@
-//! AVX2 + FMA (+ F16C) kernels for [`super::linear`], chosen at run time.
+//! x86-64 SIMD kernels for [`super::linear`]: AVX2+FMA+F16C and AVX-512F, chosen at run time.
 //!
 //! Weights are widened to f32 in registers as they are loaded (bf16: zero-extend and shift;
 //! f16: `vcvtph2ps`; f32: as is), so nothing is written back to memory. A register block of `R`
@@ -13,6 +13,11 @@
 //! ~1 MiB of bf16, see `rows_per_task`) stay in L2/L3 between tiles, so each weight byte still
 //! comes from DRAM once per call. (Slicing `k` as well, to keep the tile in L1, measured slower
 //! here: the per-slice reductions cost more than L2 reads.)
+//!
+//! Both instruction sets run the same generic code ([`Simd`] supplies the vector type and its
+//! handful of operations). The generic functions are `#[inline(always)]` and are only ever called
+//! from the two `#[target_feature]` entry points, so each instantiation is compiled inside, and
+//! for, its instruction set.
 
 #![cfg(target_arch = "x86_64")]
 
@@ -30,6 +35,10 @@ const STRIPES: usize = 4;
 const ROWS_MANY: usize = 3;
 /// Token rows per register block.
 const TOKENS: usize = 4;
+const _: () = assert!(
+    TOKENS <= 6,
+    "token_blocks handles remainders of up to 5 tokens"
+);
 /// Bytes of activations in one token tile (`tokens × k × 4`): half of a 512 KiB L2.
 const X_TILE_BYTES: usize = 256 << 10;
 /// Most tokens in one tile.
@@ -42,6 +51,12 @@ pub(crate) struct Avx2 {
     _detected: (),
 }
 
+/// Proof that this CPU has AVX-512F (and AVX2, FMA, F16C, which every AVX-512 CPU has).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Avx512 {
+    _detected: (),
+}
+
 impl Avx2 {
     pub(crate) fn detect() -> Option<Self> {
         (is_x86_feature_detected!("avx2")
@@ -50,33 +65,16 @@ impl Avx2 {
         .then_some(Avx2 { _detected: () })
     }
 
-    /// `out[i·t + j] = Σ_c x[j, c] · w[rows.start + i, c]` for every row `i` of `rows` and token
-    /// `j < t = x.len() / k`: the weight-row-major layout of [`super::linear`].
-    pub(crate) fn rows<W: Elem>(
-        self,
-        w: &[W],
-        rows: Range<usize>,
-        x: &[f32],
-        k: usize,
-        out: &mut [f32],
-    ) {
-        assert!(k > 0 && x.len().is_multiple_of(k), "x is not [t, {k}]");
-        let t = x.len() / k;
-        assert!(
-            rows.start <= rows.end && rows.end.checked_mul(k).is_some_and(|e| e <= w.len()),
-            "rows beyond w"
-        );
-        assert!(
-            rows.len().checked_mul(t).is_some_and(|e| e <= out.len()),
-            "out too short"
-        );
-        // SAFETY: `self` exists only after AVX2, FMA and F16C were detected, and the asserts above
-        // are exactly the bounds `rows_avx2` requires: rows `rows` of `w` are in bounds, `x` holds
-        // `t` rows of `k` and `out` holds `rows.len() · t` values.
+    /// [`Rows::apply`] with AVX2.
+    pub(crate) fn rows<W: Elem>(self, m: Rows<'_, W>, x: &[f32], k: usize, out: &mut [f32]) {
+        let t = m.check(x, k, out);
+        // SAFETY: `self` exists only after AVX2, FMA and F16C were detected, and `check` asserted
+        // exactly the bounds `rows_avx2` requires.
         unsafe {
             rows_avx2(
-                w.as_ptr().add(rows.start * k),
-                rows.len(),
+                m.first_row(),
+                m.stride,
+                m.rows.len(),
                 x.as_ptr(),
                 t,
                 k,
@@ -86,23 +84,454 @@ impl Avx2 {
     }
 }
 
+impl Avx2 {
+    /// `iters` rounds of [`FMA_CHAINS`] independent multiply-adds; returns the FLOPs done.
+    pub(crate) fn fma_flops(self, iters: usize) -> f64 {
+        // SAFETY: `self` proves AVX2 and FMA.
+        let sink = unsafe { fma_loop_avx2(iters) };
+        std::hint::black_box(sink);
+        (iters * FMA_CHAINS * 8 * 2) as f64
+    }
+}
+
+impl Avx512 {
+    /// `iters` rounds of [`FMA_CHAINS`] independent multiply-adds; returns the FLOPs done.
+    pub(crate) fn fma_flops(self, iters: usize) -> f64 {
+        // SAFETY: `self` proves AVX-512F.
+        let sink = unsafe { fma_loop_avx512(iters) };
+        std::hint::black_box(sink);
+        (iters * FMA_CHAINS * 16 * 2) as f64
+    }
+}
+
+/// Independent accumulator chains of the peak probe: more than FMA latency × FMA units (4 × 2 on
+/// current cores), so the units, not the dependency chains, are the limit.
+const FMA_CHAINS: usize = 12;
+
+/// The peak-throughput loop for `S`: only register operands.
+///
+/// # Safety
+/// Runs inside a `#[target_feature]` entry point for `S`.
+#[inline(always)]
+unsafe fn fma_loop<S: Simd>(iters: usize) -> f32 {
+    // SAFETY: register-only intrinsics of `S`, enabled by the caller.
+    unsafe {
+        let ones = [1.0f32; 16];
+        let a = S::load(ones.as_ptr());
+        let b = S::load(ones.as_ptr());
+        let mut acc = [S::zero(); FMA_CHAINS];
+        for _ in 0..iters {
+            for v in acc.iter_mut() {
+                *v = S::fma(a, b, *v);
+            }
+        }
+        acc.iter().map(|v| S::hsum(*v)).sum()
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn fma_loop_avx2(iters: usize) -> f32 {
+    // SAFETY: forwarded from the caller.
+    unsafe { fma_loop::<Avx2Ops>(iters) }
+}
+
+/// # Safety
+/// The CPU has AVX-512F.
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn fma_loop_avx512(iters: usize) -> f32 {
+    // SAFETY: forwarded from the caller.
+    unsafe { fma_loop::<Avx512Ops>(iters) }
+}
+
+impl Avx512 {
+    pub(crate) fn detect() -> Option<Self> {
+        (Avx2::detect().is_some() && is_x86_feature_detected!("avx512f"))
+            .then_some(Avx512 { _detected: () })
+    }
+
+    /// [`Rows::apply`] with AVX-512.
+    pub(crate) fn rows<W: Elem>(self, m: Rows<'_, W>, x: &[f32], k: usize, out: &mut [f32]) {
+        let t = m.check(x, k, out);
+        // SAFETY: `self` exists only after AVX-512F (and AVX2, FMA, F16C) were detected, and
+        // `check` asserted exactly the bounds `rows_avx512` requires.
+        unsafe {
+            rows_avx512(
+                m.first_row(),
+                m.stride,
+                m.rows.len(),
+                x.as_ptr(),
+                t,
+                k,
+                out.as_mut_ptr(),
+            )
+        }
+    }
+}
+
+/// `out[g·vd + c] += Σ_{i<n} p[g·ps + i] · v[i·vd + c]` for `g < group`, `c < vd`, with
+/// `n = v.len() / vd`: attention's probability-weighted sum of value rows, for a group of heads.
+pub(crate) struct Pv<'a> {
+    pub p: &'a [f32],
+    pub ps: usize,
+    pub group: usize,
+    pub v: &'a [f32],
+    pub vd: usize,
+}
+
+impl Pv<'_> {
+    /// Asserts the bounds [`pv_generic`] needs; returns `n`.
+    fn check(&self, out: &[f32]) -> usize {
+        assert!(
+            self.vd > 0 && self.v.len().is_multiple_of(self.vd),
+            "v is not [n, {}]",
+            self.vd
+        );
+        let n = self.v.len() / self.vd;
+        if n > 0 && self.group > 0 {
+            assert!(
+                (self.group - 1) * self.ps + n <= self.p.len(),
+                "p too short"
+            );
+        }
+        assert!(self.group * self.vd <= out.len(), "out too short");
+        n
+    }
+}
+
+impl Avx2 {
+    /// [`Pv`] with AVX2.
+    pub(crate) fn pv(self, a: Pv<'_>, out: &mut [f32]) {
+        let n = a.check(out);
+        // SAFETY: `self` proves AVX2 and FMA; `check` asserted the bounds `pv_avx2` needs.
+        unsafe {
+            pv_avx2(
+                a.p.as_ptr(),
+                a.ps,
+                a.group,
+                a.v.as_ptr(),
+                n,
+                a.vd,
+                out.as_mut_ptr(),
+            )
+        }
+    }
+
+    /// `xs ← softmax(xs)`, exponentials eight at a time.
+    pub(crate) fn softmax(self, xs: &mut [f32]) {
+        // SAFETY: `self` proves AVX2 and FMA; the slice bounds every access.
+        unsafe { softmax_avx2(xs) }
+    }
+
+    /// `Σ e^(x - max)`, exponentials eight at a time.
+    pub(crate) fn sum_exp(self, xs: &[f32], max: f32) -> f32 {
+        // SAFETY: `self` proves AVX2 and FMA; the slice bounds every access.
+        unsafe { sum_exp_avx2(xs, max) }
+    }
+}
+
+impl Avx512 {
+    /// [`Pv`] with AVX-512.
+    pub(crate) fn pv(self, a: Pv<'_>, out: &mut [f32]) {
+        let n = a.check(out);
+        // SAFETY: `self` proves AVX-512F; `check` asserted the bounds `pv_avx512` needs.
+        unsafe {
+            pv_avx512(
+                a.p.as_ptr(),
+                a.ps,
+                a.group,
+                a.v.as_ptr(),
+                n,
+                a.vd,
+                out.as_mut_ptr(),
+            )
+        }
+    }
+
+    /// `xs ← softmax(xs)` (the AVX2 code: a CPU with AVX-512F has AVX2 too).
+    pub(crate) fn softmax(self, xs: &mut [f32]) {
+        Avx2 { _detected: () }.softmax(xs)
+    }
+
+    /// `Σ e^(x - max)` (the AVX2 code).
+    pub(crate) fn sum_exp(self, xs: &[f32], max: f32) -> f32 {
+        Avx2 { _detected: () }.sum_exp(xs, max)
+    }
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA; otherwise as [`pv_generic`].
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn pv_avx2(
+    p: *const f32,
+    ps: usize,
+    group: usize,
+    v: *const f32,
+    n: usize,
+    vd: usize,
+    out: *mut f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { pv_generic::<Avx2Ops>(p, ps, group, v, n, vd, out) }
+}
+
+/// # Safety
+/// The CPU has AVX-512F; otherwise as [`pv_generic`].
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn pv_avx512(
+    p: *const f32,
+    ps: usize,
+    group: usize,
+    v: *const f32,
+    n: usize,
+    vd: usize,
+    out: *mut f32,
+) {
+    // SAFETY: forwarded from the caller.
+    unsafe { pv_generic::<Avx512Ops>(p, ps, group, v, n, vd, out) }
+}
+
+/// [`Pv`] on raw pointers: heads in register blocks of up to eight.
+///
+/// # Safety
+/// Runs inside a `#[target_feature]` entry point for `S`; `p[g·ps + i]` is readable for `g < group`,
+/// `i < n`; `v` has `n · vd` readable values; `out` has `group · vd` writable ones.
+#[inline(always)]
+unsafe fn pv_generic<S: Simd>(
+    p: *const f32,
+    ps: usize,
+    group: usize,
+    v: *const f32,
+    n: usize,
+    vd: usize,
+    out: *mut f32,
+) {
+    let mut g = 0;
+    // SAFETY: each block covers heads `g..g + G` below `group`.
+    unsafe {
+        while g + 8 <= group {
+            pv_block::<S, 8>(p.add(g * ps), ps, v, n, vd, out.add(g * vd));
+            g += 8;
+        }
+        while g + 4 <= group {
+            pv_block::<S, 4>(p.add(g * ps), ps, v, n, vd, out.add(g * vd));
+            g += 4;
+        }
+        while g < group {
+            pv_block::<S, 1>(p.add(g * ps), ps, v, n, vd, out.add(g * vd));
+            g += 1;
+        }
+    }
+}
+
+/// `G` heads of [`pv_generic`]: for each column chunk the `G` accumulators stay in registers while
+/// every value row streams past (each row is reused `G` times).
+///
+/// # Safety
+/// As [`pv_generic`] with `group = G`.
+#[inline(always)]
+unsafe fn pv_block<S: Simd, const G: usize>(
+    p: *const f32,
+    ps: usize,
+    v: *const f32,
+    n: usize,
+    vd: usize,
+    out: *mut f32,
+) {
+    // SAFETY: `c + LANES <= vd`, `i < n` and `g < G` keep every access inside the caller's ranges.
+    unsafe {
+        let mut c = 0;
+        while c + S::LANES <= vd {
+            let mut acc = [S::zero(); G];
+            for (g, a) in acc.iter_mut().enumerate() {
+                *a = S::load(out.add(g * vd + c));
+            }
+            for i in 0..n {
+                let row = S::load(v.add(i * vd + c));
+                for (g, a) in acc.iter_mut().enumerate() {
+                    *a = S::fma(S::splat(*p.add(g * ps + i)), row, *a);
+                }
+            }
+            for (g, a) in acc.iter().enumerate() {
+                S::store(out.add(g * vd + c), *a);
+            }
+            c += S::LANES;
+        }
+        for cc in c..vd {
+            for g in 0..G {
+                let mut s = *out.add(g * vd + cc);
+                for i in 0..n {
+                    s += *p.add(g * ps + i) * *v.add(i * vd + cc);
+                }
+                *out.add(g * vd + cc) = s;
+            }
+        }
+    }
+}
+
+/// `e^x` for eight lanes (Cephes' single-precision method: `x = n·ln2 + r`, a degree-6
+/// polynomial for `e^r`, `2^n` from the exponent bits). Relative error about 2e-7; inputs below
+/// -87.3 give about 1e-38 rather than 0, which a softmax cannot tell apart.
+///
+/// # Safety
+/// AVX2 and FMA are enabled in the caller.
+#[inline(always)]
+unsafe fn exp8(x: __m256) -> __m256 {
+    // SAFETY: register-only AVX2/FMA intrinsics, enabled by the caller.
+    unsafe {
+        let x = _mm256_min_ps(
+            _mm256_max_ps(x, _mm256_set1_ps(-87.3)),
+            _mm256_set1_ps(88.7),
+        );
+        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+        );
+        // r = x - n·ln2, with ln2 split in two so the subtraction stays exact.
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
+        let mut y = _mm256_set1_ps(1.987_569_1e-4);
+        for c in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            1.666_666_5e-1,
+            0.5,
+        ] {
+            y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(c));
+        }
+        y = _mm256_fmadd_ps(
+            y,
+            _mm256_mul_ps(r, r),
+            _mm256_add_ps(r, _mm256_set1_ps(1.0)),
+        );
+        let pow2n = _mm256_slli_epi32::<23>(_mm256_add_epi32(
+            _mm256_cvtps_epi32(n),
+            _mm256_set1_epi32(127),
+        ));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(pow2n))
+    }
+}
+
+/// `Σ e^(x - max)` over `xs`.
+///
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn sum_exp_avx2(xs: &[f32], max: f32) -> f32 {
+    let chunks = xs.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().map(|v| (v - max).exp()).sum();
+    // SAFETY: every chunk holds exactly 8 values; AVX2 and FMA are enabled here.
+    let sum = unsafe {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        for c in chunks {
+            acc = _mm256_add_ps(acc, exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m)));
+        }
+        Avx2Ops::hsum(acc)
+    };
+    sum + tail
+}
+
+/// # Safety
+/// The CPU has AVX2 and FMA.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn softmax_avx2(xs: &mut [f32]) {
+    let max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut chunks = xs.chunks_exact_mut(8);
+    // SAFETY: every chunk holds exactly 8 values; AVX2 and FMA are enabled here.
+    let sum = unsafe {
+        let m = _mm256_set1_ps(max);
+        let mut acc = _mm256_setzero_ps();
+        for c in chunks.by_ref() {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), m));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        Avx2Ops::hsum(acc)
+    };
+    let mut tail = 0.0;
+    for v in chunks.into_remainder() {
+        *v = (*v - max).exp();
+        tail += *v;
+    }
+    let inv = 1.0 / (sum + tail);
+    xs.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// Rows `rows` of a weight matrix whose row `r` is `w[r·stride .. r·stride + k]` (a column window
+/// of a wider matrix when `stride > k`).
+#[derive(Clone)]
+pub(crate) struct Rows<'a, W> {
+    pub w: &'a [W],
+    pub stride: usize,
+    pub rows: Range<usize>,
+}
+
+impl<W> Rows<'_, W> {
+    /// Asserts what the kernels need and returns the number of tokens `t = x.len() / k`.
+    ///
+    /// The kernels compute `out[i·t + j] = Σ_c x[j·k + c] · w[(rows.start + i)·stride + c]` for
+    /// every row `i` of `rows` and token `j < t`: the weight-row-major layout of
+    /// [`super::linear`].
+    fn check(&self, x: &[f32], k: usize, out: &[f32]) -> usize {
+        assert!(k > 0 && x.len().is_multiple_of(k), "x is not [t, {k}]");
+        let t = x.len() / k;
+        assert!(
+            k <= self.stride,
+            "rows of {k} at a stride of {}",
+            self.stride
+        );
+        assert!(self.rows.start <= self.rows.end, "reversed row range");
+        let end = match self.rows.len() {
+            0 => 0,
+            _ => (self.rows.end - 1) * self.stride + k,
+        };
+        assert!(end <= self.w.len(), "rows beyond w");
+        assert!(
+            self.rows
+                .len()
+                .checked_mul(t)
+                .is_some_and(|e| e <= out.len()),
+            "out too short"
+        );
+        t
+    }
+
+    fn first_row(&self) -> *const W {
+        // `wrapping_add`: with no rows the offset may point past the end; it is never read then.
+        self.w.as_ptr().wrapping_add(self.rows.start * self.stride)
+    }
+}
+
 /// A weight element type the kernels can widen to f32 in registers.
 pub(crate) trait Elem: Copy {
     /// Eight consecutive elements at `p` as f32 lanes.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C, and `p..p + 8` is readable.
+    /// Called only from code compiled with AVX2, FMA and F16C enabled; `p..p + 8` is readable.
     unsafe fn load8(p: *const Self) -> __m256;
+
+    /// Sixteen consecutive elements at `p` as f32 lanes.
+    ///
+    /// # Safety
+    /// Called only from code compiled with AVX-512F enabled; `p..p + 16` is readable.
+    unsafe fn load16(p: *const Self) -> __m512;
 
     fn widen(self) -> f32;
 }
 
 impl Elem for f32 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn load8(p: *const f32) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable f32 at `p`; `loadu` needs no alignment.
+        // SAFETY: the caller guarantees 8 readable f32 at `p` and AVX; `loadu` needs no alignment.
         unsafe { _mm256_loadu_ps(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable f32 at `p` and AVX-512F.
+        unsafe { _mm512_loadu_ps(p) }
     }
 
     #[inline]
@@ -112,13 +541,23 @@ impl Elem for f32 {
 }
 
 impl Elem for bf16 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn load8(p: *const bf16) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable bf16 (16 bytes) at `p`; `loadu` needs no
-        // alignment. bf16 is the top half of an f32: zero-extend each to 32 bits and shift.
-        let h = unsafe { _mm_loadu_si128(p.cast()) };
-        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        // SAFETY: the caller guarantees 8 readable bf16 (16 bytes) at `p` and AVX2; `loadu` needs
+        // no alignment. bf16 is the top half of an f32: zero-extend each to 32 bits and shift.
+        unsafe {
+            let h = _mm_loadu_si128(p.cast());
+            _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const bf16) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable bf16 (32 bytes) at `p` and AVX-512F.
+        unsafe {
+            let h = _mm256_loadu_si256(p.cast());
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        }
     }
 
     #[inline]
@@ -128,13 +567,16 @@ impl Elem for bf16 {
 }
 
 impl Elem for f16 {
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(always)]
     unsafe fn load8(p: *const f16) -> __m256 {
-        // SAFETY: the caller guarantees 8 readable f16 (16 bytes) at `p`; `loadu` needs no
-        // alignment.
-        let h = unsafe { _mm_loadu_si128(p.cast()) };
-        _mm256_cvtph_ps(h)
+        // SAFETY: the caller guarantees 8 readable f16 (16 bytes) at `p` and F16C.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+
+    #[inline(always)]
+    unsafe fn load16(p: *const f16) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable f16 (32 bytes) at `p` and AVX-512F.
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
     }
 
     #[inline]
@@ -143,93 +585,246 @@ impl Elem for f16 {
     }
 }
 
-/// Sum of the eight lanes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-/// The whole of [`Avx2::rows`]: writes `w_i · x_j` to `out[i · t + j]` for the `nr` weight rows
-/// at `w` and the `t` token rows at `x` (both of stride `k`).
+/// The vector operations the generic kernels use, for one instruction set.
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; `w` has `nr · k` readable elements, `x` has `t · k`, and
-/// `out` has `nr · t` writable ones.
+/// Implementations call intrinsics of their instruction set: every method may only run in code
+/// compiled with that set enabled (the `#[target_feature]` entry points below).
+trait Simd {
+    type V: Copy;
+    /// f32 lanes per vector.
+    const LANES: usize;
+    unsafe fn zero() -> Self::V;
+    /// `LANES` readable f32 at `p`.
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// `LANES` readable weights at `p`, widened.
+    unsafe fn load_w<W: Elem>(p: *const W) -> Self::V;
+    /// `a · b + c`.
+    unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    unsafe fn hsum(v: Self::V) -> f32;
+    unsafe fn splat(v: f32) -> Self::V;
+    /// `LANES` writable f32 at `p`.
+    unsafe fn store(p: *mut f32, v: Self::V);
+}
+
+struct Avx2Ops;
+struct Avx512Ops;
+
+impl Simd for Avx2Ops {
+    type V = __m256;
+    const LANES: usize = 8;
+
+    #[inline(always)]
+    unsafe fn zero() -> __m256 {
+        // SAFETY: AVX is enabled in every caller (see the trait).
+        unsafe { _mm256_setzero_ps() }
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable f32 at `p`.
+        unsafe { _mm256_loadu_ps(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_w<W: Elem>(p: *const W) -> __m256 {
+        // SAFETY: the caller guarantees 8 readable elements; AVX2 + F16C are enabled.
+        unsafe { W::load8(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
+        // SAFETY: FMA is enabled in every caller.
+        unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        // SAFETY: AVX (and SSE3) are enabled in every caller.
+        unsafe {
+            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+            let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+            _mm_cvtss_f32(s)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> __m256 {
+        // SAFETY: AVX is enabled in every caller.
+        unsafe { _mm256_set1_ps(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m256) {
+        // SAFETY: the caller guarantees 8 writable f32 at `p`.
+        unsafe { _mm256_storeu_ps(p, v) }
+    }
+}
+
+impl Simd for Avx512Ops {
+    type V = __m512;
+    const LANES: usize = 16;
+
+    #[inline(always)]
+    unsafe fn zero() -> __m512 {
+        // SAFETY: AVX-512F is enabled in every caller.
+        unsafe { _mm512_setzero_ps() }
+    }
+
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable f32 at `p`.
+        unsafe { _mm512_loadu_ps(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn load_w<W: Elem>(p: *const W) -> __m512 {
+        // SAFETY: the caller guarantees 16 readable elements; AVX-512F is enabled.
+        unsafe { W::load16(p) }
+    }
+
+    #[inline(always)]
+    unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
+        // SAFETY: AVX-512F is enabled in every caller.
+        unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum(v: __m512) -> f32 {
+        // SAFETY: AVX-512F is enabled in every caller.
+        unsafe { _mm512_reduce_add_ps(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> __m512 {
+        // SAFETY: AVX-512F is enabled in every caller.
+        unsafe { _mm512_set1_ps(v) }
+    }
+
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: __m512) {
+        // SAFETY: the caller guarantees 16 writable f32 at `p`.
+        unsafe { _mm512_storeu_ps(p, v) }
+    }
+}
+
+/// [`rows_generic`] compiled for AVX2 + FMA + F16C.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; otherwise as [`rows_generic`].
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn rows_avx2<W: Elem>(
     w: *const W,
+    ws: usize,
     nr: usize,
     x: *const f32,
     t: usize,
     k: usize,
     out: *mut f32,
 ) {
-    // SAFETY: with one token, block `i < q` reads rows (and writes outputs) `i + s·q` for
-    // `s < STRIPES`, all below `STRIPES·q <= nr`, and the rows `STRIPES·q..nr` are read one at a
-    // time; otherwise the tiles cover exactly the caller's `nr` rows and `t` tokens.
-    unsafe {
-        if t == 1 {
-            // Stripe `s` holds rows `s·q..(s + 1)·q`; a block takes one row from each, so it
-            // reads `STRIPES` long sequential streams.
-            let q = nr / STRIPES;
-            for i in 0..q {
-                block::<W, STRIPES, 1>(w.add(i * k), q * k, x, k, out.add(i), q);
-            }
-            for i in STRIPES * q..nr {
-                block::<W, 1, 1>(w.add(i * k), k, x, k, out.add(i), 1);
-            }
-        } else {
-            let tile = (X_TILE_BYTES / (4 * k) / TOKENS * TOKENS).clamp(TOKENS, MAX_TILE_TOKENS);
-            tiles::<W, ROWS_MANY>(w, nr, x, t, k, tile, out);
-        }
-    }
+    // SAFETY: forwarded from the caller.
+    unsafe { rows_generic::<Avx2Ops, W>(w, ws, nr, x, t, k, out) }
 }
 
-/// [`rows_avx2`] in tiles of `tile` tokens, `R` weight rows at a time.
+/// [`rows_generic`] compiled for AVX-512F.
 ///
 /// # Safety
-/// As [`rows_avx2`]; `tile` is at least 1.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn tiles<W: Elem, const R: usize>(
+/// The CPU has AVX-512F, AVX2, FMA and F16C; otherwise as [`rows_generic`].
+#[target_feature(enable = "avx512f,avx2,fma,f16c")]
+unsafe fn rows_avx512<W: Elem>(
     w: *const W,
+    ws: usize,
     nr: usize,
     x: *const f32,
     t: usize,
     k: usize,
-    tile: usize,
     out: *mut f32,
 ) {
-    for j in (0..t).step_by(tile) {
-        let nt = tile.min(t - j);
-        let mut i = 0;
-        // SAFETY (both loops): rows `i..i + R` (or `i`) are below `nr` and tokens `j..j + nt`
-        // below `t`, so every weight, activation and output touched is inside the caller's ranges.
-        unsafe {
-            while i + R <= nr {
-                token_blocks::<W, R>(w.add(i * k), x.add(j * k), nt, k, out.add(i * t + j), t);
-                i += R;
-            }
-            while i < nr {
-                token_blocks::<W, 1>(w.add(i * k), x.add(j * k), nt, k, out.add(i * t + j), t);
-                i += 1;
+    // SAFETY: forwarded from the caller.
+    unsafe { rows_generic::<Avx512Ops, W>(w, ws, nr, x, t, k, out) }
+}
+
+/// Writes `w_i · x_j` to `out[i · t + j]` for the `nr` weight rows at `w` (row stride `ws`, `k`
+/// elements each) and the `t` token rows at `x` (stride `k`).
+///
+/// # Safety
+/// Runs inside a `#[target_feature]` entry point for `S`; `w[i·ws .. i·ws + k]` is readable for
+/// every `i < nr`, `x` has `t · k` readable elements, and `out` has `nr · t` writable ones.
+#[inline(always)]
+unsafe fn rows_generic<S: Simd, W: Elem>(
+    w: *const W,
+    ws: usize,
+    nr: usize,
+    x: *const f32,
+    t: usize,
+    k: usize,
+    out: *mut f32,
+) {
+    // SAFETY: the tiles cover exactly the caller's `t` tokens, and `striped` exactly its `nr`
+    // rows, so every access is inside the ranges the caller guarantees.
+    unsafe {
+        if t == 1 {
+            striped::<S, W, STRIPES>(w, ws, nr, x, 1, k, out, 1);
+        } else {
+            let tile = (X_TILE_BYTES / (4 * k) / TOKENS * TOKENS).clamp(TOKENS, MAX_TILE_TOKENS);
+            for j in (0..t).step_by(tile) {
+                let nt = tile.min(t - j);
+                striped::<S, W, ROWS_MANY>(w, ws, nr, x.add(j * k), nt, k, out.add(j), t);
             }
         }
     }
 }
 
-/// `R` weight rows against `nt` token rows, [`TOKENS`] at a time.
+/// The `nr` rows at `w` (stride `ws`) against `nt` tokens, `R` rows at a time taken from `R`
+/// stripes (block `i` reads rows `i, i + q, …, i + (R-1)·q` with `q = nr / R`), so each thread
+/// keeps `R` sequential memory streams in flight; the last `nr mod R` rows go one at a time.
+/// Row `i`'s result for token `j` goes to `out[i · ostride + j]`.
+///
+/// # Safety
+/// As [`rows_generic`], with `x` holding `nt` rows and `out[i · ostride + j]` writable for
+/// `i < nr`, `j < nt`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn striped<S: Simd, W: Elem, const R: usize>(
+    w: *const W,
+    ws: usize,
+    nr: usize,
+    x: *const f32,
+    nt: usize,
+    k: usize,
+    out: *mut f32,
+    ostride: usize,
+) {
+    let q = nr / R;
+    // SAFETY: block `i < q` touches rows `i + r·q < R·q <= nr` (r < R), and the single rows
+    // `R·q..nr` are below `nr`.
+    unsafe {
+        for i in 0..q {
+            token_blocks::<S, W, R>(
+                w.add(i * ws),
+                q * ws,
+                x,
+                nt,
+                k,
+                out.add(i * ostride),
+                q * ostride,
+            );
+        }
+        for i in R * q..nr {
+            token_blocks::<S, W, 1>(w.add(i * ws), ws, x, nt, k, out.add(i * ostride), ostride);
+        }
+    }
+}
+
+/// `R` weight rows (stride `ws`) against `nt` token rows, [`TOKENS`] at a time.
 ///
 /// # Safety
 /// As [`block`] with `T = nt`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn token_blocks<W: Elem, const R: usize>(
+#[inline(always)]
+unsafe fn token_blocks<S: Simd, W: Elem, const R: usize>(
     w: *const W,
+    ws: usize,
     x: *const f32,
     nt: usize,
     k: usize,
@@ -241,13 +836,15 @@ unsafe fn token_blocks<W: Elem, const R: usize>(
     // `r · stride + j..r · stride + j + T` (r < R) are inside the caller's ranges.
     unsafe {
         while j + TOKENS <= nt {
-            block::<W, R, TOKENS>(w, k, x.add(j * k), k, out.add(j), stride);
+            block::<S, W, R, TOKENS>(w, ws, x.add(j * k), k, out.add(j), stride);
             j += TOKENS;
         }
         match nt - j {
-            1 => block::<W, R, 1>(w, k, x.add(j * k), k, out.add(j), stride),
-            2 => block::<W, R, 2>(w, k, x.add(j * k), k, out.add(j), stride),
-            3 => block::<W, R, 3>(w, k, x.add(j * k), k, out.add(j), stride),
+            1 => block::<S, W, R, 1>(w, ws, x.add(j * k), k, out.add(j), stride),
+            2 => block::<S, W, R, 2>(w, ws, x.add(j * k), k, out.add(j), stride),
+            3 => block::<S, W, R, 3>(w, ws, x.add(j * k), k, out.add(j), stride),
+            4 => block::<S, W, R, 4>(w, ws, x.add(j * k), k, out.add(j), stride),
+            5 => block::<S, W, R, 5>(w, ws, x.add(j * k), k, out.add(j), stride),
             _ => {}
         }
     }
@@ -256,12 +853,11 @@ unsafe fn token_blocks<W: Elem, const R: usize>(
 /// `out[r · stride + j] = Σ_{c < k} w[r · ws + c] · x[j · k + c]` for `r < R`, `j < T`.
 ///
 /// # Safety
-/// AVX2, FMA and F16C are available; `w[r · ws..r · ws + k]` is readable for every `r < R`,
-/// `x` has `T · k` readable elements, and `out[r · stride + j]` is writable for every `r < R`,
-/// `j < T`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn block<W: Elem, const R: usize, const T: usize>(
+/// Runs inside a `#[target_feature]` entry point for `S`; `w[r · ws..r · ws + k]` is readable for
+/// every `r < R`, `x` has `T · k` readable elements, and `out[r · stride + j]` is writable for
+/// every `r < R`, `j < T`.
+#[inline(always)]
+unsafe fn block<S: Simd, W: Elem, const R: usize, const T: usize>(
     w: *const W,
     ws: usize,
     x: *const f32,
@@ -269,33 +865,37 @@ unsafe fn block<W: Elem, const R: usize, const T: usize>(
     out: *mut f32,
     stride: usize,
 ) {
-    // acc[j][r]: token `j` times weight row `r`.
-    let mut acc = [[_mm256_setzero_ps(); R]; T];
-    let mut c = 0;
-    while c + 8 <= k {
-        let mut wv = [_mm256_setzero_ps(); R];
-        for (r, v) in wv.iter_mut().enumerate() {
-            // SAFETY: `r < R` and `c + 8 <= k`, so the 8 elements lie in row `r` of `w`.
-            *v = unsafe { W::load8(w.add(r * ws + c)) };
-        }
-        for (j, acc_j) in acc.iter_mut().enumerate() {
-            // SAFETY: `j < T` and `c + 8 <= k`, so the 8 values lie in row `j` of `x`.
-            let xv = unsafe { _mm256_loadu_ps(x.add(j * k + c)) };
-            for (a, wr) in acc_j.iter_mut().zip(&wv) {
-                *a = _mm256_fmadd_ps(*wr, xv, *a);
+    // SAFETY: every intrinsic runs inside the caller's `#[target_feature]` context; the pointer
+    // arithmetic stays inside the ranges the caller guarantees, as noted per access.
+    unsafe {
+        // acc[j][r]: token `j` times weight row `r`.
+        let mut acc = [[S::zero(); R]; T];
+        let mut c = 0;
+        while c + S::LANES <= k {
+            let mut wv = [S::zero(); R];
+            for (r, v) in wv.iter_mut().enumerate() {
+                // `r < R` and `c + LANES <= k`: the lanes lie in row `r` of `w`.
+                *v = S::load_w(w.add(r * ws + c));
             }
-        }
-        c += 8;
-    }
-    for (j, acc_j) in acc.iter().enumerate() {
-        for (r, a) in acc_j.iter().enumerate() {
-            let mut s = hsum(*a);
-            for cc in c..k {
-                // SAFETY: `cc < k`, `r < R`, `j < T`: inside row `r` of `w` and row `j` of `x`.
-                s += unsafe { (*w.add(r * ws + cc)).widen() * *x.add(j * k + cc) };
+            for (j, acc_j) in acc.iter_mut().enumerate() {
+                // `j < T` and `c + LANES <= k`: the lanes lie in row `j` of `x`.
+                let xv = S::load(x.add(j * k + c));
+                for (a, wr) in acc_j.iter_mut().zip(&wv) {
+                    *a = S::fma(*wr, xv, *a);
+                }
             }
-            // SAFETY: the caller makes `out[r · stride + j]` writable for `r < R`, `j < T`.
-            unsafe { *out.add(r * stride + j) = s };
+            c += S::LANES;
+        }
+        for (j, acc_j) in acc.iter().enumerate() {
+            for (r, a) in acc_j.iter().enumerate() {
+                let mut s = S::hsum(*a);
+                for cc in c..k {
+                    // `cc < k`, `r < R`, `j < T`: inside row `r` of `w` and row `j` of `x`.
+                    s += (*w.add(r * ws + cc)).widen() * *x.add(j * k + cc);
+                }
+                // The caller makes `out[r · stride + j]` writable for `r < R`, `j < T`.
+                *out.add(r * stride + j) = s;
+            }
         }
     }
 }

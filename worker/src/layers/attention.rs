@@ -101,9 +101,11 @@ impl<B: Backend> Gqa<B> {
         step: &B::Step,
     ) -> Result<B::Tensor, WorkerError> {
         let p = &self.params;
-        let mut q = self.q.forward(b, x)?;
-        let mut k = self.k.forward(b, x)?;
-        let v = self.v.forward(b, x)?;
+        // One call, so the backend can stream q, k and v in one pass.
+        let [mut q, mut k, v]: [B::Tensor; 3] = b
+            .linear_many(x, &[self.q.parts(), self.k.parts(), self.v.parts()])?
+            .try_into()
+            .map_err(|_| WorkerError::Request("linear_many returned the wrong count".into()))?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(b, &q)?;
             k = kn.forward(b, &k)?;

@@ -52,11 +52,7 @@ impl<B: Backend> Mlp<B> {
     }
 
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, WorkerError> {
-        let h = b.silu_mul(
-            &b.linear(x, &self.gate, None)?,
-            &b.linear(x, &self.up, None)?,
-        )?;
-        Ok(b.linear(&h, &self.down, None)?)
+        Ok(b.mlp(x, &self.as_expert())?)
     }
 
     /// The weights as the backend's MoE kernel takes them.

@@ -121,4 +121,9 @@ impl<B: Backend> Linear<B> {
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, WorkerError> {
         Ok(b.linear(x, &self.weight, self.bias.as_ref())?)
     }
+
+    /// Weight and bias, as [`Backend::linear_many`] takes them.
+    pub fn parts(&self) -> (&B::Weight, Option<&B::Weight>) {
+        (&self.weight, self.bias.as_ref())
+    }
 }

@@ -1,0 +1,134 @@
+//! Paged decode attention on the CPU at Qwen3-30B-A3B's shape (32 query heads, 4 KV heads of 128)
+//! and Mixtral-8x7B's (32 query heads, 8 KV heads of 128), over contexts of 512 and 2048 positions
+//! scattered over 16-slot blocks.
+//!
+//! `cargo bench -p tessera-kernels --bench attention`. Throughput is the bytes of keys and values
+//! read per call (f32 cache), to compare with the `roofs` group of the `linear` bench; at these
+//! sizes the cache of one call fits in L2/L3, so the numbers can exceed DRAM bandwidth.
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use tessera_kernels::cpu::CpuBackend;
+use tessera_kernels::{AttentionParams, Backend, KvSpec, RopeLayout, RopeTable, SeqMeta, StepMeta};
+
+/// (name, query heads, KV heads, head dim).
+const SHAPES: &[(&str, usize, usize, usize)] =
+    &[("qwen3_30b_a3b", 32, 4, 128), ("mixtral_8x7b", 32, 8, 128)];
+const CONTEXTS: &[usize] = &[512, 2048];
+const BATCHES: &[usize] = &[1, 16];
+const BLOCK: usize = 16;
+
+fn values(len: usize, seed: u32) -> Vec<f32> {
+    (0..len)
+        .map(|i| {
+            let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13);
+            (h % 2048) as f32 / 1024.0 - 1.0
+        })
+        .collect()
+}
+
+fn attention(c: &mut Criterion) {
+    let b = CpuBackend;
+    let rope = RopeTable {
+        inv_freq: vec![1.0; 64],
+        attention_scaling: 1.0,
+        layout: RopeLayout::Half,
+    };
+    let mut group = c.benchmark_group("attention");
+    for &(name, heads, kv_heads, d) in SHAPES {
+        for &ctx in CONTEXTS {
+            for &batch in BATCHES {
+                let per_seq = ctx.div_ceil(BLOCK);
+                let spec = KvSpec {
+                    num_blocks: batch * per_seq,
+                    block_size: BLOCK,
+                    num_kv_heads: kv_heads,
+                    k_dim: d,
+                    v_dim: d,
+                };
+                let mut cache = b.alloc_kv(spec).expect("cache");
+                // Fill the cache through the backend: every sequence's whole context at once.
+                let seqs: Vec<SeqMeta> = (0..batch)
+                    .map(|s| SeqMeta {
+                        token_start: s * ctx,
+                        num_tokens: ctx,
+                        context_len: ctx,
+                        // Interleaved blocks, as a pool shared by many sequences hands them out.
+                        block_table: (0..per_seq).map(|i| (i * batch + s) as u32).collect(),
+                    })
+                    .collect();
+                let fill = StepMeta {
+                    seqs: seqs.clone(),
+                    block_size: BLOCK,
+                };
+                let kv = |seed| {
+                    b.tensor_from_host(
+                        values(batch * ctx * kv_heads * d, seed),
+                        batch * ctx,
+                        kv_heads * d,
+                    )
+                    .expect("kv")
+                };
+                let step = b.prepare_step(&fill, &rope).expect("step");
+                b.write_kv(&mut cache, &kv(1), &kv(2), &step)
+                    .expect("write");
+                // Decode: the last position of every sequence.
+                let decode = StepMeta {
+                    seqs: seqs
+                        .into_iter()
+                        .enumerate()
+                        .map(|(s, m)| SeqMeta {
+                            token_start: s,
+                            num_tokens: 1,
+                            ..m
+                        })
+                        .collect(),
+                    block_size: BLOCK,
+                };
+                let step = b.prepare_step(&decode, &rope).expect("step");
+                let q = b
+                    .tensor_from_host(values(batch * heads * d, 3), batch, heads * d)
+                    .expect("q");
+                let p = AttentionParams {
+                    num_heads: heads,
+                    num_kv_heads: kv_heads,
+                    qk_dim: d,
+                    v_dim: d,
+                    scale: (d as f32).powf(-0.5),
+                    sliding_window: None,
+                };
+                group.throughput(Throughput::BytesDecimal(
+                    (batch * ctx * kv_heads * d * 2 * 4) as u64,
+                ));
+                group.bench_function(
+                    BenchmarkId::new(format!("{name}/ctx{ctx}"), format!("t{batch}")),
+                    |bch| {
+                        bch.iter(|| {
+                            black_box(
+                                b.attention(black_box(&q), &cache, &step, &p)
+                                    .expect("attention"),
+                            )
+                        })
+                    },
+                );
+            }
+        }
+    }
+    group.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(300))
+        .measurement_time(Duration::from_secs(1))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = attention
+}
+criterion_main!(benches);

@@ -1,0 +1,137 @@
+//! The roofline report as a readable table (the `--json` form is the serialised [`Roofline`]).
+
+use std::fmt::Write;
+
+use super::roofline::Roofline;
+
+fn gb(bytes: f64) -> String {
+    format!("{:.3} GB", bytes / 1e9)
+}
+
+pub fn table(r: &Roofline) -> String {
+    let mut s = String::new();
+    let m = &r.machine;
+    let _ = writeln!(
+        s,
+        "Roofline report (commit {})",
+        r.commit.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        s,
+        "machine   {} | {} threads of {} logical CPUs | kernels {} | load avg {} → {}",
+        m.cpu,
+        m.threads,
+        m.logical_cpus,
+        m.kernels,
+        m.load_average[0].map_or("?".into(), |v| format!("{v:.2}")),
+        m.load_average[1].map_or("?".into(), |v| format!("{v:.2}")),
+    );
+    let md = &r.model;
+    let _ = writeln!(
+        s,
+        "model     {} | {} layers, hidden {}, vocab {}{} | {} of {} | {}{}",
+        md.architecture,
+        md.layers,
+        md.hidden_size,
+        md.vocab_size,
+        match (md.experts, md.top_k) {
+            (Some(e), Some(k)) => format!(", {e} experts top-{k}"),
+            _ => String::new(),
+        },
+        gb(md.total_weight_bytes as f64),
+        md.weight_dtypes.join("/"),
+        md.dir.display(),
+        if md.generated { " (generated now)" } else { "" },
+    );
+    let (b0, b1) = (&r.bandwidth_before, &r.bandwidth_after);
+    let _ = writeln!(
+        s,
+        "bandwidth read {:.1} GB/s (before: 1 stream {:.1}, 4 streams {:.1}, copy {:.1}; after: {:.1}, {:.1}, {:.1})",
+        r.bandwidth_gb_s,
+        b0.read_1stream_gb_s,
+        b0.read_4stream_gb_s,
+        b0.copy_gb_s,
+        b1.read_1stream_gb_s,
+        b1.read_4stream_gb_s,
+        b1.copy_gb_s,
+    );
+    let _ = writeln!(
+        s,
+        "compute   FMA peak {} | {:.0} M multiply-adds per token",
+        r.fma_peak_gflops
+            .map_or("not measured".into(), |p| format!("{p:.0} GFLOP/s")),
+        r.macs_per_token as f64 / 1e6,
+    );
+    let _ = writeln!(
+        s,
+        "active weights per token {} → batch-1 roofline {:.1} tok/s",
+        gb(r.active_bytes_per_token as f64),
+        r.roofline_tok_s_batch1
+    );
+    let _ = writeln!(
+        s,
+        "\n{:>5} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>7} {:>7} {:>7} {:>9}",
+        "batch",
+        "tok/s",
+        "step ms",
+        "min ms",
+        "bytes/step",
+        "mem roof",
+        "cpu roof",
+        "of roof",
+        "vs b1",
+        "ceiling",
+        "prefill/s"
+    );
+    let x = |v: Option<f64>| v.map_or("-".into(), |x| format!("{x:.2}x"));
+    for b in &r.batches {
+        let _ = writeln!(
+            s,
+            "{:>5} {:>8.1} {:>8.2} {:>8.2} {:>10} {:>9.1} {:>9} {:>6.1}% {:>7} {:>7} {:>9.1}",
+            b.batch,
+            b.tok_s,
+            b.step_ms_median,
+            b.step_ms_min,
+            gb(b.weight_bytes_per_step),
+            b.memory_roof_tok_s,
+            b.compute_roof_tok_s
+                .map_or("-".into(), |c| format!("{c:.1}")),
+            100.0 * b.roofline_fraction,
+            x(b.speedup_vs_batch1),
+            x(b.speedup_ceiling_vs_batch1),
+            b.prefill_tok_s,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "(roofs in tok/s; \"of roof\" is against the lower roof; \"ceiling\" is this batch's roof over batch 1's)"
+    );
+    if let Some(f) = r.roofline_fraction_batch1 {
+        let _ = writeln!(
+            s,
+            "\nbatch-1 decode: {:.1}% of the bandwidth roofline ({} prompt tokens, {} timed steps)",
+            100.0 * f,
+            r.prompt_len,
+            r.timed_steps
+        );
+    }
+    if let Some(p) = &r.profile {
+        let _ = writeln!(
+            s,
+            "\nprofile at batch {}: {:.2} ms/step, {:.3} ms outside backend ops, empty parallel region {:.1} µs",
+            p.batch, p.step_ms, p.outside_ops_ms, p.fork_join_us
+        );
+        let _ = writeln!(s, "{:>8} {:>8} {:>7}  op", "ms/step", "calls", "share");
+        for op in &p.ops {
+            let _ = writeln!(
+                s,
+                "{:>8.3} {:>8.1} {:>6.1}%  {}",
+                op.ms_per_step,
+                op.calls_per_step,
+                100.0 * op.share,
+                op.op
+            );
+        }
+    }
+    s
+}

@@ -1,0 +1,467 @@
+//! The roofline measurement: bandwidth probes around decode runs at each batch size.
+//!
+//! Batch-1 decode reads every active weight once per token, so its ceiling is
+//! `bandwidth / active_bytes_per_token`. At batch B a step reads the dense weights once, one
+//! embedding row per token and every expert that any of the B tokens chose; the step's own routing
+//! decisions (reported by the executor) give those bytes exactly, so each batch size gets its own
+//! memory roof too. Bandwidth is probed before and after the decode runs and the better reading is
+//! used, so interference from other processes lowers the decode numbers, never the roof.
+//!
+//! Decoding goes through the production path: `Checkpoint::open`, `load_model_spec`,
+//! `Model::load`, and [`Executor::step`] over the paged KV cache, B sequences per step, greedy
+//! sampling of every token.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use tessera_common::{FfnSpec, ModelSpec, ShardSpec, load_model_spec};
+use tessera_kernels::cpu::probe::{self, Bandwidth};
+use tessera_kernels::cpu::{self, CpuBackend, profile};
+use tessera_worker::checkpoint::Checkpoint;
+use tessera_worker::executor::{Executor, SeqStep};
+use tessera_worker::footprint::WeightFootprint;
+use tessera_worker::kv_cache::BlockAllocator;
+use tessera_worker::model::Model;
+use tessera_worker::sampling::SamplingParams;
+use tessera_worker::synthetic::{cache_dir, ensure_checkpoint};
+
+use super::BenchArgs;
+
+/// Positions per KV-cache block (the engine's default).
+const BLOCK_SIZE: usize = 16;
+/// Repetitions of each bandwidth probe (the best counts).
+const PROBE_REPS: usize = 5;
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: String,
+    /// Threads in the compute pool.
+    pub threads: usize,
+    pub logical_cpus: usize,
+    /// The matrix kernels this CPU runs.
+    pub kernels: String,
+    /// `/proc/loadavg`'s 1-minute load before and after the run (other processes' activity).
+    pub load_average: [Option<f64>; 2],
+}
+
+#[derive(Debug, Serialize)]
+pub struct ModelInfo {
+    pub dir: PathBuf,
+    /// Whether this run generated the synthetic checkpoint (false: reused or user-supplied).
+    pub generated: bool,
+    pub architecture: String,
+    pub layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    pub experts: Option<usize>,
+    pub top_k: Option<usize>,
+    pub weight_dtypes: Vec<String>,
+    pub total_weight_bytes: u64,
+    pub load_seconds: f64,
+}
+
+/// Decode at one batch size.
+#[derive(Debug, Serialize)]
+pub struct BatchResult {
+    pub batch: usize,
+    pub tok_s: f64,
+    pub step_ms_median: f64,
+    pub step_ms_min: f64,
+    /// Prompt tokens per second of the (single-step) prefill of all sequences.
+    pub prefill_tok_s: f64,
+    /// Mean weight bytes a timed step read, from the steps' routing.
+    pub weight_bytes_per_step: f64,
+    /// `batch × bandwidth / weight_bytes_per_step`: this batch size's memory roof.
+    pub memory_roof_tok_s: f64,
+    /// `peak FLOP/s / (2 × multiply-adds per token)`: the compute roof (any batch).
+    pub compute_roof_tok_s: Option<f64>,
+    /// The lower of the two roofs.
+    pub roofline_tok_s: f64,
+    /// "memory" or "compute": which roof is lower.
+    pub bound_by: &'static str,
+    pub roofline_fraction: f64,
+    pub speedup_vs_batch1: Option<f64>,
+    /// This batch's roof over batch 1's: the most batching could gain here.
+    pub speedup_ceiling_vs_batch1: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProfileEntry {
+    pub op: String,
+    pub calls_per_step: f64,
+    pub ms_per_step: f64,
+    pub share: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Profile {
+    /// Sequences per profiled step.
+    pub batch: usize,
+    pub step_ms: f64,
+    /// Step time outside the backend's operations (step assembly, sampling, bookkeeping).
+    pub outside_ops_ms: f64,
+    /// One empty parallel region of the compute pool, measured alone (microseconds).
+    pub fork_join_us: f64,
+    pub ops: Vec<ProfileEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Roofline {
+    pub commit: Option<String>,
+    pub machine: Machine,
+    pub model: ModelInfo,
+    /// The read roof used below (GB/s = 10⁹ bytes/s): the best read probe, before or after.
+    pub bandwidth_gb_s: f64,
+    pub bandwidth_before: Bandwidth,
+    pub bandwidth_after: Bandwidth,
+    /// Peak multiply-add throughput of all threads (10⁹ FLOP/s), best before or after; `None`
+    /// with the portable kernels.
+    pub fma_peak_gflops: Option<f64>,
+    pub active_bytes_per_token: u64,
+    /// Weight multiply-adds per decoded token.
+    pub macs_per_token: u64,
+    /// `bandwidth / active_bytes_per_token`.
+    pub roofline_tok_s_batch1: f64,
+    /// Batch size (as a string) → decode tokens per second.
+    pub decode_tok_s: BTreeMap<String, f64>,
+    pub roofline_fraction_batch1: Option<f64>,
+    pub batches: Vec<BatchResult>,
+    pub prompt_len: usize,
+    pub timed_steps: usize,
+    pub profile: Option<Profile>,
+}
+
+fn git_commit() -> Option<String> {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let head = run(&["rev-parse", "--short=12", "HEAD"])?;
+    let dirty =
+        run(&["status", "--porcelain", "--untracked-files=no"]).is_some_and(|s| !s.is_empty());
+    Some(if dirty { format!("{head}-dirty") } else { head })
+}
+
+fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string())
+}
+
+fn load_average() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A deterministic, varied prompt for sequence `seq` (distinct sequences route differently).
+fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
+    (0..len)
+        .map(|i| {
+            let h = ((seq * 7919 + i * 104_729 + 13) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            ((h >> 33) % vocab as u64) as u32
+        })
+        .collect()
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// What a batch run needs besides the executor.
+struct RunPlan<'a> {
+    batch: usize,
+    prompt_len: usize,
+    warmup: usize,
+    steps: usize,
+    vocab: usize,
+    footprint: &'a WeightFootprint,
+    /// Turn the backend profile on for the timed steps.
+    profile: bool,
+}
+
+struct RunOutcome {
+    step_secs: Vec<f64>,
+    step_bytes: Vec<u64>,
+    prefill_secs: f64,
+}
+
+/// Prefills `batch` sequences in one step, then decodes them together.
+fn run_batch(
+    exec: &mut Executor<CpuBackend>,
+    alloc: &mut BlockAllocator,
+    p: &RunPlan<'_>,
+) -> Result<RunOutcome> {
+    let positions = p.prompt_len + p.warmup + p.steps + 1;
+    let mut seqs: Vec<SeqStep> = Vec::with_capacity(p.batch);
+    for s in 0..p.batch {
+        let blocks = alloc.allocate(alloc.blocks_for(positions))?;
+        let tokens = prompt(s, p.prompt_len, p.vocab);
+        seqs.push(SeqStep {
+            seq_id: s as u64,
+            context_len: tokens.len(),
+            tokens,
+            block_table: blocks,
+            sampling: SamplingParams::greedy(),
+            top_logprobs: 0,
+            prompt_logprobs: false,
+            sample: true,
+            prompt_len: p.prompt_len,
+        });
+    }
+    let started = Instant::now();
+    let mut result = exec.step(&seqs)?;
+    let prefill_secs = started.elapsed().as_secs_f64();
+    let mut out = RunOutcome {
+        step_secs: Vec::with_capacity(p.steps),
+        step_bytes: Vec::with_capacity(p.steps),
+        prefill_secs,
+    };
+    for i in 0..p.warmup + p.steps {
+        for (s, r) in seqs.iter_mut().zip(&result.results) {
+            let token = r.token.context("the step sampled no token")?;
+            s.tokens.clear();
+            s.tokens.push(token);
+            s.context_len += 1;
+        }
+        let timed = i >= p.warmup;
+        if timed && p.profile {
+            profile::enable(true);
+        }
+        let started = Instant::now();
+        result = exec.step(&seqs)?;
+        let secs = started.elapsed().as_secs_f64();
+        profile::enable(false);
+        if timed {
+            out.step_secs.push(secs);
+            out.step_bytes
+                .push(p.footprint.step_bytes(p.batch, &result.expert_counts));
+        }
+    }
+    for s in seqs {
+        exec.release(s.seq_id);
+        alloc.release(s.block_table);
+    }
+    Ok(out)
+}
+
+fn model_info(spec: &ModelSpec, ckpt: &Checkpoint, dir: &Path, generated: bool) -> ModelInfo {
+    let moe = spec.layers.iter().find_map(|l| match &l.ffn {
+        FfnSpec::Moe(m) => Some((m.num_experts, m.top_k)),
+        FfnSpec::Dense(_) => None,
+    });
+    let mut dtypes: Vec<String> = ckpt
+        .names()
+        .iter()
+        .filter_map(|n| ckpt.info(n).ok())
+        .map(|i| i.dtype.to_string())
+        .collect::<std::collections::BTreeSet<String>>()
+        .into_iter()
+        .collect();
+    dtypes.sort();
+    ModelInfo {
+        dir: dir.to_path_buf(),
+        generated,
+        architecture: spec.architecture.clone(),
+        layers: spec.layers.len(),
+        hidden_size: spec.hidden_size,
+        vocab_size: spec.vocab_size,
+        experts: moe.map(|m| m.0),
+        top_k: moe.map(|m| m.1),
+        weight_dtypes: dtypes,
+        total_weight_bytes: ckpt.total_bytes(),
+        load_seconds: 0.0,
+    }
+}
+
+pub fn run(args: &BenchArgs) -> Result<Roofline> {
+    let load_before = load_average();
+    let probe_bytes = args.bandwidth_mib << 20;
+    tracing::info!(mib = args.bandwidth_mib, "measuring memory bandwidth");
+    let bandwidth_before = probe::bandwidth(probe_bytes, PROBE_REPS);
+    let peak_before = probe::fma_peak_gflops(PROBE_REPS);
+
+    let (dir, generated) = match &args.model {
+        Some(dir) => (dir.clone(), false),
+        None => {
+            let dir = args
+                .checkpoint_dir
+                .clone()
+                .unwrap_or_else(|| cache_dir(args.model_size.name(), args.seed));
+            ensure_checkpoint(&dir, &args.model_size.model(), args.seed)?
+        }
+    };
+    let spec = load_model_spec(&dir)
+        .with_context(|| format!("reading the model config in {}", dir.display()))?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let loading = Instant::now();
+    let model = Model::load(CpuBackend, spec.clone(), &ckpt, &ShardSpec::whole())?;
+    let mut info = model_info(&spec, &ckpt, &dir, generated);
+    info.load_seconds = loading.elapsed().as_secs_f64();
+    let footprint = WeightFootprint::of_loaded(&spec, &ckpt)?;
+
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let positions = args.prompt_len + args.warmup + args.tokens + 1;
+    if positions > spec.max_position_embeddings {
+        anyhow::bail!(
+            "--prompt-len + --warmup + --tokens = {positions} exceeds the model's {} positions",
+            spec.max_position_embeddings
+        );
+    }
+    let per_seq = positions.div_ceil(BLOCK_SIZE);
+    let num_blocks = max_batch * per_seq;
+    let mut exec = Executor::new(model, num_blocks, BLOCK_SIZE)?;
+    let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
+    let kernels = cpu::kernels_name().to_string();
+
+    let mut runs = Vec::new();
+    for &batch in &args.batches {
+        tracing::info!(batch, steps = args.tokens, "decoding");
+        let plan = RunPlan {
+            batch,
+            prompt_len: args.prompt_len,
+            warmup: args.warmup,
+            steps: args.tokens,
+            vocab: spec.vocab_size,
+            footprint: &footprint,
+            profile: false,
+        };
+        runs.push((batch, run_batch(&mut exec, &mut alloc, &plan)?));
+    }
+    let profile = if let Some(batch) = args.profile {
+        tracing::info!(batch, steps = args.tokens, "profiling decode");
+        let plan = RunPlan {
+            batch,
+            prompt_len: args.prompt_len,
+            warmup: args.warmup,
+            steps: args.tokens,
+            vocab: spec.vocab_size,
+            footprint: &footprint,
+            profile: true,
+        };
+        profile::take();
+        let outcome = run_batch(&mut exec, &mut alloc, &plan)?;
+        Some(summarise_profile(batch, &outcome, profile::take()))
+    } else {
+        None
+    };
+
+    tracing::info!("measuring memory bandwidth again");
+    let bandwidth_after = probe::bandwidth(probe_bytes, PROBE_REPS);
+    let peak = match (peak_before, probe::fma_peak_gflops(PROBE_REPS)) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    let bw = bandwidth_before.max(bandwidth_after).read_gb_s() * 1e9;
+    let active = footprint.active_bytes_per_token();
+    let macs = footprint.macs_per_token();
+    let compute_roof = peak.map(|p| p * 1e9 / (2.0 * macs.max(1) as f64));
+
+    let mut batches = Vec::new();
+    let mut decode_tok_s = BTreeMap::new();
+    let mut batch1 = None;
+    for (batch, mut o) in runs {
+        let total: f64 = o.step_secs.iter().sum();
+        let tok_s = (batch * o.step_secs.len()) as f64 / total;
+        let bytes = o.step_bytes.iter().sum::<u64>() as f64 / o.step_bytes.len().max(1) as f64;
+        let memory_roof = batch as f64 * bw / bytes;
+        let (roof, bound_by) = match compute_roof {
+            Some(c) if c < memory_roof => (c, "compute"),
+            _ => (memory_roof, "memory"),
+        };
+        if batch == 1 {
+            batch1 = Some(tok_s);
+        }
+        decode_tok_s.insert(batch.to_string(), tok_s);
+        let step_ms_min = o.step_secs.iter().copied().fold(f64::INFINITY, f64::min) * 1e3;
+        batches.push(BatchResult {
+            batch,
+            tok_s,
+            step_ms_median: median(&mut o.step_secs) * 1e3,
+            step_ms_min,
+            prefill_tok_s: (batch * args.prompt_len) as f64 / o.prefill_secs,
+            weight_bytes_per_step: bytes,
+            memory_roof_tok_s: memory_roof,
+            compute_roof_tok_s: compute_roof,
+            roofline_tok_s: roof,
+            bound_by,
+            roofline_fraction: tok_s / roof,
+            speedup_vs_batch1: None,
+            speedup_ceiling_vs_batch1: None,
+        });
+    }
+    let roof_b1 = batches
+        .iter()
+        .find(|b| b.batch == 1)
+        .map(|b| b.roofline_tok_s);
+    for b in &mut batches {
+        b.speedup_vs_batch1 = batch1.map(|one| b.tok_s / one);
+        b.speedup_ceiling_vs_batch1 = roof_b1.map(|one| b.roofline_tok_s / one);
+    }
+    let roof1 = bw / active as f64;
+    Ok(Roofline {
+        commit: git_commit(),
+        machine: Machine {
+            cpu: cpu_name(),
+            threads: cpu::threads(),
+            logical_cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+            kernels,
+            load_average: [load_before, load_average()],
+        },
+        model: info,
+        bandwidth_gb_s: bw / 1e9,
+        bandwidth_before,
+        bandwidth_after,
+        fma_peak_gflops: peak,
+        active_bytes_per_token: active,
+        macs_per_token: macs,
+        roofline_tok_s_batch1: roof1,
+        decode_tok_s,
+        roofline_fraction_batch1: batch1.map(|t| t / roof1),
+        batches,
+        prompt_len: args.prompt_len,
+        timed_steps: args.tokens,
+        profile,
+    })
+}
+
+fn summarise_profile(batch: usize, o: &RunOutcome, ops: Vec<profile::OpTime>) -> Profile {
+    let steps = o.step_secs.len().max(1) as f64;
+    let step_total: f64 = o.step_secs.iter().sum();
+    let in_ops: f64 = ops.iter().map(|t| t.seconds).sum();
+    Profile {
+        batch,
+        step_ms: step_total / steps * 1e3,
+        outside_ops_ms: (step_total - in_ops).max(0.0) / steps * 1e3,
+        fork_join_us: profile::fork_join_us(),
+        ops: ops
+            .into_iter()
+            .map(|t| ProfileEntry {
+                calls_per_step: t.calls as f64 / steps,
+                ms_per_step: t.seconds / steps * 1e3,
+                share: t.seconds / step_total.max(1e-12),
+                op: t.op,
+            })
+            .collect(),
+    }
+}
