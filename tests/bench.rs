@@ -94,14 +94,11 @@ fn roofline_json_on_a_tiny_model_has_every_field() {
 }
 
 #[test]
-fn bench_without_a_mode_says_the_load_generator_is_not_built() {
+fn bench_without_a_mode_asks_for_a_server_or_the_roofline() {
     let out = tessera(&["bench"]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("not built yet") && err.contains("--roofline"),
-        "{err}"
-    );
+    assert!(err.contains("--url") && err.contains("--roofline"), "{err}");
 }
 
 #[test]

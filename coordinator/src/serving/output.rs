@@ -74,3 +74,47 @@ impl OutputState {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tokenizer() -> Tokenizer {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tessera-demo");
+        Tokenizer::load(&dir)
+            .unwrap()
+            .expect("the demo model has a tokenizer")
+    }
+
+    /// Streams `text`'s tokens through an [`OutputState`]; returns (sent text, stopped).
+    fn stream(tok: &Tokenizer, text: &str, stops: &[&str]) -> (String, bool) {
+        let mut out = OutputState::new(stops.iter().map(|s| s.to_string()).collect());
+        let mut sent = String::new();
+        for id in tok.encode(text, false).unwrap() {
+            let (delta, stopped) = out.push(Some(tok), id).unwrap();
+            sent.push_str(&delta);
+            if stopped {
+                return (sent, true);
+            }
+        }
+        sent.push_str(&out.finish(Some(tok)).unwrap());
+        (sent, false)
+    }
+
+    #[test]
+    fn stop_strings_end_the_text_before_them_and_are_never_sent() {
+        let tok = tokenizer();
+        let text = "A fool and his money are soon parted. -- Proverb";
+        assert_eq!(stream(&tok, text, &[]), (text.to_string(), false));
+        assert_eq!(
+            stream(&tok, text, &["soon", "Proverb"]),
+            ("A fool and his money are ".to_string(), true)
+        );
+        // A stop string spanning several tokens, and one that never completes.
+        assert_eq!(
+            stream(&tok, text, &["parted. --", "partedX"]),
+            ("A fool and his money are soon ".to_string(), true)
+        );
+        assert_eq!(stream(&tok, text, &["zzz"]), (text.to_string(), false));
+    }
+}
