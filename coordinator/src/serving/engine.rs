@@ -447,6 +447,9 @@ impl Loop {
 
     fn step(&mut self) {
         let plan = self.sched.schedule();
+        // Published before the step runs, so a client that has its first token sees itself
+        // counted as running.
+        self.publish_stats();
         let Some(runner) = self.runner.as_mut() else {
             return;
         };
