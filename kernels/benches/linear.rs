@@ -17,7 +17,6 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use rayon::prelude::*;
 use tessera_kernels::cpu::{CpuBackend, CpuTensor, CpuWeight, probe};
 use tessera_kernels::{Backend, DType, HostTensor};
 
@@ -94,44 +93,8 @@ fn linear(c: &mut Criterion) {
     group.finish();
 }
 
-/// Sum of a slice with 16 independent accumulators (vectorises with baseline SSE2).
-fn sum(v: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    for c in v.chunks_exact(16) {
-        for j in 0..16 {
-            acc[j] += c[j];
-        }
-    }
-    acc.iter().sum::<f32>() + v.chunks_exact(16).remainder().iter().sum::<f32>()
-}
-
-/// [`sum`] over the four quarters of `v` in lockstep: four sequential streams at once, which is
-/// how the decode kernel reads weights (one stream per thread leaves bandwidth unused).
-fn sum4(v: &[f32]) -> f32 {
-    let q = v.len() / 4 / 16 * 16;
-    let (a, rest) = v.split_at(q);
-    let (b, rest) = rest.split_at(q);
-    let (c, rest) = rest.split_at(q);
-    let (d, tail) = rest.split_at(q);
-    let mut acc = [[0f32; 16]; 4];
-    for (((ca, cb), cc), cd) in a
-        .chunks_exact(16)
-        .zip(b.chunks_exact(16))
-        .zip(c.chunks_exact(16))
-        .zip(d.chunks_exact(16))
-    {
-        for j in 0..16 {
-            acc[0][j] += ca[j];
-            acc[1][j] += cb[j];
-            acc[2][j] += cc[j];
-            acc[3][j] += cd[j];
-        }
-    }
-    acc.iter().flatten().sum::<f32>() + tail.iter().sum::<f32>()
-}
-
-/// The roofs. Read bandwidth: sum a large f32 array on every rayon thread (one or four sequential
-/// streams per thread) and on one thread; the best is what `linear_bf16/*/t1` is compared with.
+/// The roofs. Read bandwidth: sum a large f32 array on every rayon thread (one, four or eight
+/// sequential streams per thread); the best is what `linear_bf16/*/t1` is compared with.
 /// FMA peak: register-only multiply-adds on every thread, what `t16`/`t64` are compared with.
 fn roofs(c: &mut Criterion) {
     let len = footprint_bytes() / 4;
@@ -139,15 +102,13 @@ fn roofs(c: &mut Criterion) {
     let mut group = c.benchmark_group("roofs");
     group.throughput(Throughput::BytesDecimal((len * 4) as u64));
     let (mib, threads) = (len >> 18, rayon::current_num_threads());
-    for (streams, f) in [(1, sum as fn(&[f32]) -> f32), (4, sum4)] {
+    // The same passes `tessera bench --roofline` times (`probe::bandwidth`).
+    for streams in [1, 4, 8] {
         group.bench_function(
             format!("read_{mib}MiB/threads_{threads}_x{streams}_streams"),
-            |b| b.iter(|| black_box(black_box(&data[..]).par_chunks(1 << 16).map(f).sum::<f32>())),
+            |b| b.iter(|| black_box(probe::read_pass(black_box(&data[..]), streams))),
         );
     }
-    group.bench_function(format!("read_{mib}MiB/one_thread_x4_streams"), |b| {
-        b.iter(|| black_box(sum4(black_box(&data[..]))))
-    });
     const ITERS: usize = 1_000_000;
     if let Some(flops) = probe::fma_burst(ITERS) {
         group.throughput(Throughput::Elements(flops as u64));

@@ -46,13 +46,15 @@ pub fn table(r: &Roofline) -> String {
     let (b0, b1) = (&r.bandwidth_before, &r.bandwidth_after);
     let _ = writeln!(
         s,
-        "bandwidth read {:.1} GB/s (before: 1 stream {:.1}, 4 streams {:.1}, copy {:.1}; after: {:.1}, {:.1}, {:.1})",
+        "bandwidth read {:.1} GB/s (read with 1/4/8 streams per thread, copy: before {:.1}/{:.1}/{:.1}, {:.1}; after {:.1}/{:.1}/{:.1}, {:.1})",
         r.bandwidth_gb_s,
         b0.read_1stream_gb_s,
         b0.read_4stream_gb_s,
+        b0.read_8stream_gb_s,
         b0.copy_gb_s,
         b1.read_1stream_gb_s,
         b1.read_4stream_gb_s,
+        b1.read_8stream_gb_s,
         b1.copy_gb_s,
     );
     let _ = writeln!(

@@ -191,7 +191,7 @@ pub(crate) fn attention(
             }
         })
     };
-    let mut out = vec![0f32; n * ow];
+    let mut out = super::pool::zeroed(n * ow);
     let chunk = (group * p.v_dim).max(1);
     if super::linear::worth_parallel(macs) {
         out.par_chunks_mut(chunk)

@@ -22,7 +22,7 @@ use std::sync::LazyLock;
 
 use rayon::prelude::*;
 
-use super::scratch;
+use super::{pool, scratch};
 use crate::WeightView;
 
 /// The implementation `linear` runs.
@@ -340,7 +340,7 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], k: usize, projs: &[Proj<'_>]) -> 
     let t = x.len() / k.max(1);
     let total_n: usize = projs.iter().map(|p| p.n).sum();
     // Weight-row-major results, one per projection.
-    let mut outs_t: Vec<Vec<f32>> = projs.iter().map(|p| vec![0f32; p.n * t]).collect();
+    let mut outs_t: Vec<Vec<f32>> = projs.iter().map(|p| pool::zeroed(p.n * t)).collect();
     if t > 0 && total_n > 0 {
         if worth_parallel(total_n * k * t) {
             let rows = rows_per_task(total_n, k, t);
@@ -367,12 +367,13 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], k: usize, projs: &[Proj<'_>]) -> 
             let mut y = if t <= 1 {
                 out_t
             } else {
-                let mut y = vec![0f32; t * p.n];
+                let mut y = pool::zeroed(t * p.n);
                 for (nn, col) in out_t.chunks_exact(t).enumerate() {
                     for (tt, v) in col.iter().enumerate() {
                         y[tt * p.n + nn] = *v;
                     }
                 }
+                pool::give(out_t);
                 y
             };
             if let Some(b) = p.bias {

@@ -7,6 +7,7 @@ mod attention;
 mod linear;
 mod moe;
 mod ops;
+mod pool;
 pub mod probe;
 pub mod profile;
 mod scratch;
@@ -36,12 +37,19 @@ pub fn threads() -> usize {
     rayon::current_num_threads()
 }
 
-/// A row-major `[rows, cols]` f32 matrix.
+/// A row-major `[rows, cols]` f32 matrix. Its buffer goes back to a pool when it is dropped, for
+/// the next operation's output ([`pool`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct CpuTensor {
     pub data: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.data));
+    }
 }
 
 /// A weight in its stored dtype; 1-D weights (norms, biases) are also kept widened to f32.
@@ -181,7 +189,7 @@ impl Backend for CpuBackend {
         let _p = profile::scope("embedding", String::new);
         let (vocab, hidden) = table.matrix("embedding")?;
         let view = table.host.view();
-        let mut out = vec![0f32; ids.len() * hidden];
+        let mut out = pool::zeroed(ids.len() * hidden);
         for (row, &id) in out.chunks_exact_mut(hidden).zip(ids) {
             if id as usize >= vocab {
                 return Err(BackendError::invalid(
@@ -358,15 +366,15 @@ impl Backend for CpuBackend {
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
         let _p = profile::scope("gather_rows", String::new);
-        let mut data = Vec::with_capacity(rows.len() * x.cols);
-        for &r in rows {
+        let mut data = pool::zeroed(rows.len() * x.cols);
+        for (out, &r) in data.chunks_exact_mut(x.cols.max(1)).zip(rows) {
             if r >= x.rows {
                 return Err(BackendError::invalid(
                     "gather_rows",
                     format!("row {r} of {}", x.rows),
                 ));
             }
-            data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
+            out.copy_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
         Ok(tensor(data, rows.len(), x.cols))
     }

@@ -364,7 +364,7 @@ fn moe_with(
         let slices = slices_per_expert(inter, active.len(), split.threads);
         push_jobs(&mut jobs, ex, inter, slices, toks);
     }
-    let mut y = vec![0f32; x.len()];
+    let mut y = super::pool::zeroed(x.len());
     run_jobs(split.isa, x, hidden, &jobs, &mut y);
     Ok(y)
 }
@@ -381,7 +381,7 @@ fn mlp_with(split: Split, x: &[f32], hidden: usize, e: &CpuExpert<'_>) -> Result
     let mut jobs = Vec::new();
     let slices = slices_per_expert(inter, 1, split.threads);
     push_jobs(&mut jobs, e, inter, slices, &tokens);
-    let mut y = vec![0f32; x.len()];
+    let mut y = super::pool::zeroed(x.len());
     run_jobs(split.isa, x, hidden, &jobs, &mut y);
     Ok(y)
 }

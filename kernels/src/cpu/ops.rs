@@ -5,7 +5,7 @@ use crate::{RopeApply, RopeLayout};
 /// RMSNorm over each contiguous group of `w.len()` elements, computed in f32 like transformers.
 pub(crate) fn rms_norm(x: &[f32], w: &[f32], eps: f32) -> Vec<f32> {
     let g = w.len();
-    let mut out = vec![0f32; x.len()];
+    let mut out = super::pool::zeroed(x.len());
     for (o, xs) in out.chunks_exact_mut(g).zip(x.chunks_exact(g)) {
         // `dot` keeps eight partial sums: a plain `.sum()` is one serial chain of adds.
         let ms = super::linear::dot(xs, xs) / g as f32;
