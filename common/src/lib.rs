@@ -8,10 +8,12 @@
 //! - [`generation`]: `generation_config.json` (stop tokens, sampling defaults).
 //! - [`shard`]: which part of the model a worker owns.
 //! - [`placement`]: the expert placement map, (layer, expert) → rank.
+//! - [`metrics`]: names, labels and buckets of every exported Prometheus metric.
 
 pub mod arch;
 mod error;
 pub mod generation;
+pub mod metrics;
 pub mod placement;
 pub mod rope;
 pub mod shard;
