@@ -8,7 +8,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use tessera_proto::worker::v1::worker_server::WorkerServer;
-use tessera_worker::service::WorkerService;
+use tessera_worker::metrics::WorkerMetrics;
+use tessera_worker::service::{WorkerService, WorkerServiceConfig};
 use tonic::transport::server::TcpIncoming;
 
 #[derive(Args, Debug)]
@@ -24,6 +25,11 @@ pub struct WorkerArgs {
     /// Default: <hostname>-<grpc port>.
     #[arg(long, env = "TESSERA_WORKER_ID")]
     worker_id: Option<String>,
+    /// Serve Prometheus metrics (`GET /metrics`: step time, collective time, KV capacity) on this
+    /// address; port 0 picks a free port. The address is reported to the coordinator, which
+    /// lists it at `/v1/metrics/targets` for Prometheus' HTTP service discovery. Off when unset.
+    #[arg(long, env = "TESSERA_WORKER_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
     #[command(flatten)]
     etcd: crate::membership::EtcdArgs,
 }
@@ -88,7 +94,17 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             }
             None => None,
         };
-        let service = WorkerService::new(collective, Arc::clone(&shutdown));
+        let metrics = Arc::new(WorkerMetrics::new().context("registering the worker metrics")?);
+        let metrics_address = match args.metrics_listen {
+            Some(addr) => Some(serve_metrics(addr, Arc::clone(&metrics)).await?.to_string()),
+            None => None,
+        };
+        let service = WorkerService::new(WorkerServiceConfig {
+            collective_listener: collective,
+            shutdown: Arc::clone(&shutdown),
+            metrics,
+            metrics_address,
+        });
         let stop = async move {
             tokio::select! {
                 _ = shutdown.notified() => {}
@@ -110,6 +126,36 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// Serves `GET /metrics` on `addr` in the background; returns the bound address.
+async fn serve_metrics(addr: SocketAddr, metrics: Arc<WorkerMetrics>) -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the metrics address {addr}"))?;
+    let bound = listener.local_addr()?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
+    tracing::info!(%bound, "serving metrics");
+    Ok(bound)
 }
 
 /// Resolves on SIGTERM (never elsewhere).

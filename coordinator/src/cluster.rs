@@ -61,6 +61,7 @@ pub struct Cluster {
     num_blocks: usize,
     block_size: usize,
     backend: String,
+    metrics_addresses: Vec<String>,
 }
 
 /// The embedded form keeps its historical name.
@@ -77,6 +78,7 @@ fn remote(rank: usize, detail: impl std::fmt::Display) -> WorkerError {
 async fn start_worker(exe: &PathBuf, rank: usize) -> Result<(Child, String, String), WorkerError> {
     let mut child = Command::new(exe)
         .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-stdin"])
+        .args(["--metrics-listen", "127.0.0.1:0"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -177,7 +179,7 @@ impl Cluster {
         spec: ModelSpec,
         placement: PlacementMap,
     ) -> Result<Self, WorkerError> {
-        let (clients, capacity, backend) = rt.block_on(async {
+        let (clients, loaded) = rt.block_on(async {
             let mut clients = Vec::new();
             for (rank, e) in endpoints.iter().enumerate() {
                 let channel = tokio::time::timeout(
@@ -194,8 +196,8 @@ impl Cluster {
                 .map_err(|err| remote(rank, format!("cannot reach {}: {err}", e.grpc)))?;
                 clients.push(channel);
             }
-            let (capacity, backend) = load_shards(&clients, endpoints, opts, &placement).await?;
-            Ok::<_, WorkerError>((clients, capacity, backend))
+            let loaded = load_shards(&clients, endpoints, opts, &placement).await?;
+            Ok::<_, WorkerError>((clients, loaded))
         })?;
         Ok(Cluster {
             rt,
@@ -206,9 +208,10 @@ impl Cluster {
             opts: opts.clone(),
             endpoints: endpoints.to_vec(),
             step_id: 0,
-            num_blocks: capacity,
+            num_blocks: loaded.capacity,
             block_size: opts.cache.block_size.max(1),
-            backend,
+            backend: loaded.backend,
+            metrics_addresses: loaded.metrics_addresses,
         })
     }
 
@@ -218,14 +221,23 @@ impl Cluster {
     }
 }
 
-/// Sends every rank its shard of `placement`; returns the smallest KV capacity reported and rank
-/// 0's backend name.
+/// What the ranks reported after loading their shards.
+struct Loaded {
+    /// The smallest KV capacity any rank reported.
+    capacity: usize,
+    /// Rank 0's backend name.
+    backend: String,
+    /// Where each rank serves metrics (ranks that serve none are left out).
+    metrics_addresses: Vec<String>,
+}
+
+/// Sends every rank its shard of `placement`.
 async fn load_shards(
     clients: &[WorkerClient<Channel>],
     endpoints: &[WorkerEndpoint],
     opts: &LaunchOptions,
     placement: &PlacementMap,
-) -> Result<(usize, String), WorkerError> {
+) -> Result<Loaded, WorkerError> {
     let peers: Vec<String> = endpoints.iter().map(|e| e.collective.clone()).collect();
     let mut loads = tokio::task::JoinSet::new();
     for (rank, client) in clients.iter().enumerate() {
@@ -245,6 +257,7 @@ async fn load_shards(
         loads.spawn(async move { (rank, client.load_shard(req).await) });
     }
     let (mut capacity, mut backend) = (usize::MAX, String::new());
+    let mut metrics = vec![String::new(); clients.len()];
     while let Some(joined) = loads.join_next().await {
         let (rank, reply) = joined.map_err(|e| remote(0, e))?;
         let reply = reply.map_err(|s| remote(rank, s.message()))?.into_inner();
@@ -253,8 +266,14 @@ async fn load_shards(
         if rank == 0 {
             backend = reply.backend;
         }
+        metrics[rank] = reply.metrics_address;
     }
-    Ok((capacity, backend))
+    metrics.retain(|a| !a.is_empty());
+    Ok(Loaded {
+        capacity,
+        backend,
+        metrics_addresses: metrics,
+    })
 }
 
 /// Rank `rank`'s part of `placement`, as the control plane carries it.
@@ -355,6 +374,14 @@ impl StepRunner for Cluster {
         format!("{} x{}", self.backend, self.clients.len())
     }
 
+    fn world_size(&self) -> usize {
+        self.clients.len()
+    }
+
+    fn metrics_addresses(&self) -> Vec<String> {
+        self.metrics_addresses.clone()
+    }
+
     /// Reloads every rank's shard under `placement` (the workers stay up; their KV caches are
     /// rebuilt, so the caller must have released every sequence).
     fn set_placement(&mut self, placement: &PlacementMap) -> Result<(), WorkerError> {
@@ -371,10 +398,11 @@ impl StepRunner for Cluster {
             "loading a new expert placement"
         );
         let (clients, endpoints, opts) = (&self.clients, &self.endpoints, &self.opts);
-        let (capacity, _) = self
+        let loaded = self
             .rt
             .block_on(load_shards(clients, endpoints, opts, placement))?;
-        self.num_blocks = capacity;
+        self.num_blocks = loaded.capacity;
+        self.metrics_addresses = loaded.metrics_addresses;
         self.placement = placement.clone();
         Ok(())
     }

@@ -103,14 +103,13 @@ impl Tessera for TesseraService {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let req = request.into_inner();
-        let params = self
-            .engine
-            .info()
-            .validate(raw_request(&req), Priority::Interactive)?;
-        let rs = self
-            .engine
-            .submit(Some(req.request_id.clone()), params)
-            .await?;
+        let started = async {
+            let params = (self.engine.info()).validate(raw_request(&req), Priority::Interactive)?;
+            (self.engine.submit(Some(req.request_id.clone()), params)).await
+        };
+        let rs = started
+            .await
+            .inspect_err(|e| self.engine.metrics().error(e.kind()))?;
         let stream = futures_util::stream::unfold(Some(rs), |state| async move {
             let mut rs = state?;
             let request_id = rs.request_id.clone();

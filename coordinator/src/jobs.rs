@@ -28,6 +28,17 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    /// The name clients and metrics use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobStatus::Queued => "queued",
+            JobStatus::Running => "running",
+            JobStatus::Completed => "completed",
+            JobStatus::Failed => "failed",
+            JobStatus::Cancelled => "cancelled",
+        }
+    }
+
     pub fn is_terminal(self) -> bool {
         matches!(
             self,
@@ -99,6 +110,15 @@ impl JobManager {
         label: String,
         requests: Vec<(String, RawRequest)>,
     ) -> Result<JobInfo, ServeError> {
+        self.start(label, requests)
+            .inspect_err(|e| self.engine.metrics().error(e.kind()))
+    }
+
+    fn start(
+        &self,
+        label: String,
+        requests: Vec<(String, RawRequest)>,
+    ) -> Result<JobInfo, ServeError> {
         if requests.is_empty() {
             return Err(ServeError::invalid(
                 "requests",
@@ -158,6 +178,7 @@ impl JobManager {
             cancelled: AtomicBool::new(false),
         });
         lock(&self.jobs).insert(id.clone(), Arc::clone(&job));
+        (self.engine.metrics()).job_status(None, JobStatus::Queued.as_str());
         tokio::spawn(run(self.engine.clone(), id, job, work));
         Ok(info)
     }
@@ -217,6 +238,11 @@ fn request_id(job: &str, i: usize) -> String {
 
 async fn run(engine: EngineHandle, id: String, job: Arc<Job>, work: Vec<(String, GenerateParams)>) {
     lock(&job.info).status = JobStatus::Running;
+    let metrics = engine.metrics();
+    metrics.job_status(
+        Some(JobStatus::Queued.as_str()),
+        JobStatus::Running.as_str(),
+    );
     let mut tasks = tokio::task::JoinSet::new();
     let mut queue = work.into_iter().enumerate();
     loop {
@@ -233,6 +259,7 @@ async fn run(engine: EngineHandle, id: String, job: Arc<Job>, work: Vec<(String,
             break;
         };
         let Ok((i, result)) = joined else { continue };
+        metrics.job_request_done();
         let mut info = lock(&job.info);
         match (&result.error, result.finish_reason.as_str()) {
             (Some(_), _) => info.counts.failed += 1,
@@ -256,6 +283,7 @@ async fn run(engine: EngineHandle, id: String, job: Arc<Job>, work: Vec<(String,
     } else {
         JobStatus::Completed
     };
+    metrics.job_status(Some(JobStatus::Running.as_str()), info.status.as_str());
     tracing::info!(job = %id, status = ?info.status, counts = ?info.counts, "job finished");
 }
 

@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod grpc;
 pub mod http;
 pub mod jobs;
+pub mod metrics;
 pub mod scheduler;
 pub mod serving;
 pub mod tokenizer;

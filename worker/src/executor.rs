@@ -71,6 +71,15 @@ pub trait StepRunner {
     /// Moves experts between ranks. Callers first release every sequence: the KV cache does not
     /// survive (sequences are recomputed).
     fn set_placement(&mut self, placement: &PlacementMap) -> Result<(), WorkerError>;
+    /// Ranks in the group (1 for an in-process executor).
+    fn world_size(&self) -> usize {
+        1
+    }
+    /// Where each rank serves its Prometheus metrics (`host:port`), for scrape discovery; empty
+    /// when the ranks serve none (an in-process executor's metrics are the coordinator's).
+    fn metrics_addresses(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl<B: Backend> StepRunner for Executor<B> {

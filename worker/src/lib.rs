@@ -12,6 +12,7 @@
 //! - [`service`], [`wire`]: the worker's gRPC service and the step types' wire form.
 //! - [`synthetic`]: random-weight checkpoints in a real layout, for benchmarks.
 //! - [`footprint`]: the weight bytes a decode step reads (a roofline's denominator).
+//! - [`metrics`]: the worker's Prometheus metrics, collectives timed by a wrapper.
 
 pub mod checkpoint;
 pub mod collective;
@@ -21,6 +22,7 @@ pub mod executor;
 pub mod footprint;
 pub mod kv_cache;
 pub mod layers;
+pub mod metrics;
 pub mod model;
 pub mod sampling;
 pub mod service;

@@ -6,8 +6,9 @@
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tessera_common::{ShardSpec, load_model_spec};
 use tessera_kernels::Backend;
@@ -20,6 +21,7 @@ use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, SingleRank, TcpRank};
 use crate::executor::{Executor, SeqStep};
 use crate::layers::TpContext;
+use crate::metrics::{TimedCollective, WorkerMetrics};
 use crate::model::Model;
 use crate::wire::step_response;
 
@@ -32,14 +34,32 @@ pub struct WorkerService {
     /// the worker's lifetime, because a rebuilt group (after a peer died) loads shards again.
     collective_listener: TcpListener,
     shutdown: Arc<tokio::sync::Notify>,
+    metrics: Arc<WorkerMetrics>,
+    /// Announced to the coordinator for scrape discovery.
+    metrics_address: Option<String>,
+    /// The rank of the loaded shard, for metric labels.
+    rank: Arc<AtomicUsize>,
+}
+
+/// What a [`WorkerService`] is built from.
+pub struct WorkerServiceConfig {
+    pub collective_listener: TcpListener,
+    /// Notified when the coordinator asks the worker to exit.
+    pub shutdown: Arc<tokio::sync::Notify>,
+    pub metrics: Arc<WorkerMetrics>,
+    /// Where `metrics` are served, if anywhere.
+    pub metrics_address: Option<String>,
 }
 
 impl WorkerService {
-    pub fn new(collective_listener: TcpListener, shutdown: Arc<tokio::sync::Notify>) -> Self {
+    pub fn new(cfg: WorkerServiceConfig) -> Self {
         WorkerService {
             executor: Arc::new(Mutex::new(None)),
-            collective_listener,
-            shutdown,
+            collective_listener: cfg.collective_listener,
+            shutdown: cfg.shutdown,
+            metrics: cfg.metrics,
+            metrics_address: cfg.metrics_address,
+            rank: Arc::new(AtomicUsize::new(0)),
         }
     }
 }
@@ -72,6 +92,7 @@ fn shard_of(req: &pb::LoadShardRequest) -> ShardSpec {
 fn load(
     req: pb::LoadShardRequest,
     listener: Option<TcpListener>,
+    metrics: &WorkerMetrics,
 ) -> Result<(Executor<CpuBackend>, u64), WorkerError> {
     let dir = PathBuf::from(&req.model_dir);
     let shard = shard_of(&req);
@@ -97,6 +118,7 @@ fn load(
             Arc::new(TcpRank::join(rank, world, root, COLLECTIVE_TIMEOUT)?)
         }
     };
+    let comm: Arc<dyn Collective<CpuBackend>> = Arc::new(TimedCollective::new(comm, metrics));
     let spec = load_model_spec(&dir)?;
     let ckpt = Checkpoint::open(&dir)?;
     let model = Model::load_rank(CpuBackend, spec, &ckpt, TpContext { shard, comm })?;
@@ -136,12 +158,17 @@ impl pb::worker_server::Worker for WorkerService {
             .map_err(|_| Status::internal("poisoned"))?
             .take();
         let listener = self.collective_listener.try_clone().ok();
+        let rank = shard_of(&req).rank;
+        let metrics = Arc::clone(&self.metrics);
         let (executor, weight_bytes) =
-            blocking(move || load(req, listener).map_err(status)).await?;
+            blocking(move || load(req, listener, &metrics).map_err(status)).await?;
+        self.rank.store(rank, Ordering::Relaxed);
+        self.metrics.loaded(rank, executor.num_blocks());
         let reply = pb::LoadShardResponse {
             kv_blocks: executor.num_blocks() as u64,
             weight_bytes,
             backend: CpuBackend.name(),
+            metrics_address: self.metrics_address.clone().unwrap_or_default(),
         };
         *self
             .executor
@@ -156,16 +183,17 @@ impl pb::worker_server::Worker for WorkerService {
     ) -> Result<Response<pb::StepResponse>, Status> {
         let req = request.into_inner();
         let executor = Arc::clone(&self.executor);
+        let (metrics, rank) = (Arc::clone(&self.metrics), self.rank.load(Ordering::Relaxed));
         let reply = blocking(move || {
+            let started = Instant::now();
             let mut guard = executor.lock().map_err(|_| Status::internal("poisoned"))?;
             let exec = guard
                 .as_mut()
                 .ok_or_else(|| Status::failed_precondition("no shard loaded"))?;
             let seqs: Vec<SeqStep> = req.seqs.into_iter().map(SeqStep::from).collect();
-            Ok(step_response(
-                req.step_id,
-                exec.step(&seqs).map_err(status)?,
-            ))
+            let result = exec.step(&seqs).map_err(status)?;
+            metrics.step(rank, started.elapsed());
+            Ok(step_response(req.step_id, result))
         })
         .await?;
         Ok(Response::new(reply))

@@ -17,6 +17,7 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::metrics::ErrorKind;
 use crate::serving::{EngineHandle, ServeError};
 
 pub use openai::{ChatRequest, CompletionRequest};
@@ -27,6 +28,8 @@ pub const MAX_BODY_BYTES: usize = 4 << 20;
 /// An error as an HTTP response.
 pub struct ApiError {
     status: StatusCode,
+    /// For the error counter.
+    error_kind: ErrorKind,
     kind: &'static str,
     code: &'static str,
     param: Option<String>,
@@ -69,6 +72,7 @@ impl From<ServeError> for ApiError {
         };
         ApiError {
             status,
+            error_kind: e.kind(),
             kind,
             code,
             param,
@@ -85,6 +89,14 @@ impl ApiError {
             "param": self.param,
             "code": self.code,
         }})
+    }
+}
+
+impl ApiError {
+    /// The response, after counting the error.
+    fn count(self, engine: &EngineHandle) -> Response {
+        engine.metrics().error(self.error_kind);
+        self.into_response()
     }
 }
 
@@ -122,6 +134,8 @@ pub fn router(engine: EngineHandle) -> Router {
         .route("/health", get(health))
         .route("/v1/models", get(models))
         .route("/v1/placement", get(placement).put(set_placement))
+        .route("/metrics", get(metrics))
+        .route("/v1/metrics/targets", get(metrics_targets))
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -144,6 +158,39 @@ async fn health(State(engine): State<EngineHandle>) -> Response {
         )
             .into_response(),
     }
+}
+
+/// Prometheus' text exposition of the coordinator's metrics.
+async fn metrics(State(engine): State<EngineHandle>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        engine.metrics().render(),
+    )
+        .into_response()
+}
+
+/// Scrape targets in Prometheus' HTTP service-discovery format (`http_sd_configs`): this
+/// coordinator and every rank of the current group, so one Prometheus job finds them all.
+async fn metrics_targets(
+    State(engine): State<EngineHandle>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let mut groups = Vec::new();
+    if let Some(host) = headers
+        .get(axum::http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+    {
+        groups.push(json!({"targets": [host], "labels": {"tessera_role": "coordinator"}}));
+    }
+    // No `model`/`rank` target labels: the series carry their own, and a target label of the
+    // same name would rename them (`exported_rank`).
+    for addr in engine.metrics_addresses() {
+        groups.push(json!({"targets": [addr], "labels": {"tessera_role": "worker"}}));
+    }
+    axum::Json(groups).into_response()
 }
 
 async fn models(State(engine): State<EngineHandle>) -> Response {
@@ -191,7 +238,7 @@ async fn completions(State(engine): State<EngineHandle>, body: Bytes) -> Respons
     });
     match parsed {
         Ok(req) => respond::completion(engine, req).await,
-        Err(e) => e.into_response(),
+        Err(e) => e.count(&engine),
     }
 }
 
@@ -203,6 +250,6 @@ async fn chat_completions(State(engine): State<EngineHandle>, body: Bytes) -> Re
     });
     match parsed {
         Ok(req) => respond::chat(engine, req).await,
-        Err(e) => e.into_response(),
+        Err(e) => e.count(&engine),
     }
 }

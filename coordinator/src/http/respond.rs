@@ -112,7 +112,7 @@ async fn finish(
 ) -> Response {
     let rs = match started {
         Ok(rs) => rs,
-        Err(e) => return e.into_response(),
+        Err(e) => return e.count(&engine),
     };
     shape.id = match shape.kind {
         Kind::Completion => format!("cmpl-{}", rs.request_id),

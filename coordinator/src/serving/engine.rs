@@ -18,6 +18,7 @@ use tessera_worker::WorkerError;
 use tessera_worker::executor::StepRunner;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::metrics::{ErrorKind, ServingMetrics};
 use crate::scheduler::{Finish, Scheduler, SchedulerConfig, SchedulerStats, SeqOutput, SeqRequest};
 use crate::serving::output::OutputState;
 use crate::serving::request::{GenerateParams, ModelInfo, ServeError};
@@ -91,6 +92,7 @@ enum Command {
         request_id: String,
         params: GenerateParams,
         events: mpsc::UnboundedSender<Event>,
+        arrived: Instant,
         reply: oneshot::Sender<Result<(), ServeError>>,
     },
     Abort {
@@ -114,6 +116,9 @@ pub struct Shared {
     placement: Mutex<String>,
     next_request: AtomicU64,
     stopped: AtomicBool,
+    metrics: ServingMetrics,
+    /// Where the ranks of the current group serve their metrics.
+    metrics_addresses: Mutex<Vec<String>>,
 }
 
 #[derive(Clone)]
@@ -147,12 +152,23 @@ impl EngineHandle {
         }
     }
 
+    pub fn metrics(&self) -> &ServingMetrics {
+        &self.shared.metrics
+    }
+
+    /// Where the ranks of the current group serve their Prometheus metrics.
+    pub fn metrics_addresses(&self) -> Vec<String> {
+        lock(&self.shared.metrics_addresses).clone()
+    }
+
     /// Queues a validated request; refused at once when the group is degraded or the queue full.
+    /// Front ends count refusals in the metrics (they also refuse before calling this).
     pub async fn submit(
         &self,
         request_id: Option<String>,
         params: GenerateParams,
     ) -> Result<RequestStream, ServeError> {
+        let arrived = Instant::now();
         self.health().map_err(ServeError::Unavailable)?;
         let request_id = match request_id.filter(|s| !s.is_empty()) {
             Some(id) => id,
@@ -167,6 +183,7 @@ impl EngineHandle {
             request_id: request_id.clone(),
             params,
             events,
+            arrived,
             reply,
         };
         let gone = || ServeError::Unavailable("the serving loop has stopped".into());
@@ -219,6 +236,9 @@ struct Live {
     events: mpsc::UnboundedSender<Event>,
     output: OutputState,
     usage: Usage,
+    arrived: Instant,
+    /// When the previous token was delivered (`None` before the first).
+    last_token: Option<Instant>,
 }
 
 struct Loop {
@@ -230,6 +250,8 @@ struct Loop {
     live: HashMap<u64, Live>,
     by_request: HashMap<String, u64>,
     next_seq: u64,
+    /// Ranks the group needs.
+    world_size: usize,
 }
 
 /// Starts the serving loop on its own thread with an already built worker group.
@@ -247,6 +269,10 @@ pub fn start(
     cfg.validate().map_err(ServeError::Internal)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let placement = info.placement_json.clone();
+    let metrics = ServingMetrics::new(&info.name)
+        .map_err(|e| ServeError::Internal(format!("cannot register the serving metrics: {e}")))?;
+    let metrics_addresses = Mutex::new(runner.metrics_addresses());
+    let world_size = runner.world_size();
     let shared = Arc::new(Shared {
         info,
         degraded: Mutex::new(None),
@@ -257,6 +283,8 @@ pub fn start(
         placement: Mutex::new(placement),
         next_request: AtomicU64::new(0),
         stopped: AtomicBool::new(false),
+        metrics,
+        metrics_addresses,
     });
     let mut lp = Loop {
         rx,
@@ -267,6 +295,7 @@ pub fn start(
         live: HashMap::new(),
         by_request: HashMap::new(),
         next_seq: 0,
+        world_size,
     };
     std::thread::Builder::new()
         .name("tessera-serving".into())
@@ -308,9 +337,10 @@ impl Loop {
                 request_id,
                 params,
                 events,
+                arrived,
                 reply,
             } => {
-                let _ = reply.send(self.admit(request_id, params, events));
+                let _ = reply.send(self.admit(request_id, params, events, arrived));
             }
             Command::Abort { request_id, reply } => {
                 let found = match self.by_request.get(&request_id).copied() {
@@ -335,6 +365,7 @@ impl Loop {
         request_id: String,
         params: GenerateParams,
         events: mpsc::UnboundedSender<Event>,
+        arrived: Instant,
     ) -> Result<(), ServeError> {
         if self.runner.is_none() {
             return Err(ServeError::Unavailable(
@@ -375,6 +406,8 @@ impl Loop {
                 events,
                 output,
                 usage,
+                arrived,
+                last_token: None,
             },
         );
         Ok(())
@@ -437,6 +470,8 @@ impl Loop {
         }
         if let Some(live) = self.live.remove(&seq) {
             self.by_request.remove(&live.request_id);
+            let reason = FinishReason::Abort.as_str();
+            self.shared.metrics.finished(reason, live.arrived.elapsed());
             let _ = live.events.send(Event::Finished {
                 reason: FinishReason::Abort,
                 text: String::new(),
@@ -460,8 +495,13 @@ impl Loop {
         if plan.steps.is_empty() {
             return;
         }
-        match runner.step(&plan.steps) {
+        let started = Instant::now();
+        let outcome = runner.step(&plan.steps);
+        let tokens = plan.steps.iter().map(|s| s.tokens.len()).sum();
+        match outcome {
             Ok(result) => {
+                let counts = &result.expert_counts;
+                (self.shared.metrics).step(started.elapsed(), tokens, counts);
                 let outputs = self.sched.complete(&result);
                 let mut finished = Vec::new();
                 for out in outputs {
@@ -484,6 +524,11 @@ impl Loop {
         let tok = self.shared.info.tokenizer.clone();
         let live = self.live.get_mut(&out.id)?;
         live.usage.completion_tokens += 1;
+        let now = Instant::now();
+        match live.last_token.replace(now) {
+            None => (self.shared.metrics).first_token(now - live.arrived, live.usage.prompt_tokens),
+            Some(prev) => self.shared.metrics.next_token(now - prev),
+        }
         let (text, stopped) = live
             .output
             .push(tok.as_deref(), out.token)
@@ -515,6 +560,7 @@ impl Loop {
         } else {
             live.output.finish(tok.as_deref()).unwrap_or_default()
         };
+        (self.shared.metrics).finished(reason.as_str(), live.arrived.elapsed());
         let _ = live.events.send(Event::Finished {
             reason,
             text: rest,
@@ -532,6 +578,7 @@ impl Loop {
         );
         self.set_degraded(Some(reason.clone()));
         for (_, live) in self.live.drain() {
+            (self.shared.metrics).failed(ErrorKind::Unavailable, live.arrived.elapsed());
             let _ = live
                 .events
                 .send(Event::Failed(ServeError::Unavailable(reason.clone())));
@@ -556,6 +603,7 @@ impl Loop {
                         ..self.sched.config().clone()
                     };
                     self.sched = Scheduler::new(cfg);
+                    *lock(&self.shared.metrics_addresses) = runner.metrics_addresses();
                     self.runner = Some(runner);
                     // A rebuilt group runs the placement it was built with.
                     *self
@@ -603,16 +651,28 @@ impl Loop {
     }
 
     fn publish_stats(&self) {
-        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner()) = self.sched.stats();
+        let stats = self.sched.stats();
+        *lock(&self.shared.stats) = stats;
+        let metrics = &self.shared.metrics;
+        metrics.set_scheduler(&stats);
+        let up = self.runner.as_ref().map_or(0, |r| r.world_size());
+        metrics.set_workers(up, self.world_size);
     }
 
     fn stop(&mut self) {
         self.shared.stopped.store(true, Ordering::Relaxed);
         for (_, live) in self.live.drain() {
+            (self.shared.metrics).failed(ErrorKind::Unavailable, live.arrived.elapsed());
             let _ = live.events.send(Event::Failed(ServeError::Unavailable(
                 "the server is shutting down".into(),
             )));
         }
         self.runner = None;
     }
+}
+
+/// Locks a mutex, ignoring poisoning: the state behind these locks is replaced whole, so a
+/// panicking writer cannot leave it half-updated.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -40,6 +40,19 @@ impl ServeError {
             message: message.into(),
         }
     }
+
+    /// The metrics' name for this error.
+    pub fn kind(&self) -> crate::metrics::ErrorKind {
+        use crate::metrics::ErrorKind;
+        match self {
+            ServeError::InvalidArgument { .. } | ServeError::NotFound(_) => {
+                ErrorKind::InvalidRequest
+            }
+            ServeError::QueueFull(_) => ErrorKind::QueueFull,
+            ServeError::Unavailable(_) => ErrorKind::Unavailable,
+            ServeError::Internal(_) => ErrorKind::Internal,
+        }
+    }
 }
 
 /// The prompt as a client may give it.
