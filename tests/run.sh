@@ -31,3 +31,8 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --locked --no-fail-fast "${features[@]}"
 fi
+# Kubernetes manifests, Grafana dashboard and Dockerfile under deploy/: rendered with kustomize and
+# validated offline against Kubernetes' schemas (tools from PyPI into a cached venv), container
+# flags checked against the binary the tests just built.
+echo "== deploy/validate.sh"
+TESSERA_BIN=target/debug/tessera bash deploy/validate.sh
