@@ -45,9 +45,6 @@ METRICS_RS = ROOT / "common" / "src" / "metrics.rs"
 # newest the installed kubernetes-validate knows.
 MIN_K8S = "1.29"
 IMAGE = "ghcr.io/tessera-project/tessera"
-# Flags the manifests use that a concurrent change is adding to the binary; accepted with a note
-# while `--help` does not list them yet. Remove an entry once the flag has landed.
-PENDING_FLAGS = {"worker": {"--metrics-listen"}}
 CRD_SCHEMAS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"): K8S / "schemas" / "servicemonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): K8S / "schemas" / "podmonitor-monitoring-v1.json",
@@ -305,10 +302,9 @@ def cross_check(name: str, objs: list[dict], cli: dict) -> None:
     # Settings: every TESSERA_* key must be an env var some subcommand reads.
     if cli:
         known_env = set().union(*(envs for _, envs in cli.values()))
-        pending_env = {"TESSERA_WORKER_METRICS_LISTEN"}
         for cm in configmaps.values():
             for key in cm.get("data", {}):
-                if key.startswith("TESSERA_") and key not in known_env | pending_env:
+                if key.startswith("TESSERA_") and key not in known_env:
                     problem(where(cm), f"{key} is not an env var of tessera coordinator/worker/serve")
 
     # The dashboard ConfigMap must carry deploy/grafana/tessera.json as it is.
@@ -338,9 +334,6 @@ def check_tessera_args(where: str, c: dict, cli: dict) -> None:
             continue
         flag = a.split("=", 1)[0]
         if flag in flags:
-            continue
-        if flag in PENDING_FLAGS.get(sub, set()):
-            note(f"{flag} is not in `tessera {sub} --help` of this build yet (pending; accepted)")
             continue
         problem(where, f"container {c['name']}: `tessera {sub}` has no flag {flag}")
 
