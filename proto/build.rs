@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("tessera_descriptor.bin"),
         descriptors.encode_to_vec(),
     )?;
-    tonic_prost_build::configure().compile_fds(descriptors)?;
+    // Malformed client messages are INVALID_ARGUMENT, not prost's INTERNAL (see src/codec.rs).
+    tonic_prost_build::configure()
+        .codec_path("crate::codec::CheckedCodec")
+        .compile_fds(descriptors)?;
     Ok(())
 }

@@ -1,6 +1,8 @@
 //! Tessera's protobuf packages, generated at build time by protox + tonic-prost-build (no system
 //! `protoc` needed). Packages are versioned: a breaking change adds `v2` beside `v1`.
 
+pub mod codec;
+
 /// The public API: generation and batch jobs.
 pub mod v1 {
     tonic::include_proto!("tessera.v1");

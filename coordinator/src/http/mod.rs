@@ -10,6 +10,7 @@ mod respond;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -120,6 +121,25 @@ fn parse<T: DeserializeOwned>(body: &serde_json::Value) -> Result<T, ApiError> {
     })
 }
 
+/// The body, or an OpenAI-shaped error naming it (413 when over [`MAX_BODY_BYTES`]).
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        let status = rejection.status();
+        ApiError {
+            status,
+            error_kind: ErrorKind::InvalidRequest,
+            kind: "invalid_request_error",
+            code: if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "request_too_large"
+            } else {
+                "invalid_body"
+            },
+            param: Some("body".into()),
+            message: format!("{rejection} (the limit is {MAX_BODY_BYTES} bytes)"),
+        }
+    })
+}
+
 fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ServeError::invalid("body", format!("not valid JSON: {e}")))?;
@@ -218,9 +238,12 @@ async fn placement(State(engine): State<EngineHandle>) -> Response {
 }
 
 /// `PUT /v1/placement` with a placement map (the shape `GET` returns).
-async fn set_placement(State(engine): State<EngineHandle>, body: Bytes) -> Response {
+async fn set_placement(
+    State(engine): State<EngineHandle>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let result = async {
-        let map: tessera_common::PlacementMap = parse(&parse_body(&body)?)?;
+        let map: tessera_common::PlacementMap = parse(&parse_body(&body_bytes(body)?)?)?;
         engine.set_placement(map).await?;
         Ok::<_, ApiError>(())
     };
@@ -230,8 +253,11 @@ async fn set_placement(State(engine): State<EngineHandle>, body: Bytes) -> Respo
     }
 }
 
-async fn completions(State(engine): State<EngineHandle>, body: Bytes) -> Response {
-    let parsed = parse_body(&body).and_then(|v| {
+async fn completions(
+    State(engine): State<EngineHandle>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let parsed = body_bytes(body).and_then(|b| parse_body(&b)).and_then(|v| {
         let mut req: CompletionRequest = parse(&v)?;
         req.sampling = parse(&v)?;
         Ok(req)
@@ -242,8 +268,11 @@ async fn completions(State(engine): State<EngineHandle>, body: Bytes) -> Respons
     }
 }
 
-async fn chat_completions(State(engine): State<EngineHandle>, body: Bytes) -> Response {
-    let parsed = parse_body(&body).and_then(|v| {
+async fn chat_completions(
+    State(engine): State<EngineHandle>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let parsed = body_bytes(body).and_then(|b| parse_body(&b)).and_then(|v| {
         let mut req: ChatRequest = parse(&v)?;
         req.sampling = parse(&v)?;
         Ok(req)
