@@ -13,7 +13,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use tessera_common::{GenerationConfig, PlacementMap, ShardSpec, load_model_spec};
+use tessera_coordinator::auth::ApiKeyAuth;
 use tessera_coordinator::cluster::{Cluster, LaunchOptions, WorkerEndpoint};
+use tessera_coordinator::grpc::GrpcApi;
 use tessera_coordinator::jobs::JobManager;
 use tessera_coordinator::scheduler::SchedulerConfig;
 use tessera_coordinator::serving::ModelInfo;
@@ -65,6 +67,20 @@ pub struct ServeArgs {
     /// Most tokens in one step (decode tokens plus prefill chunks).
     #[arg(long, default_value_t = 512, env = "TESSERA_MAX_STEP_TOKENS")]
     pub max_step_tokens: usize,
+    /// Require this API key (`Authorization: Bearer KEY`) on every HTTP route and gRPC method
+    /// except those in --api-key-exempt. Prefer the environment variable to keep the key out of
+    /// process listings. Unset: no authentication.
+    #[arg(long, env = "TESSERA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// HTTP paths and gRPC service names reachable without the API key, comma-separated; an empty
+    /// value protects everything.
+    #[arg(
+        long,
+        env = "TESSERA_API_KEY_EXEMPT",
+        value_delimiter = ',',
+        default_value = "/health,/metrics,grpc.health.v1.Health"
+    )]
+    pub api_key_exempt: Vec<String>,
 }
 
 #[derive(Args, Debug)]
@@ -241,14 +257,24 @@ async fn serve(handle: engine::EngineHandle, args: &ServeArgs) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let jobs = JobManager::new(handle.clone());
+    let exempt = args.api_key_exempt.iter().filter(|e| !e.is_empty());
+    let auth = ApiKeyAuth::new(args.api_key.clone(), exempt.cloned().collect())?;
+    if auth.enabled() {
+        tracing::info!(exempt = ?args.api_key_exempt, "API key required");
+    }
+    let router = tessera_coordinator::http::router(handle.clone(), auth.clone());
     let http_task = tokio::spawn(
-        axum::serve(http, tessera_coordinator::http::router(handle.clone()))
+        axum::serve(http, router)
             .with_graceful_shutdown(stopped(stop_rx.clone()))
             .into_future(),
     );
-    let grpc_task = tokio::spawn(tessera_coordinator::grpc::serve(
-        handle.clone(),
+    let api = GrpcApi {
+        engine: handle.clone(),
         jobs,
+        auth,
+    };
+    let grpc_task = tokio::spawn(tessera_coordinator::grpc::serve(
+        api,
         grpc,
         stopped(stop_rx),
     ));

@@ -2,6 +2,9 @@
 //! and batch jobs, plus `grpc.health.v1` (NOT_SERVING while the worker group is degraded) and
 //! server reflection.
 
+use tonic::service::interceptor::InterceptedService;
+
+use crate::auth::ApiKeyAuth;
 use std::pin::Pin;
 use std::time::Duration;
 
@@ -252,13 +255,20 @@ impl Tessera for TesseraService {
     }
 }
 
+/// What the public gRPC listener serves.
+pub struct GrpcApi {
+    pub engine: EngineHandle,
+    pub jobs: JobManager,
+    pub auth: ApiKeyAuth,
+}
+
 /// Serves the public API, health and reflection on `listener` until `shutdown` completes.
 pub async fn serve(
-    engine: EngineHandle,
-    jobs: JobManager,
+    api: GrpcApi,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
+    let GrpcApi { engine, jobs, auth } = api;
     let (reporter, health) = tonic_health::server::health_reporter();
     let watched = engine.clone();
     // grpc.health.v1 follows the worker group's state.
@@ -293,10 +303,26 @@ pub async fn serve(
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_optional_service(reflection)
-        .add_service(service)
+    let guarded = |name: &str| auth.enabled() && !auth.is_exempt(name);
+    let mut server = tonic::transport::Server::builder();
+    let mut router = if guarded("grpc.health.v1.Health") {
+        server.add_service(InterceptedService::new(health, auth.interceptor()))
+    } else {
+        server.add_service(health)
+    };
+    if let Some(reflection) = reflection {
+        router = if guarded("grpc.reflection.v1.ServerReflection") {
+            router.add_service(InterceptedService::new(reflection, auth.interceptor()))
+        } else {
+            router.add_service(reflection)
+        };
+    }
+    router = if guarded("tessera.v1.Tessera") {
+        router.add_service(InterceptedService::new(service, auth.interceptor()))
+    } else {
+        router.add_service(service)
+    };
+    router
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -3,6 +3,7 @@
 //! - [`tokenizer`]: Hugging Face `tokenizer.json`, with streaming detokenisation.
 //! - [`cluster`]: an embedded cluster of worker processes on loopback, driven over gRPC.
 
+pub mod auth;
 pub mod cluster;
 pub mod grpc;
 pub mod http;

@@ -22,9 +22,24 @@ impl Server {
         Self::start_command("serve", model, extra)
     }
 
+    /// Like [`Server::start`], with extra environment variables.
+    pub fn start_with_env(model: &std::path::Path, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        Self::spawn("serve", model, extra, env)
+    }
+
     /// Like [`Server::start`] for another serving subcommand (e.g. `coordinator`).
     pub fn start_command(command: &str, model: &std::path::Path, extra: &[&str]) -> Server {
+        Self::spawn(command, model, extra, &[])
+    }
+
+    fn spawn(
+        command: &str,
+        model: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .envs(env.iter().copied())
             .arg(command)
             .arg("--model")
             .arg(model)

@@ -18,6 +18,7 @@ use axum::routing::{get, post};
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
+use crate::auth::{ApiKeyAuth, require_key};
 use crate::metrics::ErrorKind;
 use crate::serving::{EngineHandle, ServeError};
 
@@ -149,7 +150,8 @@ fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     Ok(value)
 }
 
-pub fn router(engine: EngineHandle) -> Router {
+/// The HTTP API; with `auth` enabled every route but the exempt ones needs the API key.
+pub fn router(engine: EngineHandle, auth: ApiKeyAuth) -> Router {
     Router::new()
         .route("/health", get(health))
         .route("/v1/models", get(models))
@@ -159,6 +161,7 @@ pub fn router(engine: EngineHandle) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(auth, require_key))
         .with_state(engine)
 }
 
