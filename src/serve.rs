@@ -81,6 +81,10 @@ pub struct ServeArgs {
         default_value = "/health,/metrics,grpc.health.v1.Health"
     )]
     pub api_key_exempt: Vec<String>,
+    /// On SIGTERM or Ctrl-C, stop accepting requests and let those in flight finish for up to
+    /// this many seconds before failing the rest with 503 / UNAVAILABLE and exiting.
+    #[arg(long, default_value_t = 30, env = "TESSERA_DRAIN_TIMEOUT_SECS")]
+    pub drain_timeout_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -279,7 +283,11 @@ async fn serve(handle: engine::EngineHandle, args: &ServeArgs) -> Result<()> {
         stopped(stop_rx),
     ));
     shutdown_signal().await;
-    tracing::info!("shutting down");
+    drain(
+        &handle,
+        std::time::Duration::from_secs(args.drain_timeout_secs),
+    )
+    .await;
     handle.shutdown();
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), async {
@@ -288,6 +296,25 @@ async fn serve(handle: engine::EngineHandle, args: &ServeArgs) -> Result<()> {
     })
     .await;
     Ok(())
+}
+
+/// Refuses new work and waits (up to `limit`, or until a second signal) for in-flight requests.
+async fn drain(handle: &engine::EngineHandle, limit: std::time::Duration) {
+    let pending = handle.begin_drain();
+    tracing::info!(in_flight = pending, limit = ?limit, "shutting down: draining in-flight requests");
+    let drained = async {
+        while handle.in_flight() > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::select! {
+        _ = tokio::time::timeout(limit, drained) => {}
+        _ = shutdown_signal() => tracing::warn!("second signal: not waiting any longer"),
+    }
+    match handle.in_flight() {
+        0 => tracing::info!("drained"),
+        n => tracing::warn!(failing = n, "drain deadline passed; failing what is left"),
+    }
 }
 
 async fn shutdown_signal() {

@@ -223,6 +223,19 @@ impl EngineHandle {
         answer.await.map_err(|_| gone())?
     }
 
+    /// Starts draining: new requests are refused (503 / UNAVAILABLE, health reports it) while
+    /// those in flight run on. Returns how many are still running or waiting.
+    pub fn begin_drain(&self) -> usize {
+        self.shared.stopped.store(true, Ordering::Relaxed);
+        self.in_flight()
+    }
+
+    /// Requests running or waiting.
+    pub fn in_flight(&self) -> usize {
+        let stats = self.stats();
+        stats.running + stats.waiting
+    }
+
     /// Stops the loop: in-flight requests end with `Failed(Unavailable)`.
     pub fn shutdown(&self) {
         self.shared.stopped.store(true, Ordering::Relaxed);
