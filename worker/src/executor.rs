@@ -71,6 +71,12 @@ pub trait StepRunner {
     /// Moves experts between ranks. Callers first release every sequence: the KV cache does not
     /// survive (sequences are recomputed).
     fn set_placement(&mut self, placement: &PlacementMap) -> Result<(), WorkerError>;
+    /// Checks, between steps, that every part of the runner is still there (a worker process
+    /// alive, answering and holding its shard); an error means the group is lost. Must be quick:
+    /// a step waits for it. In one process there is nothing to lose.
+    fn check_health(&mut self) -> Result<(), WorkerError> {
+        Ok(())
+    }
 }
 
 impl<B: Backend> StepRunner for Executor<B> {

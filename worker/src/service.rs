@@ -2,10 +2,12 @@
 //! worker loads it and joins its peers' collective group, then runs each step it is sent.
 //!
 //! Forward passes are CPU-bound, so they run on tokio's blocking pool; a worker runs one step at a
-//! time (steps are collective: every rank must run them in the same order).
+//! time (steps are collective: every rank must run them in the same order). `Health` answers from
+//! atomics, never waiting for the executor, so a health check cannot queue behind a step.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,6 +34,9 @@ pub struct WorkerService {
     /// the worker's lifetime, because a rebuilt group (after a peer died) loads shards again.
     collective_listener: TcpListener,
     shutdown: Arc<tokio::sync::Notify>,
+    /// Whether a shard is loaded, and its KV-cache blocks, for `Health`.
+    ready: AtomicBool,
+    kv_blocks: AtomicU64,
 }
 
 impl WorkerService {
@@ -40,6 +45,8 @@ impl WorkerService {
             executor: Arc::new(Mutex::new(None)),
             collective_listener,
             shutdown,
+            ready: AtomicBool::new(false),
+            kv_blocks: AtomicU64::new(0),
         }
     }
 }
@@ -131,6 +138,7 @@ impl pb::worker_server::Worker for WorkerService {
     ) -> Result<Response<pb::LoadShardResponse>, Status> {
         let req = request.into_inner();
         // The previous group's executor (and its collective connections) goes first.
+        self.ready.store(false, Ordering::SeqCst);
         self.executor
             .lock()
             .map_err(|_| Status::internal("poisoned"))?
@@ -147,6 +155,8 @@ impl pb::worker_server::Worker for WorkerService {
             .executor
             .lock()
             .map_err(|_| Status::internal("poisoned"))? = Some(executor);
+        self.kv_blocks.store(reply.kv_blocks, Ordering::SeqCst);
+        self.ready.store(true, Ordering::SeqCst);
         Ok(Response::new(reply))
     }
 
@@ -193,13 +203,14 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         _: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let guard = self
-            .executor
-            .lock()
-            .map_err(|_| Status::internal("poisoned"))?;
+        let ready = self.ready.load(Ordering::SeqCst);
         Ok(Response::new(pb::HealthResponse {
-            ready: guard.is_some(),
-            kv_blocks: guard.as_ref().map_or(0, |e| e.num_blocks() as u64),
+            ready,
+            kv_blocks: if ready {
+                self.kv_blocks.load(Ordering::SeqCst)
+            } else {
+                0
+            },
         }))
     }
 
