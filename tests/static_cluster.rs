@@ -102,3 +102,32 @@ async fn workers_register_with_the_coordinator_and_an_idle_loss_is_noticed() {
     let ids = common::server::greedy_ids(&server.grpc, &case.prompt_ids, n).await;
     assert_eq!(ids, case.greedy_ids, "the re-formed group vs transformers");
 }
+
+#[test]
+fn a_coordinator_without_membership_says_what_it_needs() {
+    let model = common::fixtures_dir().join("qwen3_moe");
+    let run = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("coordinator")
+            .arg("--model")
+            .arg(&model)
+            .args(["--tp", "2", "--port", "0", "--grpc-port", "0"])
+            .args(extra)
+            .env_remove("TESSERA_ETCD")
+            .env_remove("TESSERA_COORDINATOR_LISTEN")
+            .stdin(Stdio::null())
+            .output()
+            .expect("tessera runs");
+        assert!(!out.status.success(), "{extra:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[]);
+    assert!(
+        err.contains("needs --listen ADDR") && err.contains("--etcd URL"),
+        "{err}"
+    );
+    let err = run(&["--listen", "127.0.0.1:0", "--etcd", "http://127.0.0.1:1"]);
+    assert!(err.contains("--listen") && err.contains("--etcd"), "{err}");
+    let err = run(&["--listen", "not-an-address"]);
+    assert!(err.contains("not-an-address"), "{err}");
+}
