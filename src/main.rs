@@ -34,8 +34,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Print the expert placement map (layer, expert) → rank for --tp N ranks, as JSON.
     Placement(placement::PlacementArgs),
-    /// Run a coordinator whose workers register in etcd: forms the group of --tp workers it
-    /// finds, serves like `serve`, and re-forms the group when a worker is lost.
+    /// Run a coordinator whose workers register with it (--listen) or in etcd (--etcd): forms
+    /// the group of --tp workers it finds, serves like `serve`, and re-forms the group when a
+    /// worker is lost.
     Coordinator(serve::CoordinatorArgs),
     /// Serve a model over the OpenAI-compatible HTTP API and the tessera.v1 gRPC API.
     Serve(serve::ServeArgs),

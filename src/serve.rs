@@ -9,6 +9,7 @@ use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
@@ -17,6 +18,7 @@ use tessera_coordinator::auth::ApiKeyAuth;
 use tessera_coordinator::cluster::{Cluster, LaunchOptions, WorkerEndpoint};
 use tessera_coordinator::grpc::GrpcApi;
 use tessera_coordinator::jobs::JobManager;
+use tessera_coordinator::registry::Registry;
 use tessera_coordinator::scheduler::SchedulerConfig;
 use tessera_coordinator::serving::ModelInfo;
 use tessera_coordinator::serving::chat::ChatTemplate;
@@ -91,6 +93,11 @@ pub struct ServeArgs {
 pub struct CoordinatorArgs {
     #[command(flatten)]
     pub serve: ServeArgs,
+    /// Address (ip:port) where workers register: serves tessera.worker.v1.Registry, and workers
+    /// started with `tessera worker --coordinator ADDR` join the group through it (static
+    /// membership, no etcd). One of --listen or --etcd is required.
+    #[arg(long, env = "TESSERA_COORDINATOR_LISTEN", conflicts_with = "etcd")]
+    pub listen: Option<SocketAddr>,
     #[command(flatten)]
     pub etcd: crate::membership::EtcdArgs,
     /// How long to wait for --tp workers to register before giving up (at start) or retrying
@@ -99,44 +106,99 @@ pub struct CoordinatorArgs {
     pub wait_for_workers_secs: u64,
 }
 
-pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
-    let Some(cfg) = args.etcd.config()? else {
-        bail!("tessera coordinator needs --etcd (use `tessera serve` for an embedded cluster)");
-    };
-    let wait = std::time::Duration::from_secs(args.wait_for_workers_secs);
-    run(args.serve, Some((cfg, wait)))
+/// Where a coordinator finds its workers, when it does not start them itself.
+pub enum Membership {
+    /// Workers registered in etcd.
+    Etcd(MembershipConfig),
+    /// Workers that registered with this coordinator's registry (`--listen`).
+    Registry(Registry),
 }
 
-/// A group formed from the first `--tp` workers registered in etcd (sorted by id = rank order).
-fn etcd_factory(
+impl Membership {
+    /// Waits until at least `world` workers are known; returns them all, ordered by id.
+    fn wait_for(
+        &self,
+        world: usize,
+        wait: Duration,
+    ) -> Result<Vec<(String, WorkerEndpoint)>, String> {
+        match self {
+            Membership::Etcd(cfg) => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(1)
+                    .enable_all()
+                    .build()
+                    .map_err(|e| format!("cannot start a runtime: {e}"))?;
+                let members = rt
+                    .block_on(async {
+                        let mut w = tessera_membership::watch(cfg).await?;
+                        tessera_membership::wait_for_members(&mut w, world, wait).await
+                    })
+                    .map_err(|e| e.to_string())?;
+                Ok(members
+                    .into_iter()
+                    .map(|m| {
+                        let endpoint = WorkerEndpoint {
+                            grpc: m.grpc_addr,
+                            collective: m.collective_addr,
+                        };
+                        (m.id, endpoint)
+                    })
+                    .collect())
+            }
+            Membership::Registry(registry) => Ok(registry
+                .wait_for_members(world, wait)
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .map(|m| (m.id, m.endpoint))
+                .collect()),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Membership::Etcd(cfg) => {
+                format!("etcd {} ({})", cfg.endpoints_display(), cfg.prefix)
+            }
+            Membership::Registry(r) => format!("the registry on {}", r.addr()),
+        }
+    }
+}
+
+pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
+    let membership = match (args.etcd.config()?, args.listen) {
+        (Some(cfg), None) => Membership::Etcd(cfg),
+        (None, Some(addr)) => Membership::Registry(Registry::serve(addr)?),
+        (Some(_), Some(_)) => bail!("--listen and --etcd are alternatives; pass one"),
+        (None, None) => bail!(
+            "tessera coordinator needs --listen ADDR (workers join with `tessera worker \
+             --coordinator ADDR`) or --etcd URL (workers register in etcd); \
+             `tessera serve --tp N` runs an embedded cluster instead"
+        ),
+    };
+    let wait = Duration::from_secs(args.wait_for_workers_secs);
+    run(args.serve, Some((membership, wait)))
+}
+
+/// A group formed from the first `--tp` workers `membership` knows (ordered by id = rank order);
+/// the same path for etcd and for the registry.
+fn discovered_factory(
     launch: LaunchOptions,
-    cfg: MembershipConfig,
-    wait: std::time::Duration,
+    membership: Membership,
+    wait: Duration,
 ) -> RunnerFactory {
     Box::new(move || {
-        let plan_err = |e: String| WorkerError::Plan(e);
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()
-            .map_err(|e| plan_err(format!("cannot start a runtime: {e}")))?;
         let world = launch.world_size;
-        tracing::info!(etcd = %cfg.endpoints_display(), prefix = %cfg.prefix, world, "waiting for workers");
-        let members = rt
-            .block_on(async {
-                let mut w = tessera_membership::watch(&cfg).await?;
-                tessera_membership::wait_for_members(&mut w, world, wait).await
-            })
-            .map_err(|e| plan_err(format!("forming the group from etcd: {e}")))?;
+        let source = membership.describe();
+        tracing::info!(from = %source, world, "waiting for workers");
+        let members = membership
+            .wait_for(world, wait)
+            .map_err(|e| WorkerError::Plan(format!("forming the group from {source}: {e}")))?;
         let endpoints: Vec<WorkerEndpoint> = members
             .into_iter()
             .take(world)
-            .map(|m| {
-                tracing::info!(id = %m.id, grpc = %m.grpc_addr, "group member");
-                WorkerEndpoint {
-                    grpc: m.grpc_addr,
-                    collective: m.collective_addr,
-                }
+            .map(|(id, endpoint)| {
+                tracing::info!(%id, grpc = %endpoint.grpc, "group member");
+                endpoint
             })
             .collect();
         Ok(Box::new(Cluster::connect(&endpoints, &launch)?) as Box<dyn StepRunner + Send>)
@@ -144,10 +206,7 @@ fn etcd_factory(
 }
 
 /// Builds the worker group the flags describe; called again to rebuild it after a failure.
-fn factory(
-    args: &ServeArgs,
-    etcd: Option<(MembershipConfig, std::time::Duration)>,
-) -> Result<RunnerFactory> {
+fn factory(args: &ServeArgs, found: Option<(Membership, Duration)>) -> Result<RunnerFactory> {
     let cache = EngineConfig {
         block_size: args.block_size,
         num_blocks: 0,
@@ -162,8 +221,8 @@ fn factory(
         kv_cache_bytes: Some(kv_bytes),
         placement: None,
     };
-    if let Some((cfg, wait)) = etcd {
-        return Ok(etcd_factory(launch, cfg, wait));
+    if let Some((membership, wait)) = found {
+        return Ok(discovered_factory(launch, membership, wait));
     }
     if args.tp > 1 {
         return Ok(Box::new(move || {
@@ -179,7 +238,8 @@ fn factory(
     }))
 }
 
-pub fn run(args: ServeArgs, etcd: Option<(MembershipConfig, std::time::Duration)>) -> Result<()> {
+/// Serves with the embedded group (`found` = `None`) or one formed from `found`'s workers.
+pub fn run(args: ServeArgs, found: Option<(Membership, Duration)>) -> Result<()> {
     if args.tp == 0 || args.block_size == 0 {
         bail!("--tp and --block-size must be at least 1");
     }
@@ -202,7 +262,7 @@ pub fn run(args: ServeArgs, etcd: Option<(MembershipConfig, std::time::Duration)
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into())
     });
-    let mut make = factory(&args, etcd)?;
+    let mut make = factory(&args, found)?;
     tracing::info!(model = %dir.display(), tp = args.tp, "starting the worker group");
     let runner = make()?;
     let placement = PlacementMap::contiguous(&spec, args.tp);

@@ -1,5 +1,8 @@
 //! `tessera worker`: serves `tessera.worker.v1.Worker` on `--listen` and announces its addresses on
 //! stdout (`TESSERA_WORKER_READY grpc=ADDR collective=ADDR`) for the launcher that started it.
+//! With `--coordinator ADDR` it registers with that coordinator (and keeps registering again if
+//! the coordinator restarts); with `--etcd` it registers in etcd. Either way SIGTERM deregisters
+//! it at once.
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -7,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use tessera_coordinator::registry::client::Registration;
 use tessera_proto::worker::v1::worker_server::WorkerServer;
 use tessera_worker::metrics::WorkerMetrics;
 use tessera_worker::service::{WorkerService, WorkerServiceConfig};
@@ -21,8 +25,8 @@ pub struct WorkerArgs {
     /// Exit when stdin closes: set by a launcher that pipes stdin, so the worker never outlives it.
     #[arg(long)]
     exit_with_stdin: bool,
-    /// This worker's id in etcd (unique in the cluster; a restarted worker reuses its id).
-    /// Default: <hostname>-<grpc port>.
+    /// This worker's id in the cluster (unique; a restarted worker may reuse its id); ranks
+    /// follow id order. Default: <hostname>-<grpc port>.
     #[arg(long, env = "TESSERA_WORKER_ID")]
     worker_id: Option<String>,
     /// Serve Prometheus metrics (`GET /metrics`: step time, collective time, KV capacity) on this
@@ -30,6 +34,11 @@ pub struct WorkerArgs {
     /// lists it at `/v1/metrics/targets` for Prometheus' HTTP service discovery. Off when unset.
     #[arg(long, env = "TESSERA_WORKER_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Register with the coordinator serving its registry at this address (host:port, as given
+    /// to `tessera coordinator --listen`): static membership without etcd. The worker registers
+    /// again, with backoff, whenever the coordinator restarts or the connection drops.
+    #[arg(long, env = "TESSERA_COORDINATOR", conflicts_with = "etcd")]
+    coordinator: Option<String>,
     #[command(flatten)]
     etcd: crate::membership::EtcdArgs,
 }
@@ -71,13 +80,27 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         )?;
         stdout.flush()?;
         tracing::info!(%grpc_addr, %collective_addr, "worker ready");
+        let id = args
+            .worker_id
+            .clone()
+            .unwrap_or_else(|| default_worker_id(grpc_addr.port()));
+        let with_coordinator = match &args.coordinator {
+            Some(addr) => {
+                let me = tessera_proto::worker::v1::RegisterRequest {
+                    worker_id: id.clone(),
+                    grpc_address: grpc_addr.to_string(),
+                    collective_address: collective_addr.to_string(),
+                    version: env!("CARGO_PKG_VERSION").to_string(),
+                };
+                tracing::info!(coordinator = %addr, %id, "registering with the coordinator");
+                Some(Registration::start(addr, me)?)
+            }
+            None => None,
+        };
         let registration = match args.etcd.config()? {
             Some(cfg) => {
                 let record = tessera_membership::WorkerRecord {
-                    id: args
-                        .worker_id
-                        .clone()
-                        .unwrap_or_else(|| default_worker_id(grpc_addr.port())),
+                    id: id.clone(),
                     grpc_addr: grpc_addr.to_string(),
                     collective_addr: collective_addr.to_string(),
                     version: env!("CARGO_PKG_VERSION").to_string(),
@@ -117,6 +140,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .serve_with_incoming_shutdown(TcpIncoming::from(grpc), stop)
             .await
             .context("serving the worker")?;
+        if let Some(reg) = with_coordinator {
+            match reg.deregister().await {
+                Ok(_) => tracing::info!("deregistered from the coordinator"),
+                Err(e) => tracing::warn!(error = %e, "deregistering from the coordinator failed"),
+            }
+        }
         if let Some(reg) = registration {
             // Leave at once rather than after the lease expires.
             match reg.deregister().await {

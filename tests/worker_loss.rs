@@ -1,6 +1,6 @@
 //! Losing a worker under `tessera serve --tp 2`: the streaming client gets a terminal error
 //! promptly, the coordinator stays up and reports itself degraded, rebuilds the group, and serves
-//! the next request.
+//! the next request. A worker lost while nothing runs is noticed too, by the idle health checks.
 
 mod common;
 
@@ -62,4 +62,45 @@ async fn sigkill_of_a_worker_fails_the_stream_then_the_group_is_rebuilt() {
     let new_workers = server.worker_pids();
     assert_eq!(new_workers.len(), 2);
     assert!(!new_workers.contains(&workers[1]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_while_idle_is_noticed_without_any_request() {
+    let model = common::fixtures_dir().join("qwen3_moe");
+    let server = Server::start(&model, &["--tp", "2"]);
+    let http = reqwest::Client::new();
+    let workers = server.worker_pids();
+    assert_eq!(workers.len(), 2, "two worker processes: {workers:?}");
+    let body = server
+        .wait_health(&http, Duration::from_secs(5), |c, _| c == 200)
+        .await;
+    assert_eq!(body["group_failures"], 0, "{body}");
+
+    let killed_at = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-9", &workers[0].to_string()])
+        .status()
+        .unwrap();
+    // The embedded group relaunches its workers at once, so the degraded window may be shorter
+    // than a poll; the failure count proves the loss was seen either way.
+    let seen = server
+        .wait_health(&http, Duration::from_secs(3), |c, b| {
+            c == 503 || b["group_failures"].as_u64().unwrap_or(0) >= 1
+        })
+        .await;
+    assert!(killed_at.elapsed() < Duration::from_secs(3), "{seen}");
+    let body = server
+        .wait_health(&http, Duration::from_secs(30), |c, _| c == 200)
+        .await;
+    assert_eq!(body["group_failures"], 1, "{body}");
+    let new_workers = server.worker_pids();
+    assert_eq!(new_workers.len(), 2);
+    assert!(!new_workers.contains(&workers[0]), "{new_workers:?}");
+    let ok: Value = common::server::post_json(
+        &http,
+        format!("{}/v1/completions", server.http),
+        &json!({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(ok["usage"]["completion_tokens"], 4, "{ok}");
 }

@@ -24,6 +24,11 @@ use tonic::transport::Channel;
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one step may take before the cluster reports it failed.
 const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a worker may take to answer a health check between steps (a step waits for it).
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(1000);
+/// Unanswered health checks in a row that count as a lost worker: one may be a busy machine.
+/// A refused connection or an exited process counts at once.
+const HEALTH_STRIKES: u32 = 2;
 
 /// What to launch.
 #[derive(Clone, Debug)]
@@ -58,6 +63,8 @@ pub struct Cluster {
     opts: LaunchOptions,
     endpoints: Vec<WorkerEndpoint>,
     step_id: u64,
+    /// Health checks each rank left unanswered in a row.
+    missed_health: Vec<u32>,
     num_blocks: usize,
     block_size: usize,
     backend: String,
@@ -72,6 +79,21 @@ fn remote(rank: usize, detail: impl std::fmt::Display) -> WorkerError {
         rank,
         detail: detail.to_string(),
     }
+}
+
+/// An error's text followed by its causes' (a transport error's own text is only "transport
+/// error" or "tcp connect error"; the cause says "Connection refused").
+pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Starts one worker; returns it with its gRPC and collective addresses.
@@ -209,6 +231,7 @@ impl Cluster {
             endpoints: endpoints.to_vec(),
             step_id: 0,
             num_blocks: loaded.capacity,
+            missed_health: vec![0; endpoints.len()],
             block_size: opts.cache.block_size.max(1),
             backend: loaded.backend,
             metrics_addresses: loaded.metrics_addresses,
@@ -329,7 +352,7 @@ impl StepRunner for Cluster {
                 let (rank, reply) = joined.map_err(|e| remote(0, e))?;
                 let reply = reply
                     .map_err(|_| remote(rank, format!("step timed out after {STEP_TIMEOUT:?}")))?
-                    .map_err(|s| remote(rank, format!("step failed: {}", s.message())))?;
+                    .map_err(|s| remote(rank, format!("step failed: {}", with_causes(&s))))?;
                 if rank == 0 {
                     first = Some(reply.into_inner());
                 }
@@ -380,6 +403,70 @@ impl StepRunner for Cluster {
 
     fn metrics_addresses(&self) -> Vec<String> {
         self.metrics_addresses.clone()
+    }
+
+    /// Every rank answers `Health` within [`HEALTH_TIMEOUT`] and still holds its shard; a worker
+    /// process this cluster started must not have exited. Called between steps only, so it never
+    /// overlaps one (and the worker answers without touching its executor).
+    fn check_health(&mut self) -> Result<(), WorkerError> {
+        for (rank, child) in self.children.iter_mut().enumerate() {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(remote(
+                    rank,
+                    format!("the worker process exited ({status})"),
+                ));
+            }
+        }
+        let clients = self.clients.clone();
+        let mut replies = self.rt.block_on(async move {
+            let mut calls = tokio::task::JoinSet::new();
+            for (rank, mut c) in clients.into_iter().enumerate() {
+                calls.spawn(async move {
+                    let reply =
+                        tokio::time::timeout(HEALTH_TIMEOUT, c.health(pb::HealthRequest {}));
+                    (rank, reply.await)
+                });
+            }
+            let mut replies = Vec::new();
+            while let Some(joined) = calls.join_next().await {
+                replies.push(joined.map_err(|e| remote(0, e))?);
+            }
+            Ok::<_, WorkerError>(replies)
+        })?;
+        replies.sort_by_key(|(rank, _)| *rank);
+        for (rank, reply) in replies {
+            match reply {
+                Err(_) => {
+                    self.missed_health[rank] += 1;
+                    let missed = self.missed_health[rank];
+                    tracing::warn!(
+                        rank,
+                        missed,
+                        "a worker did not answer a health check within {HEALTH_TIMEOUT:?}"
+                    );
+                    if missed >= HEALTH_STRIKES {
+                        return Err(remote(
+                            rank,
+                            format!(
+                                "no answer to {missed} health checks in a row ({HEALTH_TIMEOUT:?} each)"
+                            ),
+                        ));
+                    }
+                }
+                Ok(Err(s)) => {
+                    let addr = &self.endpoints[rank].grpc;
+                    return Err(remote(
+                        rank,
+                        format!("health check of {addr} failed: {}", with_causes(&s)),
+                    ));
+                }
+                Ok(Ok(r)) if !r.get_ref().ready => {
+                    return Err(remote(rank, "has no shard loaded (restarted?)"));
+                }
+                Ok(Ok(_)) => self.missed_health[rank] = 0,
+            }
+        }
+        Ok(())
     }
 
     /// Reloads every rank's shard under `placement` (the workers stay up; their KV caches are

@@ -1,7 +1,9 @@
 //! The Tessera coordinator: turns user requests into work for the workers.
 //!
 //! - [`tokenizer`]: Hugging Face `tokenizer.json`, with streaming detokenisation.
-//! - [`cluster`]: an embedded cluster of worker processes on loopback, driven over gRPC.
+//! - [`cluster`]: a worker group (embedded processes on loopback, or workers found elsewhere),
+//!   driven over gRPC.
+//! - [`registry`]: static membership: workers register with the coordinator over gRPC.
 
 pub mod auth;
 pub mod cluster;
@@ -9,6 +11,7 @@ pub mod grpc;
 pub mod http;
 pub mod jobs;
 pub mod metrics;
+pub mod registry;
 pub mod scheduler;
 pub mod serving;
 pub mod tokenizer;

@@ -12,7 +12,8 @@ pub mod v1 {
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/tessera_descriptor.bin"));
 
-/// The worker control plane: shard assignment, steps, health and shutdown.
+/// The worker control plane (shard assignment, steps, health and shutdown) and the registry
+/// workers join when membership is static (no etcd).
 pub mod worker {
     pub mod v1 {
         tonic::include_proto!("tessera.worker.v1");

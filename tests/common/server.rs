@@ -157,3 +157,29 @@ impl Drop for Server {
         let _ = self.child.wait();
     }
 }
+
+/// Greedy token ids for `prompt` (`n` tokens, eos ignored) over the server's gRPC API.
+pub async fn greedy_ids(grpc: &str, prompt: &[u32], n: usize) -> Vec<u32> {
+    use tessera_proto::v1 as pb;
+    let mut client = pb::tessera_client::TesseraClient::connect(grpc.to_string())
+        .await
+        .expect("the gRPC API answers");
+    let req = pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
+            ids: prompt.to_vec(),
+        })),
+        max_tokens: Some(n as u32),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ignore_eos: true,
+        ..Default::default()
+    };
+    let mut stream = client.generate(req).await.expect("generate").into_inner();
+    let mut ids = Vec::new();
+    while let Some(msg) = stream.message().await.expect("a whole stream") {
+        ids.extend(msg.token_ids);
+    }
+    ids
+}

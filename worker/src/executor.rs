@@ -80,6 +80,12 @@ pub trait StepRunner {
     fn metrics_addresses(&self) -> Vec<String> {
         Vec::new()
     }
+    /// Checks, between steps, that every part of the runner is still there (a worker process
+    /// alive, answering and holding its shard); an error means the group is lost. Must be quick:
+    /// a step waits for it. In one process there is nothing to lose.
+    fn check_health(&mut self) -> Result<(), WorkerError> {
+        Ok(())
+    }
 }
 
 impl<B: Backend> StepRunner for Executor<B> {

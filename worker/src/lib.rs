@@ -3,7 +3,8 @@
 //! - [`checkpoint`]: memory-mapped safetensors (single file or sharded), zero-copy, slice-aware.
 //! - [`layers`]: the shared building blocks (RMSNorm, linear, gated MLP, GQA and MLA attention,
 //!   routed MoE), each written once and generic over the compute [`Backend`](tessera_kernels::Backend).
-//! - [`collective`]: all-reduce and all-gather among the ranks of a replica, with deadlines.
+//! - [`collective`]: all-reduce, all-gather, all-to-all and broadcast among the ranks of a
+//!   replica, with deadlines.
 //! - [`model`]: a decoder assembled from a [`ModelSpec`](tessera_common::ModelSpec).
 //! - [`kv_cache`]: paged KV cache blocks and their allocator.
 //! - [`sampling`]: temperature / top-k / top-p sampling and log-probabilities.

@@ -100,6 +100,8 @@ pub struct TimedCollective<B: Backend> {
     inner: Arc<dyn Collective<B>>,
     all_reduce: prometheus::Histogram,
     all_gather: prometheus::Histogram,
+    all_to_all: prometheus::Histogram,
+    broadcast: prometheus::Histogram,
 }
 
 impl<B: Backend> TimedCollective<B> {
@@ -113,6 +115,8 @@ impl<B: Backend> TimedCollective<B> {
         TimedCollective {
             all_reduce: histogram("all_reduce"),
             all_gather: histogram("all_gather"),
+            all_to_all: histogram("all_to_all"),
+            broadcast: histogram("broadcast"),
             inner,
         }
     }
@@ -137,6 +141,12 @@ impl<B: Backend> Collective<B> for TimedCollective<B> {
     }
     fn all_gather_cols(&self, b: &B, t: B::Tensor) -> Result<B::Tensor, CollectiveError> {
         timed(&self.all_gather, || self.inner.all_gather_cols(b, t))
+    }
+    fn all_to_all(&self, b: &B, chunks: Vec<B::Tensor>) -> Result<Vec<B::Tensor>, CollectiveError> {
+        timed(&self.all_to_all, || self.inner.all_to_all(b, chunks))
+    }
+    fn broadcast(&self, b: &B, t: &mut B::Tensor, root: usize) -> Result<(), CollectiveError> {
+        timed(&self.broadcast, || self.inner.broadcast(b, t, root))
     }
 }
 

@@ -2,11 +2,12 @@
 //! worker loads it and joins its peers' collective group, then runs each step it is sent.
 //!
 //! Forward passes are CPU-bound, so they run on tokio's blocking pool; a worker runs one step at a
-//! time (steps are collective: every rank must run them in the same order).
+//! time (steps are collective: every rank must run them in the same order). `Health` answers from
+//! atomics, never waiting for the executor, so a health check cannot queue behind a step.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,6 +40,9 @@ pub struct WorkerService {
     metrics_address: Option<String>,
     /// The rank of the loaded shard, for metric labels.
     rank: Arc<AtomicUsize>,
+    /// Whether a shard is loaded, and its KV-cache blocks, for `Health`.
+    ready: AtomicBool,
+    kv_blocks: AtomicU64,
 }
 
 /// What a [`WorkerService`] is built from.
@@ -60,6 +64,8 @@ impl WorkerService {
             metrics: cfg.metrics,
             metrics_address: cfg.metrics_address,
             rank: Arc::new(AtomicUsize::new(0)),
+            ready: AtomicBool::new(false),
+            kv_blocks: AtomicU64::new(0),
         }
     }
 }
@@ -153,6 +159,7 @@ impl pb::worker_server::Worker for WorkerService {
     ) -> Result<Response<pb::LoadShardResponse>, Status> {
         let req = request.into_inner();
         // The previous group's executor (and its collective connections) goes first.
+        self.ready.store(false, Ordering::SeqCst);
         self.executor
             .lock()
             .map_err(|_| Status::internal("poisoned"))?
@@ -174,6 +181,8 @@ impl pb::worker_server::Worker for WorkerService {
             .executor
             .lock()
             .map_err(|_| Status::internal("poisoned"))? = Some(executor);
+        self.kv_blocks.store(reply.kv_blocks, Ordering::SeqCst);
+        self.ready.store(true, Ordering::SeqCst);
         Ok(Response::new(reply))
     }
 
@@ -221,13 +230,14 @@ impl pb::worker_server::Worker for WorkerService {
         &self,
         _: Request<pb::HealthRequest>,
     ) -> Result<Response<pb::HealthResponse>, Status> {
-        let guard = self
-            .executor
-            .lock()
-            .map_err(|_| Status::internal("poisoned"))?;
+        let ready = self.ready.load(Ordering::SeqCst);
         Ok(Response::new(pb::HealthResponse {
-            ready: guard.is_some(),
-            kv_blocks: guard.as_ref().map_or(0, |e| e.num_blocks() as u64),
+            ready,
+            kv_blocks: if ready {
+                self.kv_blocks.load(Ordering::SeqCst)
+            } else {
+                0
+            },
         }))
     }
 

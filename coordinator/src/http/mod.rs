@@ -173,11 +173,16 @@ async fn health(State(engine): State<EngineHandle>) -> Response {
             "running": stats.running,
             "waiting": stats.waiting,
             "kv_cache_usage": stats.used_blocks as f64 / stats.num_blocks.max(1) as f64,
+            "group_failures": engine.group_failures(),
         }))
         .into_response(),
         Err(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            axum::Json(json!({"status": "degraded", "reason": reason})),
+            axum::Json(json!({
+                "status": "degraded",
+                "reason": reason,
+                "group_failures": engine.group_failures(),
+            })),
         )
             .into_response(),
     }

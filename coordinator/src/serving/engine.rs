@@ -7,9 +7,16 @@
 //! are freed. When a step fails (a worker died or stalled past its deadline) every in-flight
 //! request fails with `Unavailable`, the group is dropped, and the loop rebuilds it through the
 //! [`RunnerFactory`] with backoff; meanwhile new requests are refused at once.
+//!
+//! A worker lost while nothing runs is noticed too: after [`IDLE_HEALTH_INTERVAL`] without a step
+//! the loop asks the runner to check its workers ([`StepRunner::check_health`], a short-deadline
+//! `Health` call to each) and handles a failure like a failed step. The check runs on the loop's
+//! own thread, between steps, so it never overlaps one; a request arriving meanwhile waits at most
+//! the check's deadline.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,6 +29,9 @@ use crate::metrics::{ErrorKind, ServingMetrics};
 use crate::scheduler::{Finish, Scheduler, SchedulerConfig, SchedulerStats, SeqOutput, SeqRequest};
 use crate::serving::output::OutputState;
 use crate::serving::request::{GenerateParams, ModelInfo, ServeError};
+
+/// How long the group may sit idle before the loop checks that its workers are still there.
+pub const IDLE_HEALTH_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Builds (or rebuilds, after a failure) the worker group.
 pub type RunnerFactory = Box<dyn FnMut() -> Result<Box<dyn StepRunner + Send>, WorkerError> + Send>;
@@ -119,11 +129,14 @@ pub struct Shared {
     metrics: ServingMetrics,
     /// Where the ranks of the current group serve their metrics.
     metrics_addresses: Mutex<Vec<String>>,
+    /// How many times the group was lost (a failed step or health check) since start.
+    group_failures: AtomicU64,
 }
 
 #[derive(Clone)]
 pub struct EngineHandle {
-    tx: mpsc::UnboundedSender<Command>,
+    // A std channel: the loop waits on it with a timeout between idle health checks.
+    tx: Sender<Command>,
     shared: Arc<Shared>,
 }
 
@@ -159,6 +172,11 @@ impl EngineHandle {
     /// Where the ranks of the current group serve their Prometheus metrics.
     pub fn metrics_addresses(&self) -> Vec<String> {
         lock(&self.shared.metrics_addresses).clone()
+    }
+
+    /// How many times the worker group was lost since start (each loss is followed by a rebuild).
+    pub fn group_failures(&self) -> u64 {
+        self.shared.group_failures.load(Ordering::Relaxed)
     }
 
     /// Queues a validated request; refused at once when the group is degraded or the queue full.
@@ -255,7 +273,7 @@ struct Live {
 }
 
 struct Loop {
-    rx: mpsc::UnboundedReceiver<Command>,
+    rx: Receiver<Command>,
     shared: Arc<Shared>,
     sched: Scheduler,
     runner: Option<Box<dyn StepRunner + Send>>,
@@ -265,6 +283,8 @@ struct Loop {
     next_seq: u64,
     /// Ranks the group needs.
     world_size: usize,
+    /// When the workers last proved alive (a step or a health check).
+    last_health: Instant,
 }
 
 /// Starts the serving loop on its own thread with an already built worker group.
@@ -280,7 +300,7 @@ pub fn start(
         ..scheduler
     };
     cfg.validate().map_err(ServeError::Internal)?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = std::sync::mpsc::channel();
     let placement = info.placement_json.clone();
     let metrics = ServingMetrics::new(&info.name)
         .map_err(|e| ServeError::Internal(format!("cannot register the serving metrics: {e}")))?;
@@ -298,6 +318,7 @@ pub fn start(
         stopped: AtomicBool::new(false),
         metrics,
         metrics_addresses,
+        group_failures: AtomicU64::new(0),
     });
     let mut lp = Loop {
         rx,
@@ -309,6 +330,7 @@ pub fn start(
         by_request: HashMap::new(),
         next_seq: 0,
         world_size,
+        last_health: Instant::now(),
     };
     std::thread::Builder::new()
         .name("tessera-serving".into())
@@ -321,13 +343,21 @@ impl Loop {
     fn run(&mut self) {
         loop {
             if !self.sched.has_work() {
-                match self.rx.blocking_recv() {
-                    Some(cmd) => {
+                let due = self.last_health + IDLE_HEALTH_INTERVAL;
+                match self
+                    .rx
+                    .recv_timeout(due.saturating_duration_since(Instant::now()))
+                {
+                    Ok(cmd) => {
                         if !self.handle(cmd) {
                             return self.stop();
                         }
                     }
-                    None => return self.stop(),
+                    Err(RecvTimeoutError::Timeout) => {
+                        self.check_idle_health();
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return self.stop(),
                 }
             }
             while let Ok(cmd) = self.rx.try_recv() {
@@ -510,6 +540,7 @@ impl Loop {
         }
         let started = Instant::now();
         let outcome = runner.step(&plan.steps);
+        self.last_health = Instant::now();
         let tokens = plan.steps.iter().map(|s| s.tokens.len()).sum();
         match outcome {
             Ok(result) => {
@@ -582,8 +613,21 @@ impl Loop {
         Some(out.id)
     }
 
-    /// A step failed: every request in flight fails, the group is rebuilt.
+    /// Idle: checks the workers are still there; a lost one is handled like a failed step.
+    fn check_idle_health(&mut self) {
+        self.last_health = Instant::now();
+        let Some(runner) = self.runner.as_mut() else {
+            return;
+        };
+        if let Err(e) = runner.check_health() {
+            tracing::error!(error = %e, "lost a worker while idle");
+            self.fail_group(e);
+        }
+    }
+
+    /// A step or health check failed: every request in flight fails, the group is rebuilt.
     fn fail_group(&mut self, e: WorkerError) {
+        self.shared.group_failures.fetch_add(1, Ordering::Relaxed);
         let reason = format!("the worker group failed: {e}");
         tracing::error!(
             "{reason}; failing {} requests and rebuilding",
@@ -618,6 +662,7 @@ impl Loop {
                     self.sched = Scheduler::new(cfg);
                     *lock(&self.shared.metrics_addresses) = runner.metrics_addresses();
                     self.runner = Some(runner);
+                    self.last_health = Instant::now();
                     // A rebuilt group runs the placement it was built with.
                     *self
                         .shared

@@ -1,6 +1,11 @@
 //! Collectives among the ranks that share one model replica, shaped like NCCL: every rank calls the
 //! same operation in the same order, and every operation has a deadline, so a stalled or dead peer
-//! becomes an error instead of a hang.
+//! becomes an error (naming the operation and the peer) instead of a hang.
+//!
+//! The operations are NCCL's: all-reduce (sum), all-gather (by columns), all-to-all (each rank
+//! sends a distinct chunk to every rank; chunks may have any row count, including zero, as MoE
+//! token dispatch needs) and broadcast from a root rank. After any error the group is unusable
+//! (peers may be mid-operation); the caller forms a new one.
 //!
 //! [`SingleRank`] is the world of one (every operation is the identity). [`InProcessGroup`] joins
 //! ranks running as threads of one process (tests, and an embedded single-host mode); [`TcpRank`]
@@ -20,11 +25,13 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum CollectiveError {
-    #[error("{op} on rank {rank}: timed out after {timeout:?} waiting for peers")]
+    #[error("{op} on rank {rank}: timed out after {timeout:?} waiting for {}", ranks(.peers))]
     Timeout {
         op: &'static str,
         rank: usize,
         timeout: Duration,
+        /// The ranks that had not answered (empty when unknown).
+        peers: Vec<usize>,
     },
     #[error("{op} on rank {rank}: {detail}")]
     Mismatch {
@@ -32,12 +39,28 @@ pub enum CollectiveError {
         rank: usize,
         detail: String,
     },
-    #[error("{op} on rank {rank}: peer connection failed: {detail}")]
+    #[error("{op} on rank {rank}: connection to rank {peer} failed: {detail}")]
     Peer {
         op: &'static str,
         rank: usize,
+        peer: usize,
         detail: String,
     },
+    /// A rank panicked inside an operation; the group's shared state cannot be trusted.
+    #[error("{op} on rank {rank}: the group is unusable after a panic in an earlier operation")]
+    Poisoned { op: &'static str, rank: usize },
+}
+
+/// "rank 2", "ranks 1, 3", or "peers" when nobody in particular is known to be missing.
+fn ranks(peers: &[usize]) -> String {
+    match peers {
+        [] => "peers".into(),
+        [one] => format!("rank {one}"),
+        many => {
+            let list: Vec<String> = many.iter().map(usize::to_string).collect();
+            format!("ranks {}", list.join(", "))
+        }
+    }
 }
 
 /// Sums `all` (every rank's contribution, in rank order) into `out`, so every rank computes
@@ -96,6 +119,46 @@ fn concat_cols(
     Ok(CpuTensor { data, rows, cols })
 }
 
+/// Checks an all-to-all contribution has one chunk per rank of the group.
+fn check_chunk_count(
+    op: &'static str,
+    rank: usize,
+    from: usize,
+    chunks: usize,
+    world: usize,
+) -> Result<(), CollectiveError> {
+    if chunks == world {
+        return Ok(());
+    }
+    let who = if from == rank {
+        "this rank".to_string()
+    } else {
+        format!("rank {from}")
+    };
+    Err(CollectiveError::Mismatch {
+        op,
+        rank,
+        detail: format!("{who} passed {chunks} chunks for a world of {world} (one per rank)"),
+    })
+}
+
+/// Checks a broadcast's root is a rank of the group.
+fn check_root(
+    op: &'static str,
+    rank: usize,
+    root: usize,
+    world: usize,
+) -> Result<(), CollectiveError> {
+    if root < world {
+        return Ok(());
+    }
+    Err(CollectiveError::Mismatch {
+        op,
+        rank,
+        detail: format!("root {root} is not a rank of a world of {world}"),
+    })
+}
+
 /// Collective operations over backend `B`'s activations.
 pub trait Collective<B: Backend>: Send + Sync {
     fn rank(&self) -> usize;
@@ -104,6 +167,13 @@ pub trait Collective<B: Backend>: Send + Sync {
     fn all_reduce_sum(&self, b: &B, t: &mut B::Tensor) -> Result<(), CollectiveError>;
     /// Concatenates every rank's columns in rank order; every rank receives the result.
     fn all_gather_cols(&self, b: &B, t: B::Tensor) -> Result<B::Tensor, CollectiveError>;
+    /// Sends `chunks[d]` to rank `d` (exactly one chunk per rank, this rank's own included) and
+    /// returns the chunk each rank sent here, indexed by source rank. Chunks may have any row
+    /// count, zero included (MoE dispatch: the tokens routed to each rank's experts, then the
+    /// combine step sends the results back the same way).
+    fn all_to_all(&self, b: &B, chunks: Vec<B::Tensor>) -> Result<Vec<B::Tensor>, CollectiveError>;
+    /// Replaces `t` on every rank with rank `root`'s `t` (shape included); the root's stays.
+    fn broadcast(&self, b: &B, t: &mut B::Tensor, root: usize) -> Result<(), CollectiveError>;
 }
 
 /// The world of one rank.
@@ -123,6 +193,13 @@ impl<B: Backend> Collective<B> for SingleRank {
     fn all_gather_cols(&self, _: &B, t: B::Tensor) -> Result<B::Tensor, CollectiveError> {
         Ok(t)
     }
+    fn all_to_all(&self, _: &B, chunks: Vec<B::Tensor>) -> Result<Vec<B::Tensor>, CollectiveError> {
+        check_chunk_count("all_to_all", 0, 0, chunks.len(), 1)?;
+        Ok(chunks)
+    }
+    fn broadcast(&self, _: &B, _: &mut B::Tensor, root: usize) -> Result<(), CollectiveError> {
+        check_root("broadcast", 0, root, 1)
+    }
 }
 
 #[cfg(test)]
@@ -130,50 +207,48 @@ mod tests {
     use super::*;
     use tessera_kernels::cpu::CpuBackend;
 
-    fn t(v: Vec<f32>, cols: usize) -> CpuTensor {
-        CpuTensor {
-            rows: v.len() / cols,
-            cols,
-            data: v,
-        }
-    }
-
     #[test]
-    fn all_reduce_and_all_gather_across_threads_many_rounds() {
-        let group = InProcessGroup::new(3, Duration::from_secs(5));
-        let handles: Vec<_> = (0..3)
-            .map(|rank| {
-                let member = group.member(rank);
-                std::thread::spawn(move || {
-                    for round in 0..50 {
-                        let mut x = t(vec![rank as f32 + round as f32; 4], 2);
-                        member.all_reduce_sum(&CpuBackend, &mut x).unwrap();
-                        assert_eq!(x.data, vec![3.0 + 3.0 * round as f32; 4]);
-                        let g = member
-                            .all_gather_cols(&CpuBackend, t(vec![rank as f32; 2], 1))
-                            .unwrap();
-                        assert_eq!((g.rows, g.cols), (2, 3));
-                        assert_eq!(g.data, vec![0.0, 1.0, 2.0, 0.0, 1.0, 2.0]);
-                    }
-                })
-            })
-            .collect();
-        for h in handles {
-            h.join().unwrap();
-        }
-    }
-
-    #[test]
-    fn a_missing_peer_is_a_timeout_not_a_hang() {
-        let group = InProcessGroup::new(2, Duration::from_millis(100));
-        let mut x = t(vec![1.0], 1);
-        let err = group
-            .member(0)
-            .all_reduce_sum(&CpuBackend, &mut x)
-            .unwrap_err();
+    fn a_single_rank_is_the_identity_and_checks_its_arguments() {
+        let t = |v: f32| CpuTensor {
+            data: vec![v; 2],
+            rows: 1,
+            cols: 2,
+        };
+        let out = <SingleRank as Collective<CpuBackend>>::all_to_all(
+            &SingleRank,
+            &CpuBackend,
+            vec![t(3.0)],
+        )
+        .unwrap();
+        assert_eq!(out[0].data, vec![3.0, 3.0]);
+        let err = <SingleRank as Collective<CpuBackend>>::all_to_all(
+            &SingleRank,
+            &CpuBackend,
+            vec![t(1.0), t(2.0)],
+        )
+        .unwrap_err();
         assert!(
-            matches!(err, CollectiveError::Timeout { rank: 0, .. }),
+            err.to_string().contains("2 chunks for a world of 1"),
             "{err}"
+        );
+        let mut x = t(5.0);
+        SingleRank.broadcast(&CpuBackend, &mut x, 0).unwrap();
+        assert_eq!(x.data, vec![5.0, 5.0]);
+        let err = SingleRank.broadcast(&CpuBackend, &mut x, 1).unwrap_err();
+        assert!(err.to_string().contains("root 1"), "{err}");
+    }
+
+    #[test]
+    fn timeouts_name_the_missing_ranks() {
+        let err = CollectiveError::Timeout {
+            op: "all_to_all",
+            rank: 0,
+            timeout: Duration::from_millis(100),
+            peers: vec![1, 3],
+        };
+        assert_eq!(
+            err.to_string(),
+            "all_to_all on rank 0: timed out after 100ms waiting for ranks 1, 3"
         );
     }
 }
