@@ -130,6 +130,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             cache,
             kv_cache_bytes: None,
             placement: None,
+            step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
         };
         let cluster = LocalCluster::launch(&launch)?;
         return finish(

@@ -87,6 +87,11 @@ pub struct ServeArgs {
     /// this many seconds before failing the rest with 503 / UNAVAILABLE and exiting.
     #[arg(long, default_value_t = 30, env = "TESSERA_DRAIN_TIMEOUT_SECS")]
     pub drain_timeout_secs: u64,
+    /// Longest a step (and each collective inside it) may take: a stalled worker fails the
+    /// requests in flight with 503 / UNAVAILABLE after this long and the group is rebuilt. Raise
+    /// it for very long prefill chunks on slow hardware.
+    #[arg(long, default_value_t = 30, env = "TESSERA_STEP_TIMEOUT_SECS")]
+    pub step_timeout_secs: u64,
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +225,7 @@ fn factory(args: &ServeArgs, found: Option<(Membership, Duration)>) -> Result<Ru
         cache,
         kv_cache_bytes: Some(kv_bytes),
         placement: None,
+        step_timeout: std::time::Duration::from_secs(args.step_timeout_secs.max(1)),
     };
     if let Some((membership, wait)) = found {
         return Ok(discovered_factory(launch, membership, wait));

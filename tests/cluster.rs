@@ -33,6 +33,7 @@ fn a_killed_worker_fails_the_next_step_quickly_and_processes_are_reaped() {
         cache,
         kv_cache_bytes: None,
         placement: None,
+        step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
     };
     let cluster = LocalCluster::launch(&opts).unwrap();
     let pids: Vec<u32> = cluster.worker_pids().into_iter().flatten().collect();
@@ -101,6 +102,7 @@ fn an_explicit_placement_with_an_idle_rank_gives_the_same_tokens() {
         cache,
         kv_cache_bytes: None,
         placement: Some(placement),
+        step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
     };
     let mut engine = Engine::with_runner(LocalCluster::launch(&opts).unwrap(), cache);
     let reference = common::reference(&dir);

@@ -1,6 +1,7 @@
 //! Losing a worker under `tessera serve --tp 2`: the streaming client gets a terminal error
 //! promptly, the coordinator stays up and reports itself degraded, rebuilds the group, and serves
-//! the next request. A worker lost while nothing runs is noticed too, by the idle health checks.
+//! the next request. A worker lost while nothing runs is noticed too, by the idle health checks,
+//! and a stalled one (SIGSTOP) by the step and collective deadlines.
 
 mod common;
 
@@ -103,4 +104,41 @@ async fn a_worker_killed_while_idle_is_noticed_without_any_request() {
     )
     .await;
     assert_eq!(ok["usage"]["completion_tokens"], 4, "{ok}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_worker_is_caught_by_the_step_deadline_not_a_hang() {
+    let model = common::fixtures_dir().join("qwen3_moe");
+    let server = Server::start(&model, &["--tp", "2", "--step-timeout-secs", "2"]);
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/completions", server.http);
+    let workers = server.worker_pids();
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": true, "stream": true});
+    let resp = http.post(&url).json(&body).send().await.unwrap();
+    let mut chunks = resp.bytes_stream();
+    chunks.next().await.unwrap().unwrap();
+    let stopped_at = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-STOP", &workers[1].to_string()])
+        .status()
+        .unwrap();
+    // The stream ends with an error once the 2 s step deadline (or rank 0's collective deadline)
+    // passes, whether the stall hit mid-step or between steps (the idle check then).
+    let rest = common::server::drain_within(&mut chunks, Duration::from_secs(10)).await;
+    let waited = stopped_at.elapsed();
+    // A stream that already finished before the stall would prove nothing.
+    assert!(rest.contains("\"error\""), "no error event: {rest}");
+    assert!(waited < Duration::from_secs(6), "error after {waited:?}");
+    // The group is rebuilt with fresh workers (the stopped one is killed with the old group).
+    server
+        .wait_health(&http, Duration::from_secs(60), |c, _| c == 200)
+        .await;
+    let ok: Value = common::server::post_json(
+        &http,
+        &url,
+        &json!({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(ok["usage"]["completion_tokens"], 4, "{ok}");
+    assert!(!server.worker_pids().contains(&workers[1]));
 }

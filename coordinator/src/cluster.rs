@@ -22,8 +22,8 @@ use tonic::transport::Channel;
 
 /// How long a worker may take to start and announce its addresses.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
-/// How long one step may take before the cluster reports it failed.
-const STEP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long one step may take before the cluster reports it failed, unless configured.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a worker may take to answer a health check between steps (a step waits for it).
 const HEALTH_TIMEOUT: Duration = Duration::from_millis(1000);
 /// Unanswered health checks in a row that count as a lost worker: one may be a busy machine.
@@ -43,6 +43,9 @@ pub struct LaunchOptions {
     pub kv_cache_bytes: Option<u64>,
     /// Where each expert runs; `None` places contiguous blocks of experts by rank.
     pub placement: Option<PlacementMap>,
+    /// How long a step (and each collective inside it) may take before the group is declared
+    /// failed: a stalled worker becomes an error after this long, never a hang.
+    pub step_timeout: Duration,
 }
 
 /// A worker's addresses, as it announces them.
@@ -276,6 +279,8 @@ async fn load_shards(
                 opts.cache.num_blocks as u64
             },
             kv_cache_bytes: opts.kv_cache_bytes.unwrap_or(0),
+            collective_timeout_ms: opts.step_timeout.as_millis().clamp(1, u128::from(u32::MAX))
+                as u32,
         };
         loads.spawn(async move { (rank, client.load_shard(req).await) });
     }
@@ -338,12 +343,13 @@ impl StepRunner for Cluster {
             seqs: seqs.iter().map(pb::SequenceStep::from).collect(),
         };
         let clients = self.clients.clone();
+        let limit = self.opts.step_timeout;
         self.rt.block_on(async move {
             let mut steps = tokio::task::JoinSet::new();
             for (rank, mut client) in clients.into_iter().enumerate() {
                 let req = req.clone();
                 steps.spawn(async move {
-                    let reply = tokio::time::timeout(STEP_TIMEOUT, client.step(req)).await;
+                    let reply = tokio::time::timeout(limit, client.step(req)).await;
                     (rank, reply)
                 });
             }
@@ -351,7 +357,7 @@ impl StepRunner for Cluster {
             while let Some(joined) = steps.join_next().await {
                 let (rank, reply) = joined.map_err(|e| remote(0, e))?;
                 let reply = reply
-                    .map_err(|_| remote(rank, format!("step timed out after {STEP_TIMEOUT:?}")))?
+                    .map_err(|_| remote(rank, format!("step timed out after {limit:?}")))?
                     .map_err(|s| remote(rank, format!("step failed: {}", with_causes(&s))))?;
                 if rank == 0 {
                     first = Some(reply.into_inner());

@@ -26,7 +26,8 @@ use crate::metrics::{TimedCollective, WorkerMetrics};
 use crate::model::Model;
 use crate::wire::step_response;
 
-/// How long a rank waits for its peers, at bootstrap and in every collective.
+/// How long a rank waits for its peers, at bootstrap and in every collective, unless the
+/// coordinator says otherwise in `LoadShardRequest`.
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct WorkerService {
@@ -102,13 +103,17 @@ fn load(
 ) -> Result<(Executor<CpuBackend>, u64), WorkerError> {
     let dir = PathBuf::from(&req.model_dir);
     let shard = shard_of(&req);
+    let timeout = match req.collective_timeout_ms {
+        0 => COLLECTIVE_TIMEOUT,
+        ms => Duration::from_millis(u64::from(ms)),
+    };
     let comm: Arc<dyn Collective<CpuBackend>> = match (shard.world_size, shard.rank) {
         (1, _) => Arc::new(SingleRank),
         (world, 0) => {
             let l = listener.ok_or_else(|| {
                 WorkerError::Plan("this worker's collective listener is already in use".into())
             })?;
-            Arc::new(TcpRank::root(l, world, COLLECTIVE_TIMEOUT)?)
+            Arc::new(TcpRank::root(l, world, timeout)?)
         }
         (world, rank) => {
             let root: SocketAddr = req
@@ -121,7 +126,7 @@ fn load(
                         req.peer_addresses.first()
                     ))
                 })?;
-            Arc::new(TcpRank::join(rank, world, root, COLLECTIVE_TIMEOUT)?)
+            Arc::new(TcpRank::join(rank, world, root, timeout)?)
         }
     };
     let comm: Arc<dyn Collective<CpuBackend>> = Arc::new(TimedCollective::new(comm, metrics));
