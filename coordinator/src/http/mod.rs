@@ -129,6 +129,22 @@ fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     Ok(value)
 }
 
+/// A `POST /v1/completions` body as a request (also the request fuzz target's entry).
+pub(crate) fn completion_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let v = parse_body(body)?;
+    let mut req: CompletionRequest = parse(&v)?;
+    req.sampling = parse(&v)?;
+    Ok(req)
+}
+
+/// A `POST /v1/chat/completions` body as a request (also the request fuzz target's entry).
+pub(crate) fn chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let v = parse_body(body)?;
+    let mut req: ChatRequest = parse(&v)?;
+    req.sampling = parse(&v)?;
+    Ok(req)
+}
+
 pub fn router(engine: EngineHandle) -> Router {
     Router::new()
         .route("/health", get(health))
@@ -231,24 +247,14 @@ async fn set_placement(State(engine): State<EngineHandle>, body: Bytes) -> Respo
 }
 
 async fn completions(State(engine): State<EngineHandle>, body: Bytes) -> Response {
-    let parsed = parse_body(&body).and_then(|v| {
-        let mut req: CompletionRequest = parse(&v)?;
-        req.sampling = parse(&v)?;
-        Ok(req)
-    });
-    match parsed {
+    match completion_request(&body) {
         Ok(req) => respond::completion(engine, req).await,
         Err(e) => e.count(&engine),
     }
 }
 
 async fn chat_completions(State(engine): State<EngineHandle>, body: Bytes) -> Response {
-    let parsed = parse_body(&body).and_then(|v| {
-        let mut req: ChatRequest = parse(&v)?;
-        req.sampling = parse(&v)?;
-        Ok(req)
-    });
-    match parsed {
+    match chat_request(&body) {
         Ok(req) => respond::chat(engine, req).await,
         Err(e) => e.count(&engine),
     }

@@ -19,7 +19,10 @@ pub(crate) fn read_index(path: &Path) -> Result<BTreeMap<String, String>, Checkp
     parse_index(path, &text)
 }
 
-fn parse_index(path: &Path, text: &str) -> Result<BTreeMap<String, String>, CheckpointError> {
+pub(crate) fn parse_index(
+    path: &Path,
+    text: &str,
+) -> Result<BTreeMap<String, String>, CheckpointError> {
     let bad = |reason: String| CheckpointError::bad_index(path, reason);
     let root: Value = serde_json::from_str(text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
     let Some(map) = root.get("weight_map").and_then(Value::as_object) else {
