@@ -30,6 +30,11 @@ fi
 # -a: debug assertions and overflow checks, so arithmetic overflow is a finding, as in tests.
 build_flags=(--sanitizer "${FUZZ_SANITIZER:-address}" --debug-assertions)
 found=()
+# -jobs sends each job's output to fuzz-N.log; only ask for it when running several.
+jobs=()
+if ((${FUZZ_JOBS:-1} > 1)); then
+    jobs=(-jobs="$FUZZ_JOBS" -workers="$FUZZ_JOBS")
+fi
 for target in "${targets[@]}"; do
     mkdir -p "corpus/$target" "regressions/$target" "artifacts/$target"
     echo "== $target: ${seconds}s"
@@ -39,7 +44,7 @@ for target in "${targets[@]}"; do
     cargo +nightly fuzz run "${build_flags[@]}" "$target" \
         "corpus/$target" "seeds/$target" "regressions/$target" -- \
         -max_total_time="$seconds" -rss_limit_mb="${FUZZ_RSS_MB:-2048}" -timeout=10 \
-        -jobs="${FUZZ_JOBS:-1}" -workers="${FUZZ_JOBS:-1}" -print_final_stats=1 || status=$?
+        "${jobs[@]}" -print_final_stats=1 || status=$?
     after=$(find "artifacts/$target" -type f | sort)
     new=$(comm -13 <(echo "$before") <(echo "$after") | grep -v '^$' || true)
     for file in $new; do

@@ -4,7 +4,7 @@
 //! the shards' own headers are the authority on sizes.
 
 use std::collections::BTreeMap;
-use std::path::{Component, Path};
+use std::path::Path;
 
 use serde_json::Value;
 
@@ -40,11 +40,9 @@ pub(crate) fn parse_index(
         };
         // Shards must sit beside the index: an index is downloaded data and must not be able to
         // point us at arbitrary files elsewhere on disk.
-        let mut parts = Path::new(shard).components();
-        if !matches!(
-            (parts.next(), parts.next()),
-            (Some(Component::Normal(_)), None)
-        ) {
+        // The whole string must be the file name: `components()` would also accept `x/` (a
+        // trailing separator), which names no file (found by the `safetensors_index` fuzzer).
+        if Path::new(shard).file_name().and_then(|n| n.to_str()) != Some(shard) {
             return Err(bad(format!(
                 "shard `{shard}` for `{name}` is not a plain file name in the checkpoint folder"
             )));
@@ -80,6 +78,9 @@ mod tests {
             r#"{"weight_map":{"a":"../x.safetensors"}}"#,
             r#"{"weight_map":{"a":"/etc/passwd"}}"#,
             r#"{"weight_map":{"a":"sub/x.safetensors"}}"#,
+            r#"{"weight_map":{"a":"x.safetensors/"}}"#,
+            r#"{"weight_map":{"a":"."}}"#,
+            r#"{"weight_map":{"a":""}}"#,
         ] {
             let err = parse(text).unwrap_err();
             assert!(
