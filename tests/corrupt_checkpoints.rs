@@ -419,7 +419,17 @@ fn serve_and_generate_with_tp_2_exit_and_leave_no_workers() {
             }
             let marker = format!("{command}-tp2-{}-{name}", std::process::id());
             let args: Vec<&str> = match command {
-                "serve" => vec!["serve", "--model", dir, "--tp", "2", "--port", "0"],
+                "serve" => vec![
+                    "serve",
+                    "--model",
+                    dir,
+                    "--tp",
+                    "2",
+                    "--port",
+                    "0",
+                    "--grpc-port",
+                    "0",
+                ],
                 _ => vec!["generate", "--model", dir, "--tp", "2", "--prompt-ids", "1"],
             };
             let (ok, stderr) = tessera(&args, &marker);
