@@ -9,9 +9,13 @@
 //! - [`shard`]: which part of the model a worker owns.
 //! - [`placement`]: the expert placement map, (layer, expert) → rank.
 //! - [`metrics`]: names, labels and buckets of every exported Prometheus metric.
+//! - `fuzz_targets` (feature `fuzz-targets`): the config fuzz target's body, shared by `fuzz/` and
+//!   the stable regression test.
 
 pub mod arch;
 mod error;
+#[cfg(feature = "fuzz-targets")]
+pub mod fuzz_targets;
 pub mod generation;
 pub mod metrics;
 pub mod placement;

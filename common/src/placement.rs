@@ -38,12 +38,9 @@ impl PlacementMap {
             .filter_map(|(layer, l)| match &l.ffn {
                 FfnSpec::Moe(m) => Some(LayerPlacement {
                     layer,
-                    ranks: (0..m.num_experts)
-                        .map(|e| {
-                            (0..world_size)
-                                .find(|r| split_range(m.num_experts, *r, world_size).contains(&e))
-                                .unwrap_or(0)
-                        })
+                    // The ranks' ranges tile 0..num_experts in order.
+                    ranks: (0..world_size)
+                        .flat_map(|r| split_range(m.num_experts, r, world_size).map(move |_| r))
                         .collect(),
                 }),
                 FfnSpec::Dense(_) => None,

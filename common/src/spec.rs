@@ -11,6 +11,13 @@ pub use tessera_kernels::{GroupScore, Scoring};
 use crate::ConfigError;
 use crate::rope::RopeSpec;
 
+/// Most decoder layers a config may declare. Published models have at most a few hundred; the
+/// bound turns a corrupt count into an error rather than an unbounded allocation.
+pub const MAX_LAYERS: usize = 1 << 10;
+/// Most routed experts per MoE layer (published models: at most a few hundred). Bounds the
+/// per-expert work done before any weight is read (placement, shard plans).
+pub const MAX_EXPERTS: usize = 1 << 14;
+
 #[derive(Clone, Debug, Serialize)]
 pub struct ModelSpec {
     /// The `architectures[0]` it came from, e.g. `Qwen3MoeForCausalLM`.
@@ -257,6 +264,13 @@ impl ModelSpec {
                 FfnSpec::Dense(m) => positive("intermediate_size", m.intermediate_size)?,
                 FfnSpec::Moe(m) => {
                     positive("num_experts", m.num_experts)?;
+                    if m.num_experts > MAX_EXPERTS {
+                        return Err(ConfigError::invalid(
+                            "num_experts",
+                            m.num_experts,
+                            format!("more than {MAX_EXPERTS}; is config.json corrupt?"),
+                        ));
+                    }
                     positive("moe_intermediate_size", m.expert.intermediate_size)?;
                     if m.top_k == 0 || m.top_k > m.num_experts {
                         return Err(ConfigError::invalid(
@@ -273,7 +287,10 @@ impl ModelSpec {
                                 format!("must divide the {} experts", m.num_experts),
                             ));
                         }
-                        if keep == 0 || keep > groups || keep * (m.num_experts / groups) < m.top_k {
+                        if keep == 0
+                            || keep > groups
+                            || keep.saturating_mul(m.num_experts / groups) < m.top_k
+                        {
                             return Err(ConfigError::invalid(
                                 "topk_group",
                                 keep,

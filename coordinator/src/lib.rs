@@ -4,9 +4,12 @@
 //! - [`cluster`]: a worker group (embedded processes on loopback, or workers found elsewhere),
 //!   driven over gRPC.
 //! - [`registry`]: static membership: workers register with the coordinator over gRPC.
+//! - `fuzz_targets` (feature `fuzz-targets`): the request and tokenizer fuzz targets' bodies.
 
 pub mod auth;
 pub mod cluster;
+#[cfg(feature = "fuzz-targets")]
+pub mod fuzz_targets;
 pub mod grpc;
 pub mod http;
 pub mod jobs;

@@ -66,18 +66,23 @@ impl HostTensor {
         dtype: DType,
         shape: Vec<usize>,
     ) -> Result<Self> {
-        let len = shape.iter().product::<usize>() * dtype.size();
         let all = owner.bytes();
-        let Some(bytes) = offset.checked_add(len).and_then(|end| all.get(offset..end)) else {
+        let len = shape
+            .iter()
+            .try_fold(dtype.size(), |n, d| n.checked_mul(*d));
+        let Some(bytes) = len
+            .and_then(|len| offset.checked_add(len))
+            .and_then(|end| all.get(offset..end))
+        else {
             return Err(BackendError::invalid(
                 "HostTensor::from_shared",
                 format!(
-                    "bytes {offset}..{} beyond a buffer of {}",
-                    offset + len,
+                    "{dtype} tensor of shape {shape:?} at byte {offset} lies beyond a buffer of {}",
                     all.len()
                 ),
             ));
         };
+        let len = bytes.len();
         if !(bytes.as_ptr() as usize).is_multiple_of(dtype.size()) {
             return Self::from_bytes(bytes, dtype, shape);
         }

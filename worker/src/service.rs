@@ -81,19 +81,30 @@ fn status(e: WorkerError) -> Status {
     }
 }
 
-fn shard_of(req: &pb::LoadShardRequest) -> ShardSpec {
+fn shard_of(req: &pb::LoadShardRequest) -> Result<ShardSpec, WorkerError> {
     let a = req.shard.clone().unwrap_or_default();
-    let experts = a.placed.then(|| {
-        a.experts
-            .iter()
-            .flat_map(|r| (r.first..r.first + r.count).map(move |e| (r.layer as usize, e as usize)))
-            .collect()
-    });
-    ShardSpec {
+    let experts = match a.placed {
+        false => None,
+        true => {
+            let mut owned = std::collections::BTreeSet::new();
+            for (i, r) in a.experts.iter().enumerate() {
+                // A range past u32::MAX would wrap: refuse it, naming the field.
+                let end = r.first.checked_add(r.count).ok_or_else(|| {
+                    WorkerError::Plan(format!(
+                        "shard.experts[{i}]: first {} + count {} overflows",
+                        r.first, r.count
+                    ))
+                })?;
+                owned.extend((r.first..end).map(|e| (r.layer as usize, e as usize)));
+            }
+            Some(owned)
+        }
+    };
+    Ok(ShardSpec {
         rank: a.rank as usize,
         world_size: a.world_size.max(1) as usize,
         experts,
-    }
+    })
 }
 
 fn load(
@@ -102,7 +113,7 @@ fn load(
     metrics: &WorkerMetrics,
 ) -> Result<(Executor<CpuBackend>, u64), WorkerError> {
     let dir = PathBuf::from(&req.model_dir);
-    let shard = shard_of(&req);
+    let shard = shard_of(&req)?;
     let timeout = match req.collective_timeout_ms {
         0 => COLLECTIVE_TIMEOUT,
         ms => Duration::from_millis(u64::from(ms)),
@@ -170,7 +181,7 @@ impl pb::worker_server::Worker for WorkerService {
             .map_err(|_| Status::internal("poisoned"))?
             .take();
         let listener = self.collective_listener.try_clone().ok();
-        let rank = shard_of(&req).rank;
+        let rank = shard_of(&req).map_err(status)?.rank;
         let metrics = Arc::clone(&self.metrics);
         let (executor, weight_bytes) =
             blocking(move || load(req, listener, &metrics).map_err(status)).await?;

@@ -66,16 +66,26 @@ impl DeepseekMoeKeys {
                 "required with n_routed_experts",
             )
         })?;
-        let shared = self
-            .n_shared_experts
-            .filter(|n| *n > 0)
-            .map(|n| SharedExpertSpec {
+        let shared = match self.n_shared_experts.filter(|n| *n > 0) {
+            None => None,
+            // The shared experts are stored as one MLP `n` experts wide.
+            Some(n) => Some(SharedExpertSpec {
                 mlp: MlpSpec::standard(
                     format!("{prefix}.shared_experts"),
-                    self.moe_intermediate_size * n,
+                    self.moe_intermediate_size.checked_mul(n).ok_or_else(|| {
+                        ConfigError::invalid(
+                            "n_shared_experts",
+                            n,
+                            format!(
+                                "times moe_intermediate_size = {} overflows",
+                                self.moe_intermediate_size
+                            ),
+                        )
+                    })?,
                 ),
                 gate: None,
-            });
+            }),
+        };
         Ok(MoeSpec {
             router_bias: router_bias.then(|| format!("{prefix}.gate.e_score_correction_bias")),
             shared,
@@ -92,7 +102,8 @@ impl DeepseekMoeKeys {
 
 /// `model.layers.{i}.self_attn` as MLA, with DeepSeek's YaRN `mscale²` softmax correction.
 pub fn mla(c: &CommonConfig, k: &MlaKeys, rope: &RopeSpec, i: usize) -> AttentionSpec {
-    let qk_head_dim = (k.qk_nope_head_dim + k.qk_rope_head_dim) as f64;
+    // In f64: the dims come straight from config.json and their integer sum may overflow.
+    let qk_head_dim = k.qk_nope_head_dim as f64 + k.qk_rope_head_dim as f64;
     let m = rope.deepseek_softmax_mscale();
     AttentionSpec::Mla(MlaSpec {
         prefix: format!("model.layers.{i}.self_attn"),

@@ -23,7 +23,8 @@ use crate::ConfigError;
 use crate::generation::TokenIds;
 use crate::rope::{RopeKeys, RopeLayout, RopeSpec};
 use crate::spec::{
-    AttentionSpec, FfnSpec, GqaSpec, LayerSpec, MlpSpec, ModelSpec, MoeSpec, QkNorm, RouterSpec,
+    AttentionSpec, FfnSpec, GqaSpec, LayerSpec, MAX_LAYERS, MlpSpec, ModelSpec, MoeSpec, QkNorm,
+    RouterSpec,
 };
 
 type Parser = fn(&Value) -> Result<ModelSpec, ConfigError>;
@@ -84,9 +85,18 @@ pub fn model_spec_from_value(path: &Path, value: &Value) -> Result<ModelSpec, Co
 
 /// Deserialises an architecture's config struct, naming the architecture on failure.
 fn from_json<T: DeserializeOwned>(architecture: &str, v: &Value) -> Result<T, ConfigError> {
-    T::deserialize(v).map_err(|e| ConfigError::Schema {
-        architecture: architecture.into(),
-        reason: e.to_string(),
+    // serde_json's own message names the expected type but not the key; the path does.
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        ConfigError::Schema {
+            architecture: architecture.into(),
+            reason: if path == "." {
+                inner.to_string()
+            } else {
+                format!("`{path}`: {inner}")
+            },
+        }
     })
 }
 
@@ -164,6 +174,15 @@ impl CommonConfig {
         rope: RopeSpec,
         layer_at: impl Fn(usize) -> Result<LayerSpec, ConfigError>,
     ) -> Result<ModelSpec, ConfigError> {
+        // Checked before building one spec per layer: a corrupt count would otherwise allocate
+        // without bound instead of failing.
+        if self.num_hidden_layers > MAX_LAYERS {
+            return Err(ConfigError::invalid(
+                "num_hidden_layers",
+                self.num_hidden_layers,
+                format!("more than {MAX_LAYERS}; is config.json corrupt?"),
+            ));
+        }
         let layers = (0..self.num_hidden_layers)
             .map(layer_at)
             .collect::<Result<_, _>>()?;

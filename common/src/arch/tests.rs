@@ -91,3 +91,41 @@ fn deepseek_v3_routing_and_mla_scale() {
     let mscale = 0.1 * 4f64.ln() + 1.0;
     assert!((a.softmax_scale as f64 - 16f64.powf(-0.5) * mscale * mscale).abs() < 1e-6);
 }
+
+#[test]
+fn absurd_sizes_fail_naming_the_field_instead_of_allocating_or_overflowing() {
+    let ds = |extra: Value| {
+        let mut v = serde_json::from_str::<Value>(include_str!(
+            "../../../tests/fixtures/deepseek_v3/config.json"
+        ))
+        .unwrap();
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        v
+    };
+    let cases = [
+        (
+            qwen3(json!({"num_hidden_layers": 1u64 << 40})),
+            "num_hidden_layers",
+        ),
+        (qwen3(json!({"num_experts": 1u64 << 40})), "num_experts"),
+        (
+            ds(json!({"n_shared_experts": u64::MAX, "moe_intermediate_size": 3})),
+            "n_shared_experts",
+        ),
+        (
+            ds(json!({"n_group": 1, "topk_group": 1, "n_routed_experts": 8,
+                      "num_experts_per_tok": usize::MAX})),
+            "num_experts_per_tok",
+        ),
+    ];
+    for (config, field) in cases {
+        let err = parse(config).expect_err(field).to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    // No panic on dims whose sum overflows (the softmax scale is computed in f64).
+    let _ = parse(ds(
+        json!({"qk_nope_head_dim": u64::MAX, "qk_rope_head_dim": 64}),
+    ));
+}

@@ -150,6 +150,22 @@ fn parse_body(body: &[u8]) -> Result<serde_json::Value, ApiError> {
     Ok(value)
 }
 
+/// A `POST /v1/completions` body as a request (also the request fuzz target's entry).
+pub(crate) fn completion_request(body: &[u8]) -> Result<CompletionRequest, ApiError> {
+    let v = parse_body(body)?;
+    let mut req: CompletionRequest = parse(&v)?;
+    req.sampling = parse(&v)?;
+    Ok(req)
+}
+
+/// A `POST /v1/chat/completions` body as a request (also the request fuzz target's entry).
+pub(crate) fn chat_request(body: &[u8]) -> Result<ChatRequest, ApiError> {
+    let v = parse_body(body)?;
+    let mut req: ChatRequest = parse(&v)?;
+    req.sampling = parse(&v)?;
+    Ok(req)
+}
+
 /// The HTTP API; with `auth` enabled every route but the exempt ones needs the API key.
 pub fn router(engine: EngineHandle, auth: ApiKeyAuth) -> Router {
     Router::new()
@@ -265,12 +281,7 @@ async fn completions(
     State(engine): State<EngineHandle>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let parsed = body_bytes(body).and_then(|b| parse_body(&b)).and_then(|v| {
-        let mut req: CompletionRequest = parse(&v)?;
-        req.sampling = parse(&v)?;
-        Ok(req)
-    });
-    match parsed {
+    match body_bytes(body).and_then(|b| completion_request(&b)) {
         Ok(req) => respond::completion(engine, req).await,
         Err(e) => e.count(&engine),
     }
@@ -280,12 +291,7 @@ async fn chat_completions(
     State(engine): State<EngineHandle>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let parsed = body_bytes(body).and_then(|b| parse_body(&b)).and_then(|v| {
-        let mut req: ChatRequest = parse(&v)?;
-        req.sampling = parse(&v)?;
-        Ok(req)
-    });
-    match parsed {
+    match body_bytes(body).and_then(|b| chat_request(&b)) {
         Ok(req) => respond::chat(engine, req).await,
         Err(e) => e.count(&engine),
     }

@@ -19,7 +19,13 @@ pub struct OutputState {
 
 impl OutputState {
     pub fn new(stops: Vec<String>) -> Self {
-        let hold = stops.iter().map(String::len).max().unwrap_or(1) - 1;
+        // Saturating: validation refuses empty stop strings, but this must not underflow on one.
+        let hold = stops
+            .iter()
+            .map(String::len)
+            .max()
+            .unwrap_or(0)
+            .saturating_sub(1);
         OutputState {
             stops,
             hold,

@@ -68,7 +68,10 @@ pub(crate) fn open_shard(path: &Path) -> Result<(Shard, Vec<(String, Entry)>), C
     ))
 }
 
-fn parse_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Entry)>, CheckpointError> {
+pub(crate) fn parse_header(
+    path: &Path,
+    bytes: &[u8],
+) -> Result<Vec<(String, Entry)>, CheckpointError> {
     let file_len = bytes.len() as u64;
     let mut len_bytes = [0u8; LEN_BYTES];
     if let Some(head) = bytes.get(..LEN_BYTES) {

@@ -9,6 +9,8 @@
 
 mod error;
 mod file;
+#[cfg(feature = "fuzz-targets")]
+pub mod fuzz_targets;
 mod index;
 mod slice;
 #[cfg(test)]

@@ -42,12 +42,15 @@ pub(crate) fn read(
                 return Err(CheckpointError::bad_slice(name, "Rows of a scalar tensor"));
             };
             check_range(name, rows, dim0, 0)?;
-            let row_bytes = rest.iter().product::<usize>() * esize;
+            // Checked: a header may declare a zero-sized tensor whose other dims are huge.
+            let row_bytes = checked_bytes(name, rest, esize)?;
             let bytes = bytes_at(
                 map,
                 name,
-                entry.start + rows.start * row_bytes,
-                rows.len() * row_bytes,
+                rows.start
+                    .checked_mul(row_bytes)
+                    .and_then(|off| off.checked_add(entry.start)),
+                rows.len().checked_mul(row_bytes),
             )?;
             let mut out_shape = shape.clone();
             if let Some(d0) = out_shape.first_mut() {
@@ -63,12 +66,14 @@ pub(crate) fn read(
                 ));
             };
             check_range(name, cols, ncols, 1)?;
-            let stride = ncols * esize;
-            let len = cols.len() * esize;
-            let mut out = Vec::with_capacity(nrows * len);
+            let stride = checked_bytes(name, &[ncols], esize)?;
+            let len = cols.len() * esize; // at most `stride`
+            let mut out = Vec::new();
             for r in 0..nrows {
-                let at = entry.start + r * stride + cols.start * esize;
-                out.extend_from_slice(bytes_at(map, name, at, len)?);
+                let at = r
+                    .checked_mul(stride)
+                    .and_then(|off| off.checked_add(entry.start + cols.start * esize));
+                out.extend_from_slice(bytes_at(map, name, at, Some(len))?);
             }
             HostTensor::from_bytes(&out, dtype, vec![nrows, cols.len()])
         }
@@ -101,13 +106,26 @@ fn check_range(
     Ok(())
 }
 
-/// `len` bytes at absolute offset `at` of the mapping, or an error rather than a panic.
+/// Bytes of `dims` elements of `esize` bytes, or an error if that overflows.
+fn checked_bytes(name: &str, dims: &[usize], esize: usize) -> Result<usize, CheckpointError> {
+    dims.iter()
+        .try_fold(esize, |n, d| n.checked_mul(*d))
+        .ok_or_else(|| {
+            CheckpointError::bad_slice(name, format!("a slice of dims {dims:?} overflows"))
+        })
+}
+
+/// `len` bytes at absolute offset `at` of the mapping (`None`: the arithmetic overflowed), or an
+/// error rather than a panic.
 fn bytes_at<'a>(
     map: &'a Mmap,
     name: &str,
-    at: usize,
-    len: usize,
+    at: Option<usize>,
+    len: Option<usize>,
 ) -> Result<&'a [u8], CheckpointError> {
+    let (Some(at), Some(len)) = (at, len) else {
+        return Err(CheckpointError::bad_slice(name, "slice offsets overflow"));
+    };
     at.checked_add(len)
         .and_then(|end| map.get(at..end))
         .ok_or_else(|| {
