@@ -189,16 +189,19 @@ async fn a_dropped_stream_frees_its_blocks_and_abort_stops_a_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_is_refused_with_429_and_resource_exhausted() {
-    let server = Server::start(&model(), &["--max-running", "1", "--max-waiting", "1"]);
+    // The demo model (larger, 512 positions) keeps the held requests busy for seconds, so the
+    // queue is still full when the refused requests arrive, even on a slow or loaded machine.
+    let demo = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tessera-demo");
+    let server = Server::start(&demo, &["--max-running", "1", "--max-waiting", "1"]);
     let http = reqwest::Client::new();
     let url = format!("{}/v1/completions", server.http);
-    let long = json!({"prompt": [5, 6, 7], "max_tokens": 100, "ignore_eos": true});
+    let long = json!({"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": true});
     // One runs, one waits: both accepted.
     let mut held = Vec::new();
     for _ in 0..2 {
         let resp = http
             .post(&url)
-            .json(&json!({"prompt": [5, 6, 7], "max_tokens": 100, "ignore_eos": true, "stream": true}))
+            .json(&json!({"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": true, "stream": true}))
             .send()
             .await
             .unwrap();
