@@ -262,14 +262,7 @@ async fn drive_load(server: &Server, http: &reqwest::Client) {
 async fn prometheus_scrapes_coordinator_and_workers_and_every_dashboard_query_has_data() {
     let server = Server::start(&model(), &["--tp", "2"]);
     let http = reqwest::Client::new();
-    let targets: Value = http
-        .get(format!("{}/v1/metrics/targets", server.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let targets = common::server::metrics_targets(&server, &http).await;
     assert_eq!(
         targets.as_array().map(Vec::len),
         Some(3),

@@ -28,14 +28,7 @@ fn model() -> std::path::PathBuf {
 
 /// Sum of a counter over the coordinator and every worker (scraped like Prometheus does).
 async fn steps_run(server: &Server, http: &reqwest::Client) -> f64 {
-    let targets: Value = http
-        .get(format!("{}/v1/metrics/targets", server.http))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let targets = common::server::metrics_targets(server, http).await;
     let mut total = 0.0;
     for group in targets.as_array().unwrap() {
         let addr = group["targets"][0].as_str().unwrap();

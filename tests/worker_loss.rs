@@ -12,6 +12,29 @@ use serde_json::{Value, json};
 
 use common::server::Server;
 
+/// Starts a long streaming completion, waits for its first event, then sends `signal` to `pid`;
+/// returns the rest of the stream and when the signal went.
+async fn signal_mid_stream(
+    http: &reqwest::Client,
+    url: &str,
+    signal: &str,
+    pid: u32,
+) -> (
+    impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin + use<>,
+    Instant,
+) {
+    let body = json!({"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": true, "stream": true});
+    let resp = http.post(url).json(&body).send().await.unwrap();
+    let mut chunks = resp.bytes_stream();
+    chunks.next().await.unwrap().unwrap();
+    let at = Instant::now();
+    std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    (chunks, at)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_a_worker_fails_the_stream_then_the_group_is_rebuilt() {
     let model = common::fixtures_dir().join("qwen3_moe");
@@ -21,15 +44,7 @@ async fn sigkill_of_a_worker_fails_the_stream_then_the_group_is_rebuilt() {
     let workers = server.worker_pids();
     assert_eq!(workers.len(), 2, "two worker processes: {workers:?}");
 
-    let body = json!({"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": true, "stream": true});
-    let resp = http.post(&url).json(&body).send().await.unwrap();
-    let mut chunks = resp.bytes_stream();
-    chunks.next().await.unwrap().unwrap();
-    let killed_at = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-9", &workers[1].to_string()])
-        .status()
-        .unwrap();
+    let (mut chunks, killed_at) = signal_mid_stream(&http, &url, "-9", workers[1]).await;
     // The stream must end with an error chunk, then [DONE].
     let rest = common::server::drain_within(&mut chunks, Duration::from_secs(5)).await;
     let error = rest
@@ -113,15 +128,7 @@ async fn a_stalled_worker_is_caught_by_the_step_deadline_not_a_hang() {
     let http = reqwest::Client::new();
     let url = format!("{}/v1/completions", server.http);
     let workers = server.worker_pids();
-    let body = json!({"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": true, "stream": true});
-    let resp = http.post(&url).json(&body).send().await.unwrap();
-    let mut chunks = resp.bytes_stream();
-    chunks.next().await.unwrap().unwrap();
-    let stopped_at = Instant::now();
-    std::process::Command::new("kill")
-        .args(["-STOP", &workers[1].to_string()])
-        .status()
-        .unwrap();
+    let (mut chunks, stopped_at) = signal_mid_stream(&http, &url, "-STOP", workers[1]).await;
     // The stream ends with an error once the 2 s step deadline (or rank 0's collective deadline)
     // passes, whether the stall hit mid-step or between steps (the idle check then).
     let rest = common::server::drain_within(&mut chunks, Duration::from_secs(10)).await;

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::lock;
 use crate::scheduler::Priority;
 use crate::serving::{EngineHandle, Event, GenerateParams, RawRequest, ServeError, Usage};
 
@@ -89,10 +90,6 @@ pub struct JobManager {
     engine: EngineHandle,
     jobs: Arc<Mutex<BTreeMap<String, Arc<Job>>>>,
     next: Arc<AtomicU64>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl JobManager {

@@ -18,3 +18,9 @@ pub mod registry;
 pub mod scheduler;
 pub mod serving;
 pub mod tokenizer;
+
+/// Locks a mutex, ignoring poisoning: the coordinator's shared state is replaced whole under its
+/// locks, so a panicking writer cannot leave it half-updated, and serving must go on.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry,
 };
 use tessera_common::metrics as m;
 
@@ -198,12 +198,7 @@ impl ServingMetrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metrics; a failure leaves a partial body.
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::warn!(error = %e, "encoding metrics failed");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        tessera_worker::metrics::render(&self.registry)
     }
 
     pub fn set_scheduler(&self, s: &SchedulerStats) {

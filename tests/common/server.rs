@@ -113,6 +113,18 @@ impl Server {
     }
 }
 
+/// `GET /v1/metrics/targets`: the coordinator's and workers' scrape targets (Prometheus HTTP SD).
+pub async fn metrics_targets(server: &Server, client: &reqwest::Client) -> serde_json::Value {
+    client
+        .get(format!("{}/v1/metrics/targets", server.http))
+        .send()
+        .await
+        .expect("the server answers")
+        .json()
+        .await
+        .expect("a JSON answer")
+}
+
 /// POSTs `body` as JSON and returns the JSON answer (whatever the status).
 pub async fn post_json(
     client: &reqwest::Client,

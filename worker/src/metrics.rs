@@ -70,11 +70,7 @@ impl WorkerMetrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
-            tracing::warn!(error = %e, "encoding metrics failed");
-        }
-        String::from_utf8(out).unwrap_or_default()
+        render(&self.registry)
     }
 
     /// A shard was loaded as `rank` with room for `kv_blocks` blocks. Series of a rank this
@@ -93,6 +89,16 @@ impl WorkerMetrics {
             .observe(duration.as_secs_f64());
         self.steps.with_label_values(&[rank.as_str()]).inc();
     }
+}
+
+/// A registry in Prometheus' text exposition format (shared with the coordinator's metrics).
+pub fn render(registry: &Registry) -> String {
+    let mut out = Vec::new();
+    // Encoding into a Vec fails only for malformed metrics; then the body is partial.
+    if let Err(e) = TextEncoder::new().encode(&registry.gather(), &mut out) {
+        tracing::warn!(error = %e, "encoding metrics failed");
+    }
+    String::from_utf8(out).unwrap_or_default()
 }
 
 /// Times every operation of the collective it wraps.

@@ -72,7 +72,7 @@ struct Members {
 
 impl Members {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
-        self.by_id.lock().unwrap_or_else(|e| e.into_inner())
+        crate::lock(&self.by_id)
     }
 
     fn list(&self) -> Vec<Member> {

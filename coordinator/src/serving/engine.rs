@@ -25,6 +25,7 @@ use tessera_worker::WorkerError;
 use tessera_worker::executor::StepRunner;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::lock;
 use crate::metrics::{ErrorKind, ServingMetrics};
 use crate::scheduler::{Finish, Scheduler, SchedulerConfig, SchedulerStats, SeqOutput, SeqRequest};
 use crate::serving::output::OutputState;
@@ -146,17 +147,12 @@ impl EngineHandle {
     }
 
     pub fn stats(&self) -> SchedulerStats {
-        *self.shared.stats.lock().unwrap_or_else(|e| e.into_inner())
+        *lock(&self.shared.stats)
     }
 
     /// `Err(reason)` while the worker group is not whole.
     pub fn health(&self) -> Result<(), String> {
-        match &*self
-            .shared
-            .degraded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-        {
+        match &*lock(&self.shared.degraded) {
             Some(reason) => Err(reason.clone()),
             None if self.shared.stopped.load(Ordering::Relaxed) => {
                 Err("the server is shutting down".into())
@@ -222,11 +218,7 @@ impl EngineHandle {
 
     /// The expert placement the group runs, as JSON.
     pub fn placement_json(&self) -> String {
-        self.shared
-            .placement
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        lock(&self.shared.placement).clone()
     }
 
     /// Moves experts between ranks at runtime (e.g. from a load balancer). Running sequences are
@@ -469,11 +461,7 @@ impl Loop {
         match runner.set_placement(&placement) {
             Ok(()) => {
                 self.sched.resize(runner.num_blocks());
-                *self
-                    .shared
-                    .placement
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = json;
+                *lock(&self.shared.placement) = json;
                 tracing::info!(
                     preempted = preempted.len(),
                     "new expert placement in effect"
@@ -664,12 +652,7 @@ impl Loop {
                     self.runner = Some(runner);
                     self.last_health = Instant::now();
                     // A rebuilt group runs the placement it was built with.
-                    *self
-                        .shared
-                        .placement
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner()) =
-                        self.shared.info.placement_json.clone();
+                    *lock(&self.shared.placement) = self.shared.info.placement_json.clone();
                     tracing::info!(
                         secs = started.elapsed().as_secs_f32(),
                         "worker group is whole again; serving"
@@ -701,11 +684,7 @@ impl Loop {
     }
 
     fn set_degraded(&self, reason: Option<String>) {
-        *self
-            .shared
-            .degraded
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = reason;
+        *lock(&self.shared.degraded) = reason;
     }
 
     fn publish_stats(&self) {
@@ -727,10 +706,4 @@ impl Loop {
         }
         self.runner = None;
     }
-}
-
-/// Locks a mutex, ignoring poisoning: the state behind these locks is replaced whole, so a
-/// panicking writer cannot leave it half-updated.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
