@@ -41,6 +41,8 @@ fn roofline_json_on_a_tiny_model_has_every_field() {
         "1",
         "--prompt-len",
         "5",
+        "--rounds",
+        "2",
         "--bandwidth-mib",
         "8",
         "--profile",
@@ -81,7 +83,21 @@ fn roofline_json_on_a_tiny_model_has_every_field() {
             .as_array()
             .is_some_and(|o| !o.is_empty())
     );
+    // Two rounds: a probe before each and one after, a batch-1 fraction per round.
+    assert_eq!(v["rounds"], 2);
+    let probes = v["bandwidth_probes_gb_s"].as_array().expect("probes");
+    assert_eq!(probes.len(), 3, "{probes:?}");
+    let best = probes
+        .iter()
+        .map(|p| positive(p, "probe"))
+        .fold(0.0, f64::max);
+    assert_eq!(positive(&v["bandwidth_gb_s"], "bandwidth_gb_s"), best);
+    let by_round = v["roofline_fraction_batch1_by_round"]
+        .as_array()
+        .expect("by round");
+    assert_eq!(by_round.len(), 2);
     for b in v["batches"].as_array().expect("batches") {
+        positive(&b["tok_s_mean"], "tok_s_mean");
         positive(&b["roofline_tok_s"], "roofline_tok_s");
         positive(&b["weight_bytes_per_step"], "weight_bytes_per_step");
     }

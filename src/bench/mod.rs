@@ -44,9 +44,14 @@ pub struct BenchArgs {
         env = "TESSERA_BENCH_BATCHES"
     )]
     pub batches: Vec<usize>,
-    /// Decode steps timed at each batch size.
+    /// Decode steps timed at each batch size, per round.
     #[arg(long, default_value_t = 32, env = "TESSERA_BENCH_TOKENS")]
     pub tokens: usize,
+    /// Times the whole sweep over batch sizes runs, each after a fresh bandwidth probe; tokens/s
+    /// is taken from the median step over all rounds, so other processes' bursts on a shared
+    /// machine do not decide it.
+    #[arg(long, default_value_t = 3, env = "TESSERA_BENCH_ROUNDS")]
+    pub rounds: usize,
     /// Untimed decode steps before the timed ones.
     #[arg(long, default_value_t = 2, env = "TESSERA_BENCH_WARMUP")]
     pub warmup: usize,
@@ -100,8 +105,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.batches.is_empty() || args.batches.contains(&0) {
         bail!("--batches must list batch sizes of at least 1");
     }
-    if args.tokens == 0 || args.prompt_len == 0 {
-        bail!("--tokens and --prompt-len must be at least 1");
+    if args.tokens == 0 || args.prompt_len == 0 || args.rounds == 0 {
+        bail!("--tokens, --prompt-len and --rounds must be at least 1");
     }
     let result = roofline::run(&args)?;
     if args.json {

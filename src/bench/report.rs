@@ -57,6 +57,16 @@ pub fn table(r: &Roofline) -> String {
         b1.read_8stream_gb_s,
         b1.copy_gb_s,
     );
+    let probes: Vec<String> = r
+        .bandwidth_probes_gb_s
+        .iter()
+        .map(|g| format!("{g:.1}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "          every probe's best read GB/s: {}",
+        probes.join(", ")
+    );
     let _ = writeln!(
         s,
         "compute   FMA peak {} | {:.0} M multiply-adds per token",
@@ -72,9 +82,10 @@ pub fn table(r: &Roofline) -> String {
     );
     let _ = writeln!(
         s,
-        "\n{:>5} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>7} {:>7} {:>7} {:>9}",
+        "\n{:>5} {:>8} {:>8} {:>8} {:>8} {:>10} {:>9} {:>9} {:>7} {:>7} {:>7} {:>9}",
         "batch",
         "tok/s",
+        "mean",
         "step ms",
         "min ms",
         "bytes/step",
@@ -89,9 +100,10 @@ pub fn table(r: &Roofline) -> String {
     for b in &r.batches {
         let _ = writeln!(
             s,
-            "{:>5} {:>8.1} {:>8.2} {:>8.2} {:>10} {:>9.1} {:>9} {:>6.1}% {:>7} {:>7} {:>9.1}",
+            "{:>5} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>10} {:>9.1} {:>9} {:>6.1}% {:>7} {:>7} {:>9.1}",
             b.batch,
             b.tok_s,
+            b.tok_s_mean,
             b.step_ms_median,
             b.step_ms_min,
             gb(b.weight_bytes_per_step),
@@ -106,15 +118,21 @@ pub fn table(r: &Roofline) -> String {
     }
     let _ = writeln!(
         s,
-        "(roofs in tok/s; \"of roof\" is against the lower roof; \"ceiling\" is this batch's roof over batch 1's)"
+        "(tok/s from the median step, \"mean\" from the total time; roofs in tok/s; \"of roof\" is against the lower roof; \"ceiling\" is this batch's roof over batch 1's)"
     );
     if let Some(f) = r.roofline_fraction_batch1 {
         let _ = writeln!(
             s,
-            "\nbatch-1 decode: {:.1}% of the bandwidth roofline ({} prompt tokens, {} timed steps)",
+            "\nbatch-1 decode: {:.1}% of the bandwidth roofline ({} prompt tokens, {} rounds of {} timed steps; by round: {})",
             100.0 * f,
             r.prompt_len,
-            r.timed_steps
+            r.rounds,
+            r.timed_steps,
+            r.roofline_fraction_batch1_by_round
+                .iter()
+                .map(|f| format!("{:.1}%", 100.0 * f))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if let Some(p) = &r.profile {

@@ -4,8 +4,14 @@
 //! `bandwidth / active_bytes_per_token`. At batch B a step reads the dense weights once, one
 //! embedding row per token and every expert that any of the B tokens chose; the step's own routing
 //! decisions (reported by the executor) give those bytes exactly, so each batch size gets its own
-//! memory roof too. Bandwidth is probed before and after the decode runs and the better reading is
-//! used, so interference from other processes lowers the decode numbers, never the roof.
+//! memory roof too.
+//!
+//! On a shared machine other tenants' bursts come and go within seconds, so the sweep over batch
+//! sizes runs `--rounds` times with a bandwidth probe before each round and one after the last.
+//! The roof is the best probe of the whole run (interference can lower the decode numbers, never
+//! the roof), and tokens/s comes from the median step time over all rounds, so a burst that stalls
+//! a few steps does not decide the result; the mean (`tok_s_mean`) and each round's batch-1 figure
+//! are reported beside it to show the spread.
 //!
 //! Decoding goes through the production path: `Checkpoint::open`, `load_model_spec`,
 //! `Model::load`, and [`Executor::step`] over the paged KV cache, B sequences per step, greedy
@@ -67,7 +73,10 @@ pub struct ModelInfo {
 #[derive(Debug, Serialize)]
 pub struct BatchResult {
     pub batch: usize,
+    /// `batch / median step time` over the timed steps of every round.
     pub tok_s: f64,
+    /// `batch × steps / total time`: what stalls from other processes drag down.
+    pub tok_s_mean: f64,
     pub step_ms_median: f64,
     pub step_ms_min: f64,
     /// Prompt tokens per second of the (single-step) prefill of all sequences.
@@ -113,10 +122,14 @@ pub struct Roofline {
     pub commit: Option<String>,
     pub machine: Machine,
     pub model: ModelInfo,
-    /// The read roof used below (GB/s = 10⁹ bytes/s): the best read probe, before or after.
+    /// The read roof used below (GB/s = 10⁹ bytes/s): the best read probe of the run.
     pub bandwidth_gb_s: f64,
+    /// The first probe (before any decoding).
     pub bandwidth_before: Bandwidth,
+    /// The last probe (after every round).
     pub bandwidth_after: Bandwidth,
+    /// The best read rate of every probe in order: before each round, then after the last.
+    pub bandwidth_probes_gb_s: Vec<f64>,
     /// Peak multiply-add throughput of all threads (10⁹ FLOP/s), best before or after; `None`
     /// with the portable kernels.
     pub fma_peak_gflops: Option<f64>,
@@ -128,9 +141,14 @@ pub struct Roofline {
     /// Batch size (as a string) → decode tokens per second.
     pub decode_tok_s: BTreeMap<String, f64>,
     pub roofline_fraction_batch1: Option<f64>,
+    /// Batch-1 decode as a fraction of the roofline, each round on its own (median step of the
+    /// round): how much the figure above moves with the machine's other load.
+    pub roofline_fraction_batch1_by_round: Vec<f64>,
     pub batches: Vec<BatchResult>,
     pub prompt_len: usize,
+    /// Timed steps per batch size and round.
     pub timed_steps: usize,
+    pub rounds: usize,
     pub profile: Option<Profile>,
 }
 
@@ -183,7 +201,8 @@ fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn median(v: &mut [f64]) -> f64 {
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
@@ -200,10 +219,25 @@ struct RunPlan<'a> {
     profile: bool,
 }
 
+#[derive(Default)]
 struct RunOutcome {
     step_secs: Vec<f64>,
     step_bytes: Vec<u64>,
+    /// The fastest prefill of the runs merged here.
     prefill_secs: f64,
+}
+
+impl RunOutcome {
+    /// Adds another run's steps (a later round at the same batch size).
+    fn merge(&mut self, other: RunOutcome) {
+        self.step_secs.extend(other.step_secs);
+        self.step_bytes.extend(other.step_bytes);
+        self.prefill_secs = if self.prefill_secs > 0.0 {
+            self.prefill_secs.min(other.prefill_secs)
+        } else {
+            other.prefill_secs
+        };
+    }
 }
 
 /// Prefills `batch` sequences in one step, then decodes them together.
@@ -334,45 +368,56 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
     let kernels = cpu::kernels_name().to_string();
 
-    let mut runs = Vec::new();
-    for &batch in &args.batches {
-        tracing::info!(batch, steps = args.tokens, "decoding");
-        let plan = RunPlan {
-            batch,
-            prompt_len: args.prompt_len,
-            warmup: args.warmup,
-            steps: args.tokens,
-            vocab: spec.vocab_size,
-            footprint: &footprint,
-            profile: false,
-        };
-        runs.push((batch, run_batch(&mut exec, &mut alloc, &plan)?));
+    let plan = |batch: usize, profile: bool| RunPlan {
+        batch,
+        prompt_len: args.prompt_len,
+        warmup: args.warmup,
+        steps: args.tokens,
+        vocab: spec.vocab_size,
+        footprint: &footprint,
+        profile,
+    };
+    let mut probes = vec![bandwidth_before];
+    let mut runs: Vec<(usize, RunOutcome)> = args
+        .batches
+        .iter()
+        .map(|&b| (b, RunOutcome::default()))
+        .collect();
+    let mut batch1_by_round = Vec::new();
+    for round in 0..args.rounds {
+        if round > 0 {
+            tracing::info!(round, "measuring memory bandwidth");
+            probes.push(probe::bandwidth(probe_bytes, PROBE_REPS));
+        }
+        for (batch, merged) in &mut runs {
+            tracing::info!(round, batch = *batch, steps = args.tokens, "decoding");
+            let outcome = run_batch(&mut exec, &mut alloc, &plan(*batch, false))?;
+            if *batch == 1 {
+                batch1_by_round.push(1.0 / median(&outcome.step_secs));
+            }
+            merged.merge(outcome);
+        }
     }
     let profile = if let Some(batch) = args.profile {
         tracing::info!(batch, steps = args.tokens, "profiling decode");
-        let plan = RunPlan {
-            batch,
-            prompt_len: args.prompt_len,
-            warmup: args.warmup,
-            steps: args.tokens,
-            vocab: spec.vocab_size,
-            footprint: &footprint,
-            profile: true,
-        };
         profile::take();
-        let outcome = run_batch(&mut exec, &mut alloc, &plan)?;
+        let outcome = run_batch(&mut exec, &mut alloc, &plan(batch, true))?;
         Some(summarise_profile(batch, &outcome, profile::take()))
     } else {
         None
     };
 
     tracing::info!("measuring memory bandwidth again");
-    let bandwidth_after = probe::bandwidth(probe_bytes, PROBE_REPS);
+    probes.push(probe::bandwidth(probe_bytes, PROBE_REPS));
     let peak = match (peak_before, probe::fma_peak_gflops(PROBE_REPS)) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
     };
-    let bw = bandwidth_before.max(bandwidth_after).read_gb_s() * 1e9;
+    let best = probes
+        .iter()
+        .copied()
+        .fold(bandwidth_before, Bandwidth::max);
+    let bw = best.read_gb_s() * 1e9;
     let active = footprint.active_bytes_per_token();
     let macs = footprint.macs_per_token();
     let compute_roof = peak.map(|p| p * 1e9 / (2.0 * macs.max(1) as f64));
@@ -380,9 +425,10 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     let mut batches = Vec::new();
     let mut decode_tok_s = BTreeMap::new();
     let mut batch1 = None;
-    for (batch, mut o) in runs {
+    for (batch, o) in runs {
         let total: f64 = o.step_secs.iter().sum();
-        let tok_s = (batch * o.step_secs.len()) as f64 / total;
+        let step_median = median(&o.step_secs);
+        let tok_s = batch as f64 / step_median;
         let bytes = o.step_bytes.iter().sum::<u64>() as f64 / o.step_bytes.len().max(1) as f64;
         let memory_roof = batch as f64 * bw / bytes;
         let (roof, bound_by) = match compute_roof {
@@ -397,7 +443,8 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         batches.push(BatchResult {
             batch,
             tok_s,
-            step_ms_median: median(&mut o.step_secs) * 1e3,
+            tok_s_mean: (batch * o.step_secs.len()) as f64 / total,
+            step_ms_median: step_median * 1e3,
             step_ms_min,
             prefill_tok_s: (batch * args.prompt_len) as f64 / o.prefill_secs,
             weight_bytes_per_step: bytes,
@@ -431,16 +478,19 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         model: info,
         bandwidth_gb_s: bw / 1e9,
         bandwidth_before,
-        bandwidth_after,
+        bandwidth_after: *probes.last().unwrap_or(&bandwidth_before),
+        bandwidth_probes_gb_s: probes.iter().map(Bandwidth::read_gb_s).collect(),
         fma_peak_gflops: peak,
         active_bytes_per_token: active,
         macs_per_token: macs,
         roofline_tok_s_batch1: roof1,
         decode_tok_s,
         roofline_fraction_batch1: batch1.map(|t| t / roof1),
+        roofline_fraction_batch1_by_round: batch1_by_round.iter().map(|t| t / roof1).collect(),
         batches,
         prompt_len: args.prompt_len,
         timed_steps: args.tokens,
+        rounds: args.rounds,
         profile,
     })
 }
