@@ -16,6 +16,10 @@ use rand_chacha::ChaCha8Rng;
 use serde_json::{Value, json};
 use tessera_proto::v1 as pb;
 use tessera_proto::v1::tessera_client::TesseraClient;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Api {
@@ -60,6 +64,59 @@ pub struct LoadArgs {
     /// Also write the JSON result to this file.
     #[arg(long)]
     pub result_file: Option<PathBuf>,
+    /// API key of a server started with `--api-key`: sent as `Authorization: Bearer KEY` (an
+    /// HTTP header, or gRPC metadata).
+    #[arg(long, env = "TESSERA_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+}
+
+/// The gRPC client every request shares: a channel whose calls carry the API key, if any.
+type GrpcClient = TesseraClient<InterceptedService<Channel, BearerAuth>>;
+
+/// Adds `authorization: Bearer KEY` to every gRPC call (nothing without a key).
+#[derive(Clone)]
+struct BearerAuth(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+impl LoadArgs {
+    /// `Bearer KEY`, checked once: a key with characters a header can't carry is a usage error.
+    fn bearer(&self) -> Result<Option<String>> {
+        match &self.api_key {
+            None => Ok(None),
+            Some(k) if k.is_empty() || !k.bytes().all(|b| b.is_ascii_graphic()) => {
+                bail!("--api-key must be non-empty printable ASCII without spaces")
+            }
+            Some(k) => Ok(Some(format!("Bearer {k}"))),
+        }
+    }
+
+    fn http_client(&self) -> Result<reqwest::Client> {
+        let mut headers = reqwest::header::HeaderMap::new();
+        if let Some(b) = self.bearer()? {
+            headers.insert(reqwest::header::AUTHORIZATION, b.parse()?);
+        }
+        Ok(reqwest::Client::builder()
+            .default_headers(headers)
+            .build()?)
+    }
+
+    async fn grpc_client(&self, url: &str) -> Result<GrpcClient> {
+        let channel = Endpoint::from_shared(url.to_string())
+            .with_context(|| format!("bad --url {url}"))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        let key = self.bearer()?.map(|b| b.parse()).transpose()?;
+        Ok(TesseraClient::with_interceptor(channel, BearerAuth(key)))
+    }
 }
 
 /// What one request measured.
@@ -90,11 +147,20 @@ fn draw_len(rng: &mut ChaCha8Rng, mean: usize, ratio: f64) -> usize {
 async fn model_shape(args: &LoadArgs, url: &str) -> Result<(usize, usize)> {
     match args.api {
         Api::Http => {
-            let v: Value = reqwest::get(format!("{url}/v1/models"))
+            let resp = args
+                .http_client()?
+                .get(format!("{url}/v1/models"))
+                .send()
                 .await
-                .with_context(|| format!("GET {url}/v1/models"))?
-                .json()
-                .await?;
+                .with_context(|| format!("GET {url}/v1/models"))?;
+            if !resp.status().is_success() {
+                bail!(
+                    "GET {url}/v1/models: HTTP {}: {}",
+                    resp.status(),
+                    resp.text().await.unwrap_or_default()
+                );
+            }
+            let v: Value = resp.json().await?;
             let m = &v["data"][0];
             let vocab = m["vocab_size"]
                 .as_u64()
@@ -105,12 +171,12 @@ async fn model_shape(args: &LoadArgs, url: &str) -> Result<(usize, usize)> {
             Ok((vocab as usize, ctx as usize))
         }
         Api::Grpc => {
-            let mut c = TesseraClient::connect(url.to_string())
-                .await
-                .with_context(|| format!("connecting to {url}"))?;
-            let i = c
-                .get_model_info(pb::GetModelInfoRequest {})
+            let i = args
+                .grpc_client(url)
                 .await?
+                .get_model_info(pb::GetModelInfoRequest {})
+                .await
+                .with_context(|| format!("GetModelInfo at {url}"))?
                 .into_inner();
             Ok((i.vocab_size as usize, i.max_context as usize))
         }
@@ -187,7 +253,7 @@ async fn run_http(client: reqwest::Client, url: String, job: Job) -> Sample {
     s
 }
 
-async fn run_grpc(mut client: TesseraClient<tonic::transport::Channel>, job: Job) -> Sample {
+async fn run_grpc(mut client: GrpcClient, job: Job) -> Sample {
     let start = Instant::now();
     let mut s = Sample {
         prompt_tokens: job.prompt.len(),
@@ -300,9 +366,9 @@ async fn drive(args: &LoadArgs, url: String, print_json: bool) -> Result<()> {
             }
         })
         .collect();
-    let http = reqwest::Client::new();
+    let http = args.http_client()?;
     let grpc = match args.api {
-        Api::Grpc => Some(TesseraClient::connect(url.clone()).await?),
+        Api::Grpc => Some(args.grpc_client(&url).await?),
         Api::Http => None,
     };
     let limit = if args.concurrency == 0 {

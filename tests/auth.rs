@@ -154,3 +154,39 @@ fn an_empty_key_is_a_configuration_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--api-key is empty"), "{stderr}");
 }
+
+/// `tessera bench --url` against a keyed server: with the key every request completes over both
+/// APIs; without it the run stops at its first call with the server's 401.
+#[test]
+fn the_load_generator_sends_the_key() {
+    let server = start(&[]);
+    let bench = |url: &str, extra: &[&str], key: Option<&str>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tessera"));
+        cmd.args(["bench", "--url", url, "--json", "--num-requests", "3"])
+            .args(["--input-len", "4", "--output-len", "2"])
+            .args(extra)
+            .env_remove("TESSERA_API_KEY")
+            .stdin(Stdio::null());
+        if let Some(k) = key {
+            cmd.args(["--api-key", k]);
+        }
+        cmd.output().unwrap()
+    };
+    for (url, extra) in [
+        (&server.http, &[][..]),
+        (&server.grpc, &["--api", "grpc"][..]),
+    ] {
+        let out = bench(url, extra, Some(KEY));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{extra:?}: {stderr}");
+        let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["completed"], 3, "{extra:?}: {report}");
+        let refused = bench(url, extra, None);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success(), "{extra:?} ran without the key");
+        assert!(
+            stderr.contains("API key"),
+            "{extra:?}: {stderr}"
+        );
+    }
+}
