@@ -184,9 +184,6 @@ fn the_load_generator_sends_the_key() {
         let refused = bench(url, extra, None);
         let stderr = String::from_utf8_lossy(&refused.stderr);
         assert!(!refused.status.success(), "{extra:?} ran without the key");
-        assert!(
-            stderr.contains("API key"),
-            "{extra:?}: {stderr}"
-        );
+        assert!(stderr.contains("API key"), "{extra:?}: {stderr}");
     }
 }

@@ -6,9 +6,12 @@
 //! read per call (f32 cache), to compare with the `roofs` group of the `linear` bench; at these
 //! sizes the cache of one call fits in L2/L3, so the numbers can exceed DRAM bandwidth.
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
+use common::values;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tessera_kernels::cpu::CpuBackend;
 use tessera_kernels::{AttentionParams, Backend, KvSpec, RopeLayout, RopeTable, SeqMeta, StepMeta};
@@ -19,15 +22,6 @@ const SHAPES: &[(&str, usize, usize, usize)] =
 const CONTEXTS: &[usize] = &[512, 2048];
 const BATCHES: &[usize] = &[1, 16];
 const BLOCK: usize = 16;
-
-fn values(len: usize, seed: u32) -> Vec<f32> {
-    (0..len)
-        .map(|i| {
-            let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13);
-            (h % 2048) as f32 / 1024.0 - 1.0
-        })
-        .collect()
-}
 
 fn attention(c: &mut Criterion) {
     let b = CpuBackend;
@@ -65,7 +59,7 @@ fn attention(c: &mut Criterion) {
                 };
                 let kv = |seed| {
                     b.tensor_from_host(
-                        values(batch * ctx * kv_heads * d, seed),
+                        values(batch * ctx * kv_heads * d, seed).collect(),
                         batch * ctx,
                         kv_heads * d,
                     )
@@ -89,7 +83,7 @@ fn attention(c: &mut Criterion) {
                 };
                 let step = b.prepare_step(&decode, &rope).expect("step");
                 let q = b
-                    .tensor_from_host(values(batch * heads * d, 3), batch, heads * d)
+                    .tensor_from_host(values(batch * heads * d, 3).collect(), batch, heads * d)
                     .expect("q");
                 let p = AttentionParams {
                     num_heads: heads,

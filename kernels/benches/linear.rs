@@ -13,12 +13,15 @@
 //! its weight to exceed `TESSERA_BENCH_FOOTPRINT_MIB` (default 256 MiB, several times a typical
 //! last-level cache).
 
+mod common;
+
 use std::hint::black_box;
 use std::time::Duration;
 
+use common::{bf16_weight, values};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tessera_kernels::cpu::{CpuBackend, CpuTensor, CpuWeight, probe};
-use tessera_kernels::{Backend, DType, HostTensor};
+use tessera_kernels::Backend;
 
 /// (name, out_features n, in_features k) from the models' `config.json`.
 const SHAPES: &[(&str, usize, usize)] = &[
@@ -30,6 +33,11 @@ const SHAPES: &[(&str, usize, usize)] = &[
     ("deepseek_v3/expert_gate_up", 2048, 7168),
     // Mixtral-8x7B: hidden 4096, intermediate 14336.
     ("mixtral_8x7b/expert_w1", 14336, 4096),
+    // `tessera bench --roofline`'s 1B model: hidden 1024, 16 query + 4+4 KV heads of 128 as one
+    // fused q/k/v product, vocab 32768.
+    ("roofline_1b/attn_qkv", 3072, 1024),
+    ("roofline_1b/attn_o", 1024, 2048),
+    ("roofline_1b/lm_head", 32768, 1024),
 ];
 
 const BATCHES: &[usize] = &[1, 4, 16, 64];
@@ -40,22 +48,6 @@ fn footprint_bytes() -> usize {
         .and_then(|v| v.parse::<usize>().ok())
         .unwrap_or(256)
         << 20
-}
-
-/// Deterministic values in [-1, 1).
-fn values(len: usize, seed: u32) -> impl Iterator<Item = f32> {
-    (0..len).map(move |i| {
-        let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13);
-        (h % 2048) as f32 / 1024.0 - 1.0
-    })
-}
-
-fn bf16_weight(b: &CpuBackend, n: usize, k: usize, seed: u32) -> CpuWeight {
-    let bytes: Vec<u8> = values(n * k, seed)
-        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
-        .collect();
-    let host = HostTensor::from_bytes(&bytes, DType::BF16, vec![n, k]).expect("weight");
-    b.upload_weight(host).expect("upload")
 }
 
 fn linear(c: &mut Criterion) {

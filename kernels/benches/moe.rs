@@ -9,13 +9,16 @@
 //! Only some of each model's experts are instantiated (enough that routing spreads over many and
 //! weights come from DRAM, few enough to fit in memory beside other work).
 
+mod common;
+
 use std::collections::BTreeSet;
 use std::hint::black_box;
 use std::time::Duration;
 
+use common::{bf16_weight, values};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tessera_kernels::cpu::{CpuBackend, CpuRouting, CpuWeight};
-use tessera_kernels::{Backend, DType, ExpertWeights, HostTensor};
+use tessera_kernels::{Backend, ExpertWeights};
 
 /// (name, hidden, expert intermediate width, experts instantiated, top-k).
 const SHAPES: &[(&str, usize, usize, usize, usize)] = &[
@@ -25,21 +28,6 @@ const SHAPES: &[(&str, usize, usize, usize, usize)] = &[
     ("deepseek_v3", 7168, 2048, 16, 8),
 ];
 const BATCHES: &[usize] = &[1, 16, 64];
-
-fn values(len: usize, seed: u32) -> impl Iterator<Item = f32> {
-    (0..len).map(move |i| {
-        let h = (i as u32 ^ seed).wrapping_mul(2654435761).rotate_left(13);
-        (h % 2048) as f32 / 1024.0 - 1.0
-    })
-}
-
-fn bf16_weight(b: &CpuBackend, n: usize, k: usize, seed: u32) -> CpuWeight {
-    let bytes: Vec<u8> = values(n * k, seed)
-        .flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes())
-        .collect();
-    let host = HostTensor::from_bytes(&bytes, DType::BF16, vec![n, k]).expect("weight");
-    b.upload_weight(host).expect("upload")
-}
 
 /// Token `t` picks `k` distinct experts of `e`, pseudo-randomly, with equal weights.
 fn routing(tokens: usize, e: usize, k: usize) -> CpuRouting {

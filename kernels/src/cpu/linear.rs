@@ -143,36 +143,9 @@ pub(crate) fn rows_times_x(
         macro_rules! run {
             ($a:expr) => {
                 match m.w {
-                    WeightView::F32(v) => $a.rows(
-                        Rows {
-                            w: &v[o..],
-                            stride: s,
-                            rows: r,
-                        },
-                        x,
-                        k,
-                        out,
-                    ),
-                    WeightView::F16(v) => $a.rows(
-                        Rows {
-                            w: &v[o..],
-                            stride: s,
-                            rows: r,
-                        },
-                        x,
-                        k,
-                        out,
-                    ),
-                    WeightView::BF16(v) => $a.rows(
-                        Rows {
-                            w: &v[o..],
-                            stride: s,
-                            rows: r,
-                        },
-                        x,
-                        k,
-                        out,
-                    ),
+                    WeightView::F32(v) => $a.rows(Rows::new(&v[o..], s, r), x, k, out),
+                    WeightView::F16(v) => $a.rows(Rows::new(&v[o..], s, r), x, k, out),
+                    WeightView::BF16(v) => $a.rows(Rows::new(&v[o..], s, r), x, k, out),
                 }
             };
         }
