@@ -20,8 +20,8 @@ use std::time::Duration;
 
 use common::{bf16_weight, values};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tessera_kernels::cpu::{CpuBackend, CpuTensor, CpuWeight, probe};
 use tessera_kernels::Backend;
+use tessera_kernels::cpu::{CpuBackend, CpuTensor, CpuWeight, probe};
 
 /// (name, out_features n, in_features k) from the models' `config.json`.
 const SHAPES: &[(&str, usize, usize)] = &[

@@ -15,7 +15,7 @@
 
 use rayon::prelude::*;
 
-use super::linear::{Isa, Mat, pv_accumulate, rows_times_x, softmax_in_place};
+use super::linear::{Acts, Isa, Mat, pv_accumulate, rows_times_x, softmax_in_place};
 use super::scratch;
 use crate::{AttentionParams, BackendError, KvSpec, Result, StepMeta, WeightView};
 
@@ -165,7 +165,7 @@ pub(crate) fn attention(
                         stride: p.qk_dim,
                     };
                     let s = &mut block_scores[..n * group];
-                    rows_times_x(isa, keys, 0..n, q_group, p.qk_dim, s);
+                    rows_times_x(isa, keys, 0..n, Acts::rows(q_group, p.qk_dim), s);
                     for (i, row) in s.chunks_exact(group).enumerate() {
                         for (g, v) in row.iter().enumerate() {
                             probs[g * len + first - lo + i] = v * p.scale;

@@ -76,6 +76,17 @@ impl Isa {
         }
     }
 
+    /// f32 lanes per vector of the SIMD kernels; `None` for the portable path.
+    pub(crate) fn lanes(self) -> Option<usize> {
+        match self {
+            Isa::Portable => None,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2(_) => Some(8),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512(_) => Some(16),
+        }
+    }
+
     pub(crate) fn name(self) -> &'static str {
         match self {
             Isa::Portable => "portable",
@@ -126,36 +137,93 @@ impl<'a> Mat<'a> {
     }
 }
 
+/// Tokens from which a product is bound by arithmetic rather than memory, and the SIMD kernels
+/// take the activations transposed ([`Acts::xt`]) to put tokens in vector lanes.
+pub(crate) const BATCHED_FROM_TOKENS: usize = 8;
+
+/// The activations of a product: `t = x.len() / k` token rows of `k` features.
+#[derive(Clone, Copy)]
+pub(crate) struct Acts<'a> {
+    /// Token-major `[t, k]`.
+    pub x: &'a [f32],
+    pub k: usize,
+    /// The same, feature-major, for the SIMD kernels' batched path; built by [`rows_times_x`]
+    /// when absent, so callers that run many products of one input build it once instead.
+    pub xt: Option<Transposed<'a>>,
+}
+
+/// Activations feature-major: `data[c · tp + j]` is feature `c` of token `j`, zero for `j ≥ t`.
+#[derive(Clone, Copy)]
+pub(crate) struct Transposed<'a> {
+    pub data: &'a [f32],
+    /// Tokens rounded up to whole vectors.
+    pub tp: usize,
+}
+
+impl<'a> Acts<'a> {
+    /// Token-major activations only.
+    pub(crate) fn rows(x: &'a [f32], k: usize) -> Self {
+        Acts { x, k, xt: None }
+    }
+
+    fn tokens(&self) -> usize {
+        self.x.len() / self.k.max(1)
+    }
+
+    /// Whether `isa` runs these activations through the batched kernel (and so wants them
+    /// transposed into vectors of its lane count).
+    fn batched_lanes(&self, isa: Isa) -> Option<usize> {
+        isa.lanes().filter(|_| self.tokens() >= BATCHED_FROM_TOKENS)
+    }
+}
+
+/// `x` (`[t, k]`) feature-major into `buf` as [`Transposed`] rows of `tp = t` rounded up to
+/// `lanes`; returns `tp`.
+pub(crate) fn transpose_into(x: &[f32], k: usize, lanes: usize, buf: &mut Vec<f32>) -> usize {
+    let t = x.len() / k.max(1);
+    let tp = t.next_multiple_of(lanes);
+    buf.clear();
+    buf.resize(k * tp, 0.0);
+    for (j, row) in x.chunks_exact(k).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            buf[c * tp + j] = *v;
+        }
+    }
+    tp
+}
+
 /// `out[i·t + j] = Σ_c x[j, c] · row(rows.start + i)[c]` for the weight rows `rows` and every token
 /// `j < t = x.len() / k`: written transposed (weight-row major), on the calling thread.
-pub(crate) fn rows_times_x(
-    isa: Isa,
-    m: Mat<'_>,
-    rows: Range<usize>,
-    x: &[f32],
-    k: usize,
-    out: &mut [f32],
-) {
+pub(crate) fn rows_times_x(isa: Isa, m: Mat<'_>, rows: Range<usize>, a: Acts<'_>, out: &mut [f32]) {
+    if a.xt.is_none()
+        && let Some(lanes) = a.batched_lanes(isa)
+    {
+        return scratch::with_buf(|buf| {
+            let tp = transpose_into(a.x, a.k, lanes, buf);
+            let xt = Some(Transposed { data: buf, tp });
+            rows_times_x(isa, m, rows, Acts { xt, ..a }, out)
+        });
+    }
     #[cfg(target_arch = "x86_64")]
     {
         use super::simd_x86::Rows;
         let (o, s, r) = (m.offset, m.stride, rows.clone());
         macro_rules! run {
-            ($a:expr) => {
+            ($isa:expr) => {
                 match m.w {
-                    WeightView::F32(v) => $a.rows(Rows::new(&v[o..], s, r), x, k, out),
-                    WeightView::F16(v) => $a.rows(Rows::new(&v[o..], s, r), x, k, out),
-                    WeightView::BF16(v) => $a.rows(Rows::new(&v[o..], s, r), x, k, out),
+                    WeightView::F32(v) => $isa.rows(Rows::new(&v[o..], s, r), a, out),
+                    WeightView::F16(v) => $isa.rows(Rows::new(&v[o..], s, r), a, out),
+                    WeightView::BF16(v) => $isa.rows(Rows::new(&v[o..], s, r), a, out),
                 }
             };
         }
         match isa {
-            Isa::Avx2(a) => return run!(a),
-            Isa::Avx512(a) => return run!(a),
+            Isa::Avx2(i) => return run!(i),
+            Isa::Avx512(i) => return run!(i),
             Isa::Portable => {}
         }
     }
-    rows_times_x_portable(m, rows, x, k, out)
+    rows_times_x_portable(m, rows, a.x, a.k, out)
 }
 
 /// `out[g·vd + c] += Σ_i probs[g·ps + i] · values[i·vd + c]` for `g < group`, `c < vd` and every
@@ -315,6 +383,14 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], k: usize, projs: &[Proj<'_>]) -> 
     // Weight-row-major results, one per projection.
     let mut outs_t: Vec<Vec<f32>> = projs.iter().map(|p| pool::zeroed(p.n * t)).collect();
     if t > 0 && total_n > 0 {
+        // Transposed once here rather than by every task.
+        let mut xt_buf = Vec::new();
+        let mut a = Acts::rows(x, k);
+        if let Some(lanes) = a.batched_lanes(isa) {
+            xt_buf = pool::zeroed(k * t.next_multiple_of(lanes));
+            let tp = transpose_into(x, k, lanes, &mut xt_buf);
+            a.xt = Some(Transposed { data: &xt_buf, tp });
+        }
         if worth_parallel(total_n * k * t) {
             let rows = rows_per_task(total_n, k, t);
             let mut tasks = Vec::with_capacity(total_n.div_ceil(rows) + projs.len());
@@ -326,12 +402,13 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], k: usize, projs: &[Proj<'_>]) -> 
             }
             tasks
                 .into_par_iter()
-                .for_each(|(p, r, chunk)| rows_times_x(isa, Mat::full(p.w, k), r, x, k, chunk));
+                .for_each(|(p, r, chunk)| rows_times_x(isa, Mat::full(p.w, k), r, a, chunk));
         } else {
             for (p, out) in projs.iter().zip(outs_t.iter_mut()) {
-                rows_times_x(isa, Mat::full(p.w, k), 0..p.n, x, k, out);
+                rows_times_x(isa, Mat::full(p.w, k), 0..p.n, a, out);
             }
         }
+        pool::give(xt_buf);
     }
     projs
         .iter()
@@ -486,6 +563,7 @@ pub(crate) mod tests {
                 (5, 301, 997),
                 (16, 2048, 70),
                 (17, 4100, 37),
+                (40, 300, 50),
             ] {
                 let x = data(t * k, 5);
                 let (w, h, b) = weights(n * k, 6);
@@ -533,6 +611,9 @@ pub(crate) mod tests {
                 (1, 9, 40, 3, 17),
                 (2, 16, 64, 32, 32),
                 (5, 7, 300, 100, 161),
+                // The batched kernel: partial token vectors, a partial row block, k slices.
+                (11, 13, 700, 40, 600),
+                (24, 6, 64, 0, 64),
             ] {
                 let x = data(t * k, 21);
                 let (w, h, b) = weights(n * wide, 22);
@@ -550,7 +631,7 @@ pub(crate) mod tests {
                         stride: wide,
                     };
                     let mut got_t = vec![0f32; n * t];
-                    rows_times_x(isa, m, 0..n, &x, k, &mut got_t);
+                    rows_times_x(isa, m, 0..n, Acts::rows(&x, k), &mut got_t);
                     let got: Vec<f32> = (0..t)
                         .flat_map(|j| (0..n).map(move |r| (r, j)))
                         .map(|(r, j)| got_t[r * t + j])

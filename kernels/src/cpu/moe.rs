@@ -9,7 +9,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::linear::{Isa, Mat, rows_times_x, worth_parallel};
+use super::linear::{Acts, Isa, Mat, rows_times_x, worth_parallel};
 use super::ops::{sigmoid, silu};
 use super::scratch;
 use crate::{BackendError, GroupScore, HostTensor, Result, RouterParams, Scoring, WeightView};
@@ -191,16 +191,14 @@ fn run_job(isa: Isa, x: &[f32], hidden: usize, job: &Job<'_>, out: &mut [f32]) {
                 isa,
                 Mat::full(job.gate, hidden),
                 job.cols.clone(),
-                xs,
-                hidden,
+                Acts::rows(xs, hidden),
                 g,
             );
             rows_times_x(
                 isa,
                 Mat::full(job.up, hidden),
                 job.cols.clone(),
-                xs,
-                hidden,
+                Acts::rows(xs, hidden),
                 u,
             );
             // `h` is token-major `[nt, s]`: the activations of the down projection.
@@ -214,7 +212,7 @@ fn run_job(isa: Isa, x: &[f32], hidden: usize, job: &Job<'_>, out: &mut [f32]) {
                 offset: job.cols.start,
                 stride: job.inter,
             };
-            rows_times_x(isa, down, 0..hidden, h, s, out);
+            rows_times_x(isa, down, 0..hidden, Acts::rows(h, s), out);
         })
     })
 }

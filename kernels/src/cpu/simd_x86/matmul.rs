@@ -1,20 +1,10 @@
-//! The matrix kernel behind [`super::Avx2::rows`] and [`super::Avx512::rows`], generic over
+//! The decode matrix kernel behind [`super::Avx2::rows`] and [`super::Avx512::rows`], generic over
 //! the instruction set ([`Simd`]) and the weight dtype ([`Elem`]).
 //!
-//! Up to [`SLICE_FROM_TOKENS`] tokens (decode) are bound by memory bandwidth: the task's rows are
-//! cut into stripes and one row of each is read at a time, so every thread keeps several long
-//! sequential streams in flight (one stream, or adjacent rows, measured 20–40% slower with short
-//! rows), and each weight is widened in registers as it streams past.
-//!
-//! More tokens are bound by arithmetic. Then [`PACK_ROWS`] rows × [`K_SLICE`] columns of weights
-//! are widened once into a contiguous f32 panel that every group of tokens reuses from L1, while
-//! the next panel is prefetched. Reading the rows in place instead left the multiply-adds waiting
-//! on loads (weight rows 2ⁿ bytes apart and the activations fell into the same few L1 sets) and
-//! widened every weight once per group of tokens: packing measured ~1.5× faster single-threaded at
-//! 64 tokens. Partial sums of the `k` slices accumulate in `out`.
-
-use std::arch::x86_64::_MM_HINT_T0;
-use std::arch::x86_64::_mm_prefetch;
+//! Decode's few tokens are bound by memory bandwidth: the task's rows are cut into stripes and
+//! one row of each is read at a time, so every thread keeps several long sequential streams in
+//! flight (one stream, or adjacent rows, measured 20–40% slower with short rows), and each weight
+//! is widened in registers as it streams past. Many tokens go to [`super::batched`] instead.
 
 use super::vector::{Elem, Simd};
 
@@ -65,131 +55,33 @@ impl<W> Panel<W> {
     }
 }
 
-/// Columns per slice of `k` when many tokens share the weights. Each slice of [`PACK_ROWS`] weight
-/// rows is widened once into a contiguous f32 panel (12 KiB) that every group of tokens then reuses
-/// from L1. Reading the rows in place instead made the weights (rows 2^n bytes apart) and the
-/// activations compete for the same few L1 sets, and re-widened them for every token group.
-const K_SLICE: usize = 256;
-/// Weight rows per packed panel.
-const PACK_ROWS: usize = 12;
-/// Tokens from which products are cut into `K_SLICE` columns. Below it they are bound by memory:
-/// whole rows stream once, which the prefetchers follow best.
-const SLICE_FROM_TOKENS: usize = 8;
-
 /// Writes `w_i · x_j` to `out[i · t + j]` for the `nr` weight rows of `whole` and its `t` token
-/// rows (`whole` spans the full `k` columns, with `os = t`).
+/// rows (`whole` spans the full `k` columns, with `os = t`): the memory-bound path, for the few
+/// tokens of decode.
 ///
 /// # Safety
 /// Runs inside a `#[target_feature]` entry point for `S`; `w[i·ws .. i·ws + k]` is readable for
 /// every `i < nr`, `x` has `t · k` readable elements, and `out` has `nr · t` writable ones.
 #[inline(always)]
 pub(super) unsafe fn rows_generic<S: Simd, W: Elem>(whole: Panel<W>, nr: usize, t: usize) {
-    let Panel {
-        w,
-        ws,
-        x,
-        len: k,
-        out,
-        ..
-    } = whole;
-    // SAFETY: the token groups cover exactly the caller's `t` tokens, the slices its `k` columns
-    // and `striped` its `nr` rows, so every access is inside the ranges the caller guarantees.
+    // SAFETY: `striped` covers exactly the caller's `nr` rows and `t` tokens.
     unsafe {
         if t == 1 {
-            striped::<S, W, STRIPES, false>(whole, nr, 1);
-        } else if t < SLICE_FROM_TOKENS {
-            striped::<S, W, ROWS_MANY, false>(whole, nr, t);
+            striped::<S, W, STRIPES>(whole, nr, 1);
         } else {
-            for i in 0..nr * t {
-                *out.add(i) = 0.0;
-            }
-            let slices = k.div_ceil(K_SLICE);
-            let width = k.div_ceil(slices).next_multiple_of(S::LANES);
-            let mut packed = [0f32; PACK_ROWS * K_SLICE];
-            for r0 in (0..nr).step_by(PACK_ROWS) {
-                let rows = PACK_ROWS.min(nr - r0);
-                let mut c = 0;
-                while c < k {
-                    let len = width.min(k - c);
-                    for r in 0..rows {
-                        pack_row::<S, W>(
-                            w.add((r0 + r) * ws + c),
-                            packed.as_mut_ptr().add(r * len),
-                            len,
-                        );
-                    }
-                    // The next panel's weights come from DRAM: ask for them now, so they arrive
-                    // while this panel is multiplied (otherwise packing stalls on every line).
-                    let (nr0, nc) = if c + len < k {
-                        (r0, c + len)
-                    } else {
-                        (r0 + PACK_ROWS, 0)
-                    };
-                    for r in nr0..(nr0 + PACK_ROWS).min(nr) {
-                        prefetch(w.add(r * ws + nc), width.min(k - nc) * size_of::<W>());
-                    }
-                    for j in (0..t).step_by(TOKENS) {
-                        let p = Panel {
-                            w: packed.as_ptr(),
-                            ws: len,
-                            x: x.add(j * k + c),
-                            xs: k,
-                            len,
-                            out: out.add(r0 * t + j),
-                            os: t,
-                        };
-                        striped::<S, f32, ROWS_MANY, true>(p, rows, TOKENS.min(t - j));
-                    }
-                    c += len;
-                }
-            }
-        }
-    }
-}
-
-/// Hints the CPU to start loading the `bytes` at `p` into cache (never faults, changes nothing).
-#[inline(always)]
-fn prefetch<T>(p: *const T, bytes: usize) {
-    for line in (0..bytes).step_by(64) {
-        // SAFETY: a prefetch is only a hint: it cannot fault, even on an invalid address, and
-        // reads nothing the program can observe. SSE is part of the x86-64 baseline.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.cast::<i8>().wrapping_add(line)) };
-    }
-}
-
-/// Widens `len` weights at `src` into f32 at `dst`.
-///
-/// # Safety
-/// Runs inside a `#[target_feature]` entry point for `S`; `src` has `len` readable elements and
-/// `dst` `len` writable ones.
-#[inline(always)]
-unsafe fn pack_row<S: Simd, W: Elem>(src: *const W, dst: *mut f32, len: usize) {
-    // SAFETY: `c + LANES <= len` and `cc < len` keep every access inside both rows.
-    unsafe {
-        let mut c = 0;
-        while c + S::LANES <= len {
-            S::store(dst.add(c), S::load_w(src.add(c)));
-            c += S::LANES;
-        }
-        for cc in c..len {
-            *dst.add(cc) = (*src.add(cc)).widen();
+            striped::<S, W, ROWS_MANY>(whole, nr, t);
         }
     }
 }
 
 /// The `nr` rows of `p` against `nt` tokens, `R` rows at a time taken from `R` stripes (block `i`
 /// reads rows `i, i + q, …, i + (R-1)·q` with `q = nr / R`), so each thread keeps `R` sequential
-/// memory streams in flight; the last `nr mod R` rows go one at a time. `ACC` adds to `out`
-/// instead of storing.
+/// memory streams in flight; the last `nr mod R` rows go one at a time.
 ///
 /// # Safety
 /// As [`block`], for `nr` rows and `nt` tokens.
 #[inline(always)]
-unsafe fn striped<S: Simd, W: Elem, const R: usize, const ACC: bool>(
-    p: Panel<W>,
-    nr: usize,
-    nt: usize,
-) {
+unsafe fn striped<S: Simd, W: Elem, const R: usize>(p: Panel<W>, nr: usize, nt: usize) {
     let q = nr / R;
     // SAFETY: block `i < q` touches rows `i + r·q < R·q <= nr` (r < R), and the single rows
     // `R·q..nr` are below `nr`.
@@ -200,10 +92,10 @@ unsafe fn striped<S: Simd, W: Elem, const R: usize, const ACC: bool>(
                 os: q * p.os,
                 ..p.at(i, 0)
             };
-            token_blocks::<S, W, R, ACC>(stripe, nt);
+            token_blocks::<S, W, R>(stripe, nt);
         }
         for i in R * q..nr {
-            token_blocks::<S, W, 1, ACC>(p.at(i, 0), nt);
+            token_blocks::<S, W, 1>(p.at(i, 0), nt);
         }
     }
 }
@@ -213,35 +105,34 @@ unsafe fn striped<S: Simd, W: Elem, const R: usize, const ACC: bool>(
 /// # Safety
 /// As [`block`] with `T = nt`.
 #[inline(always)]
-unsafe fn token_blocks<S: Simd, W: Elem, const R: usize, const ACC: bool>(p: Panel<W>, nt: usize) {
+unsafe fn token_blocks<S: Simd, W: Elem, const R: usize>(p: Panel<W>, nt: usize) {
     let mut j = 0;
     // SAFETY (every call): tokens `j..j + T` are below `nt`, so their rows of `x` and outputs are
     // inside the caller's ranges.
     unsafe {
         while j + TOKENS <= nt {
-            block::<S, W, R, TOKENS, ACC>(p.at(0, j));
+            block::<S, W, R, TOKENS>(p.at(0, j));
             j += TOKENS;
         }
         match nt - j {
-            1 => block::<S, W, R, 1, ACC>(p.at(0, j)),
-            2 => block::<S, W, R, 2, ACC>(p.at(0, j)),
-            3 => block::<S, W, R, 3, ACC>(p.at(0, j)),
-            4 => block::<S, W, R, 4, ACC>(p.at(0, j)),
-            5 => block::<S, W, R, 5, ACC>(p.at(0, j)),
+            1 => block::<S, W, R, 1>(p.at(0, j)),
+            2 => block::<S, W, R, 2>(p.at(0, j)),
+            3 => block::<S, W, R, 3>(p.at(0, j)),
+            4 => block::<S, W, R, 4>(p.at(0, j)),
+            5 => block::<S, W, R, 5>(p.at(0, j)),
             _ => {}
         }
     }
 }
 
-/// `out[r · os + j] (+)= Σ_{c < len} w[r · ws + c] · x[j · xs + c]` for `r < R`, `j < T`
-/// (`+=` when `ACC`).
+/// `out[r · os + j] = Σ_{c < len} w[r · ws + c] · x[j · xs + c]` for `r < R`, `j < T`.
 ///
 /// # Safety
 /// Runs inside a `#[target_feature]` entry point for `S`; `w[r · ws..r · ws + len]` is readable
 /// for every `r < R`, `x[j · xs..j · xs + len]` for every `j < T`, and `out[r · os + j]` is
 /// writable for every `r < R`, `j < T`.
 #[inline(always)]
-unsafe fn block<S: Simd, W: Elem, const R: usize, const T: usize, const ACC: bool>(p: Panel<W>) {
+unsafe fn block<S: Simd, W: Elem, const R: usize, const T: usize>(p: Panel<W>) {
     let Panel {
         w,
         ws,
@@ -281,7 +172,7 @@ unsafe fn block<S: Simd, W: Elem, const R: usize, const T: usize, const ACC: boo
                 }
                 // The caller makes `out[r · os + j]` writable for `r < R`, `j < T`.
                 let o = out.add(r * os + j);
-                *o = if ACC { *o + s } else { s };
+                *o = s;
             }
         }
     }

@@ -4,8 +4,8 @@
 //! Weights are widened to f32 in registers as they are loaded (bf16: zero-extend and shift;
 //! f16: `vcvtph2ps`; f32: as is), so nothing is written back to memory. A register block of `R`
 //! weight rows × `T` token rows keeps `R·T` independent accumulators: each loaded weight vector
-//! feeds `T` multiply-adds and each activation vector `R` ([`matmul`] says how decode and
-//! batches differ).
+//! feeds `T` multiply-adds and each activation vector `R`: [`matmul`] for decode's few tokens,
+//! [`batched`] for many.
 //!
 //! Both instruction sets run the same generic code ([`vector::Simd`] supplies the vector type and
 //! its handful of operations). The generic functions are `#[inline(always)]` and are only ever
@@ -14,13 +14,17 @@
 
 #![cfg(target_arch = "x86_64")]
 
+mod batched;
 mod matmul;
 mod vector;
 
 use std::arch::x86_64::*;
 use std::ops::Range;
 
+use batched::Batched;
 use matmul::{Panel, rows_generic};
+
+use super::linear::Acts;
 pub(crate) use vector::Elem;
 use vector::{Avx2Ops, Avx512Ops, Simd};
 
@@ -84,27 +88,49 @@ impl Avx512 {
 macro_rules! isa_kernels {
     ($isa:ident, $ops:ident, $entry:ident, $features:literal) => {
         impl $isa {
-            /// [`Rows`] times the token rows `x` (`[t, k]`), into `out` (weight-row major).
-            pub(crate) fn rows<W: Elem>(
-                self,
-                m: Rows<'_, W>,
-                x: &[f32],
-                k: usize,
-                out: &mut [f32],
-            ) {
-                let t = m.check(x, k, out);
-                let whole = Panel {
-                    w: m.first_row(),
-                    ws: m.stride,
-                    x: x.as_ptr(),
-                    xs: k,
-                    len: k,
-                    out: out.as_mut_ptr(),
-                    os: t,
-                };
-                // SAFETY: `self` exists only after the instruction set was detected, and `check`
-                // asserted exactly the bounds `rows_generic` requires.
-                unsafe { $entry::rows(whole, m.rows.len(), t) }
+            /// [`Rows`] times the activations `a`, into `out` (weight-row major): the batched
+            /// kernel when `a` comes transposed too, else the decode one.
+            pub(crate) fn rows<W: Elem>(self, m: Rows<'_, W>, a: Acts<'_>, out: &mut [f32]) {
+                let t = m.check(a.x, a.k, out);
+                match a.xt {
+                    Some(xt) => {
+                        assert!(
+                            xt.tp >= t
+                                && xt.tp.is_multiple_of($ops::LANES)
+                                && xt.data.len() >= a.k * xt.tp,
+                            "transposed activations of {} for [{t}, {}]",
+                            xt.data.len(),
+                            a.k
+                        );
+                        let b = Batched {
+                            w: m.first_row(),
+                            ws: m.stride,
+                            nr: m.rows.len(),
+                            k: a.k,
+                            xt: xt.data.as_ptr(),
+                            tp: xt.tp,
+                            t,
+                            out: out.as_mut_ptr(),
+                        };
+                        // SAFETY: `self` exists only after the instruction set was detected;
+                        // `check` and the assertion above establish the bounds `batched` needs.
+                        unsafe { $entry::batched(b) }
+                    }
+                    None => {
+                        let whole = Panel {
+                            w: m.first_row(),
+                            ws: m.stride,
+                            x: a.x.as_ptr(),
+                            xs: a.k,
+                            len: a.k,
+                            out: out.as_mut_ptr(),
+                            os: t,
+                        };
+                        // SAFETY: as above; `check` asserted exactly the bounds `rows_generic`
+                        // requires.
+                        unsafe { $entry::rows(whole, m.rows.len(), t) }
+                    }
+                }
             }
 
             /// [`Pv`] with this instruction set.
@@ -141,6 +167,14 @@ macro_rules! isa_kernels {
             pub(super) unsafe fn rows<W: Elem>(whole: Panel<W>, nr: usize, t: usize) {
                 // SAFETY: forwarded from the caller.
                 unsafe { rows_generic::<$ops, W>(whole, nr, t) }
+            }
+
+            /// # Safety
+            /// The CPU has the instruction set; otherwise as [`batched::batched`].
+            #[target_feature(enable = $features)]
+            pub(super) unsafe fn batched<W: Elem>(b: Batched<W>) {
+                // SAFETY: forwarded from the caller.
+                unsafe { super::batched::batched::<$ops, W>(b) }
             }
 
             /// # Safety

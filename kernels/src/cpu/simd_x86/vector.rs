@@ -103,6 +103,8 @@ pub(super) trait Simd {
     unsafe fn load_w<W: Elem>(p: *const W) -> Self::V;
     /// `a · b + c`.
     unsafe fn fma(a: Self::V, b: Self::V, c: Self::V) -> Self::V;
+    /// `a + b`.
+    unsafe fn add(a: Self::V, b: Self::V) -> Self::V;
     unsafe fn hsum(v: Self::V) -> f32;
     unsafe fn splat(v: f32) -> Self::V;
     /// `LANES` writable f32 at `p`.
@@ -138,6 +140,12 @@ impl Simd for Avx2Ops {
     unsafe fn fma(a: __m256, b: __m256, c: __m256) -> __m256 {
         // SAFETY: FMA is enabled in every caller.
         unsafe { _mm256_fmadd_ps(a, b, c) }
+    }
+
+    #[inline(always)]
+    unsafe fn add(a: __m256, b: __m256) -> __m256 {
+        // SAFETY: register-only AVX intrinsic, enabled by the caller.
+        unsafe { _mm256_add_ps(a, b) }
     }
 
     #[inline(always)]
@@ -190,6 +198,12 @@ impl Simd for Avx512Ops {
     unsafe fn fma(a: __m512, b: __m512, c: __m512) -> __m512 {
         // SAFETY: AVX-512F is enabled in every caller.
         unsafe { _mm512_fmadd_ps(a, b, c) }
+    }
+
+    #[inline(always)]
+    unsafe fn add(a: __m512, b: __m512) -> __m512 {
+        // SAFETY: register-only AVX-512F intrinsic, enabled by the caller.
+        unsafe { _mm512_add_ps(a, b) }
     }
 
     #[inline(always)]
