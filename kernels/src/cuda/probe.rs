@@ -45,7 +45,10 @@ pub fn probe_libraries() -> Result<()> {
         // call no CUDA function. Opening a library runs its initialisers, which for NVIDIA's
         // libraries is what every CUDA program does at start-up.
         if !unsafe { (lib.present)() } {
-            let tried = cudarc::get_lib_name_candidates(lib.base);
+            let mut tried = cudarc::get_lib_name_candidates(lib.base);
+            // cudarc's list repeats some names; keep the first of each, in its order.
+            let mut seen = std::collections::HashSet::new();
+            tried.retain(|n| seen.insert(n.clone()));
             return Err(BackendError::CudaNotAvailable(format!(
                 "{} not found: {} cannot be loaded (tried {}; is the library on the loader's \
                  path, e.g. LD_LIBRARY_PATH?)",
