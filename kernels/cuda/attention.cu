@@ -10,13 +10,13 @@ extern "C" __global__ void write_kv(u16* kc, u16* vc, const float* k, const floa
     const u32 block = slots[t] / block_size, slot = slots[t] % block_size;
     for (u32 i = threadIdx.x; i < kv_heads * kd; i += blockDim.x) {
         const u32 h = i / kd, d = i % kd;
-        kc[(((size_t)block * kv_heads + h) * block_size + slot) * kd + d] =
-            f32_to_bf16(k[(size_t)t * kv_heads * kd + i]);
+        kc[(((u64)block * kv_heads + h) * block_size + slot) * kd + d] =
+            f32_to_bf16(k[(u64)t * kv_heads * kd + i]);
     }
     for (u32 i = threadIdx.x; i < kv_heads * vd; i += blockDim.x) {
         const u32 h = i / vd, d = i % vd;
-        vc[(((size_t)block * kv_heads + h) * block_size + slot) * vd + d] =
-            f32_to_bf16(v[(size_t)t * kv_heads * vd + i]);
+        vc[(((u64)block * kv_heads + h) * block_size + slot) * vd + d] =
+            f32_to_bf16(v[(u64)t * kv_heads * vd + i]);
     }
 }
 
@@ -43,7 +43,7 @@ extern "C" __global__ void paged_attention(float* out, const float* q, const u16
     float* ps = smem + a.qk_dim;
     const u32 t = blockIdx.x, h = blockIdx.y;
     const u32 kvh = h / (a.num_heads / a.num_kv_heads);
-    const float* qrow = q + ((size_t)t * a.num_heads + h) * a.qk_dim;
+    const float* qrow = q + ((u64)t * a.num_heads + h) * a.qk_dim;
     for (u32 d = threadIdx.x; d < a.qk_dim; d += blockDim.x) qs[d] = qrow[d];
     __syncthreads();
 
@@ -58,7 +58,7 @@ extern "C" __global__ void paged_attention(float* out, const float* q, const u16
         const u32 j = base + threadIdx.x;
         float s = NEG_INF;
         if (j <= pos) {
-            const size_t blk = table[j / a.block_size];
+            const u64 blk = table[j / a.block_size];
             const u16* krow =
                 kc + ((blk * a.num_kv_heads + kvh) * a.block_size + j % a.block_size) * a.qk_dim;
             float dot = 0.0f;
@@ -70,14 +70,14 @@ extern "C" __global__ void paged_attention(float* out, const float* q, const u16
         const float corr = expf(m - m_new);  // 0 on the first chunk (m = -inf)
         ps[threadIdx.x] = p;
         l = l * corr + block_sum(p);  // block_sum's barriers also publish `ps`
-        const u32 n = min((u32)blockDim.x, pos + 1 - base);
+        const u32 n = pos + 1 - base < blockDim.x ? pos + 1 - base : blockDim.x;
         for (int i = 0; i < ATTN_MAX_V_PER_THREAD; i++) {
             const u32 d = threadIdx.x + i * blockDim.x;
             if (d >= a.v_dim) break;
             float sum = acc[i] * corr;
             for (u32 jj = 0; jj < n; jj++) {
                 const u32 jp = base + jj;
-                const size_t blk = table[jp / a.block_size];
+                const u64 blk = table[jp / a.block_size];
                 sum += ps[jj] * bf16_to_f32(
                     vc[((blk * a.num_kv_heads + kvh) * a.block_size + jp % a.block_size) * a.v_dim + d]);
             }
@@ -86,7 +86,7 @@ extern "C" __global__ void paged_attention(float* out, const float* q, const u16
         m = m_new;
         __syncthreads();  // `ps` is rewritten by the next chunk
     }
-    float* orow = out + ((size_t)t * a.num_heads + h) * a.v_dim;
+    float* orow = out + ((u64)t * a.num_heads + h) * a.v_dim;
     for (int i = 0; i < ATTN_MAX_V_PER_THREAD; i++) {
         const u32 d = threadIdx.x + i * blockDim.x;
         if (d >= a.v_dim) break;

@@ -35,8 +35,8 @@ extern "C" __global__ void route(u32* ids, float* weights, float* scratch, const
     const u32 t = blockIdx.x * blockDim.x + threadIdx.x;
     if (t >= a.tokens) return;
     const u32 e = a.num_experts;
-    const float* row = logits + (size_t)t * e;
-    float* scores = scratch + (size_t)t * e * 2;
+    const float* row = logits + (u64)t * e;
+    float* scores = scratch + (u64)t * e * 2;
     float* choice = scores + e;
     if (a.sigmoid) {
         for (u32 i = 0; i < e; i++) scores[i] = 1.0f / (1.0f + expf(-row[i]));
@@ -87,7 +87,7 @@ extern "C" __global__ void route(u32* ids, float* weights, float* scratch, const
     }
     const float denom = a.normalize ? sum + 1e-20f : 1.0f;
     for (u32 k = 0; k < a.top_k; k++) {
-        ids[(size_t)t * a.top_k + k] = chosen[k];
-        weights[(size_t)t * a.top_k + k] = w[k] / denom * a.scaling;
+        ids[(u64)t * a.top_k + k] = chosen[k];
+        weights[(u64)t * a.top_k + k] = w[k] / denom * a.scaling;
     }
 }

@@ -7,6 +7,8 @@
 
 typedef unsigned int u32;
 typedef unsigned short u16;
+// Our own name for 64-bit indices: `size_t` needs a header that NVRTC may not provide.
+typedef unsigned long long u64;
 
 #define NEG_INF __int_as_float(0xff800000)
 
@@ -42,7 +44,7 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
 }
 
 // Element `i` of a weight stored as `dtype`, widened to f32.
-__device__ __forceinline__ float load_elem(const void* w, int dtype, size_t i) {
+__device__ __forceinline__ float load_elem(const void* w, int dtype, u64 i) {
     if (dtype == DT_F32) return ((const float*)w)[i];
     if (dtype == DT_F16) return f16_to_f32(((const u16*)w)[i]);
     return bf16_to_f32(((const u16*)w)[i]);
