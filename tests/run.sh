@@ -22,16 +22,28 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-# Optional features the tests cover (not --all-features: `cuda` needs a CUDA toolkit).
+# Optional features the tests cover. `cuda` is checked on its own below, for tessera-kernels only:
+# it builds without a toolkit (cudarc loads CUDA at run time), but nothing else depends on it yet.
 features=(--features etcd)
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
+cargo clippy -p tessera-kernels --features cuda --all-targets --locked -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"
 else
     cargo test --workspace --locked --no-fail-fast "${features[@]}"
+fi
+# The CUDA backend's tests: without a GPU each prints "SKIPPED: <reason>" except
+# no_gpu_is_a_typed_error, which checks that opening a device fails with CudaNotAvailable naming
+# the missing library. Only the `cuda` test target, in the dev profile the run above already built
+# the dependencies for, so this adds little more than compiling cudarc.
+echo "== CUDA backend tests (skipped without a GPU)"
+if cargo nextest --version >/dev/null 2>&1; then
+    cargo nextest run -p tessera-kernels --features cuda --locked --no-fail-fast --test cuda
+else
+    cargo test -p tessera-kernels --features cuda --locked --no-fail-fast --test cuda
 fi
 # Kubernetes manifests, Grafana dashboard and Dockerfile under deploy/: rendered with kustomize and
 # validated offline against Kubernetes' schemas (tools from PyPI into a cached venv), container

@@ -14,6 +14,16 @@ pub enum BackendError {
     /// A value outside what the operation accepts (an expert id, a block index, a position).
     #[error("{op}: invalid argument: {detail}")]
     Invalid { op: &'static str, detail: String },
+    /// The device, its driver or one of its libraries failed (an allocation, a launch, a copy, a
+    /// kernel compilation), with what the library said.
+    #[error("{op}: device error: {detail}")]
+    Device { op: &'static str, detail: String },
+    /// An operation this backend does not implement yet.
+    #[error("{op}: not supported by the {backend} backend yet")]
+    Unsupported {
+        op: &'static str,
+        backend: &'static str,
+    },
 }
 
 impl BackendError {
@@ -21,6 +31,13 @@ impl BackendError {
         BackendError::Shape {
             op,
             detail: detail.into(),
+        }
+    }
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub(crate) fn device(op: &'static str, detail: impl std::fmt::Debug) -> Self {
+        BackendError::Device {
+            op,
+            detail: format!("{detail:?}"),
         }
     }
     pub(crate) fn invalid(op: &'static str, detail: impl Into<String>) -> Self {

@@ -6,7 +6,7 @@
 mod attention;
 mod linear;
 mod moe;
-mod ops;
+pub(crate) mod ops;
 mod pool;
 pub mod probe;
 pub mod profile;

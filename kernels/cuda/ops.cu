@@ -1,0 +1,129 @@
+// Elementwise and row-wise kernels (f32 activations; weights widened from their stored dtype).
+// Each mirrors a function of kernels/src/cpu/ops.rs or kernels/src/cpu/mod.rs.
+
+// out[t, :] = table[ids[t], :], widened to f32. Grid: one block per token.
+extern "C" __global__ void embedding(float* out, const void* table, const u32* ids, int dtype,
+                                     u32 hidden) {
+    const u64 row = (u64)ids[blockIdx.x] * hidden;
+    for (u32 c = threadIdx.x; c < hidden; c += blockDim.x) {
+        out[(u64)blockIdx.x * hidden + c] = load_elem(table, dtype, row + c);
+    }
+}
+
+// f32 activations to 16-bit for cuBLAS (dtype DT_F16 or DT_BF16), so the product runs on
+// tensor cores with the weight in its stored type.
+extern "C" __global__ void to_half(u16* out, const float* x, u32 n, int dtype) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = dtype == DT_F16 ? f32_to_f16(x[i]) : f32_to_bf16(x[i]);
+}
+
+// y[r, c] += b[c]. Grid covers rows*n.
+extern "C" __global__ void add_bias(float* y, const float* b, u32 rows, u32 n) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (u64)rows * n) y[i] += b[i % n];
+}
+
+// RMSNorm over groups of `g` columns, f32 throughout like transformers. One block per group.
+extern "C" __global__ void rms_norm(float* out, const float* x, const float* w, u32 g, float eps) {
+    const float* xs = x + (u64)blockIdx.x * g;
+    float ss = 0.0f;
+    for (u32 c = threadIdx.x; c < g; c += blockDim.x) ss += xs[c] * xs[c];
+    ss = block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)g + eps);
+    for (u32 c = threadIdx.x; c < g; c += blockDim.x) {
+        out[(u64)blockIdx.x * g + c] = w[c] * (xs[c] * inv);
+    }
+}
+
+extern "C" __global__ void add_assign(float* x, const float* y, u32 n) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) x[i] += y[i];
+}
+
+extern "C" __global__ void silu_mul(float* out, const float* gate, const float* up, u32 n) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const float g = gate[i];
+        out[i] = g / (1.0f + expf(-g)) * up[i];
+    }
+}
+
+// x[r, :] *= sigmoid(g[r]).
+extern "C" __global__ void mul_sigmoid_rows(float* x, const float* g, u32 rows, u32 cols) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (u64)rows * cols) x[i] *= 1.0f / (1.0f + expf(-g[i / cols]));
+}
+
+// out[r, c] = x[r, start + c] for c < len.
+extern "C" __global__ void narrow_cols(float* out, const float* x, u32 rows, u32 cols, u32 start,
+                                       u32 len) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (u64)rows * len) out[i] = x[(i / len) * cols + start + i % len];
+}
+
+// Each (a+b)-wide head of x goes to an a-wide head of xa and a b-wide head of xb.
+// `units` = rows * heads.
+extern "C" __global__ void split_heads(float* xa, float* xb, const float* x, u32 units, u32 a,
+                                       u32 b) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u32 w = a + b;
+    if (i >= (u64)units * w) return;
+    const u64 u = i / w;
+    const u32 c = i % w;
+    if (c < a) xa[u * a + c] = x[i];
+    else xb[u * b + c - a] = x[i];
+}
+
+// out[r, h, :] = concat(a[r, h, :da], shared[r, :d]). `units` = rows * heads.
+extern "C" __global__ void concat_shared(float* out, const float* a, const float* shared,
+                                         u32 units, u32 heads, u32 da, u32 d) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u32 w = da + d;
+    if (i >= (u64)units * w) return;
+    const u64 u = i / w;
+    const u32 c = i % w;
+    out[i] = c < da ? a[u * da + c] : shared[(u / heads) * d + c - da];
+}
+
+// out[i, :] = x[rows[i], :]. Grid: one block per output row.
+extern "C" __global__ void gather_rows(float* out, const float* x, const u32* rows, u32 cols) {
+    const u64 src = (u64)rows[blockIdx.x] * cols;
+    for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
+        out[(u64)blockIdx.x * cols + c] = x[src + c];
+    }
+}
+
+// out[rows[i], :] += w[i] * y[i, :]. Rows are distinct within one launch (a token picks an expert
+// once), so no atomics are needed; launches on the one stream run in order.
+extern "C" __global__ void scatter_add_rows(float* out, const float* y, const u32* rows,
+                                            const float* w, u32 cols) {
+    const u64 dst = (u64)rows[blockIdx.x] * cols;
+    const float s = w[blockIdx.x];
+    for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
+        out[dst + c] += s * y[(u64)blockIdx.x * cols + c];
+    }
+}
+
+// Scalars of `rope`; the layout of `RopeArgs` in cuda/ops.rs.
+struct RopeArgs {
+    u32 rows, cols, half, num_heads, head_stride, offset;
+    u32 interleaved;
+};
+
+// Rotates pair i of head h of token t by the token's angle i (cos/sin precomputed per token,
+// `[rows, half]`). Half layout pairs (i, i+half); interleaved pairs (2i, 2i+1).
+extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t, RopeArgs a) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (u64)a.rows * a.num_heads * a.half) return;
+    const u32 p = i % a.half;
+    const u64 th = i / a.half;
+    const u32 h = th % a.num_heads;
+    const u64 t = th / a.num_heads;
+    float* head = x + t * a.cols + (u64)h * a.head_stride + a.offset;
+    const u32 ia = a.interleaved ? 2 * p : p;
+    const u32 ib = a.interleaved ? 2 * p + 1 : p + a.half;
+    const float c = cos_t[t * a.half + p], s = sin_t[t * a.half + p];
+    const float x1 = head[ia], x2 = head[ib];
+    head[ia] = x1 * c - x2 * s;
+    head[ib] = x2 * c + x1 * s;
+}

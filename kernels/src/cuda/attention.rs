@@ -1,0 +1,278 @@
+//! Per-step metadata on the device, the paged KV cache and paged attention on the GPU.
+//!
+//! [`CudaStep`] is built once per forward step: RoPE angles per new token (computed on the host by
+//! the CPU backend's own function, so both backends rotate by bit-identical angles), each token's
+//! position and cache slot, and the sequences' block tables, uploaded once and read by every
+//! layer. The cache stores keys and values in bf16 with the CPU backend's layout
+//! `[block][kv_head][slot][dim]`.
+
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::device::{CudaBackend, CudaTensor, to_u32};
+use crate::{AttentionParams, BackendError, KvSpec, Result, RopeLayout, RopeTable, StepMeta};
+
+/// Threads per block of `paged_attention` (a multiple of 32, as its reductions need).
+const ATTN_THREADS: u32 = 128;
+/// `ATTN_MAX_V_PER_THREAD` of attention.cu: output dims one thread accumulates.
+const ATTN_MAX_V_PER_THREAD: usize = 8;
+
+/// A forward step's metadata, resident on the device.
+pub struct CudaStep {
+    pub(super) meta: StepMeta,
+    /// Rotary pairs per head (`rot_dim / 2`).
+    pub(super) half: usize,
+    pub(super) layout: RopeLayout,
+    /// `[tokens, half]` each, already multiplied by the attention scaling.
+    pub(super) cos: CudaSlice<f32>,
+    pub(super) sin: CudaSlice<f32>,
+    /// Position of each new token.
+    tok_pos: CudaSlice<u32>,
+    /// Offset in `tables` of each new token's block table.
+    tok_table: CudaSlice<u32>,
+    /// Every sequence's block table, concatenated.
+    tables: CudaSlice<u32>,
+    /// `block * block_size + slot` where each new token's key and value go.
+    slots: CudaSlice<u32>,
+    /// The largest block any sequence uses for its context (checked against a cache's size).
+    max_block: Option<u32>,
+}
+
+/// One layer's paged K and V cache in device memory (bf16 bit patterns).
+pub struct CudaKv {
+    spec: KvSpec,
+    k: CudaSlice<u16>,
+    v: CudaSlice<u16>,
+}
+
+/// Scalars of `paged_attention`; the same fields in the same order as `AttnArgs` in attention.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AttnArgs {
+    num_heads: u32,
+    num_kv_heads: u32,
+    qk_dim: u32,
+    v_dim: u32,
+    block_size: u32,
+    window: u32,
+    scale: f32,
+}
+
+// SAFETY: `repr(C)` with only 4-byte scalar fields, matching the C struct field for field; passed
+// by value.
+unsafe impl DeviceRepr for AttnArgs {}
+
+impl CudaBackend {
+    pub(super) fn prepare_step_impl(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CudaStep> {
+        const OP: &str = "prepare_step";
+        if meta.block_size == 0 {
+            return Err(BackendError::invalid(OP, "block size 0"));
+        }
+        let bs = meta.block_size;
+        let mut next = 0;
+        let (mut tok_table, mut tables, mut slots) = (Vec::new(), Vec::new(), Vec::new());
+        let mut max_block = None;
+        for s in &meta.seqs {
+            if s.token_start != next || s.num_tokens == 0 || s.num_tokens > s.context_len {
+                return Err(BackendError::invalid(
+                    OP,
+                    format!("inconsistent sequence {s:?}"),
+                ));
+            }
+            if s.block_table.len() * bs < s.context_len {
+                return Err(BackendError::invalid(
+                    OP,
+                    format!(
+                        "{} blocks cannot hold {} positions",
+                        s.block_table.len(),
+                        s.context_len
+                    ),
+                ));
+            }
+            let used = &s.block_table[..s.context_len.div_ceil(bs)];
+            max_block = max_block.max(used.iter().copied().max());
+            let offset = to_u32(OP, tables.len())?;
+            tables.extend_from_slice(&s.block_table);
+            for pos in s.context_len - s.num_tokens..s.context_len {
+                tok_table.push(offset);
+                slots.push(to_u32(
+                    OP,
+                    s.block_table[pos / bs] as usize * bs + pos % bs,
+                )?);
+            }
+            next += s.num_tokens;
+        }
+        let positions = meta.positions();
+        let (cos, sin) =
+            crate::cpu::ops::rope_angles(&positions, &rope.inv_freq, rope.attention_scaling);
+        Ok(CudaStep {
+            meta: meta.clone(),
+            half: rope.inv_freq.len(),
+            layout: rope.layout,
+            cos: self.upload(OP, &cos)?,
+            sin: self.upload(OP, &sin)?,
+            tok_pos: self.upload(OP, &positions)?,
+            tok_table: self.upload(OP, &tok_table)?,
+            tables: self.upload(OP, &tables)?,
+            slots: self.upload(OP, &slots)?,
+            max_block,
+        })
+    }
+
+    pub(super) fn alloc_kv_impl(&self, spec: KvSpec) -> Result<CudaKv> {
+        const OP: &str = "alloc_kv";
+        let slots = spec.num_blocks * spec.block_size * spec.num_kv_heads;
+        Ok(CudaKv {
+            spec,
+            k: self.zeros(OP, slots * spec.k_dim)?,
+            v: self.zeros(OP, slots * spec.v_dim)?,
+        })
+    }
+
+    /// Checks that a step's block tables fit a cache.
+    fn check_blocks(op: &'static str, spec: &KvSpec, step: &CudaStep) -> Result<()> {
+        if step.meta.block_size != spec.block_size {
+            return Err(BackendError::invalid(
+                op,
+                format!(
+                    "step block size {} for a cache of block size {}",
+                    step.meta.block_size, spec.block_size
+                ),
+            ));
+        }
+        if let Some(b) = step.max_block
+            && b as usize >= spec.num_blocks
+        {
+            return Err(BackendError::invalid(
+                op,
+                format!("block {b} beyond a cache of {} blocks", spec.num_blocks),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_kv_impl(
+        &self,
+        cache: &mut CudaKv,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        step: &CudaStep,
+    ) -> Result<()> {
+        const OP: &str = "write_kv";
+        let spec = cache.spec;
+        let n = step.meta.num_tokens();
+        let (kw, vw) = (
+            spec.num_kv_heads * spec.k_dim,
+            spec.num_kv_heads * spec.v_dim,
+        );
+        if (k.rows, k.cols, v.rows, v.cols) != (n, kw, n, vw) {
+            return Err(BackendError::shape(
+                OP,
+                format!(
+                    "k {}x{} and v {}x{} for {n} tokens of widths {kw}/{vw}",
+                    k.rows, k.cols, v.rows, v.cols
+                ),
+            ));
+        }
+        Self::check_blocks(OP, &spec, step)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let dims = [spec.num_kv_heads, spec.k_dim, spec.v_dim, spec.block_size];
+        let [heads, kd, vd, bs] = dims.map(|d| d as u32);
+        to_u32(OP, kw.max(vw))?;
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut cache.k)
+            .arg(&mut cache.v)
+            .arg(&k.data)
+            .arg(&v.data);
+        b.arg(&step.slots).arg(&heads).arg(&kd).arg(&vd).arg(&bs);
+        // SAFETY: write_kv(u16* kc, u16* vc, const float* k, const float* v, const u32* slots,
+        // u32 kv_heads, u32 kd, u32 vd, u32 block_size): one block per token; k and v hold
+        // n*heads*kd and n*heads*vd floats (checked), slots holds n entries whose blocks are all
+        // < num_blocks (check_blocks), so every write lands inside the cache.
+        unsafe { b.launch(super::device::grid_rows(n, 128)) }
+            .map_err(|e| BackendError::device(OP, e))?;
+        Ok(())
+    }
+
+    pub(super) fn attention_impl(
+        &self,
+        q: &CudaTensor,
+        cache: &CudaKv,
+        step: &CudaStep,
+        p: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "attention";
+        let spec = &cache.spec;
+        if spec.k_dim != p.qk_dim || spec.v_dim != p.v_dim || spec.num_kv_heads != p.num_kv_heads {
+            return Err(BackendError::shape(
+                OP,
+                format!("cache {spec:?} does not fit {p:?}"),
+            ));
+        }
+        if p.num_kv_heads == 0 || !p.num_heads.is_multiple_of(p.num_kv_heads) {
+            return Err(BackendError::shape(
+                OP,
+                format!(
+                    "{} query heads over {} kv heads",
+                    p.num_heads, p.num_kv_heads
+                ),
+            ));
+        }
+        let n = step.meta.num_tokens();
+        if (q.rows, q.cols) != (n, p.num_heads * p.qk_dim) {
+            return Err(BackendError::shape(
+                OP,
+                format!(
+                    "q is {}x{} for {n} tokens × {}",
+                    q.rows,
+                    q.cols,
+                    p.num_heads * p.qk_dim
+                ),
+            ));
+        }
+        if p.v_dim > ATTN_THREADS as usize * ATTN_MAX_V_PER_THREAD {
+            return Err(BackendError::Unsupported {
+                op: "attention with v_dim over 1024",
+                backend: "cuda",
+            });
+        }
+        Self::check_blocks(OP, spec, step)?;
+        let mut out = self.tensor(OP, n, p.num_heads * p.v_dim)?;
+        if n == 0 || p.num_heads == 0 {
+            return Ok(out);
+        }
+        let args = AttnArgs {
+            num_heads: to_u32(OP, p.num_heads)?,
+            num_kv_heads: to_u32(OP, p.num_kv_heads)?,
+            qk_dim: to_u32(OP, p.qk_dim)?,
+            v_dim: to_u32(OP, p.v_dim)?,
+            block_size: to_u32(OP, spec.block_size)?,
+            window: p.sliding_window.map_or(Ok(0), |w| to_u32(OP, w.max(1)))?,
+            scale: p.scale,
+        };
+        let smem = (p.qk_dim + ATTN_THREADS as usize) * 4;
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(OP, n)?, args.num_heads, 1),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: to_u32(OP, smem)?,
+        };
+        let mut b = self.stream.launch_builder(self.func("paged_attention")?);
+        b.arg(&mut out.data)
+            .arg(&q.data)
+            .arg(&cache.k)
+            .arg(&cache.v);
+        b.arg(&step.tok_pos)
+            .arg(&step.tok_table)
+            .arg(&step.tables)
+            .arg(&args);
+        // SAFETY: paged_attention(float* out, const float* q, const u16* kc, const u16* vc,
+        // const u32* tok_pos, const u32* tok_table, const u32* tables, AttnArgs a): grid
+        // (tokens, heads); q holds tokens*heads*qk_dim floats and out tokens*heads*v_dim
+        // (checked); each token reads positions <= its own, whose blocks were checked by
+        // prepare_step (table long enough) and check_blocks (< num_blocks); dynamic shared memory
+        // is qk_dim + blockDim floats as the kernel expects; v_dim <= blockDim * 8 (checked).
+        unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,161 @@
+//! [`Backend`] for [`CudaBackend`]: each operation delegates to the module that implements it
+//! (`ops`, `attention`, `moe`).
+
+use super::attention::{CudaKv, CudaStep};
+use super::device::{CudaBackend, CudaTensor, CudaWeight};
+use super::moe::CudaRouting;
+use crate::{
+    AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvSpec, Result, RopeApply,
+    RopeTable, RouterParams, StepMeta,
+};
+
+impl Backend for CudaBackend {
+    type Tensor = CudaTensor;
+    type Weight = CudaWeight;
+    type Step = CudaStep;
+    type KvLayer = CudaKv;
+    type Routing = CudaRouting;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({})", self.info.ordinal, self.info.name)
+    }
+
+    fn upload_weight(&self, w: HostTensor) -> Result<CudaWeight> {
+        self.upload_weight_impl(w)
+    }
+
+    fn weight_shape<'a>(&self, w: &'a CudaWeight) -> &'a [usize] {
+        &w.shape
+    }
+
+    fn tensor_from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<CudaTensor> {
+        if data.len() != rows * cols {
+            return Err(BackendError::shape(
+                "tensor_from_host",
+                format!("{} values for {rows}x{cols}", data.len()),
+            ));
+        }
+        Ok(CudaTensor {
+            data: self.upload("tensor_from_host", &data)?,
+            rows,
+            cols,
+        })
+    }
+
+    fn tensor_to_host(&self, t: &CudaTensor) -> Result<Vec<f32>> {
+        self.download("tensor_to_host", &t.data, t.rows * t.cols)
+    }
+
+    fn dims(&self, t: &CudaTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CudaStep> {
+        self.prepare_step_impl(meta, rope)
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        self.embedding_impl(table, ids)
+    }
+
+    fn linear(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor> {
+        self.linear_impl(x, w, bias)
+    }
+
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
+        self.rms_norm_impl(x, w, eps)
+    }
+
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        self.add_assign_impl(x, y)
+    }
+
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        self.silu_mul_impl(gate, up)
+    }
+
+    fn mul_sigmoid_rows(&self, x: &mut CudaTensor, g: &CudaTensor) -> Result<()> {
+        self.mul_sigmoid_rows_impl(x, g)
+    }
+
+    fn narrow_cols(&self, x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
+        self.narrow_cols_impl(x, start, len)
+    }
+
+    fn split_heads(
+        &self,
+        x: &CudaTensor,
+        heads: usize,
+        a: usize,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        self.split_heads_impl(x, heads, a)
+    }
+
+    fn concat_shared(
+        &self,
+        a: &CudaTensor,
+        shared: &CudaTensor,
+        heads: usize,
+    ) -> Result<CudaTensor> {
+        self.concat_shared_impl(a, shared, heads)
+    }
+
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        self.gather_rows_impl(x, rows)
+    }
+
+    fn rope(&self, x: &mut CudaTensor, step: &CudaStep, at: RopeApply) -> Result<()> {
+        self.rope_impl(x, step, at)
+    }
+
+    fn alloc_kv(&self, spec: KvSpec) -> Result<CudaKv> {
+        self.alloc_kv_impl(spec)
+    }
+
+    fn write_kv(
+        &self,
+        cache: &mut CudaKv,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        step: &CudaStep,
+    ) -> Result<()> {
+        self.write_kv_impl(cache, k, v, step)
+    }
+
+    fn attention(
+        &self,
+        q: &CudaTensor,
+        cache: &CudaKv,
+        step: &CudaStep,
+        params: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        self.attention_impl(q, cache, step, params)
+    }
+
+    fn route(
+        &self,
+        logits: &CudaTensor,
+        params: &RouterParams,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaRouting> {
+        self.route_impl(logits, params, bias)
+    }
+
+    fn expert_counts(&self, routing: &CudaRouting, num_experts: usize) -> Result<Vec<u32>> {
+        self.expert_counts_impl(routing, num_experts)
+    }
+
+    fn moe(
+        &self,
+        x: &CudaTensor,
+        routing: &CudaRouting,
+        experts: &[Option<ExpertWeights<'_, Self>>],
+    ) -> Result<CudaTensor> {
+        self.moe_impl(x, routing, experts)
+    }
+}

@@ -1,0 +1,41 @@
+//! The CUDA backend.
+//!
+//! With the `cuda` feature, [`CudaBackend`] implements [`crate::Backend`] on one GPU through
+//! cudarc: the driver API for memory and launches, NVRTC to compile the kernels of
+//! `kernels/cuda/*.cu` for the device's architecture (once per process and architecture), and
+//! cuBLAS for the matrix products. Every CUDA library is loaded at run time, so the feature builds
+//! on machines with no toolkit, and [`CudaBackend::new`] first checks that the driver, NVRTC and
+//! cuBLAS can be loaded: a machine without them gets [`BackendError::CudaNotAvailable`] naming
+//! what is missing, never a panic.
+//!
+//! Without the feature, [`CudaBackend::new`] always returns `CudaNotAvailable`, so callers need no
+//! `#[cfg]` of their own.
+//!
+//! [`BackendError::CudaNotAvailable`]: crate::BackendError::CudaNotAvailable
+
+#[cfg(feature = "cuda")]
+mod attention;
+#[cfg(feature = "cuda")]
+mod device;
+#[cfg(feature = "cuda")]
+mod imp;
+#[cfg(feature = "cuda")]
+mod moe;
+#[cfg(feature = "cuda")]
+mod ops;
+#[cfg(feature = "cuda")]
+mod probe;
+
+#[cfg(feature = "cuda")]
+pub use attention::{CudaKv, CudaStep};
+#[cfg(feature = "cuda")]
+pub use device::{CudaBackend, CudaTensor, CudaWeight, DeviceInfo};
+#[cfg(feature = "cuda")]
+pub use moe::CudaRouting;
+#[cfg(feature = "cuda")]
+pub use probe::probe_libraries;
+
+#[cfg(not(feature = "cuda"))]
+mod stub;
+#[cfg(not(feature = "cuda"))]
+pub use stub::CudaBackend;

@@ -1,0 +1,490 @@
+//! Dense operations on the GPU: embedding, the cuBLAS linear layer, RMSNorm, RoPE and the
+//! elementwise and reshuffling kernels of `kernels/cuda/ops.cu`.
+
+use std::ffi::c_int;
+
+use cudarc::cublas::{result as blas, sys as blas_sys};
+use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
+
+use super::attention::CudaStep;
+use super::device::{CudaBackend, CudaTensor, CudaWeight, WeightData, grid_1d, grid_rows, to_u32};
+use crate::{BackendError, DType, Result, RopeApply, RopeLayout};
+
+/// Scalars of the `rope` kernel; the same fields in the same order as `RopeArgs` in ops.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct RopeArgs {
+    rows: u32,
+    cols: u32,
+    half: u32,
+    num_heads: u32,
+    head_stride: u32,
+    offset: u32,
+    interleaved: u32,
+}
+
+// SAFETY: `RopeArgs` is `repr(C)` with only `u32` fields, the layout of the C struct the kernel
+// declares, and is passed by value.
+unsafe impl DeviceRepr for RopeArgs {}
+
+/// dtype numbers of prelude.cu (`DT_F32`, `DT_F16`, `DT_BF16`).
+fn dtype_code(d: DType) -> i32 {
+    match d {
+        DType::F32 => 0,
+        DType::F16 => 1,
+        DType::BF16 => 2,
+    }
+}
+
+/// One matrix product `y[tokens, n] = x[tokens, k] · w[n, k]ᵀ` for cuBLAS, with raw device
+/// addresses and their element types.
+struct Gemm {
+    tokens: usize,
+    n: usize,
+    k: usize,
+    w: u64,
+    x: u64,
+    y: u64,
+    ab_type: blas_sys::cudaDataType,
+}
+
+fn same_shape(op: &'static str, a: &CudaTensor, b: &CudaTensor) -> Result<()> {
+    if (a.rows, a.cols) != (b.rows, b.cols) {
+        return Err(BackendError::shape(
+            op,
+            format!("{}x{} vs {}x{}", a.rows, a.cols, b.rows, b.cols),
+        ));
+    }
+    Ok(())
+}
+
+fn cint(op: &'static str, v: usize) -> Result<c_int> {
+    c_int::try_from(v).map_err(|_| BackendError::invalid(op, format!("{v} exceeds a C int")))
+}
+
+impl CudaBackend {
+    pub(super) fn embedding_impl(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+        const OP: &str = "embedding";
+        let (vocab, hidden) = table.matrix(OP)?;
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(BackendError::invalid(
+                OP,
+                format!("token id {id} outside vocabulary of {vocab}"),
+            ));
+        }
+        let mut out = self.tensor(OP, ids.len(), hidden)?;
+        if ids.is_empty() || hidden == 0 {
+            return Ok(out);
+        }
+        let dev_ids = self.upload(OP, ids)?;
+        let hidden32 = to_u32(OP, hidden)?;
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        match &table.data {
+            WeightData::F32(w) => b.arg(&mut out.data).arg(w),
+            WeightData::Half { bits, .. } => b.arg(&mut out.data).arg(bits),
+        };
+        let code = dtype_code(weight_dtype(table));
+        b.arg(&dev_ids).arg(&code).arg(&hidden32);
+        // SAFETY: embedding(float* out, const void* table, const u32* ids, int dtype, u32 hidden):
+        // out holds ids.len()*hidden floats, every id was checked < vocab above, the table holds
+        // vocab*hidden elements of the dtype passed, and one block per id reads one table row.
+        unsafe { b.launch(grid_rows(ids.len(), 256)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
+    /// `x` rounded to the 16-bit type of a weight, for a tensor-core product.
+    fn to_half(&self, x: &CudaTensor, dtype: DType) -> Result<CudaSlice<u16>> {
+        const OP: &str = "linear (to_half)";
+        let n = x.rows * x.cols;
+        let mut out = self.zeros::<u16>(OP, n)?;
+        let (n32, code) = (to_u32(OP, n)?, dtype_code(dtype));
+        let mut b = self.stream.launch_builder(self.func("to_half")?);
+        b.arg(&mut out).arg(&x.data).arg(&n32).arg(&code);
+        // SAFETY: to_half(u16* out, const float* x, u32 n, int dtype): both buffers hold n
+        // elements and threads past n return.
+        unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
+    fn gemm(&self, g: Gemm) -> Result<()> {
+        const OP: &str = "linear (cublasGemmEx)";
+        let (m, n, k) = (cint(OP, g.n)?, cint(OP, g.tokens)?, cint(OP, g.k)?);
+        let (alpha, beta) = (1.0f32, 0.0f32);
+        self.ctx
+            .bind_to_thread()
+            .map_err(|e| BackendError::device(OP, e))?;
+        // cuBLAS is column-major: y[tokens, n] row-major is yᵀ[n, tokens] column-major, so the
+        // call computes yᵀ = W · xᵀ with W read transposed from its row-major [n, k] storage.
+        // SAFETY: the handle is bound to this backend's stream and context (bound above); w
+        // holds n*k elements of `ab_type` (lda = k), x holds tokens*k elements of the same type
+        // (ldb = k), y holds tokens*n f32 (ldc = n); alpha and beta are host f32 scalars, as
+        // CUBLAS_COMPUTE_32F with the default host pointer mode requires, and outlive the call.
+        unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                blas_sys::cublasOperation_t::CUBLAS_OP_T,
+                blas_sys::cublasOperation_t::CUBLAS_OP_N,
+                m,
+                n,
+                k,
+                (&alpha as *const f32).cast(),
+                g.w as *const _,
+                g.ab_type,
+                k,
+                g.x as *const _,
+                g.ab_type,
+                k,
+                (&beta as *const f32).cast(),
+                g.y as *mut _,
+                blas_sys::cudaDataType::CUDA_R_32F,
+                m,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| BackendError::device(OP, e))
+    }
+
+    pub(super) fn linear_impl(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        bias: Option<&CudaWeight>,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "linear";
+        let (n, k) = w.matrix(OP)?;
+        if x.cols != k {
+            return Err(BackendError::shape(
+                OP,
+                format!("x has {} columns, weight {:?}", x.cols, w.shape),
+            ));
+        }
+        let bias = bias
+            .map(|b| b.vector("linear bias").map(|v| (b, v)))
+            .transpose()?;
+        if let Some((b, _)) = bias
+            && b.shape[0] != n
+        {
+            return Err(BackendError::shape(
+                OP,
+                format!("bias of {} for {n} outputs", b.shape[0]),
+            ));
+        }
+        let mut y = self.tensor(OP, x.rows, n)?;
+        if x.rows == 0 || n == 0 || k == 0 {
+            return Ok(y);
+        }
+        let stream = self.stream.clone();
+        let (yp, _yg) = y.data.device_ptr_mut(&stream);
+        match &w.data {
+            WeightData::F32(wd) => {
+                let (wp, _wg) = wd.device_ptr(&stream);
+                let (xp, _xg) = x.data.device_ptr(&stream);
+                self.gemm(Gemm {
+                    tokens: x.rows,
+                    n,
+                    k,
+                    w: wp,
+                    x: xp,
+                    y: yp,
+                    ab_type: blas_sys::cudaDataType::CUDA_R_32F,
+                })?;
+            }
+            WeightData::Half { dtype, bits } => {
+                // cuBLAS wants both factors in one type: the activations are rounded to the
+                // weight's 16-bit type on the device (the weights are never converted).
+                let xh = self.to_half(x, *dtype)?;
+                let (wp, _wg) = bits.device_ptr(&stream);
+                let (xp, _xg) = xh.device_ptr(&stream);
+                let ab_type = if *dtype == DType::F16 {
+                    blas_sys::cudaDataType::CUDA_R_16F
+                } else {
+                    blas_sys::cudaDataType::CUDA_R_16BF
+                };
+                self.gemm(Gemm {
+                    tokens: x.rows,
+                    n,
+                    k,
+                    w: wp,
+                    x: xp,
+                    y: yp,
+                    ab_type,
+                })?;
+            }
+        }
+        drop(_yg);
+        if let Some((_, bv)) = bias {
+            let (rows, n32) = (to_u32(OP, x.rows)?, to_u32(OP, n)?);
+            let mut b = self.stream.launch_builder(self.func("add_bias")?);
+            b.arg(&mut y.data).arg(bv).arg(&rows).arg(&n32);
+            // SAFETY: add_bias(float* y, const float* b, u32 rows, u32 n): y holds rows*n floats,
+            // b holds n (checked above); threads past rows*n return.
+            unsafe { b.launch(grid_1d(x.rows * n)) }.map_err(|e| BackendError::device(OP, e))?;
+        }
+        Ok(y)
+    }
+
+    pub(super) fn rms_norm_impl(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "rms_norm";
+        let wv = w.vector(OP)?;
+        let g = w.shape[0];
+        if g == 0 || !x.cols.is_multiple_of(g) {
+            return Err(BackendError::shape(
+                OP,
+                format!("{} columns, weight of {g}", x.cols),
+            ));
+        }
+        let mut out = self.tensor(OP, x.rows, x.cols)?;
+        let groups = x.rows * x.cols / g;
+        if groups == 0 {
+            return Ok(out);
+        }
+        let g32 = to_u32(OP, g)?;
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut out.data)
+            .arg(&x.data)
+            .arg(wv)
+            .arg(&g32)
+            .arg(&eps);
+        // SAFETY: rms_norm(float* out, const float* x, const float* w, u32 g, float eps): one
+        // block (a multiple of 32 threads, as block_sum needs) per group of g columns; out and x
+        // hold groups*g floats, w holds g.
+        unsafe { b.launch(grid_rows(groups, 256)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
+    pub(super) fn add_assign_impl(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
+        const OP: &str = "add_assign";
+        same_shape(OP, x, y)?;
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let n32 = to_u32(OP, n)?;
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut x.data).arg(&y.data).arg(&n32);
+        // SAFETY: add_assign(float* x, const float* y, u32 n): both hold n floats (same shape,
+        // checked); x and y are distinct buffers (one is borrowed mutably).
+        unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(())
+    }
+
+    pub(super) fn silu_mul_impl(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
+        const OP: &str = "silu_mul";
+        same_shape(OP, gate, up)?;
+        let mut out = self.tensor(OP, gate.rows, gate.cols)?;
+        let n = gate.rows * gate.cols;
+        if n == 0 {
+            return Ok(out);
+        }
+        let n32 = to_u32(OP, n)?;
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut out.data).arg(&gate.data).arg(&up.data).arg(&n32);
+        // SAFETY: silu_mul(float* out, const float* gate, const float* up, u32 n): all three
+        // hold n floats; threads past n return.
+        unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
+    pub(super) fn mul_sigmoid_rows_impl(&self, x: &mut CudaTensor, g: &CudaTensor) -> Result<()> {
+        const OP: &str = "mul_sigmoid_rows";
+        if g.rows != x.rows || g.cols != 1 {
+            return Err(BackendError::shape(
+                OP,
+                format!("gate {}x{} for {} rows", g.rows, g.cols, x.rows),
+            ));
+        }
+        let n = x.rows * x.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        let (rows, cols) = (to_u32(OP, x.rows)?, to_u32(OP, x.cols)?);
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut x.data).arg(&g.data).arg(&rows).arg(&cols);
+        // SAFETY: mul_sigmoid_rows(float* x, const float* g, u32 rows, u32 cols): x holds
+        // rows*cols floats, g holds rows; threads past rows*cols return.
+        unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(())
+    }
+
+    pub(super) fn narrow_cols_impl(
+        &self,
+        x: &CudaTensor,
+        start: usize,
+        len: usize,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "narrow_cols";
+        if start + len > x.cols {
+            return Err(BackendError::shape(
+                OP,
+                format!("{start}+{len} of {} columns", x.cols),
+            ));
+        }
+        let mut out = self.tensor(OP, x.rows, len)?;
+        if x.rows * len == 0 {
+            return Ok(out);
+        }
+        let (rows, cols) = (to_u32(OP, x.rows)?, to_u32(OP, x.cols)?);
+        let (start, len32) = (to_u32(OP, start)?, to_u32(OP, len)?);
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut out.data).arg(&x.data);
+        b.arg(&rows).arg(&cols).arg(&start).arg(&len32);
+        // SAFETY: narrow_cols(float* out, const float* x, u32 rows, u32 cols, u32 start,
+        // u32 len): out holds rows*len floats, x rows*cols, start+len <= cols (checked).
+        unsafe { b.launch(grid_1d(x.rows * len)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
+    pub(super) fn split_heads_impl(
+        &self,
+        x: &CudaTensor,
+        heads: usize,
+        a: usize,
+    ) -> Result<(CudaTensor, CudaTensor)> {
+        const OP: &str = "split_heads";
+        if heads == 0 || !x.cols.is_multiple_of(heads) || x.cols / heads < a {
+            return Err(BackendError::shape(
+                OP,
+                format!("{} columns into {heads} heads at {a}", x.cols),
+            ));
+        }
+        let b_w = x.cols / heads - a;
+        let mut xa = self.tensor(OP, x.rows, heads * a)?;
+        let mut xb = self.tensor(OP, x.rows, heads * b_w)?;
+        if x.rows * x.cols == 0 {
+            return Ok((xa, xb));
+        }
+        let (units, a32, b32) = (
+            to_u32(OP, x.rows * heads)?,
+            to_u32(OP, a)?,
+            to_u32(OP, b_w)?,
+        );
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut xa.data).arg(&mut xb.data).arg(&x.data);
+        b.arg(&units).arg(&a32).arg(&b32);
+        // SAFETY: split_heads(float* xa, float* xb, const float* x, u32 units, u32 a, u32 b):
+        // x holds units*(a+b) floats, xa units*a and xb units*b (each at least one element).
+        unsafe { b.launch(grid_1d(x.rows * x.cols)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok((xa, xb))
+    }
+
+    pub(super) fn concat_shared_impl(
+        &self,
+        a: &CudaTensor,
+        shared: &CudaTensor,
+        heads: usize,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "concat_shared";
+        if heads == 0 || a.rows != shared.rows || !a.cols.is_multiple_of(heads) {
+            return Err(BackendError::shape(
+                OP,
+                format!(
+                    "{}x{} in {heads} heads with {}x{}",
+                    a.rows, a.cols, shared.rows, shared.cols
+                ),
+            ));
+        }
+        let (da, d) = (a.cols / heads, shared.cols);
+        let mut out = self.tensor(OP, a.rows, heads * (da + d))?;
+        let n = a.rows * heads * (da + d);
+        if n == 0 {
+            return Ok(out);
+        }
+        let (units, h32, da32, d32) = (
+            to_u32(OP, a.rows * heads)?,
+            to_u32(OP, heads)?,
+            to_u32(OP, da)?,
+            to_u32(OP, d)?,
+        );
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut out.data).arg(&a.data).arg(&shared.data);
+        b.arg(&units).arg(&h32).arg(&da32).arg(&d32);
+        // SAFETY: concat_shared(float* out, const float* a, const float* shared, u32 units,
+        // u32 heads, u32 da, u32 d): out holds units*(da+d) floats, a units*da, shared
+        // rows*d with rows = units/heads; threads past units*(da+d) return.
+        unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
+    /// Rows `rows` of `x` (already on the device and checked against `x.rows`).
+    pub(super) fn gather_dev(
+        &self,
+        x: &CudaTensor,
+        rows: &cudarc::driver::CudaView<'_, u32>,
+        n: usize,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "gather_rows";
+        let mut out = self.tensor(OP, n, x.cols)?;
+        if n == 0 || x.cols == 0 {
+            return Ok(out);
+        }
+        let cols = to_u32(OP, x.cols)?;
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut out.data).arg(&x.data).arg(rows).arg(&cols);
+        // SAFETY: gather_rows(float* out, const float* x, const u32* rows, u32 cols): one block
+        // per output row; rows holds n indices, each < x.rows (checked by the caller); out holds
+        // n*cols floats.
+        unsafe { b.launch(grid_rows(n, 256)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
+    pub(super) fn gather_rows_impl(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
+        const OP: &str = "gather_rows";
+        if let Some(&r) = rows.iter().find(|&&r| r >= x.rows) {
+            return Err(BackendError::invalid(OP, format!("row {r} of {}", x.rows)));
+        }
+        let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
+        let dev = self.upload(OP, &idx)?;
+        self.gather_dev(x, &dev.slice(..), rows.len())
+    }
+
+    pub(super) fn rope_impl(
+        &self,
+        x: &mut CudaTensor,
+        step: &CudaStep,
+        at: RopeApply,
+    ) -> Result<()> {
+        const OP: &str = "rope";
+        let rot_dim = step.half * 2;
+        let need = (at.num_heads.max(1) - 1) * at.head_stride + at.offset + rot_dim;
+        if x.rows != step.meta.num_tokens() || need > x.cols {
+            return Err(BackendError::shape(
+                OP,
+                format!("{}x{} for {at:?} and rot_dim {rot_dim}", x.rows, x.cols),
+            ));
+        }
+        let n = x.rows * at.num_heads * step.half;
+        if n == 0 {
+            return Ok(());
+        }
+        let args = RopeArgs {
+            rows: to_u32(OP, x.rows)?,
+            cols: to_u32(OP, x.cols)?,
+            half: to_u32(OP, step.half)?,
+            num_heads: to_u32(OP, at.num_heads)?,
+            head_stride: to_u32(OP, at.head_stride)?,
+            offset: to_u32(OP, at.offset)?,
+            interleaved: u32::from(step.layout == RopeLayout::Interleaved),
+        };
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut x.data).arg(&step.cos).arg(&step.sin).arg(&args);
+        // SAFETY: rope(float* x, const float* cos, const float* sin, RopeArgs a): x holds
+        // rows*cols floats and every rotated element lies inside a row (`need <= cols`, checked);
+        // cos and sin hold rows*half floats (built by prepare_step for these rows).
+        unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(())
+    }
+}
+
+/// The stored dtype of a weight.
+pub(super) fn weight_dtype(w: &CudaWeight) -> DType {
+    match &w.data {
+        WeightData::F32(_) => DType::F32,
+        WeightData::Half { dtype, .. } => *dtype,
+    }
+}

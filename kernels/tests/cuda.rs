@@ -1,0 +1,481 @@
+//! The CUDA backend against the CPU backend (the reference), op by op, on small random inputs.
+//!
+//! Every GPU test opens device 0 first; where that gives `CudaNotAvailable` (no driver, no GPU,
+//! no toolkit libraries) it prints `SKIPPED: <reason>` to stderr and returns, so the suite passes
+//! on machines without a GPU. `no_gpu_is_a_typed_error` is the one test that checks something on
+//! such a machine: opening the device fails with a message naming the missing library.
+//!
+//! Tolerances are relative to the largest magnitude of the reference output. f32 paths differ
+//! from the CPU only in summation order (1e-4); products with 16-bit weights round the
+//! activations to the weight's type for the tensor cores (2e-2 for bf16, 5e-3 for f16).
+#![cfg(feature = "cuda")]
+
+use half::{bf16, f16};
+use tessera_kernels::cpu::CpuBackend;
+use tessera_kernels::cuda::{CudaBackend, probe_libraries};
+use tessera_kernels::{
+    AttentionParams, Backend, BackendError, DType, ExpertWeights, GroupScore, HostTensor, KvSpec,
+    Result, RopeApply, RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta,
+};
+
+/// Device 0, or `None` after printing why the test is skipped.
+fn gpu(test: &str) -> Option<CudaBackend> {
+    match CudaBackend::new(0) {
+        Ok(b) => Some(b),
+        Err(BackendError::CudaNotAvailable(reason)) => {
+            eprintln!("SKIPPED: {test}: {reason}");
+            None
+        }
+        Err(e) => panic!("{test}: opening the GPU failed: {e}"),
+    }
+}
+
+/// Deterministic values in [-1, 1) (SplitMix64).
+fn rand_vec(len: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15).wrapping_add(1);
+    (0..len)
+        .map(|_| {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}
+
+/// Values rounded to bf16 and back (what a bf16 cache stores exactly).
+fn bf16_round(v: &[f32]) -> Vec<f32> {
+    v.iter().map(|x| bf16::from_f32(*x).to_f32()).collect()
+}
+
+fn weight(values: Vec<f32>, shape: Vec<usize>, dtype: DType) -> HostTensor {
+    let bytes: Vec<u8> = match dtype {
+        DType::F32 => return HostTensor::from_f32(values, shape).unwrap(),
+        DType::F16 => values
+            .iter()
+            .flat_map(|v| f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        DType::BF16 => values
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_le_bytes())
+            .collect(),
+    };
+    HostTensor::from_bytes(&bytes, dtype, shape).unwrap()
+}
+
+#[track_caller]
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+    let (i, err) = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .enumerate()
+        .fold(
+            (0, 0.0f32),
+            |acc, (i, e)| if e > acc.1 { (i, e) } else { acc },
+        );
+    assert!(
+        err / scale <= tol && got.iter().all(|v| v.is_finite()),
+        "{what}: max error {err} at {i} (got {}, want {}), scale {scale}, tolerance {tol}",
+        got[i],
+        want[i]
+    );
+}
+
+/// Runs `case` on the CPU and on the GPU and compares the outputs.
+fn compare<F, G>(test: &str, tol: f32, cpu_case: F, gpu_case: G)
+where
+    F: FnOnce(&CpuBackend) -> Result<Vec<f32>>,
+    G: FnOnce(&CudaBackend) -> Result<Vec<f32>>,
+{
+    let Some(g) = gpu(test) else { return };
+    let want = cpu_case(&CpuBackend).expect("cpu");
+    let got = gpu_case(&g).expect("gpu");
+    assert_close(test, &got, &want, tol);
+}
+
+/// Both backends run the same generic case.
+macro_rules! same_case {
+    ($test:expr, $tol:expr, $case:ident $(, $arg:expr)*) => {
+        compare($test, $tol, |b| $case(b $(, $arg)*), |b| $case(b $(, $arg)*))
+    };
+}
+
+#[test]
+fn no_gpu_is_a_typed_error() {
+    match probe_libraries() {
+        Ok(()) => {
+            eprintln!("SKIPPED: no_gpu_is_a_typed_error: the CUDA libraries are present here")
+        }
+        Err(BackendError::CudaNotAvailable(msg)) => {
+            assert!(msg.contains("not found") && msg.contains(".so"), "{msg}");
+            match CudaBackend::new(0) {
+                Err(BackendError::CudaNotAvailable(m)) => {
+                    assert!(m.contains("lib") && m.contains("not found"), "{m}")
+                }
+                other => panic!("expected CudaNotAvailable, got {other:?}"),
+            }
+        }
+        Err(e) => panic!("expected CudaNotAvailable, got {e}"),
+    }
+}
+
+#[test]
+fn device_info_and_kernels_load() {
+    let Some(g) = gpu("device_info_and_kernels_load") else {
+        return;
+    };
+    let info = g.info();
+    eprintln!("{} {info:?}", g.name());
+    assert!(info.total_bytes > 0 && info.free_bytes <= info.total_bytes);
+    assert!(info.compute_capability.0 >= 7);
+    // A second backend reuses the compiled kernels.
+    let again = CudaBackend::new(0).expect("second open");
+    assert_eq!(again.info().compute_capability, info.compute_capability);
+}
+
+fn embedding_case<B: Backend>(b: &B, dtype: DType) -> Result<Vec<f32>> {
+    let table = b.upload_weight(weight(rand_vec(50 * 24, 1), vec![50, 24], dtype))?;
+    let x = b.embedding(&table, &[3, 0, 49, 3, 17])?;
+    b.tensor_to_host(&x)
+}
+
+#[test]
+fn embedding_matches_cpu() {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        same_case!("embedding", 0.0, embedding_case, dtype);
+    }
+}
+
+fn linear_case<B: Backend>(b: &B, dtype: DType, tokens: usize) -> Result<Vec<f32>> {
+    let (n, k) = (48, 96);
+    let w = b.upload_weight(weight(rand_vec(n * k, 2), vec![n, k], dtype))?;
+    let bias = b.upload_weight(weight(rand_vec(n, 3), vec![n], DType::F32))?;
+    let x = b.tensor_from_host(rand_vec(tokens * k, 4), tokens, k)?;
+    let y = b.linear(&x, &w, Some(&bias))?;
+    let z = b.linear(&x, &w, None)?;
+    let mut out = b.tensor_to_host(&y)?;
+    out.extend(b.tensor_to_host(&z)?);
+    Ok(out)
+}
+
+#[test]
+fn linear_matches_cpu() {
+    for tokens in [1, 7, 33] {
+        same_case!("linear f32", 1e-4, linear_case, DType::F32, tokens);
+        same_case!("linear f16", 5e-3, linear_case, DType::F16, tokens);
+        same_case!("linear bf16", 2e-2, linear_case, DType::BF16, tokens);
+    }
+}
+
+fn mlp_case<B: Backend>(b: &B) -> Result<Vec<f32>> {
+    let (h, i) = (32, 64);
+    let gate = b.upload_weight(weight(rand_vec(i * h, 5), vec![i, h], DType::BF16))?;
+    let up = b.upload_weight(weight(rand_vec(i * h, 6), vec![i, h], DType::BF16))?;
+    let down = b.upload_weight(weight(rand_vec(h * i, 7), vec![h, i], DType::BF16))?;
+    let x = b.tensor_from_host(rand_vec(5 * h, 8), 5, h)?;
+    let e = ExpertWeights {
+        gate: &gate,
+        up: &up,
+        down: &down,
+    };
+    b.tensor_to_host(&b.mlp(&x, &e)?)
+}
+
+#[test]
+fn mlp_matches_cpu() {
+    same_case!("mlp bf16", 3e-2, mlp_case);
+}
+
+fn rms_norm_case<B: Backend>(b: &B, group: usize) -> Result<Vec<f32>> {
+    let w = b.upload_weight(weight(rand_vec(group, 9), vec![group], DType::BF16))?;
+    let x = b.tensor_from_host(rand_vec(6 * 64, 10), 6, 64)?;
+    b.tensor_to_host(&b.rms_norm(&x, &w, 1e-6)?)
+}
+
+#[test]
+fn rms_norm_matches_cpu() {
+    same_case!("rms_norm row", 1e-5, rms_norm_case, 64);
+    same_case!("rms_norm per head", 1e-5, rms_norm_case, 16);
+}
+
+/// Every elementwise and reshuffling op, outputs concatenated.
+fn elementwise_case<B: Backend>(b: &B) -> Result<Vec<f32>> {
+    let (r, c) = (5, 24);
+    let x = b.tensor_from_host(rand_vec(r * c, 11), r, c)?;
+    let y = b.tensor_from_host(rand_vec(r * c, 12), r, c)?;
+    let g = b.tensor_from_host(rand_vec(r, 13), r, 1)?;
+    let mut out = Vec::new();
+    let mut s = b.silu_mul(&x, &y)?;
+    out.extend(b.tensor_to_host(&s)?);
+    b.add_assign(&mut s, &x)?;
+    out.extend(b.tensor_to_host(&s)?);
+    b.mul_sigmoid_rows(&mut s, &g)?;
+    out.extend(b.tensor_to_host(&s)?);
+    out.extend(b.tensor_to_host(&b.narrow_cols(&x, 5, 11)?)?);
+    let (xa, xb) = b.split_heads(&x, 3, 5)?;
+    out.extend(b.tensor_to_host(&xa)?);
+    out.extend(b.tensor_to_host(&xb)?);
+    let shared = b.narrow_cols(&y, 0, 4)?;
+    out.extend(b.tensor_to_host(&b.concat_shared(&xa, &shared, 3)?)?);
+    out.extend(b.tensor_to_host(&b.gather_rows(&x, &[4, 0, 0, 2])?)?);
+    Ok(out)
+}
+
+#[test]
+fn elementwise_ops_match_cpu() {
+    same_case!("elementwise", 1e-5, elementwise_case);
+}
+
+fn rope_table(layout: RopeLayout, half: usize, scaling: f32) -> RopeTable {
+    RopeTable {
+        inv_freq: (0..half)
+            .map(|i| 10000f32.powf(-(2.0 * i as f32) / (2 * half) as f32))
+            .collect(),
+        attention_scaling: scaling,
+        layout,
+    }
+}
+
+/// Two sequences: a prefill of 3 new tokens at positions 2..5 and a decode at position 40.
+fn step_meta() -> StepMeta {
+    StepMeta {
+        seqs: vec![
+            SeqMeta {
+                token_start: 0,
+                num_tokens: 3,
+                context_len: 5,
+                block_table: vec![3, 1],
+            },
+            SeqMeta {
+                token_start: 3,
+                num_tokens: 1,
+                context_len: 41,
+                block_table: vec![0, 2, 4, 5, 6, 7],
+            },
+        ],
+        block_size: 8,
+    }
+}
+
+fn rope_case<B: Backend>(b: &B, layout: RopeLayout) -> Result<Vec<f32>> {
+    let meta = step_meta();
+    let step = b.prepare_step(&meta, &rope_table(layout, 4, 1.25))?;
+    // 3 heads of 12 columns, the 8 rotary ones starting at column 2 (an MLA-like layout).
+    let mut x = b.tensor_from_host(rand_vec(4 * 36, 14), 4, 36)?;
+    let at = RopeApply {
+        num_heads: 3,
+        head_stride: 12,
+        offset: 2,
+    };
+    b.rope(&mut x, &step, at)?;
+    b.tensor_to_host(&x)
+}
+
+#[test]
+fn rope_matches_cpu() {
+    same_case!("rope half", 1e-5, rope_case, RopeLayout::Half);
+    same_case!("rope interleaved", 1e-5, rope_case, RopeLayout::Interleaved);
+}
+
+/// Writes two steps into a cache (the second overwriting nothing), then attends; K and V are
+/// bf16-representable so that the GPU's bf16 cache holds them exactly.
+fn attention_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
+    let (heads, kv_heads, qk, vd) = (4, 2, 16, 8);
+    let spec = KvSpec {
+        num_blocks: 8,
+        block_size: 8,
+        num_kv_heads: kv_heads,
+        k_dim: qk,
+        v_dim: vd,
+    };
+    let mut cache = b.alloc_kv(spec)?;
+    let rope = rope_table(RopeLayout::Half, 4, 1.0);
+    // First fill every earlier position: a prefill of 2 for sequence 0 and 40 for sequence 1.
+    let fill = StepMeta {
+        seqs: vec![
+            SeqMeta {
+                token_start: 0,
+                num_tokens: 2,
+                context_len: 2,
+                block_table: vec![3, 1],
+            },
+            SeqMeta {
+                token_start: 2,
+                num_tokens: 40,
+                context_len: 40,
+                block_table: vec![0, 2, 4, 5, 6, 7],
+            },
+        ],
+        block_size: 8,
+    };
+    for (meta, seed) in [(fill, 20), (step_meta(), 30)] {
+        let n = meta.num_tokens();
+        let step = b.prepare_step(&meta, &rope)?;
+        let k = b.tensor_from_host(
+            bf16_round(&rand_vec(n * kv_heads * qk, seed)),
+            n,
+            kv_heads * qk,
+        )?;
+        let v = b.tensor_from_host(
+            bf16_round(&rand_vec(n * kv_heads * vd, seed + 1)),
+            n,
+            kv_heads * vd,
+        )?;
+        b.write_kv(&mut cache, &k, &v, &step)?;
+    }
+    let meta = step_meta();
+    let step = b.prepare_step(&meta, &rope)?;
+    let q = b.tensor_from_host(rand_vec(4 * heads * qk, 40), 4, heads * qk)?;
+    let params = AttentionParams {
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        qk_dim: qk,
+        v_dim: vd,
+        scale: 1.0 / (qk as f32).sqrt(),
+        sliding_window: window,
+    };
+    b.tensor_to_host(&b.attention(&q, &cache, &step, &params)?)
+}
+
+#[test]
+fn paged_attention_matches_cpu() {
+    same_case!("attention", 1e-4, attention_case, None);
+    same_case!("attention sliding window", 1e-4, attention_case, Some(6));
+}
+
+fn route_params(scoring: Scoring, groups: Option<(usize, usize, GroupScore)>) -> RouterParams {
+    RouterParams {
+        num_experts: 16,
+        top_k: 4,
+        scoring,
+        normalize: scoring == Scoring::Sigmoid,
+        groups,
+        scaling: if scoring == Scoring::Sigmoid {
+            2.5
+        } else {
+            1.0
+        },
+    }
+}
+
+#[test]
+fn routing_matches_cpu() {
+    let Some(g) = gpu("routing_matches_cpu") else {
+        return;
+    };
+    let cpu = CpuBackend;
+    let t = 9;
+    let logits = rand_vec(t * 16, 50)
+        .iter()
+        .map(|v| v * 4.0)
+        .collect::<Vec<_>>();
+    let bias = rand_vec(16, 51).iter().map(|v| v * 0.1).collect::<Vec<_>>();
+    let cases = [
+        route_params(Scoring::Softmax, None),
+        route_params(Scoring::Sigmoid, Some((4, 2, GroupScore::SumTop2))),
+        route_params(Scoring::Softmax, Some((4, 3, GroupScore::Max))),
+    ];
+    for (i, p) in cases.iter().enumerate() {
+        let with_bias = p.scoring == Scoring::Sigmoid;
+        let cl = cpu.tensor_from_host(logits.clone(), t, 16).unwrap();
+        let cb = cpu
+            .upload_weight(weight(bias.clone(), vec![16], DType::F32))
+            .unwrap();
+        let want = cpu.route(&cl, p, with_bias.then_some(&cb)).unwrap();
+        let gl = g.tensor_from_host(logits.clone(), t, 16).unwrap();
+        let gb = g
+            .upload_weight(weight(bias.clone(), vec![16], DType::F32))
+            .unwrap();
+        let r = g.route(&gl, p, with_bias.then_some(&gb)).unwrap();
+        let (ids, ws) = g.routing_to_host(&r).unwrap();
+        assert_eq!(ids, want.experts, "case {i}: chosen experts");
+        assert_close(&format!("route case {i}"), &ws, &want.weights, 1e-5);
+        assert_eq!(
+            g.expert_counts(&r, 16).unwrap(),
+            cpu.expert_counts(&want, 16).unwrap()
+        );
+    }
+}
+
+fn moe_case<B: Backend>(b: &B) -> Result<Vec<f32>> {
+    let (h, i, e, t) = (32, 48, 6, 10);
+    let mut ws = Vec::new();
+    for ex in 0..e as u64 {
+        let gate = b.upload_weight(weight(rand_vec(i * h, 60 + ex), vec![i, h], DType::BF16))?;
+        let up = b.upload_weight(weight(rand_vec(i * h, 70 + ex), vec![i, h], DType::BF16))?;
+        let down = b.upload_weight(weight(rand_vec(h * i, 80 + ex), vec![h, i], DType::BF16))?;
+        ws.push((gate, up, down));
+    }
+    // Expert 4 lives on another rank: it contributes nothing here.
+    let experts: Vec<_> = ws
+        .iter()
+        .enumerate()
+        .map(|(ex, (gate, up, down))| (ex != 4).then_some(ExpertWeights { gate, up, down }))
+        .collect();
+    let p = RouterParams {
+        num_experts: e,
+        top_k: 2,
+        scoring: Scoring::Softmax,
+        normalize: true,
+        groups: None,
+        scaling: 1.0,
+    };
+    let logits = b.tensor_from_host(rand_vec(t * e, 90).iter().map(|v| v * 3.0).collect(), t, e)?;
+    let routing = b.route(&logits, &p, None)?;
+    let x = b.tensor_from_host(rand_vec(t * h, 91), t, h)?;
+    b.tensor_to_host(&b.moe(&x, &routing, &experts)?)
+}
+
+#[test]
+fn moe_matches_cpu() {
+    same_case!("moe bf16", 3e-2, moe_case);
+}
+
+#[test]
+fn invalid_inputs_are_errors_not_panics() {
+    let Some(g) = gpu("invalid_inputs_are_errors_not_panics") else {
+        return;
+    };
+    let table = g
+        .upload_weight(weight(rand_vec(20, 1), vec![5, 4], DType::BF16))
+        .unwrap();
+    assert!(matches!(
+        g.embedding(&table, &[5]),
+        Err(BackendError::Invalid { .. })
+    ));
+    let x = g.tensor_from_host(rand_vec(12, 2), 3, 4).unwrap();
+    assert!(matches!(
+        g.gather_rows(&x, &[3]),
+        Err(BackendError::Invalid { .. })
+    ));
+    let spec = KvSpec {
+        num_blocks: 2,
+        block_size: 8,
+        num_kv_heads: 1,
+        k_dim: 4,
+        v_dim: 4,
+    };
+    let mut cache = g.alloc_kv(spec).unwrap();
+    let meta = StepMeta {
+        seqs: vec![SeqMeta {
+            token_start: 0,
+            num_tokens: 1,
+            context_len: 1,
+            block_table: vec![7],
+        }],
+        block_size: 8,
+    };
+    let step = g
+        .prepare_step(&meta, &rope_table(RopeLayout::Half, 2, 1.0))
+        .unwrap();
+    let kv = g.tensor_from_host(rand_vec(4, 3), 1, 4).unwrap();
+    assert!(matches!(
+        g.write_kv(&mut cache, &kv, &kv, &step),
+        Err(BackendError::Invalid { .. })
+    ));
+}
