@@ -38,7 +38,7 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum TlsError {
-    #[error("{flags} go together: {missing} is missing")]
+    #[error("{flags} go together; missing: {missing}")]
     Incomplete {
         flags: &'static str,
         missing: String,
@@ -493,7 +493,7 @@ mod tests {
             key: None,
         };
         let err = half.validate().unwrap_err().to_string();
-        assert!(err.contains("--tls-key is missing"), "{err}");
+        assert!(err.contains("go together; missing: --tls-key"), "{err}");
 
         assert!(ClusterTlsConfig::default().validate().is_ok());
         let partial = ClusterTlsConfig {
@@ -502,7 +502,7 @@ mod tests {
         };
         let err = partial.validate().unwrap_err().to_string();
         assert!(
-            err.contains("--cluster-cert and --cluster-key is missing"),
+            err.contains("missing: --cluster-cert and --cluster-key"),
             "{err}"
         );
         let name_only = ClusterTlsConfig {
