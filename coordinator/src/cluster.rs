@@ -113,12 +113,11 @@ pub(crate) fn status_text(s: &tonic::Status) -> String {
     let mut text = s.message().to_string();
     if let Some(source) = s.source() {
         let more = with_causes(source);
-        if !text.contains(&more) {
-            text = if text.is_empty() {
-                more
-            } else {
-                format!("{text}: {more}")
-            };
+        // tonic's message for a transport failure repeats its source's first words.
+        if more.contains(&text) {
+            text = more;
+        } else if !text.contains(&more) {
+            text = format!("{text}: {more}");
         }
     }
     text
