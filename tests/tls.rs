@@ -578,7 +578,7 @@ async fn workers_and_coordinators_refuse_peers_without_a_cluster_certificate() {
         "invalid peer certificate: UnknownIssuer",
     ] {
         assert!(
-            stderr.contains(&format!("TLS handshake with 127.0.0.1:")) && stderr.contains(why),
+            stderr.contains("TLS handshake with 127.0.0.1:") && stderr.contains(why),
             "the worker does not log a refused client ({why}): {stderr}"
         );
     }
