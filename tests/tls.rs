@@ -1,11 +1,12 @@
 //! TLS through real processes, with certificates made at test time (rcgen): a cluster CA, node
-//! certificates it signs (for 127.0.0.1 and localhost, server and client use), and an unrelated
-//! CA with a "rogue" certificate of its own.
+//! certificates it signs (for 127.0.0.1 and localhost, or for one cluster-wide DNS name; server
+//! and client use), and an unrelated CA with a "rogue" certificate of its own.
 //!
 //! - `tessera serve --tls-cert --tls-key`: HTTPS and gRPC over TLS work for a client trusting the
 //!   CA; a plain-text client, or one trusting another CA, gets nothing.
 //! - Cluster mTLS: `serve --tp 2` passes the settings to its workers and generates what the plain
-//!   group does; a worker with a certificate from another CA cannot register with a coordinator;
+//!   group does; a worker with a certificate from another CA cannot register with a coordinator,
+//!   while workers with the CA's certificates (issued to a name, `--cluster-server-name`) can;
 //!   a worker refuses clients without a cluster certificate, and the coordinator refuses a worker
 //!   whose certificate it cannot verify, naming the TLS failure.
 //! - Bad files (missing, not PEM, no key, a key of another certificate, half the flags): a
@@ -65,18 +66,26 @@ impl Pki {
         pki.write("ca.pem", &params.self_signed(&key).unwrap().pem());
         let issuer = Issuer::new(params, key);
         for node in ["server", "coordinator", "worker"] {
-            pki.leaf(node, &issuer);
+            pki.leaf(node, &["127.0.0.1", "localhost"], &issuer);
+        }
+        // Issued to one cluster-wide name, for --cluster-server-name.
+        for node in ["named-coordinator", "named-worker"] {
+            pki.leaf(node, &["tessera-cluster"], &issuer);
         }
         let (params, key) = ca("Some other CA");
         pki.write("other-ca.pem", &params.self_signed(&key).unwrap().pem());
-        pki.leaf("rogue", &Issuer::new(params, key));
+        pki.leaf(
+            "rogue",
+            &["127.0.0.1", "localhost"],
+            &Issuer::new(params, key),
+        );
         pki
     }
 
-    /// A certificate for 127.0.0.1 and localhost, good as server and as client.
-    fn leaf(&self, name: &str, issuer: &Issuer<'_, KeyPair>) {
-        let mut params = CertificateParams::new(vec!["127.0.0.1".into(), "localhost".into()])
-            .expect("valid names");
+    /// A certificate for `names` (IP addresses or DNS names), good as server and as client.
+    fn leaf(&self, name: &str, names: &[&str], issuer: &Issuer<'_, KeyPair>) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).expect("valid names");
         params.distinguished_name.push(DnType::CommonName, name);
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -426,8 +435,8 @@ fn strings(args: &[&str]) -> Vec<String> {
     args.iter().map(|s| s.to_string()).collect()
 }
 
-/// `tessera coordinator --listen REGISTRY --tp 1` with the coordinator's cluster certificate.
-fn coordinator(pki: &Pki, registry: &str, wait_secs: &str) -> Proc {
+/// `tessera coordinator --listen REGISTRY --tp 1` with `node`'s cluster certificate.
+fn coordinator(pki: &Pki, node: &str, registry: &str, wait_secs: &str, extra: &[&str]) -> Proc {
     let mut args = strings(&[
         "coordinator",
         "--port",
@@ -444,18 +453,20 @@ fn coordinator(pki: &Pki, registry: &str, wait_secs: &str) -> Proc {
         wait_secs,
     ]));
     args.extend(strings(&["--model", &model().to_string_lossy()]));
-    args.extend(pki.cluster_flags("coordinator"));
+    args.extend(pki.cluster_flags(node));
+    args.extend(strings(extra));
     Proc::spawn(&args)
 }
 
 /// `tessera worker` with `node`'s certificate (trusting the cluster CA), registering with
 /// `coordinator` if given.
-fn worker(pki: &Pki, node: &str, coordinator: Option<&str>) -> Proc {
+fn worker(pki: &Pki, node: &str, coordinator: Option<&str>, extra: &[&str]) -> Proc {
     let mut args = strings(&["worker", "--listen", "127.0.0.1:0"]);
     if let Some(addr) = coordinator {
         args.extend(strings(&["--coordinator", addr]));
     }
     args.extend(pki.cluster_flags(node));
+    args.extend(strings(extra));
     Proc::spawn(&args)
 }
 
@@ -464,8 +475,8 @@ async fn registration_needs_a_certificate_from_the_cluster_ca() {
     let pki = Pki::new();
     // A worker whose certificate another CA signed never joins: the coordinator gives up.
     let registry = free_addr();
-    let coord = coordinator(&pki, &registry, "3");
-    let mut rogue = worker(&pki, "rogue", Some(&registry));
+    let coord = coordinator(&pki, "coordinator", &registry, "3", &[]);
+    let mut rogue = worker(&pki, "rogue", Some(&registry), &[]);
     let (ok, coord_err) = coord.exit_within(Duration::from_secs(15));
     assert!(!ok, "the coordinator formed a group with a rogue worker");
     assert!(
@@ -482,10 +493,12 @@ async fn registration_needs_a_certificate_from_the_cluster_ca() {
         "the rogue worker was not warned about its certificate: {rogue_err}"
     );
 
-    // The same with a certificate the cluster CA signed: the group forms over mTLS and serves.
+    // Certificates the cluster CA signed, issued to a name rather than the addresses dialled:
+    // with --cluster-server-name the worker registers, the coordinator reaches it, and it serves.
     let registry = free_addr();
-    let mut coord = coordinator(&pki, &registry, "20");
-    let _good = worker(&pki, "worker", Some(&registry));
+    let named = ["--cluster-server-name", "tessera-cluster"];
+    let mut coord = coordinator(&pki, "named-coordinator", &registry, "20", &named);
+    let _good = worker(&pki, "named-worker", Some(&registry), &named);
     let ready = coord.ready_line();
     let grpc = ready
         .split_whitespace()
@@ -543,7 +556,7 @@ fn announced_grpc(line: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workers_and_coordinators_refuse_peers_without_a_cluster_certificate() {
     let pki = Pki::new();
-    let mut good = worker(&pki, "worker", None);
+    let mut good = worker(&pki, "worker", None, &[]);
     let grpc = announced_grpc(&good.ready_line());
 
     let with = |identity| Some(pki.grpc_tls("ca.pem", identity));
@@ -584,7 +597,7 @@ async fn workers_and_coordinators_refuse_peers_without_a_cluster_certificate() {
     }
 
     // The coordinator's side: a worker serving a certificate from another CA is not a member.
-    let mut rogue = worker(&pki, "rogue", None);
+    let mut rogue = worker(&pki, "rogue", None, &[]);
     let grpc = announced_grpc(&rogue.ready_line());
     let tls = tessera_coordinator::tls::ClusterTlsConfig {
         ca: Some(pki.path("ca.pem")),
@@ -699,6 +712,14 @@ fn bad_certificate_files_stop_the_process_before_it_is_ready_naming_the_file() {
                 &pki.arg("garbage.pem"),
                 "is not PEM",
             ]),
+        ),
+        (
+            serve(&{
+                let mut f = pki.cluster_flags("coordinator");
+                f.extend(strings(&["--cluster-server-name", "not a name!"]));
+                f
+            }),
+            strings(&["--cluster-server-name \"not a name!\" is not a DNS name"]),
         ),
         (
             {

@@ -84,6 +84,8 @@ pub enum TlsError {
     },
     #[error("the cluster CA {}: {detail}", path.display())]
     BadCa { path: PathBuf, detail: String },
+    #[error("--cluster-server-name {0:?} is not a DNS name or IP address")]
+    BadServerName(String),
     #[error("TLS settings for {addr}: {detail}")]
     Client { addr: String, detail: String },
 }
@@ -232,6 +234,8 @@ impl ClusterTlsConfig {
             .identity(Identity::from_pem(&pair.cert_pem, &pair.key_pem))
             .timeout(HANDSHAKE_TIMEOUT);
         if let Some(name) = &self.server_name {
+            rustls::pki_types::ServerName::try_from(name.as_str())
+                .map_err(|_| TlsError::BadServerName(name.clone()))?;
             client = client.domain_name(name.clone());
         }
         let tls = ClusterTls {
@@ -365,7 +369,8 @@ fn sections(
     path: &Path,
     what: &'static str,
 ) -> Result<Vec<(SectionKind, Vec<u8>)>, TlsError> {
-    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+    const BEGIN: &[u8] = b"-----BEGIN ";
+    if !bytes.windows(BEGIN.len()).any(|w| w == BEGIN) {
         return Err(TlsError::NotPem {
             what,
             path: path.to_path_buf(),
@@ -406,9 +411,8 @@ fn private_key(
 ) -> Result<PrivateKeyDer<'static>, TlsError> {
     let found = sections(bytes, path, what);
     // An encrypted key is an unknown section to rustls: name it rather than "no key found".
-    let encrypted = bytes
-        .windows(31)
-        .any(|w| w == b"-----BEGIN ENCRYPTED PRIVATE KEY");
+    const ENCRYPTED: &[u8] = b"-----BEGIN ENCRYPTED PRIVATE KEY";
+    let encrypted = bytes.windows(ENCRYPTED.len()).any(|w| w == ENCRYPTED);
     for (kind, der) in found? {
         return Ok(match kind {
             SectionKind::PrivateKey => PrivatePkcs8KeyDer::from(der).into(),
