@@ -131,6 +131,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             kv_cache_bytes: None,
             placement: None,
             step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
+            cluster_tls: None,
         };
         let cluster = LocalCluster::launch(&launch)?;
         return finish(

@@ -10,6 +10,7 @@ mod loadgen;
 mod membership;
 mod placement;
 mod serve;
+mod tls;
 mod worker;
 
 use std::io::IsTerminal;
@@ -60,7 +61,7 @@ fn main() {
         Command::Generate(args) => generate::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Placement(args) => placement::run(args),
-        Command::Serve(args) => serve::run(args, None),
+        Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Coordinator(args) => serve::run_coordinator(args),
     };

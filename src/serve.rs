@@ -23,6 +23,8 @@ use tessera_coordinator::scheduler::SchedulerConfig;
 use tessera_coordinator::serving::ModelInfo;
 use tessera_coordinator::serving::chat::ChatTemplate;
 use tessera_coordinator::serving::engine::{self, RunnerFactory};
+use tessera_coordinator::tls::incoming::{self, FailureLog};
+use tessera_coordinator::tls::{ClusterTls, PublicTls};
 use tessera_coordinator::tokenizer::Tokenizer;
 use tessera_kernels::cpu::CpuBackend;
 use tessera_membership::MembershipConfig;
@@ -92,6 +94,30 @@ pub struct ServeArgs {
     /// it for very long prefill chunks on slow hardware.
     #[arg(long, default_value_t = 30, env = "TESSERA_STEP_TIMEOUT_SECS")]
     pub step_timeout_secs: u64,
+    #[command(flatten)]
+    pub tls: crate::tls::PublicTlsArgs,
+    #[command(flatten)]
+    pub cluster_tls: crate::tls::ClusterTlsArgs,
+}
+
+/// The TLS settings the flags name, loaded (files read and checked) before anything starts.
+struct Tls {
+    public: Option<PublicTls>,
+    cluster: Option<ClusterTls>,
+}
+
+impl Tls {
+    fn load(args: &ServeArgs) -> Result<Self> {
+        let public = args.tls.config().load()?;
+        let cluster = args.cluster_tls.config().load()?;
+        if public.is_some() {
+            tracing::info!("TLS on the HTTP and gRPC listeners");
+        }
+        if cluster.is_some() {
+            tracing::info!("mutual TLS between the coordinator and its workers");
+        }
+        Ok(Tls { public, cluster })
+    }
 }
 
 #[derive(Args, Debug)]
@@ -170,9 +196,10 @@ impl Membership {
 }
 
 pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
+    let tls = Tls::load(&args.serve)?;
     let membership = match (args.etcd.config()?, args.listen) {
         (Some(cfg), None) => Membership::Etcd(cfg),
-        (None, Some(addr)) => Membership::Registry(Registry::serve(addr)?),
+        (None, Some(addr)) => Membership::Registry(Registry::serve(addr, tls.cluster.as_ref())?),
         (Some(_), Some(_)) => bail!("--listen and --etcd are alternatives; pass one"),
         (None, None) => bail!(
             "tessera coordinator needs --listen ADDR (workers join with `tessera worker \
@@ -181,7 +208,7 @@ pub fn run_coordinator(args: CoordinatorArgs) -> Result<()> {
         ),
     };
     let wait = Duration::from_secs(args.wait_for_workers_secs);
-    run(args.serve, Some((membership, wait)))
+    run_with(args.serve, Some((membership, wait)), tls)
 }
 
 /// A group formed from the first `--tp` workers `membership` knows (ordered by id = rank order);
@@ -211,7 +238,11 @@ fn discovered_factory(
 }
 
 /// Builds the worker group the flags describe; called again to rebuild it after a failure.
-fn factory(args: &ServeArgs, found: Option<(Membership, Duration)>) -> Result<RunnerFactory> {
+fn factory(
+    args: &ServeArgs,
+    found: Option<(Membership, Duration)>,
+    cluster_tls: Option<ClusterTls>,
+) -> Result<RunnerFactory> {
     let cache = EngineConfig {
         block_size: args.block_size,
         num_blocks: 0,
@@ -226,6 +257,7 @@ fn factory(args: &ServeArgs, found: Option<(Membership, Duration)>) -> Result<Ru
         kv_cache_bytes: Some(kv_bytes),
         placement: None,
         step_timeout: std::time::Duration::from_secs(args.step_timeout_secs.max(1)),
+        cluster_tls,
     };
     if let Some((membership, wait)) = found {
         return Ok(discovered_factory(launch, membership, wait));
@@ -244,8 +276,17 @@ fn factory(args: &ServeArgs, found: Option<(Membership, Duration)>) -> Result<Ru
     }))
 }
 
+/// `tessera serve`: the embedded worker group.
+pub fn run(args: ServeArgs) -> Result<()> {
+    let tls = Tls::load(&args)?;
+    if tls.cluster.is_some() && args.tp == 1 {
+        tracing::warn!("--cluster-* TLS settings have no effect with --tp 1: there are no workers");
+    }
+    run_with(args, None, tls)
+}
+
 /// Serves with the embedded group (`found` = `None`) or one formed from `found`'s workers.
-pub fn run(args: ServeArgs, found: Option<(Membership, Duration)>) -> Result<()> {
+fn run_with(args: ServeArgs, found: Option<(Membership, Duration)>, tls: Tls) -> Result<()> {
     if args.tp == 0 || args.block_size == 0 {
         bail!("--tp and --block-size must be at least 1");
     }
@@ -268,7 +309,7 @@ pub fn run(args: ServeArgs, found: Option<(Membership, Duration)>) -> Result<()>
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into())
     });
-    let mut make = factory(&args, found)?;
+    let mut make = factory(&args, found, tls.cluster)?;
     tracing::info!(model = %dir.display(), tp = args.tp, "starting the worker group");
     let runner = make()?;
     let placement = PlacementMap::contiguous(&spec, args.tp);
@@ -303,10 +344,14 @@ pub fn run(args: ServeArgs, found: Option<(Membership, Duration)>) -> Result<()>
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(serve(handle, &args))
+    rt.block_on(serve(handle, &args, tls.public))
 }
 
-async fn serve(handle: engine::EngineHandle, args: &ServeArgs) -> Result<()> {
+async fn serve(
+    handle: engine::EngineHandle,
+    args: &ServeArgs,
+    tls: Option<PublicTls>,
+) -> Result<()> {
     let http = tokio::net::TcpListener::bind(SocketAddr::new(args.host, args.port))
         .await
         .with_context(|| format!("binding HTTP on {}:{}", args.host, args.port))?;
@@ -314,7 +359,8 @@ async fn serve(handle: engine::EngineHandle, args: &ServeArgs) -> Result<()> {
         .await
         .with_context(|| format!("binding gRPC on {}:{}", args.host, args.grpc_port))?;
     let (http_addr, grpc_addr) = (http.local_addr()?, grpc.local_addr()?);
-    tracing::info!("OpenAI-compatible HTTP on http://{http_addr}/v1, gRPC on {grpc_addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    tracing::info!("OpenAI-compatible HTTP on {scheme}://{http_addr}/v1, gRPC on {grpc_addr}");
     let mut stdout = std::io::stdout();
     writeln!(
         stdout,
@@ -333,15 +379,27 @@ async fn serve(handle: engine::EngineHandle, args: &ServeArgs) -> Result<()> {
         tracing::info!(exempt = ?args.api_key_exempt, "API key required");
     }
     let router = tessera_coordinator::http::router(handle.clone(), auth.clone());
-    let http_task = tokio::spawn(
-        axum::serve(http, router)
-            .with_graceful_shutdown(stopped(stop_rx.clone()))
-            .into_future(),
-    );
+    let http_stop = stopped(stop_rx.clone());
+    let http_task = match &tls {
+        None => tokio::spawn(
+            axum::serve(http, router)
+                .with_graceful_shutdown(http_stop)
+                .into_future(),
+        ),
+        Some(tls) => {
+            let http = incoming::accept(http, tls.http_acceptor(), "HTTP API", FailureLog::Quiet);
+            tokio::spawn(
+                axum::serve(http, router)
+                    .with_graceful_shutdown(http_stop)
+                    .into_future(),
+            )
+        }
+    };
     let api = GrpcApi {
         engine: handle.clone(),
         jobs,
         auth,
+        tls: tls.as_ref().map(PublicTls::grpc_acceptor),
     };
     let grpc_task = tokio::spawn(tessera_coordinator::grpc::serve(
         api,

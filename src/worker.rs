@@ -11,6 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use clap::Args;
 use tessera_coordinator::registry::client::Registration;
+use tessera_coordinator::tls::incoming::{self, FailureLog};
 use tessera_proto::worker::v1::worker_server::WorkerServer;
 use tessera_worker::metrics::WorkerMetrics;
 use tessera_worker::service::{WorkerService, WorkerServiceConfig};
@@ -41,6 +42,11 @@ pub struct WorkerArgs {
     coordinator: Option<String>,
     #[command(flatten)]
     etcd: crate::membership::EtcdArgs,
+    /// Mutual TLS with the coordinator: the gRPC service accepts only clients presenting a
+    /// certificate from the cluster CA, and registration with --coordinator presents this
+    /// worker's certificate. The collective links between workers stay plain TCP.
+    #[command(flatten)]
+    cluster_tls: crate::tls::ClusterTlsArgs,
 }
 
 fn default_worker_id(port: u16) -> String {
@@ -54,6 +60,8 @@ fn default_worker_id(port: u16) -> String {
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
+    // Before anything binds or announces itself: a bad file stops the worker here.
+    let tls = args.cluster_tls.config().load()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -79,7 +87,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             "TESSERA_WORKER_READY grpc={grpc_addr} collective={collective_addr}"
         )?;
         stdout.flush()?;
-        tracing::info!(%grpc_addr, %collective_addr, "worker ready");
+        tracing::info!(%grpc_addr, %collective_addr, mtls = tls.is_some(), "worker ready");
         let id = args
             .worker_id
             .clone()
@@ -93,7 +101,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                     version: env!("CARGO_PKG_VERSION").to_string(),
                 };
                 tracing::info!(coordinator = %addr, %id, "registering with the coordinator");
-                Some(Registration::start(addr, me)?)
+                Some(Registration::start(addr, me, tls.as_ref())?)
             }
             None => None,
         };
@@ -135,11 +143,22 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 _ = terminated() => {}
             }
         };
-        tonic::transport::Server::builder()
-            .add_service(WorkerServer::new(service))
-            .serve_with_incoming_shutdown(TcpIncoming::from(grpc), stop)
-            .await
-            .context("serving the worker")?;
+        let server = tonic::transport::Server::builder().add_service(WorkerServer::new(service));
+        match &tls {
+            None => {
+                server
+                    .serve_with_incoming_shutdown(TcpIncoming::from(grpc), stop)
+                    .await
+            }
+            Some(tls) => {
+                let incoming =
+                    incoming::accept(grpc, tls.acceptor(), "worker's gRPC", FailureLog::Warn);
+                server
+                    .serve_with_incoming_shutdown(incoming.into_stream(), stop)
+                    .await
+            }
+        }
+        .context("serving the worker")?;
         if let Some(reg) = with_coordinator {
             match reg.deregister().await {
                 Ok(_) => tracing::info!("deregistered from the coordinator"),

@@ -34,6 +34,7 @@ fn a_killed_worker_fails_the_next_step_quickly_and_processes_are_reaped() {
         kv_cache_bytes: None,
         placement: None,
         step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
+        cluster_tls: None,
     };
     let cluster = LocalCluster::launch(&opts).unwrap();
     let pids: Vec<u32> = cluster.worker_pids().into_iter().flatten().collect();
@@ -103,6 +104,7 @@ fn an_explicit_placement_with_an_idle_rank_gives_the_same_tokens() {
         kv_cache_bytes: None,
         placement: Some(placement),
         step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
+        cluster_tls: None,
     };
     let mut engine = Engine::with_runner(LocalCluster::launch(&opts).unwrap(), cache);
     let reference = common::reference(&dir);

@@ -561,4 +561,51 @@ mod standalone_worker {
             .into_inner();
         assert!(health.ready, "{health:?}");
     }
+
+    /// A KV cache that overflows, has more blocks than u32 ids, or needs more memory than the
+    /// machine has is refused with INVALID_ARGUMENT naming its size; the worker stays up (before
+    /// the check, the allocation aborted the process) and loads a sane cache afterwards.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_huge_kv_cache_is_refused_and_the_worker_recovers() {
+        let (mut worker, url) = start();
+        let mut client = WorkerClient::connect(url).await.expect("connects");
+        let model = super::fixture("qwen3_moe");
+        let huge = [
+            ("u64::MAX blocks", u64::MAX, 0, "block ids"),
+            ("2^31 blocks", 1 << 31, 0, "of memory available"),
+            ("u64::MAX bytes", 0, u64::MAX, "block ids"),
+            ("16 TiB", 0, 1 << 44, "of memory available"),
+        ];
+        for (name, kv_blocks, kv_cache_bytes, needle) in huge {
+            let req = pb::LoadShardRequest {
+                kv_blocks,
+                kv_cache_bytes,
+                ..load(&model)
+            };
+            let err = client
+                .load_shard(req)
+                .await
+                .expect_err(&format!("a KV cache of {name} was accepted"));
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err:?}");
+            for n in ["KV cache too large", needle] {
+                assert!(err.message().contains(n), "{name}: {err:?} lacks {n:?}");
+            }
+            assert!(
+                worker.0.try_wait().expect("try_wait").is_none(),
+                "the worker exited after {name}"
+            );
+        }
+        let reply = client
+            .load_shard(pb::LoadShardRequest {
+                kv_blocks: 0,
+                kv_cache_bytes: 1 << 20,
+                ..load(&model)
+            })
+            .await
+            .expect("a 1 MiB cache loads after the refusals")
+            .into_inner();
+        assert!(reply.kv_blocks > 0, "{reply:?}");
+        let health = client.health(pb::HealthRequest {}).await.unwrap();
+        assert!(health.into_inner().ready);
+    }
 }

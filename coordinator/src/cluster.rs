@@ -20,6 +20,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 
+use crate::tls::{ClusterTls, cluster_endpoint};
+
 /// How long a worker may take to start and announce its addresses.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long one step may take before the cluster reports it failed, unless configured.
@@ -46,6 +48,10 @@ pub struct LaunchOptions {
     /// How long a step (and each collective inside it) may take before the group is declared
     /// failed: a stalled worker becomes an error after this long, never a hang.
     pub step_timeout: Duration,
+    /// Mutual TLS on the control plane: the coordinator presents this certificate to the workers
+    /// and accepts only workers whose certificate chains to the cluster CA. Launched workers get
+    /// the same files. Plain gRPC when `None`.
+    pub cluster_tls: Option<ClusterTls>,
 }
 
 /// A worker's addresses, as it announces them.
@@ -99,11 +105,44 @@ pub(crate) fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// A status's message, then its causes (a transport failure, such as a TLS handshake the peer
+/// refused, says what happened only in its causes). Unlike `Status`'s `Display`, the message is
+/// not quoted, so errors relayed from a worker read as the worker wrote them.
+pub(crate) fn status_text(s: &tonic::Status) -> String {
+    use std::error::Error as _;
+    let mut text = s.message().to_string();
+    if let Some(source) = s.source() {
+        let more = with_causes(source);
+        // tonic's message for a transport failure repeats its source's first words.
+        if more.contains(&text) {
+            text = more;
+        } else if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+    }
+    text
+}
+
 /// Starts one worker; returns it with its gRPC and collective addresses.
-async fn start_worker(exe: &PathBuf, rank: usize) -> Result<(Child, String, String), WorkerError> {
+async fn start_worker(
+    opts: &LaunchOptions,
+    rank: usize,
+) -> Result<(Child, String, String), WorkerError> {
+    let exe = &opts.exe;
+    let tls_args = opts
+        .cluster_tls
+        .as_ref()
+        .map(|t| t.config().worker_args())
+        .unwrap_or_default();
     let mut child = Command::new(exe)
         .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-stdin"])
         .args(["--metrics-listen", "127.0.0.1:0"])
+        .args(tls_args)
+        // The flags above say everything: settings in the environment must not override them.
+        .env_remove("TESSERA_CLUSTER_CA")
+        .env_remove("TESSERA_CLUSTER_CERT")
+        .env_remove("TESSERA_CLUSTER_KEY")
+        .env_remove("TESSERA_CLUSTER_SERVER_NAME")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -171,7 +210,7 @@ impl Cluster {
             let mut children = Vec::new();
             let mut endpoints = Vec::new();
             for rank in 0..opts.world_size.max(1) {
-                let (child, grpc, collective) = start_worker(&opts.exe, rank).await?;
+                let (child, grpc, collective) = start_worker(opts, rank).await?;
                 children.push(child);
                 endpoints.push(WorkerEndpoint { grpc, collective });
             }
@@ -207,19 +246,23 @@ impl Cluster {
         let (clients, loaded) = rt.block_on(async {
             let mut clients = Vec::new();
             for (rank, e) in endpoints.iter().enumerate() {
-                let channel = tokio::time::timeout(
-                    START_TIMEOUT,
-                    WorkerClient::connect(format!("http://{}", e.grpc)),
-                )
-                .await
-                .map_err(|_| {
-                    remote(
-                        rank,
-                        format!("no answer from {} within {START_TIMEOUT:?}", e.grpc),
-                    )
-                })?
-                .map_err(|err| remote(rank, format!("cannot reach {}: {err}", e.grpc)))?;
-                clients.push(channel);
+                let endpoint = cluster_endpoint(&e.grpc, opts.cluster_tls.as_ref())
+                    .map_err(|err| remote(rank, err))?;
+                let channel = tokio::time::timeout(START_TIMEOUT, endpoint.connect())
+                    .await
+                    .map_err(|_| {
+                        remote(
+                            rank,
+                            format!("no answer from {} within {START_TIMEOUT:?}", e.grpc),
+                        )
+                    })?
+                    .map_err(|err| {
+                        remote(
+                            rank,
+                            format!("cannot reach {}: {}", e.grpc, with_causes(&err)),
+                        )
+                    })?;
+                clients.push(WorkerClient::new(channel));
             }
             let loaded = load_shards(&clients, endpoints, opts, &placement).await?;
             Ok::<_, WorkerError>((clients, loaded))
@@ -288,7 +331,9 @@ async fn load_shards(
     let mut metrics = vec![String::new(); clients.len()];
     while let Some(joined) = loads.join_next().await {
         let (rank, reply) = joined.map_err(|e| remote(0, e))?;
-        let reply = reply.map_err(|s| remote(rank, s.message()))?.into_inner();
+        let reply = reply
+            .map_err(|s| remote(rank, status_text(&s)))?
+            .into_inner();
         tracing::info!(rank, backend = %reply.backend, mib = reply.weight_bytes >> 20, kv_blocks = reply.kv_blocks, "worker loaded its shard");
         capacity = capacity.min(reply.kv_blocks as usize);
         if rank == 0 {

@@ -260,6 +260,8 @@ pub struct GrpcApi {
     pub engine: EngineHandle,
     pub jobs: JobManager,
     pub auth: ApiKeyAuth,
+    /// Serve TLS with this (`--tls-cert`); plain HTTP/2 when `None`.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 /// Serves the public API, health and reflection on `listener` until `shutdown` completes.
@@ -268,7 +270,12 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), tonic::transport::Error> {
-    let GrpcApi { engine, jobs, auth } = api;
+    let GrpcApi {
+        engine,
+        jobs,
+        auth,
+        tls,
+    } = api;
     let (reporter, health) = tonic_health::server::health_reporter();
     let watched = engine.clone();
     // grpc.health.v1 follows the worker group's state.
@@ -302,7 +309,6 @@ pub async fn serve(
     let service = TesseraServer::new(TesseraService { engine, jobs })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     let guarded = |name: &str| auth.enabled() && !auth.is_exempt(name);
     let mut server = tonic::transport::Server::builder();
     let mut router = if guarded("grpc.health.v1.Health") {
@@ -322,7 +328,19 @@ pub async fn serve(
     } else {
         router.add_service(service)
     };
-    router
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
+    match tls {
+        None => {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            router
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+        }
+        Some(acceptor) => {
+            let quiet = crate::tls::incoming::FailureLog::Quiet;
+            let incoming = crate::tls::incoming::accept(listener, acceptor, "gRPC API", quiet);
+            router
+                .serve_with_incoming_shutdown(incoming.into_stream(), shutdown)
+                .await
+        }
+    }
 }

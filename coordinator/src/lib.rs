@@ -4,6 +4,7 @@
 //! - [`cluster`]: a worker group (embedded processes on loopback, or workers found elsewhere),
 //!   driven over gRPC.
 //! - [`registry`]: static membership: workers register with the coordinator over gRPC.
+//! - [`tls`]: TLS on the public listeners and mutual TLS between coordinator and workers.
 //! - `fuzz_targets` (feature `fuzz-targets`): the request and tokenizer fuzz targets' bodies.
 
 pub mod auth;
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod registry;
 pub mod scheduler;
 pub mod serving;
+pub mod tls;
 pub mod tokenizer;
 
 /// Locks a mutex, ignoring poisoning: the coordinator's shared state is replaced whole under its

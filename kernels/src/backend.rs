@@ -90,6 +90,25 @@ pub struct KvSpec {
     pub v_dim: usize,
 }
 
+impl KvSpec {
+    /// f32 elements of K and of V, or `None` if either count overflows `usize` (a block count
+    /// from the network can be anything).
+    pub fn elements(&self) -> Option<(usize, usize)> {
+        let rows = self
+            .num_blocks
+            .checked_mul(self.block_size)?
+            .checked_mul(self.num_kv_heads)?;
+        Some((rows.checked_mul(self.k_dim)?, rows.checked_mul(self.v_dim)?))
+    }
+
+    /// Bytes of K and V together (f32), or `None` on overflow.
+    pub fn bytes(&self) -> Option<u64> {
+        let (k, v) = self.elements()?;
+        let elems = u64::try_from(k).ok()?.checked_add(u64::try_from(v).ok()?)?;
+        elems.checked_mul(std::mem::size_of::<f32>() as u64)
+    }
+}
+
 /// Attention over the paged cache for a step (causal within each sequence).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionParams {
@@ -221,6 +240,11 @@ pub trait Backend: Send + Sync + Sized + 'static {
     // --- attention -----------------------------------------------------------------------------
     fn rope(&self, x: &mut Self::Tensor, step: &Self::Step, at: RopeApply) -> Result<()>;
     fn alloc_kv(&self, spec: KvSpec) -> Result<Self::KvLayer>;
+    /// Bytes a KV cache could still take, if the backend can tell: callers refuse a larger cache
+    /// instead of letting the allocation abort the process. `None`: no limit known.
+    fn kv_memory_available(&self) -> Option<u64> {
+        None
+    }
     /// Stores the step's new keys and values into their slots.
     fn write_kv(
         &self,

@@ -30,6 +30,10 @@ pub enum WorkerError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    /// A KV cache this process cannot hold: its size overflows, its block ids would not fit in
+    /// u32, or it exceeds the memory available (the size is named).
+    #[error("KV cache too large: {0}")]
+    KvCacheTooLarge(String),
     /// The KV cache has no free block left.
     #[error("KV cache exhausted: {needed} blocks needed, {free} free")]
     OutOfBlocks { needed: usize, free: usize },

@@ -142,20 +142,29 @@ impl<B: Backend> Executor<B> {
         bytes: u64,
         block_size: usize,
     ) -> Result<Self, WorkerError> {
-        let per_block: usize = model
+        let per_block = model
             .kv_specs(1, block_size)
             .iter()
-            .map(|s| {
-                s.block_size * s.num_kv_heads * (s.k_dim + s.v_dim) * std::mem::size_of::<f32>()
-            })
-            .sum();
-        let blocks = (bytes / per_block.max(1) as u64).max(1) as usize;
-        Self::new(model, blocks, block_size)
+            .try_fold(0u64, |sum, s| sum.checked_add(s.bytes()?))
+            .ok_or_else(|| {
+                WorkerError::KvCacheTooLarge(format!(
+                    "one block of {block_size} positions overflows 64 bits"
+                ))
+            })?;
+        let blocks = (bytes / per_block.max(1)).max(1);
+        Self::new(
+            model,
+            usize::try_from(blocks).unwrap_or(usize::MAX),
+            block_size,
+        )
     }
 
-    /// An executor with a KV pool of `num_blocks` blocks of `block_size` positions.
+    /// An executor with a KV pool of `num_blocks` blocks of `block_size` positions; fails (rather
+    /// than aborting on allocation) when the pool overflows or exceeds the memory available.
     pub fn new(model: Model<B>, num_blocks: usize, block_size: usize) -> Result<Self, WorkerError> {
-        let cache = KvCache::new(model.backend(), model.kv_specs(num_blocks, block_size))?;
+        let specs = model.kv_specs(num_blocks, block_size);
+        crate::kv_cache::check_size(&specs, model.backend().kv_memory_available())?;
+        let cache = KvCache::new(model.backend(), specs)?;
         Ok(Executor {
             model,
             cache,

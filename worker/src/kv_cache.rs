@@ -41,6 +41,42 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
+/// Most blocks a cache may have: block ids are u32 on the wire and in block tables.
+pub const MAX_BLOCKS: usize = u32::MAX as usize;
+
+/// Refuses a cache of `specs` (one per layer) whose size overflows, whose block ids would not fit
+/// in u32, or which needs more than `available` bytes: the allocation would abort the process.
+pub fn check_size(specs: &[KvSpec], available: Option<u64>) -> Result<u64, WorkerError> {
+    let Some(first) = specs.first() else {
+        return Ok(0);
+    };
+    let what = format!(
+        "{} blocks of {} positions over {} layers",
+        first.num_blocks,
+        first.block_size,
+        specs.len()
+    );
+    if first.num_blocks > MAX_BLOCKS {
+        return Err(WorkerError::KvCacheTooLarge(format!(
+            "{what}: more than the {MAX_BLOCKS} block ids there are"
+        )));
+    }
+    let bytes = specs
+        .iter()
+        .try_fold(0u64, |sum, s| sum.checked_add(s.bytes()?))
+        .ok_or_else(|| {
+            WorkerError::KvCacheTooLarge(format!("{what}: the byte count overflows 64 bits"))
+        })?;
+    match available {
+        Some(limit) if bytes > limit => Err(WorkerError::KvCacheTooLarge(format!(
+            "{what} need {} MiB, more than the {} MiB of memory available",
+            bytes.div_ceil(1 << 20),
+            limit >> 20
+        ))),
+        _ => Ok(bytes),
+    }
+}
+
 /// Hands out block ids of a pool.
 #[derive(Clone, Debug)]
 pub struct BlockAllocator {
@@ -85,6 +121,34 @@ impl BlockAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caches_that_cannot_be_held_are_refused_with_their_size() {
+        let spec = |num_blocks| KvSpec {
+            num_blocks,
+            block_size: 16,
+            num_kv_heads: 2,
+            k_dim: 64,
+            v_dim: 64,
+        };
+        // 16 × 2 × 128 f32 = 16 KiB a block and layer.
+        assert_eq!(check_size(&[spec(4); 2], None).unwrap(), 2 * 4 * 16384);
+        assert_eq!(check_size(&[], Some(0)).unwrap(), 0);
+        let err = check_size(&[spec(1 << 20); 2], Some(1 << 30)).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("need 32768 MiB, more than the 1024 MiB of memory available"),
+            "{err}"
+        );
+        let err = check_size(&[spec(usize::MAX)], None).unwrap_err();
+        assert!(err.to_string().contains("block ids"), "{err}");
+        let wide = KvSpec {
+            k_dim: usize::MAX / 4,
+            ..spec(8)
+        };
+        let err = check_size(&[wide], None).unwrap_err();
+        assert!(err.to_string().contains("overflows 64 bits"), "{err}");
+    }
 
     #[test]
     fn allocation_is_all_or_nothing_and_release_returns_blocks() {

@@ -73,9 +73,10 @@ impl WorkerService {
 
 fn status(e: WorkerError) -> Status {
     match e {
-        WorkerError::Request(_) | WorkerError::Plan(_) | WorkerError::Config(_) => {
-            Status::invalid_argument(e.to_string())
-        }
+        WorkerError::Request(_)
+        | WorkerError::Plan(_)
+        | WorkerError::Config(_)
+        | WorkerError::KvCacheTooLarge(_) => Status::invalid_argument(e.to_string()),
         WorkerError::OutOfBlocks { .. } => Status::resource_exhausted(e.to_string()),
         _ => Status::internal(e.to_string()),
     }

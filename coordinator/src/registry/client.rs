@@ -14,7 +14,8 @@ use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
 use super::{KEEPALIVE, RegistryError};
-use crate::cluster::with_causes;
+use crate::cluster::{status_text, with_causes};
+use crate::tls::ClusterTls;
 
 /// First retry delay after a failed or lost registration; doubles up to [`BACKOFF_MAX`].
 const BACKOFF_INITIAL: Duration = Duration::from_millis(250);
@@ -31,8 +32,8 @@ pub struct Registration {
 }
 
 /// `host:port` or `http://host:port` as an endpoint with keep-alives (so a silent coordinator is
-/// noticed) and a connect deadline.
-fn endpoint(addr: &str) -> Result<Endpoint, RegistryError> {
+/// noticed) and a connect deadline; mutual TLS with `tls` (whatever the scheme said).
+fn endpoint(addr: &str, tls: Option<&ClusterTls>) -> Result<Endpoint, RegistryError> {
     let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
     } else {
@@ -43,8 +44,14 @@ fn endpoint(addr: &str) -> Result<Endpoint, RegistryError> {
     if parsed.host().is_none() || parsed.port().is_none() {
         return Err(bad());
     }
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|_| bad())?
+    let endpoint = match tls {
+        Some(tls) => tls.endpoint(addr).map_err(|e| RegistryError::Unreachable {
+            addr: addr.to_string(),
+            detail: e.to_string(),
+        })?,
+        None => Endpoint::from_shared(uri).map_err(|_| bad())?,
+    };
+    Ok(endpoint
         .connect_timeout(REQUEST_TIMEOUT)
         .http2_keep_alive_interval(KEEPALIVE)
         .keep_alive_timeout(KEEPALIVE)
@@ -53,9 +60,15 @@ fn endpoint(addr: &str) -> Result<Endpoint, RegistryError> {
 
 impl Registration {
     /// Starts registering `me` with the coordinator at `addr` (on the current tokio runtime) and
-    /// returns at once; fails only on an address that cannot be parsed.
-    pub fn start(addr: &str, me: pb::RegisterRequest) -> Result<Self, RegistryError> {
-        let endpoint = endpoint(addr)?;
+    /// returns at once; fails only on an address that cannot be parsed. With `tls` the worker
+    /// presents its cluster certificate and accepts only a coordinator whose certificate chains
+    /// to the cluster CA.
+    pub fn start(
+        addr: &str,
+        me: pb::RegisterRequest,
+        tls: Option<&ClusterTls>,
+    ) -> Result<Self, RegistryError> {
+        let endpoint = endpoint(addr, tls)?;
         let worker_id = me.worker_id.clone();
         let task = tokio::spawn(keep_registered(endpoint.clone(), addr.to_string(), me));
         Ok(Registration {
@@ -79,13 +92,13 @@ impl Registration {
                 .endpoint
                 .connect()
                 .await
-                .map_err(|e| err(e.to_string()))?;
+                .map_err(|e| err(with_causes(&e)))?;
             RegistryClient::new(channel)
                 .deregister(pb::DeregisterRequest {
                     worker_id: self.worker_id.clone(),
                 })
                 .await
-                .map_err(|s| err(s.message().to_string()))
+                .map_err(|s| err(status_text(&s)))
         };
         let reply = tokio::time::timeout(REQUEST_TIMEOUT, call)
             .await
@@ -110,12 +123,12 @@ async fn register_once(
         let mut stream = RegistryClient::new(channel)
             .register(me.clone())
             .await
-            .map_err(|s| format!("registration refused: {}", s.message()))?
+            .map_err(|s| format!("registration refused: {}", status_text(&s)))?
             .into_inner();
         let ack = stream
             .message()
             .await
-            .map_err(|s| format!("registration failed: {}", s.message()))?
+            .map_err(|s| format!("registration failed: {}", status_text(&s)))?
             .ok_or_else(|| "the coordinator closed the registration at once".to_string())?;
         Ok((stream, ack.members))
     };
@@ -138,7 +151,7 @@ async fn keep_registered(endpoint: Endpoint, addr: String, me: pb::RegisterReque
                     match stream.message().await {
                         Ok(Some(_)) => continue,
                         Ok(None) => break "the coordinator ended the registration".to_string(),
-                        Err(s) => break format!("the connection broke ({})", with_causes(&s)),
+                        Err(s) => break format!("the connection broke ({})", status_text(&s)),
                     }
                 };
                 tracing::warn!(
@@ -160,10 +173,10 @@ mod tests {
 
     #[test]
     fn addresses_need_a_host_and_a_port() {
-        assert!(endpoint("127.0.0.1:7000").is_ok());
-        assert!(endpoint("http://coordinator:7000").is_ok());
+        assert!(endpoint("127.0.0.1:7000", None).is_ok());
+        assert!(endpoint("http://coordinator:7000", None).is_ok());
         for bad in ["", "coordinator", "http://", "127.0.0.1:port"] {
-            let err = endpoint(bad).unwrap_err();
+            let err = endpoint(bad, None).unwrap_err();
             assert!(err.to_string().contains(&format!("{bad:?}")), "{err}");
         }
     }

@@ -24,6 +24,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 use crate::cluster::WorkerEndpoint;
+use crate::tls::{ClusterTls, incoming};
 
 /// How often both ends ping an idle registration connection, and how long a ping may go
 /// unanswered before the connection (and with it the registration) is dropped.
@@ -114,8 +115,9 @@ pub struct Registry {
 
 impl Registry {
     /// Binds `addr` and serves the registry on a runtime of its own (the coordinator forms its
-    /// group before its serving runtime exists, and rebuilds it from the serving thread).
-    pub fn serve(addr: SocketAddr) -> Result<Self, RegistryError> {
+    /// group before its serving runtime exists, and rebuilds it from the serving thread). With
+    /// `tls`, only workers presenting a certificate from the cluster CA can register.
+    pub fn serve(addr: SocketAddr, tls: Option<&ClusterTls>) -> Result<Self, RegistryError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .thread_name("tessera-registry")
@@ -140,15 +142,25 @@ impl Registry {
             .http2_keepalive_interval(Some(KEEPALIVE))
             .http2_keepalive_timeout(Some(KEEPALIVE))
             .add_service(RegistryServer::new(service));
+        let acceptor = tls.map(ClusterTls::acceptor);
         rt.spawn(async move {
-            if let Err(e) = server
-                .serve_with_incoming(TcpIncoming::from(listener))
-                .await
-            {
+            let served = match acceptor {
+                None => {
+                    server
+                        .serve_with_incoming(TcpIncoming::from(listener))
+                        .await
+                }
+                Some(acceptor) => {
+                    let warn = crate::tls::incoming::FailureLog::Warn;
+                    let incoming = incoming::accept(listener, acceptor, "worker registry", warn);
+                    server.serve_with_incoming(incoming.into_stream()).await
+                }
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "the worker registry stopped");
             }
         });
-        tracing::info!(addr = %bound, "worker registry listening (tessera worker --coordinator {bound})");
+        tracing::info!(addr = %bound, mtls = tls.is_some(), "worker registry listening (tessera worker --coordinator {bound})");
         Ok(Registry {
             rt,
             addr: bound,
@@ -332,12 +344,12 @@ mod tests {
 
     #[test]
     fn workers_register_deregister_and_are_forgotten_when_their_connection_closes() {
-        let registry = Registry::serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let registry = Registry::serve("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let addr = registry.addr().to_string();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let start = |id: &str| {
             let req = me(id);
-            rt.block_on(async { client::Registration::start(&addr, req) })
+            rt.block_on(async { client::Registration::start(&addr, req, None) })
                 .unwrap()
         };
         let (b, a) = (start("b"), start("a"));
@@ -375,17 +387,17 @@ mod tests {
 
     #[test]
     fn workers_register_again_with_a_restarted_coordinator() {
-        let registry = Registry::serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let registry = Registry::serve("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let addr = registry.addr();
         let rt = tokio::runtime::Runtime::new().unwrap();
         let _w = rt
-            .block_on(async { client::Registration::start(&addr.to_string(), me("w")) })
+            .block_on(async { client::Registration::start(&addr.to_string(), me("w"), None) })
             .unwrap();
         registry
             .wait_for_members(1, Duration::from_secs(10))
             .unwrap();
         drop(registry);
-        let restarted = Registry::serve(addr).unwrap();
+        let restarted = Registry::serve(addr, None).unwrap();
         let members = restarted
             .wait_for_members(1, Duration::from_secs(10))
             .unwrap();
@@ -394,7 +406,7 @@ mod tests {
 
     #[test]
     fn malformed_registrations_are_refused_with_the_field_named() {
-        let registry = Registry::serve("127.0.0.1:0".parse().unwrap()).unwrap();
+        let registry = Registry::serve("127.0.0.1:0".parse().unwrap(), None).unwrap();
         let url = format!("http://{}", registry.addr());
         let rt = tokio::runtime::Runtime::new().unwrap();
         let refused = |req: pb::RegisterRequest| {

@@ -27,13 +27,22 @@ pub struct CpuKv {
 }
 
 impl CpuKv {
-    pub(crate) fn new(spec: KvSpec) -> Self {
-        let slots = spec.num_blocks * spec.block_size;
-        CpuKv {
+    /// Zeroed storage (untouched pages stay unmapped until used); fails on a size that overflows.
+    pub(crate) fn new(spec: KvSpec) -> Result<Self> {
+        let (k, v) = spec.elements().ok_or_else(|| {
+            BackendError::invalid(
+                "alloc_kv",
+                format!(
+                    "{} blocks of {} positions overflow the address space",
+                    spec.num_blocks, spec.block_size
+                ),
+            )
+        })?;
+        Ok(CpuKv {
             spec,
-            k: vec![0.0; slots * spec.num_kv_heads * spec.k_dim],
-            v: vec![0.0; slots * spec.num_kv_heads * spec.v_dim],
-        }
+            k: vec![0.0; k],
+            v: vec![0.0; v],
+        })
     }
 }
 
@@ -250,7 +259,7 @@ mod tests {
             k_dim: d,
             v_dim: d,
         };
-        let mut cache = CpuKv::new(spec);
+        let mut cache = CpuKv::new(spec).unwrap();
         cache.k = vals(cache.k.len(), 1);
         cache.v = vals(cache.v.len(), 2);
         // Two sequences with out-of-order tables: a decode token at position 69 and a two-token
@@ -322,7 +331,7 @@ mod tests {
             k_dim: 8,
             v_dim: 8,
         };
-        let cache = CpuKv::new(spec);
+        let cache = CpuKv::new(spec).unwrap();
         let meta = StepMeta {
             seqs: vec![SeqMeta {
                 token_start: 0,

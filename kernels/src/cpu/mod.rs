@@ -5,6 +5,7 @@
 
 mod attention;
 mod linear;
+pub mod memory;
 mod moe;
 pub(crate) mod ops;
 mod pool;
@@ -396,7 +397,11 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_kv(&self, spec: KvSpec) -> Result<CpuKv> {
-        Ok(CpuKv::new(spec))
+        CpuKv::new(spec)
+    }
+
+    fn kv_memory_available(&self) -> Option<u64> {
+        memory::available()
     }
 
     fn write_kv(
