@@ -4,8 +4,8 @@
 //! whole vectors, zero-padded), so one vector holds one feature of `LANES` tokens. Each weight is
 //! then a scalar broadcast against two such vectors, and a register block of [`ROWS`] weight
 //! rows × 2 token vectors keeps 12 accumulators that are the outputs themselves (weight-row-major,
-//! what `out` wants): no horizontal sums, unlike dot products along `k`, whose reductions cost
-//! about a third of the time at 16 tokens.
+//! what `out` wants): no horizontal sums, unlike dot products along `k`, which must reduce their
+//! accumulators after every slice of `k` (measured 10–25% slower at 16 tokens, BENCHMARKS.md).
 //!
 //! Weights are widened once per [`ROWS`] × [`K_SLICE`] panel into a small f32 buffer that every
 //! token block reuses from L1 (a broadcast from memory is a plain load there), while the next
