@@ -40,6 +40,12 @@ pub struct WorkerArgs {
     /// again, with backoff, whenever the coordinator restarts or the connection drops.
     #[arg(long, env = "TESSERA_COORDINATOR", conflicts_with = "etcd")]
     coordinator: Option<String>,
+    /// IP address the coordinator and the other workers dial to reach this worker (with the ports
+    /// it bound), registered in etcd or with the coordinator. Default: the --listen IP. Needed
+    /// with --etcd when --listen is a wildcard (0.0.0.0 or [::]), which nobody else can dial
+    /// (with --coordinator, the registry substitutes the address the worker calls from).
+    #[arg(long, env = "TESSERA_WORKER_ADVERTISE_IP")]
+    advertise_ip: Option<std::net::IpAddr>,
     #[command(flatten)]
     etcd: crate::membership::EtcdArgs,
     /// Mutual TLS with the coordinator: the gRPC service accepts only clients presenting a
@@ -62,6 +68,16 @@ fn default_worker_id(port: u16) -> String {
 pub fn run(args: WorkerArgs) -> Result<()> {
     // Before anything binds or announces itself: a bad file stops the worker here.
     let tls = args.cluster_tls.config().load()?;
+    if args.advertise_ip.is_none()
+        && args.listen.ip().is_unspecified()
+        && args.etcd.config()?.is_some()
+    {
+        anyhow::bail!(
+            "--listen {} is a wildcard address that other machines can't dial: give --advertise-ip \
+             (e.g. the pod or host IP) so etcd records a reachable address",
+            args.listen
+        );
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -92,12 +108,16 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             .worker_id
             .clone()
             .unwrap_or_else(|| default_worker_id(grpc_addr.port()));
+        // What others dial: the bound ports on the advertised (or bound) IP.
+        let advertise = |bound: SocketAddr| {
+            SocketAddr::new(args.advertise_ip.unwrap_or(bound.ip()), bound.port()).to_string()
+        };
         let with_coordinator = match &args.coordinator {
             Some(addr) => {
                 let me = tessera_proto::worker::v1::RegisterRequest {
                     worker_id: id.clone(),
-                    grpc_address: grpc_addr.to_string(),
-                    collective_address: collective_addr.to_string(),
+                    grpc_address: advertise(grpc_addr),
+                    collective_address: advertise(collective_addr),
                     version: env!("CARGO_PKG_VERSION").to_string(),
                 };
                 tracing::info!(coordinator = %addr, %id, "registering with the coordinator");
@@ -109,8 +129,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             Some(cfg) => {
                 let record = tessera_membership::WorkerRecord {
                     id: id.clone(),
-                    grpc_addr: grpc_addr.to_string(),
-                    collective_addr: collective_addr.to_string(),
+                    grpc_addr: advertise(grpc_addr),
+                    collective_addr: advertise(collective_addr),
                     version: env!("CARGO_PKG_VERSION").to_string(),
                 };
                 let reg = tessera_membership::register(&cfg, record)
@@ -143,7 +163,13 @@ pub fn run(args: WorkerArgs) -> Result<()> {
                 _ = terminated() => {}
             }
         };
-        let server = tonic::transport::Server::builder().add_service(WorkerServer::new(service));
+        // grpc.health.v1 for probes and tools: SERVING while the process serves (whether a shard
+        // is loaded is the coordinator's business, through the Worker service's own Health).
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter.set_serving::<WorkerServer<WorkerService>>().await;
+        let server = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(WorkerServer::new(service));
         match &tls {
             None => {
                 server

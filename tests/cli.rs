@@ -378,3 +378,21 @@ fn placement_command_prints_contiguous_blocks() {
         serde_json::json!([0, 0, 1, 1, 2, 2, 3, 3])
     );
 }
+
+/// A worker that registers in etcd while bound to every interface would record an address nobody
+/// can dial: it refuses to start (before announcing itself or contacting etcd) and names the flag.
+#[test]
+fn an_etcd_worker_on_a_wildcard_address_needs_advertise_ip() {
+    let out = tessera(&[
+        "worker",
+        "--listen",
+        "0.0.0.0:0",
+        "--etcd",
+        "http://127.0.0.1:9",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--advertise-ip"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("TESSERA_WORKER_READY"), "{stdout}");
+}

@@ -514,6 +514,39 @@ mod standalone_worker {
         }
     }
 
+    /// grpc.health.v1 answers for the process and the Worker service before any shard is
+    /// loaded (what a `grpc_health_probe` or a Kubernetes gRPC probe asks), and names no other.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_worker_answers_grpc_health() {
+        use tonic_health::pb::health_check_response::ServingStatus;
+        use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+        let (_worker, url) = start();
+        let channel = tonic::transport::Endpoint::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut health = HealthClient::new(channel);
+        for service in ["", "tessera.worker.v1.Worker"] {
+            let status = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .unwrap_or_else(|e| panic!("{service:?}: {e}"))
+                .into_inner()
+                .status;
+            assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+        }
+        let unknown = health
+            .check(HealthCheckRequest {
+                service: "tessera.v1.Tessera".into(),
+            })
+            .await
+            .expect_err("a worker does not serve the public API");
+        assert_eq!(unknown.code(), tonic::Code::NotFound);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn load_shard_fails_named_and_the_worker_recovers() {
         let (mut worker, url) = start();

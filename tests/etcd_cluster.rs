@@ -22,9 +22,16 @@ struct Worker(Child);
 
 impl Worker {
     fn start(etcd: &str, cluster: &str, id: &str) -> Worker {
+        Worker::start_on(etcd, cluster, id, &["--listen", "127.0.0.1:0"])
+    }
+
+    /// With `listen`: the --listen (and --advertise-ip) flags.
+    fn start_on(etcd: &str, cluster: &str, id: &str, listen: &[&str]) -> Worker {
         Worker(
             Command::new(env!("CARGO_BIN_EXE_tessera"))
-                .args(["worker", "--listen", "127.0.0.1:0", "--etcd", etcd])
+                .arg("worker")
+                .args(listen)
+                .args(["--etcd", etcd])
                 .args([
                     "--cluster",
                     cluster,
@@ -71,7 +78,14 @@ async fn workers_register_the_coordinator_forms_the_group_and_survives_a_lost_wo
     let model = common::fixtures_dir().join("qwen3_moe");
     let case = &common::reference(&model).cases[0];
     let w0 = Worker::start(&url, "it", "w0");
-    let w1 = Worker::start(&url, "it", "w1");
+    // One worker binds every interface and advertises loopback, as a pod binding 0.0.0.0 would
+    // advertise its pod IP: etcd must hold the advertised address, which the coordinator dials.
+    let w1 = Worker::start_on(
+        &url,
+        "it",
+        "w1",
+        &["--listen", "0.0.0.0:0", "--advertise-ip", "127.0.0.1"],
+    );
     let server = Server::start_command(
         "coordinator",
         &model,
@@ -87,6 +101,14 @@ async fn workers_register_the_coordinator_forms_the_group_and_survives_a_lost_wo
         ],
     );
     assert_eq!(members(&etcd, "it").await, ["w0", "w1"]);
+    let cfg = etcd.test_config("/tessera/it");
+    let records = tessera_membership::watch(&cfg).await.unwrap().members();
+    let w1_record = records.iter().find(|m| m.id == "w1").unwrap();
+    assert!(
+        w1_record.grpc_addr.starts_with("127.0.0.1:")
+            && w1_record.collective_addr.starts_with("127.0.0.1:"),
+        "{w1_record:?}"
+    );
 
     let http = reqwest::Client::new();
     let completions = format!("{}/v1/completions", server.http);
