@@ -19,22 +19,6 @@ fn model() -> std::path::PathBuf {
     common::fixtures_dir().join("qwen3_moe")
 }
 
-/// A greedy gRPC request for `ids`, `n` tokens, eos ignored.
-fn grpc_request(ids: &[u32], n: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
-            ids: ids.to_vec(),
-        })),
-        max_tokens: Some(n),
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
 /// Runs a gRPC Generate to its end: (token ids, text, finish reason).
 async fn grpc_generate(
     client: &mut TesseraClient<tonic::transport::Channel>,
@@ -90,9 +74,10 @@ async fn concurrent_streams_over_http_and_grpc_match_solo_runs_and_transformers(
     let mut solo = Vec::new();
     for case in &reference.cases {
         let n = case.greedy_ids.len() as u32;
-        let (ids, text, finish) = grpc_generate(&mut grpc, grpc_request(&case.prompt_ids, n))
-            .await
-            .unwrap();
+        let (ids, text, finish) =
+            grpc_generate(&mut grpc, common::greedy_grpc_request(&case.prompt_ids, n))
+                .await
+                .unwrap();
         assert_eq!(ids, case.greedy_ids, "solo gRPC run vs transformers");
         assert_eq!(finish, "length");
         let body = json!({"prompt": case.prompt_ids, "max_tokens": n, "temperature": 0,
@@ -108,7 +93,7 @@ async fn concurrent_streams_over_http_and_grpc_match_solo_runs_and_transformers(
         let case = &reference.cases[i % reference.cases.len()];
         let n = case.greedy_ids.len() as u32;
         let mut g = grpc.clone();
-        let req = grpc_request(&case.prompt_ids, n);
+        let req = common::greedy_grpc_request(&case.prompt_ids, n);
         tasks.spawn(async move { (i, "grpc", grpc_generate(&mut g, req).await.unwrap().1) });
         let (h, u) = (http.clone(), url.clone());
         let body = json!({"prompt": case.prompt_ids, "max_tokens": n, "temperature": 0,
@@ -165,7 +150,7 @@ async fn a_dropped_stream_frees_its_blocks_and_abort_stops_a_request() {
     let mut grpc = TesseraClient::connect(server.grpc.clone()).await.unwrap();
     let req = pb::GenerateRequest {
         request_id: "long-one".into(),
-        ..grpc_request(&[5, 6, 7], 120)
+        ..common::greedy_grpc_request(&[5, 6, 7], 120)
     };
     let mut stream = grpc.generate(req).await.unwrap().into_inner();
     stream.message().await.unwrap().unwrap();
@@ -213,7 +198,7 @@ async fn a_full_queue_is_refused_with_429_and_resource_exhausted() {
     let err: Value = resp.json().await.unwrap();
     assert_eq!(err["error"]["code"], "queue_full", "{err}");
     let mut grpc = TesseraClient::connect(server.grpc.clone()).await.unwrap();
-    let status = grpc_generate(&mut grpc, grpc_request(&[1, 2], 4))
+    let status = grpc_generate(&mut grpc, common::greedy_grpc_request(&[1, 2], 4))
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
@@ -242,7 +227,10 @@ async fn batch_jobs_complete_and_cancel() {
         .enumerate()
         .map(|(i, c)| pb::JobRequest {
             custom_id: format!("case-{i}"),
-            request: Some(grpc_request(&c.prompt_ids, c.greedy_ids.len() as u32)),
+            request: Some(common::greedy_grpc_request(
+                &c.prompt_ids,
+                c.greedy_ids.len() as u32,
+            )),
         })
         .collect();
     let job = grpc
@@ -286,7 +274,7 @@ async fn batch_jobs_complete_and_cancel() {
     let requests = (0..40)
         .map(|i| pb::JobRequest {
             custom_id: format!("long-{i}"),
-            request: Some(grpc_request(&[3, 4, 5], 100)),
+            request: Some(common::greedy_grpc_request(&[3, 4, 5], 100)),
         })
         .collect();
     let long = grpc
@@ -436,12 +424,13 @@ async fn the_placement_map_is_readable_and_replaceable_at_runtime() {
 
     // A stream in flight while the experts move finishes as it would have alone.
     let mut grpc = TesseraClient::connect(server.grpc.clone()).await.unwrap();
-    let (solo, _, _) = grpc_generate(&mut grpc, grpc_request(&[5, 6, 7], 60))
+    let (solo, _, _) = grpc_generate(&mut grpc, common::greedy_grpc_request(&[5, 6, 7], 60))
         .await
         .unwrap();
     let mut g = grpc.clone();
-    let running =
-        tokio::spawn(async move { grpc_generate(&mut g, grpc_request(&[5, 6, 7], 60)).await });
+    let running = tokio::spawn(async move {
+        grpc_generate(&mut g, common::greedy_grpc_request(&[5, 6, 7], 60)).await
+    });
     tokio::time::sleep(Duration::from_millis(30)).await;
     // Every expert to rank 1: rank 0 keeps attention and dense work only.
     let moved = json!({"world_size": 2, "layers": before["layers"].as_array().unwrap().iter()
@@ -458,7 +447,7 @@ async fn the_placement_map_is_readable_and_replaceable_at_runtime() {
     let case = &reference.cases[0];
     let (ids, _, _) = grpc_generate(
         &mut grpc,
-        grpc_request(&case.prompt_ids, case.greedy_ids.len() as u32),
+        common::greedy_grpc_request(&case.prompt_ids, case.greedy_ids.len() as u32),
     )
     .await
     .unwrap();

@@ -197,26 +197,11 @@ async fn https_request(
     ))
 }
 
-fn generate_request(prompt: &[u32], n: u32) -> pb::GenerateRequest {
-    pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
-            ids: prompt.to_vec(),
-        })),
-        max_tokens: Some(n),
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ignore_eos: true,
-        ..Default::default()
-    }
-}
-
 /// Greedy ids over `channel`'s gRPC API, or the status that stopped it.
 async fn greedy(channel: Channel, prompt: &[u32], n: u32) -> Result<Vec<u32>, tonic::Status> {
     let mut client = pb::tessera_client::TesseraClient::new(channel);
     let mut stream = client
-        .generate(generate_request(prompt, n))
+        .generate(common::greedy_grpc_request(prompt, n))
         .await?
         .into_inner();
     let mut ids = Vec::new();

@@ -69,3 +69,20 @@ pub fn greedy_request(case: &Case) -> tessera_worker::engine::GenerateRequest {
 pub fn tolerance(dtype: &str) -> f32 {
     if dtype == "float32" { 1e-3 } else { 5e-2 }
 }
+
+/// A greedy gRPC `Generate` request for the prompt `ids` and exactly `n` tokens (eos ignored).
+pub fn greedy_grpc_request(ids: &[u32], n: u32) -> tessera_proto::v1::GenerateRequest {
+    use tessera_proto::v1 as pb;
+    pb::GenerateRequest {
+        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
+            ids: ids.to_vec(),
+        })),
+        max_tokens: Some(n),
+        sampling: Some(pb::SamplingParams {
+            temperature: Some(0.0),
+            ..Default::default()
+        }),
+        ignore_eos: true,
+        ..Default::default()
+    }
+}
