@@ -68,10 +68,8 @@ fn default_worker_id(port: u16) -> String {
 pub fn run(args: WorkerArgs) -> Result<()> {
     // Before anything binds or announces itself: a bad file stops the worker here.
     let tls = args.cluster_tls.config().load()?;
-    if args.advertise_ip.is_none()
-        && args.listen.ip().is_unspecified()
-        && args.etcd.config()?.is_some()
-    {
+    let etcd = args.etcd.config()?;
+    if args.advertise_ip.is_none() && args.listen.ip().is_unspecified() && etcd.is_some() {
         anyhow::bail!(
             "--listen {} is a wildcard address that other machines can't dial: give --advertise-ip \
              (e.g. the pod or host IP) so etcd records a reachable address",
@@ -125,7 +123,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             }
             None => None,
         };
-        let registration = match args.etcd.config()? {
+        let registration = match etcd {
             Some(cfg) => {
                 let record = tessera_membership::WorkerRecord {
                     id: id.clone(),

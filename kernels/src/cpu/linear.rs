@@ -177,19 +177,20 @@ impl<'a> Acts<'a> {
     }
 }
 
-/// `x` (`[t, k]`) feature-major into `buf` as [`Transposed`] rows of `tp = t` rounded up to
-/// `lanes`; returns `tp`.
-pub(crate) fn transpose_into(x: &[f32], k: usize, lanes: usize, buf: &mut Vec<f32>) -> usize {
-    let t = x.len() / k.max(1);
-    let tp = t.next_multiple_of(lanes);
-    buf.clear();
-    buf.resize(k * tp, 0.0);
-    for (j, row) in x.chunks_exact(k).enumerate() {
-        for (c, v) in row.iter().enumerate() {
-            buf[c * tp + j] = *v;
+impl<'a> Transposed<'a> {
+    /// `x` (`[t, k]`) feature-major in `buf` (resized), tokens padded to whole vectors of `lanes`.
+    pub(crate) fn build(x: &[f32], k: usize, lanes: usize, buf: &'a mut Vec<f32>) -> Self {
+        let t = x.len() / k.max(1);
+        let tp = t.next_multiple_of(lanes);
+        buf.clear();
+        buf.resize(k * tp, 0.0);
+        for (j, row) in x.chunks_exact(k).enumerate() {
+            for (c, v) in row.iter().enumerate() {
+                buf[c * tp + j] = *v;
+            }
         }
+        Transposed { data: buf, tp }
     }
-    tp
 }
 
 /// `out[i·t + j] = Σ_c x[j, c] · row(rows.start + i)[c]` for the weight rows `rows` and every token
@@ -199,8 +200,7 @@ pub(crate) fn rows_times_x(isa: Isa, m: Mat<'_>, rows: Range<usize>, a: Acts<'_>
         && let Some(lanes) = a.batched_lanes(isa)
     {
         return scratch::with_buf(|buf| {
-            let tp = transpose_into(a.x, a.k, lanes, buf);
-            let xt = Some(Transposed { data: buf, tp });
+            let xt = Some(Transposed::build(a.x, a.k, lanes, buf));
             rows_times_x(isa, m, rows, Acts { xt, ..a }, out)
         });
     }
@@ -388,8 +388,7 @@ pub(crate) fn linear_many(isa: Isa, x: &[f32], k: usize, projs: &[Proj<'_>]) -> 
         let mut a = Acts::rows(x, k);
         if let Some(lanes) = a.batched_lanes(isa) {
             xt_buf = pool::zeroed(k * t.next_multiple_of(lanes));
-            let tp = transpose_into(x, k, lanes, &mut xt_buf);
-            a.xt = Some(Transposed { data: &xt_buf, tp });
+            a.xt = Some(Transposed::build(x, k, lanes, &mut xt_buf));
         }
         if worth_parallel(total_n * k * t) {
             let rows = rows_per_task(total_n, k, t);
