@@ -243,19 +243,7 @@ async fn drive_load(server: &Server, http: &reqwest::Client) {
         .await
         .unwrap()
         .into_inner();
-    let start = Instant::now();
-    loop {
-        let j = grpc
-            .get_job(pb::GetJobRequest { id: job.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if j.status == pb::JobStatus::Completed as i32 {
-            break;
-        }
-        assert!(start.elapsed() < Duration::from_secs(30), "job {j:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::server::wait_for_job(&mut grpc, &job.id, Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

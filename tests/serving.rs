@@ -241,21 +241,7 @@ async fn batch_jobs_complete_and_cancel() {
         .await
         .unwrap()
         .into_inner();
-    let job = loop {
-        let j = grpc
-            .get_job(pb::GetJobRequest { id: job.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
-        if j.status == pb::JobStatus::Completed as i32 {
-            break j;
-        }
-        assert!(
-            [pb::JobStatus::Queued as i32, pb::JobStatus::Running as i32].contains(&j.status),
-            "{j:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let job = common::server::wait_for_job(&mut grpc, &job.id, Duration::from_secs(60)).await;
     assert_eq!(job.counts.unwrap().completed, reference.cases.len() as u32);
     let mut results = grpc
         .get_job_results(pb::GetJobResultsRequest { id: job.id.clone() })

@@ -35,6 +35,20 @@ async fn signal_mid_stream(
     (chunks, at)
 }
 
+/// Waits for the group to be whole again (health 200), then checks it completes a request.
+async fn serves_again(server: &Server, http: &reqwest::Client, url: &str) {
+    server
+        .wait_health(http, Duration::from_secs(60), |c, _| c == 200)
+        .await;
+    let ok: Value = common::server::post_json(
+        http,
+        url,
+        &json!({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(ok["usage"]["completion_tokens"], 4, "{ok}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_of_a_worker_fails_the_stream_then_the_group_is_rebuilt() {
     let model = common::fixtures_dir().join("qwen3_moe");
@@ -65,16 +79,7 @@ async fn sigkill_of_a_worker_fails_the_stream_then_the_group_is_rebuilt() {
     // The coordinator is still up: degraded (503) or already rebuilt, then whole again.
     let (code, _) = server.health(&http).await;
     assert!(code == 503 || code == 200);
-    server
-        .wait_health(&http, Duration::from_secs(60), |c, _| c == 200)
-        .await;
-    let ok: Value = common::server::post_json(
-        &http,
-        &url,
-        &json!({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(ok["usage"]["completion_tokens"], 4, "{ok}");
+    serves_again(&server, &http, &url).await;
     let new_workers = server.worker_pids();
     assert_eq!(new_workers.len(), 2);
     assert!(!new_workers.contains(&workers[1]));
@@ -137,15 +142,6 @@ async fn a_stalled_worker_is_caught_by_the_step_deadline_not_a_hang() {
     assert!(rest.contains("\"error\""), "no error event: {rest}");
     assert!(waited < Duration::from_secs(6), "error after {waited:?}");
     // The group is rebuilt with fresh workers (the stopped one is killed with the old group).
-    server
-        .wait_health(&http, Duration::from_secs(60), |c, _| c == 200)
-        .await;
-    let ok: Value = common::server::post_json(
-        &http,
-        &url,
-        &json!({"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(ok["usage"]["completion_tokens"], 4, "{ok}");
+    serves_again(&server, &http, &url).await;
     assert!(!server.worker_pids().contains(&workers[1]));
 }

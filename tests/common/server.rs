@@ -176,22 +176,41 @@ pub async fn greedy_ids(grpc: &str, prompt: &[u32], n: usize) -> Vec<u32> {
     let mut client = pb::tessera_client::TesseraClient::connect(grpc.to_string())
         .await
         .expect("the gRPC API answers");
-    let req = pb::GenerateRequest {
-        prompt: Some(pb::generate_request::Prompt::TokenIds(pb::TokenIds {
-            ids: prompt.to_vec(),
-        })),
-        max_tokens: Some(n as u32),
-        sampling: Some(pb::SamplingParams {
-            temperature: Some(0.0),
-            ..Default::default()
-        }),
-        ignore_eos: true,
-        ..Default::default()
-    };
+    let req = super::greedy_grpc_request(prompt, n as u32);
     let mut stream = client.generate(req).await.expect("generate").into_inner();
     let mut ids = Vec::new();
     while let Some(msg) = stream.message().await.expect("a whole stream") {
         ids.extend(msg.token_ids);
     }
     ids
+}
+
+/// Polls the batch job `id` until it completes and returns it; fails the test if it leaves the
+/// queued/running states any other way or takes longer than `limit`.
+pub async fn wait_for_job(
+    grpc: &mut tessera_proto::v1::tessera_client::TesseraClient<tonic::transport::Channel>,
+    id: &str,
+    limit: Duration,
+) -> tessera_proto::v1::Job {
+    use tessera_proto::v1 as pb;
+    let start = Instant::now();
+    loop {
+        let j = grpc
+            .get_job(pb::GetJobRequest { id: id.to_string() })
+            .await
+            .expect("GetJob")
+            .into_inner();
+        if j.status == pb::JobStatus::Completed as i32 {
+            return j;
+        }
+        assert!(
+            [pb::JobStatus::Queued as i32, pb::JobStatus::Running as i32].contains(&j.status),
+            "{j:?}"
+        );
+        assert!(
+            start.elapsed() < limit,
+            "job not done after {limit:?}: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
