@@ -37,13 +37,17 @@ else
 fi
 # The CUDA backend's tests: without a GPU each prints "SKIPPED: <reason>" except
 # no_gpu_is_a_typed_error, which checks that opening a device fails with CudaNotAvailable naming
-# the missing library. Only the `cuda` test target, in the dev profile the run above already built
-# the dependencies for, so this adds little more than compiling cudarc.
-echo "== CUDA backend tests (skipped without a GPU)"
+# the missing library, and nvrtc, which compiles every kernel with NVRTC for each target
+# architecture and assembles the PTX with ptxas (both from PyPI: no GPU, no toolkit needed).
+# Only these test targets, in the dev profile the run above already built the dependencies for.
+echo "== CUDA backend tests (GPU tests skipped without a GPU)"
+eval "$(bash tests/cuda-tools/fetch.sh)"
+export TESSERA_PTXAS
+cuda_tests=(-p tessera-kernels --features cuda --locked --no-fail-fast --test cuda --test nvrtc)
 if cargo nextest --version >/dev/null 2>&1; then
-    cargo nextest run -p tessera-kernels --features cuda --locked --no-fail-fast --test cuda
+    LD_LIBRARY_PATH="$TESSERA_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo nextest run "${cuda_tests[@]}"
 else
-    cargo test -p tessera-kernels --features cuda --locked --no-fail-fast --test cuda
+    LD_LIBRARY_PATH="$TESSERA_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test "${cuda_tests[@]}"
 fi
 # Kubernetes manifests, Grafana dashboard and Dockerfile under deploy/: rendered with kustomize and
 # validated offline against Kubernetes' schemas (tools from PyPI into a cached venv), container

@@ -29,11 +29,11 @@ mod probe;
 #[cfg(feature = "cuda")]
 pub use attention::{CudaKv, CudaStep};
 #[cfg(feature = "cuda")]
-pub use device::{CudaBackend, CudaTensor, CudaWeight, DeviceInfo};
+pub use device::{CudaBackend, CudaTensor, CudaWeight, DeviceInfo, compile_kernels};
 #[cfg(feature = "cuda")]
 pub use moe::CudaRouting;
 #[cfg(feature = "cuda")]
-pub use probe::probe_libraries;
+pub use probe::{probe_libraries, probe_nvrtc};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;

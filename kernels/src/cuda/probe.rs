@@ -40,7 +40,17 @@ const LIBS: [Lib; 3] = [
 /// `Ok` when the driver, NVRTC and cuBLAS libraries can all be opened; otherwise
 /// `CudaNotAvailable` naming the first one missing (e.g. "libcuda.so.1 not found").
 pub fn probe_libraries() -> Result<()> {
-    for lib in &LIBS {
+    probe(&LIBS)
+}
+
+/// `Ok` when NVRTC alone can be opened: enough to compile the kernels, which needs no driver and
+/// no GPU (`compile_kernels`).
+pub fn probe_nvrtc() -> Result<()> {
+    probe(&LIBS[1..2])
+}
+
+fn probe(libs: &[Lib]) -> Result<()> {
+    for lib in libs {
         // SAFETY: the presence tests only `dlopen` candidate file names and drop the handle; they
         // call no CUDA function. Opening a library runs its initialisers, which for NVIDIA's
         // libraries is what every CUDA program does at start-up.
