@@ -8,8 +8,9 @@
 //! cuBLAS can be loaded: a machine without them gets [`BackendError::CudaNotAvailable`] naming
 //! what is missing, never a panic.
 //!
-//! Without the feature, [`CudaBackend::new`] always returns `CudaNotAvailable`, so callers need no
-//! `#[cfg]` of their own.
+//! Without the feature, [`CudaBackend::new`] always returns `CudaNotAvailable`; the types still
+//! exist (uninhabited, `stub.rs`) and implement [`crate::Backend`], so callers need no `#[cfg]` of
+//! their own: `Executor<CudaBackend>` compiles in every build and is simply never made.
 //!
 //! [`BackendError::CudaNotAvailable`]: crate::BackendError::CudaNotAvailable
 
@@ -38,4 +39,4 @@ pub use probe::{probe_libraries, probe_nvrtc};
 #[cfg(not(feature = "cuda"))]
 mod stub;
 #[cfg(not(feature = "cuda"))]
-pub use stub::CudaBackend;
+pub use stub::{CudaBackend, CudaKv, CudaRouting, CudaStep, CudaTensor, CudaWeight, Never};
