@@ -11,11 +11,9 @@ use serde_json::{Value, json};
 use tessera_common::{GenerationConfig, ShardSpec, load_model_spec};
 use tessera_coordinator::cluster::{LaunchOptions, LocalCluster};
 use tessera_coordinator::tokenizer::{IncrementalDecoder, Tokenizer};
-use tessera_kernels::cpu::CpuBackend;
-use tessera_worker::checkpoint::Checkpoint;
+use tessera_worker::device::{Device, ExecutorPlan, GroupLink, KvSize, load_executor};
 use tessera_worker::engine::{Engine, EngineConfig, GenerateOutput, GenerateRequest};
 use tessera_worker::executor::StepRunner;
-use tessera_worker::model::Model;
 use tessera_worker::sampling::SamplingParams;
 
 #[derive(Args, Debug)]
@@ -62,6 +60,8 @@ pub struct GenerateArgs {
     /// Positions per KV-cache block.
     #[arg(long, default_value_t = 16, env = "TESSERA_BLOCK_SIZE")]
     block_size: usize,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -132,6 +132,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             placement: None,
             step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
             cluster_tls: None,
+            device: args.device.config(0),
         };
         let cluster = LocalCluster::launch(&launch)?;
         return finish(
@@ -141,10 +142,20 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             &args,
         );
     }
-    let checkpoint = Checkpoint::open(dir)?;
-    let model = Model::load(CpuBackend, spec, &checkpoint, &ShardSpec::whole())?;
+    let device = args.device.config(0);
+    let plan = ExecutorPlan {
+        dir,
+        shard: ShardSpec::whole(),
+        link: GroupLink::Single,
+        kv: KvSize::Blocks(cache.num_blocks),
+        block_size: cache.block_size,
+        gpu_memory_utilization: device.gpu_memory_utilization,
+        metrics: None,
+    };
+    let runner = load_executor(Device::open(&device)?, plan)?.runner;
+    tracing::info!(device = %runner.backend(), "generating");
     finish(
-        Engine::new(model, cache)?,
+        Engine::with_runner(runner, cache),
         &request,
         tokenizer.as_ref(),
         &args,

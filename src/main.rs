@@ -5,6 +5,7 @@
 
 mod bench;
 mod demo;
+mod device;
 mod generate;
 mod loadgen;
 mod membership;

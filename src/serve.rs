@@ -26,13 +26,11 @@ use tessera_coordinator::serving::engine::{self, RunnerFactory};
 use tessera_coordinator::tls::incoming::{self, FailureLog};
 use tessera_coordinator::tls::{ClusterTls, PublicTls};
 use tessera_coordinator::tokenizer::Tokenizer;
-use tessera_kernels::cpu::CpuBackend;
 use tessera_membership::MembershipConfig;
 use tessera_worker::WorkerError;
-use tessera_worker::checkpoint::Checkpoint;
+use tessera_worker::device::{Device, ExecutorPlan, GroupLink, KvSize, load_executor};
 use tessera_worker::engine::EngineConfig;
-use tessera_worker::executor::{Executor, StepRunner};
-use tessera_worker::model::Model;
+use tessera_worker::executor::StepRunner;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -60,8 +58,9 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16, env = "TESSERA_BLOCK_SIZE")]
     pub block_size: usize,
     /// Memory each worker gives its KV cache, in MiB; the capacity is what the workers report.
-    #[arg(long, default_value_t = 256, env = "TESSERA_KV_CACHE_MIB")]
-    pub kv_cache_mib: u64,
+    /// Default: 256 on the CPU; on a GPU, what --gpu-memory-utilization leaves after the weights.
+    #[arg(long, env = "TESSERA_KV_CACHE_MIB")]
+    pub kv_cache_mib: Option<u64>,
     /// Most sequences in one step.
     #[arg(long, default_value_t = 64, env = "TESSERA_MAX_RUNNING")]
     pub max_running: usize,
@@ -98,6 +97,8 @@ pub struct ServeArgs {
     pub tls: crate::tls::PublicTlsArgs,
     #[command(flatten)]
     pub cluster_tls: crate::tls::ClusterTlsArgs,
+    #[command(flatten)]
+    pub device: crate::device::DeviceArgs,
 }
 
 /// The TLS settings the flags name, loaded (files read and checked) before anything starts.
@@ -247,7 +248,8 @@ fn factory(
         block_size: args.block_size,
         num_blocks: 0,
     };
-    let kv_bytes = args.kv_cache_mib << 20;
+    // 0: each worker sizes its cache for its device (KvSize::Auto).
+    let kv_bytes = args.kv_cache_mib.map_or(0, |mib| mib << 20);
     let dir = crate::demo::model_or_default(args.model.clone())?;
     let launch = LaunchOptions {
         exe: std::env::current_exe().context("locating the tessera executable")?,
@@ -258,6 +260,7 @@ fn factory(
         placement: None,
         step_timeout: std::time::Duration::from_secs(args.step_timeout_secs.max(1)),
         cluster_tls,
+        device: args.device.config(0),
     };
     if let Some((membership, wait)) = found {
         return Ok(discovered_factory(launch, membership, wait));
@@ -267,12 +270,21 @@ fn factory(
             Ok(Box::new(Cluster::launch(&launch)?) as Box<dyn StepRunner + Send>)
         }));
     }
+    let device = args.device.config(0);
     Ok(Box::new(move || {
-        let spec = load_model_spec(&dir)?;
-        let ckpt = Checkpoint::open(&dir)?;
-        let model = Model::load(CpuBackend, spec, &ckpt, &ShardSpec::whole())?;
-        let exec = Executor::with_kv_budget(model, kv_bytes, cache.block_size)?;
-        Ok(Box::new(exec) as Box<dyn StepRunner + Send>)
+        let plan = ExecutorPlan {
+            dir: &dir,
+            shard: ShardSpec::whole(),
+            link: GroupLink::Single,
+            kv: match kv_bytes {
+                0 => KvSize::Auto,
+                bytes => KvSize::Bytes(bytes),
+            },
+            block_size: cache.block_size,
+            gpu_memory_utilization: device.gpu_memory_utilization,
+            metrics: None,
+        };
+        Ok(load_executor(Device::open(&device)?, plan)?.runner)
     }))
 }
 

@@ -53,6 +53,12 @@ pub struct WorkerArgs {
     /// worker's certificate. The collective links between workers stay plain TCP.
     #[command(flatten)]
     cluster_tls: crate::tls::ClusterTlsArgs,
+    #[command(flatten)]
+    device: crate::device::DeviceArgs,
+    /// This worker's index among the workers on its host: with `--device cuda` (no ordinal) it
+    /// picks GPU `local-rank mod GPUs`. `serve --tp N` sets it for the workers it starts.
+    #[arg(long, default_value_t = 0, env = "TESSERA_LOCAL_RANK")]
+    local_rank: usize,
 }
 
 fn default_worker_id(port: u16) -> String {
@@ -76,6 +82,11 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             args.listen
         );
     }
+    // Open the device once before announcing anything, so a GPU that cannot be used stops the
+    // worker here with the reason; each LoadShard opens it again (a rebuilt group starts clean).
+    let device = args.device.config(args.local_rank);
+    let name = tessera_worker::device::Device::open(&device)?.name();
+    tracing::info!(device = %name, "worker device");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -153,6 +164,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             shutdown: Arc::clone(&shutdown),
             metrics,
             metrics_address,
+            device,
         });
         let stop = async move {
             tokio::select! {

@@ -35,6 +35,7 @@ fn a_killed_worker_fails_the_next_step_quickly_and_processes_are_reaped() {
         placement: None,
         step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
         cluster_tls: None,
+        device: Default::default(),
     };
     let cluster = LocalCluster::launch(&opts).unwrap();
     let pids: Vec<u32> = cluster.worker_pids().into_iter().flatten().collect();
@@ -105,6 +106,7 @@ fn an_explicit_placement_with_an_idle_rank_gives_the_same_tokens() {
         placement: Some(placement),
         step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
         cluster_tls: None,
+        device: Default::default(),
     };
     let mut engine = Engine::with_runner(LocalCluster::launch(&opts).unwrap(), cache);
     let reference = common::reference(&dir);

@@ -22,13 +22,13 @@ fi
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
-# Optional features the tests cover. `cuda` is checked on its own below, for tessera-kernels only:
-# it builds without a toolkit (cudarc loads CUDA at run time), but nothing else depends on it yet.
+# Optional features the tests cover. `cuda` builds without a toolkit (cudarc loads CUDA at run
+# time), so clippy checks the whole workspace with it too: the worker's device selection names
+# the real CUDA backend only in that build.
 features=(--features etcd)
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy --workspace --all-targets --locked "${features[@]}" -- -D warnings
-cargo clippy -p tessera-kernels --features cuda --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features etcd,cuda -- -D warnings
 echo "== tests"
 if cargo nextest --version >/dev/null 2>&1; then
     cargo nextest run --workspace --locked --no-fail-fast "${features[@]}"

@@ -14,6 +14,7 @@ use tessera_common::{ModelSpec, PlacementMap, load_model_spec};
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::worker_client::WorkerClient;
 use tessera_worker::WorkerError;
+use tessera_worker::device::DeviceConfig;
 use tessera_worker::engine::EngineConfig;
 use tessera_worker::executor::{SeqStep, StepResult, StepRunner};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -52,6 +53,9 @@ pub struct LaunchOptions {
     /// and accepts only workers whose certificate chains to the cluster CA. Launched workers get
     /// the same files. Plain gRPC when `None`.
     pub cluster_tls: Option<ClusterTls>,
+    /// The device launched workers run on; worker `i` is local rank `i` (its GPU, when the
+    /// device names none). Connected workers use their own `--device`.
+    pub device: DeviceConfig,
 }
 
 /// A worker's addresses, as it announces them.
@@ -138,11 +142,20 @@ async fn start_worker(
         .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-stdin"])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .args(tls_args)
+        .args(["--device", &opts.device.kind.to_string()])
+        .args([
+            "--gpu-memory-utilization",
+            &opts.device.gpu_memory_utilization.to_string(),
+        ])
+        .args(["--local-rank", &rank.to_string()])
         // The flags above say everything: settings in the environment must not override them.
         .env_remove("TESSERA_CLUSTER_CA")
         .env_remove("TESSERA_CLUSTER_CERT")
         .env_remove("TESSERA_CLUSTER_KEY")
         .env_remove("TESSERA_CLUSTER_SERVER_NAME")
+        .env_remove("TESSERA_DEVICE")
+        .env_remove("TESSERA_GPU_MEMORY_UTILIZATION")
+        .env_remove("TESSERA_LOCAL_RANK")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -101,12 +101,20 @@ impl KvSpec {
         Some((rows.checked_mul(self.k_dim)?, rows.checked_mul(self.v_dim)?))
     }
 
-    /// Bytes of K and V together (f32), or `None` on overflow.
-    pub fn bytes(&self) -> Option<u64> {
+    /// Bytes of K and V together at `element_bytes` per element (the backend's
+    /// [`Backend::kv_element_bytes`]), or `None` on overflow.
+    pub fn bytes(&self, element_bytes: usize) -> Option<u64> {
         let (k, v) = self.elements()?;
         let elems = u64::try_from(k).ok()?.checked_add(u64::try_from(v).ok()?)?;
-        elems.checked_mul(std::mem::size_of::<f32>() as u64)
+        elems.checked_mul(element_bytes as u64)
     }
+}
+
+/// A device's memory, as the driver reports it now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceMemory {
+    pub free: u64,
+    pub total: u64,
 }
 
 /// Attention over the paged cache for a step (causal within each sequence).
@@ -243,6 +251,15 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Bytes a KV cache could still take, if the backend can tell: callers refuse a larger cache
     /// instead of letting the allocation abort the process. `None`: no limit known.
     fn kv_memory_available(&self) -> Option<u64> {
+        None
+    }
+    /// Bytes of one stored K or V element (f32 on the CPU, bf16 on the GPU).
+    fn kv_element_bytes(&self) -> usize {
+        std::mem::size_of::<f32>()
+    }
+    /// The memory of a device with its own (GPU), for sizing the KV cache from what is left after
+    /// the weights; `None` for host memory.
+    fn device_memory(&self) -> Option<DeviceMemory> {
         None
     }
     /// Stores the step's new keys and values into their slots.

@@ -19,8 +19,8 @@ mod error;
 mod host;
 
 pub use backend::{
-    AttentionParams, Backend, ExpertWeights, GroupScore, KvSpec, RopeApply, RopeLayout, RopeTable,
-    RouterParams, Scoring, SeqMeta, StepMeta,
+    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, RopeApply,
+    RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta,
 };
 pub use dtype::DType;
 pub use error::BackendError;

@@ -88,6 +88,39 @@ pub trait StepRunner {
     }
 }
 
+impl<R: StepRunner + ?Sized> StepRunner for Box<R> {
+    fn spec(&self) -> &ModelSpec {
+        (**self).spec()
+    }
+    fn step(&mut self, seqs: &[SeqStep]) -> Result<StepResult, WorkerError> {
+        (**self).step(seqs)
+    }
+    fn release(&mut self, seq_ids: &[u64]) {
+        (**self).release(seq_ids)
+    }
+    fn num_blocks(&self) -> usize {
+        (**self).num_blocks()
+    }
+    fn block_size(&self) -> usize {
+        (**self).block_size()
+    }
+    fn backend(&self) -> String {
+        (**self).backend()
+    }
+    fn set_placement(&mut self, placement: &PlacementMap) -> Result<(), WorkerError> {
+        (**self).set_placement(placement)
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn metrics_addresses(&self) -> Vec<String> {
+        (**self).metrics_addresses()
+    }
+    fn check_health(&mut self) -> Result<(), WorkerError> {
+        (**self).check_health()
+    }
+}
+
 impl<B: Backend> StepRunner for Executor<B> {
     fn spec(&self) -> &ModelSpec {
         Executor::spec(self)
@@ -142,10 +175,11 @@ impl<B: Backend> Executor<B> {
         bytes: u64,
         block_size: usize,
     ) -> Result<Self, WorkerError> {
+        let element = model.backend().kv_element_bytes();
         let per_block = model
             .kv_specs(1, block_size)
             .iter()
-            .try_fold(0u64, |sum, s| sum.checked_add(s.bytes()?))
+            .try_fold(0u64, |sum, s| sum.checked_add(s.bytes(element)?))
             .ok_or_else(|| {
                 WorkerError::KvCacheTooLarge(format!(
                     "one block of {block_size} positions overflows 64 bits"
@@ -163,7 +197,8 @@ impl<B: Backend> Executor<B> {
     /// than aborting on allocation) when the pool overflows or exceeds the memory available.
     pub fn new(model: Model<B>, num_blocks: usize, block_size: usize) -> Result<Self, WorkerError> {
         let specs = model.kv_specs(num_blocks, block_size);
-        crate::kv_cache::check_size(&specs, model.backend().kv_memory_available())?;
+        let b = model.backend();
+        crate::kv_cache::check_size(&specs, b.kv_element_bytes(), b.kv_memory_available())?;
         let cache = KvCache::new(model.backend(), specs)?;
         Ok(Executor {
             model,

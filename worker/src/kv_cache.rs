@@ -44,9 +44,14 @@ impl<B: Backend> KvCache<B> {
 /// Most blocks a cache may have: block ids are u32 on the wire and in block tables.
 pub const MAX_BLOCKS: usize = u32::MAX as usize;
 
-/// Refuses a cache of `specs` (one per layer) whose size overflows, whose block ids would not fit
-/// in u32, or which needs more than `available` bytes: the allocation would abort the process.
-pub fn check_size(specs: &[KvSpec], available: Option<u64>) -> Result<u64, WorkerError> {
+/// Refuses a cache of `specs` (one per layer, `element_bytes` per stored element) whose size
+/// overflows, whose block ids would not fit in u32, or which needs more than `available` bytes:
+/// the allocation would abort the process.
+pub fn check_size(
+    specs: &[KvSpec],
+    element_bytes: usize,
+    available: Option<u64>,
+) -> Result<u64, WorkerError> {
     let Some(first) = specs.first() else {
         return Ok(0);
     };
@@ -63,7 +68,7 @@ pub fn check_size(specs: &[KvSpec], available: Option<u64>) -> Result<u64, Worke
     }
     let bytes = specs
         .iter()
-        .try_fold(0u64, |sum, s| sum.checked_add(s.bytes()?))
+        .try_fold(0u64, |sum, s| sum.checked_add(s.bytes(element_bytes)?))
         .ok_or_else(|| {
             WorkerError::KvCacheTooLarge(format!("{what}: the byte count overflows 64 bits"))
         })?;
@@ -132,21 +137,21 @@ mod tests {
             v_dim: 64,
         };
         // 16 × 2 × 128 f32 = 16 KiB a block and layer.
-        assert_eq!(check_size(&[spec(4); 2], None).unwrap(), 2 * 4 * 16384);
-        assert_eq!(check_size(&[], Some(0)).unwrap(), 0);
-        let err = check_size(&[spec(1 << 20); 2], Some(1 << 30)).unwrap_err();
+        assert_eq!(check_size(&[spec(4); 2], 4, None).unwrap(), 2 * 4 * 16384);
+        assert_eq!(check_size(&[], 4, Some(0)).unwrap(), 0);
+        let err = check_size(&[spec(1 << 20); 2], 4, Some(1 << 30)).unwrap_err();
         assert!(
             err.to_string()
                 .contains("need 32768 MiB, more than the 1024 MiB of memory available"),
             "{err}"
         );
-        let err = check_size(&[spec(usize::MAX)], None).unwrap_err();
+        let err = check_size(&[spec(usize::MAX)], 4, None).unwrap_err();
         assert!(err.to_string().contains("block ids"), "{err}");
         let wide = KvSpec {
             k_dim: usize::MAX / 4,
             ..spec(8)
         };
-        let err = check_size(&[wide], None).unwrap_err();
+        let err = check_size(&[wide], 4, None).unwrap_err();
         assert!(err.to_string().contains("overflows 64 bits"), "{err}");
     }
 

@@ -5,6 +5,7 @@
 //!   routed MoE), each written once and generic over the compute [`Backend`](tessera_kernels::Backend).
 //! - [`collective`]: all-reduce, all-gather, all-to-all and broadcast among the ranks of a
 //!   replica, with deadlines.
+//! - [`device`]: `--device` selection (CPU or CUDA) and building an executor on the device.
 //! - [`model`]: a decoder assembled from a [`ModelSpec`](tessera_common::ModelSpec).
 //! - [`kv_cache`]: paged KV cache blocks and their allocator.
 //! - [`sampling`]: temperature / top-k / top-p sampling and log-probabilities.
@@ -17,6 +18,7 @@
 
 pub mod checkpoint;
 pub mod collective;
+pub mod device;
 pub mod engine;
 mod error;
 pub mod executor;

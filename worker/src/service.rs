@@ -11,19 +11,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tessera_common::{ShardSpec, load_model_spec};
-use tessera_kernels::Backend;
-use tessera_kernels::cpu::CpuBackend;
+use tessera_common::ShardSpec;
 use tessera_proto::worker::v1 as pb;
 use tonic::{Request, Response, Status};
 
 use crate::WorkerError;
-use crate::checkpoint::Checkpoint;
-use crate::collective::{Collective, SingleRank, TcpRank};
-use crate::executor::{Executor, SeqStep};
-use crate::layers::TpContext;
-use crate::metrics::{TimedCollective, WorkerMetrics};
-use crate::model::Model;
+use crate::collective::TcpRank;
+use crate::device::{
+    Device, DeviceConfig, ExecutorPlan, GroupLink, KvSize, LoadedExecutor, load_executor,
+};
+use crate::executor::{SeqStep, StepRunner};
+use crate::metrics::WorkerMetrics;
 use crate::wire::step_response;
 
 /// How long a rank waits for its peers, at bootstrap and in every collective, unless the
@@ -31,7 +29,9 @@ use crate::wire::step_response;
 const COLLECTIVE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct WorkerService {
-    executor: Arc<Mutex<Option<Executor<CpuBackend>>>>,
+    executor: Arc<Mutex<Option<Box<dyn StepRunner + Send>>>>,
+    /// The device each shard loads onto (opened anew per load: a rebuilt group starts clean).
+    device: DeviceConfig,
     /// Bound at start so its address can be announced before any shard is assigned; kept for
     /// the worker's lifetime, because a rebuilt group (after a peer died) loads shards again.
     collective_listener: TcpListener,
@@ -54,6 +54,8 @@ pub struct WorkerServiceConfig {
     pub metrics: Arc<WorkerMetrics>,
     /// Where `metrics` are served, if anywhere.
     pub metrics_address: Option<String>,
+    /// Where shards run (`--device`, `--gpu-memory-utilization`).
+    pub device: DeviceConfig,
 }
 
 impl WorkerService {
@@ -64,6 +66,7 @@ impl WorkerService {
             shutdown: cfg.shutdown,
             metrics: cfg.metrics,
             metrics_address: cfg.metrics_address,
+            device: cfg.device,
             rank: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),
             kv_blocks: AtomicU64::new(0),
@@ -78,6 +81,7 @@ fn status(e: WorkerError) -> Status {
         | WorkerError::Config(_)
         | WorkerError::KvCacheTooLarge(_) => Status::invalid_argument(e.to_string()),
         WorkerError::OutOfBlocks { .. } => Status::resource_exhausted(e.to_string()),
+        WorkerError::Device(_) => Status::failed_precondition(e.to_string()),
         _ => Status::internal(e.to_string()),
     }
 }
@@ -112,20 +116,23 @@ fn load(
     req: pb::LoadShardRequest,
     listener: Option<TcpListener>,
     metrics: &WorkerMetrics,
-) -> Result<(Executor<CpuBackend>, u64), WorkerError> {
+    device: &DeviceConfig,
+) -> Result<LoadedExecutor, WorkerError> {
     let dir = PathBuf::from(&req.model_dir);
     let shard = shard_of(&req)?;
     let timeout = match req.collective_timeout_ms {
         0 => COLLECTIVE_TIMEOUT,
         ms => Duration::from_millis(u64::from(ms)),
     };
-    let comm: Arc<dyn Collective<CpuBackend>> = match (shard.world_size, shard.rank) {
-        (1, _) => Arc::new(SingleRank),
+    // The device first: a GPU that cannot be opened fails the load before peers are waited for.
+    let opened = Device::open(device)?;
+    let link = match (shard.world_size, shard.rank) {
+        (1, _) => GroupLink::Single,
         (world, 0) => {
             let l = listener.ok_or_else(|| {
                 WorkerError::Plan("this worker's collective listener is already in use".into())
             })?;
-            Arc::new(TcpRank::root(l, world, timeout)?)
+            GroupLink::Host(Arc::new(TcpRank::root(l, world, timeout)?))
         }
         (world, rank) => {
             let root: SocketAddr = req
@@ -138,26 +145,26 @@ fn load(
                         req.peer_addresses.first()
                     ))
                 })?;
-            Arc::new(TcpRank::join(rank, world, root, timeout)?)
+            GroupLink::Host(Arc::new(TcpRank::join(rank, world, root, timeout)?))
         }
     };
-    let comm: Arc<dyn Collective<CpuBackend>> = Arc::new(TimedCollective::new(comm, metrics));
-    let spec = load_model_spec(&dir)?;
-    let ckpt = Checkpoint::open(&dir)?;
-    let model = Model::load_rank(CpuBackend, spec, &ckpt, TpContext { shard, comm })?;
-    let bytes = ckpt
-        .touched()
-        .iter()
-        .filter_map(|n| ckpt.info(n).ok())
-        .map(|i| i.shape.iter().product::<usize>() as u64 * i.dtype.size() as u64)
-        .sum();
-    let block_size = req.block_size.max(1) as usize;
-    let executor = if req.kv_blocks > 0 {
-        Executor::new(model, req.kv_blocks as usize, block_size)?
-    } else {
-        Executor::with_kv_budget(model, req.kv_cache_bytes, block_size)?
+    let kv = match (req.kv_blocks, req.kv_cache_bytes) {
+        (0, 0) => KvSize::Auto,
+        (0, bytes) => KvSize::Bytes(bytes),
+        (blocks, _) => KvSize::Blocks(usize::try_from(blocks).unwrap_or(usize::MAX)),
     };
-    Ok((executor, bytes))
+    load_executor(
+        opened,
+        ExecutorPlan {
+            dir: &dir,
+            shard,
+            link,
+            kv,
+            block_size: req.block_size.max(1) as usize,
+            gpu_memory_utilization: device.gpu_memory_utilization,
+            metrics: Some(metrics),
+        },
+    )
 }
 
 async fn blocking<T: Send + 'static>(
@@ -184,14 +191,17 @@ impl pb::worker_server::Worker for WorkerService {
         let listener = self.collective_listener.try_clone().ok();
         let rank = shard_of(&req).map_err(status)?.rank;
         let metrics = Arc::clone(&self.metrics);
-        let (executor, weight_bytes) =
-            blocking(move || load(req, listener, &metrics).map_err(status)).await?;
+        let device = self.device;
+        let LoadedExecutor {
+            runner: executor,
+            weight_bytes,
+        } = blocking(move || load(req, listener, &metrics, &device).map_err(status)).await?;
         self.rank.store(rank, Ordering::Relaxed);
         self.metrics.loaded(rank, executor.num_blocks());
         let reply = pb::LoadShardResponse {
             kv_blocks: executor.num_blocks() as u64,
             weight_bytes,
-            backend: CpuBackend.name(),
+            backend: executor.backend(),
             metrics_address: self.metrics_address.clone().unwrap_or_default(),
         };
         *self
@@ -238,7 +248,7 @@ impl pb::worker_server::Worker for WorkerService {
                 .into_inner()
                 .seq_ids
                 .into_iter()
-                .for_each(|id| exec.release(id));
+                .for_each(|id| exec.release(&[id]));
         }
         Ok(Response::new(pb::ReleaseResponse {}))
     }

@@ -154,6 +154,21 @@ impl CudaBackend {
         }
     }
 
+    /// How many CUDA devices the driver sees; `CudaNotAvailable` without a driver.
+    pub fn device_count() -> Result<usize> {
+        probe::probe_libraries()?;
+        let count = std::panic::catch_unwind(CudaContext::device_count)
+            .map_err(|_| {
+                BackendError::CudaNotAvailable(
+                    "the CUDA driver failed while counting devices (driver older than the CUDA \
+                     13.0 bindings?)"
+                        .into(),
+                )
+            })?
+            .map_err(|e| not_available(0, "cuInit / cuDeviceGetCount failed", e))?;
+        Ok(count.max(0) as usize)
+    }
+
     fn open(ordinal: usize) -> Result<Self> {
         let count = CudaContext::device_count()
             .map_err(|e| not_available(ordinal, "cuInit / cuDeviceGetCount failed", e))?;

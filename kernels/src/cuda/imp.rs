@@ -5,8 +5,8 @@ use super::attention::{CudaKv, CudaStep};
 use super::device::{CudaBackend, CudaTensor, CudaWeight};
 use super::moe::CudaRouting;
 use crate::{
-    AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvSpec, Result, RopeApply,
-    RopeTable, RouterParams, StepMeta,
+    AttentionParams, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor, KvSpec,
+    Result, RopeApply, RopeTable, RouterParams, StepMeta,
 };
 
 impl Backend for CudaBackend {
@@ -115,6 +115,23 @@ impl Backend for CudaBackend {
 
     fn alloc_kv(&self, spec: KvSpec) -> Result<CudaKv> {
         self.alloc_kv_impl(spec)
+    }
+
+    fn kv_memory_available(&self) -> Option<u64> {
+        self.device_memory().map(|m| m.free)
+    }
+
+    fn kv_element_bytes(&self) -> usize {
+        // K and V are stored as bf16 (attention.rs).
+        2
+    }
+
+    fn device_memory(&self) -> Option<DeviceMemory> {
+        let (free, total) = self.ctx.mem_get_info().ok()?;
+        Some(DeviceMemory {
+            free: free as u64,
+            total: total as u64,
+        })
     }
 
     fn write_kv(

@@ -41,6 +41,11 @@ impl CudaBackend {
         )))
     }
 
+    /// How many CUDA devices there are: always [`BackendError::CudaNotAvailable`] in this build.
+    pub fn device_count() -> Result<usize> {
+        Self::new(0).map(|_| 0)
+    }
+
     /// Waits for queued device work; nothing can be queued in this build.
     pub fn synchronize(&self) -> Result<()> {
         match self.never {}

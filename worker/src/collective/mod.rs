@@ -9,15 +9,18 @@
 //!
 //! [`SingleRank`] is the world of one (every operation is the identity). [`InProcessGroup`] joins
 //! ranks running as threads of one process (tests, and an embedded single-host mode); [`TcpRank`]
-//! joins worker processes over TCP; NCCL on GPUs implements the same trait.
+//! joins worker processes over TCP; NCCL on GPUs implements the same trait. [`HostStaged`] lets a
+//! device backend use any host collective by copying through host memory.
 
 mod in_process;
+mod staged;
 mod tcp;
 
 use std::borrow::Borrow;
 use std::time::Duration;
 
 pub use in_process::{InProcessGroup, InProcessRank};
+pub use staged::HostStaged;
 pub use tcp::TcpRank;
 use tessera_kernels::Backend;
 use tessera_kernels::cpu::CpuTensor;

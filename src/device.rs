@@ -1,0 +1,30 @@
+//! The `--device` and `--gpu-memory-utilization` flags, shared by every command that runs the
+//! model (`generate`, `serve`, `coordinator`, `worker`, `bench`).
+
+use clap::Args;
+use tessera_worker::device::{DEFAULT_GPU_MEMORY_UTILIZATION, DeviceConfig, DeviceKind};
+
+#[derive(Args, Debug, Clone)]
+pub struct DeviceArgs {
+    /// Where the model runs: `auto` (a GPU when one and the CUDA libraries are present, else the
+    /// CPU), `cpu`, `cuda` (the GPU picked by the worker's local rank) or `cuda:N` (GPU N).
+    /// Launched workers inherit it. The chosen device is logged and reported by GetModelInfo.
+    #[arg(long, default_value = "auto", env = "TESSERA_DEVICE")]
+    pub device: DeviceKind,
+    /// Share of each GPU's memory a process may fill: weights, KV cache and activations. The KV
+    /// cache gets what is free after the weights less the rest of the GPU (vLLM's rule), unless
+    /// --kv-cache-mib says otherwise. In (0, 1]; ignored on the CPU.
+    #[arg(long, default_value_t = DEFAULT_GPU_MEMORY_UTILIZATION, env = "TESSERA_GPU_MEMORY_UTILIZATION")]
+    pub gpu_memory_utilization: f32,
+}
+
+impl DeviceArgs {
+    /// The settings of a process that is rank `local_rank` among its host's workers.
+    pub fn config(&self, local_rank: usize) -> DeviceConfig {
+        DeviceConfig {
+            kind: self.device,
+            gpu_memory_utilization: self.gpu_memory_utilization,
+            local_rank,
+        }
+    }
+}

@@ -1,0 +1,361 @@
+//! Which device runs the model (`--device auto|cpu|cuda|cuda:N`), and building a step executor on
+//! it: the one place where the CPU and CUDA backends are told apart at run time.
+//!
+//! Everything after [`load_executor`] is generic over the backend and sees a
+//! `Box<dyn StepRunner + Send>`. In a build without the `cuda` feature `CudaBackend` still exists
+//! (uninhabited), so this module needs no `#[cfg]`: asking for CUDA there is a typed
+//! "CUDA not available" error, and `auto` quietly picks the CPU.
+//!
+//! The KV cache is sized here too, because a GPU sizes it from its own memory: with
+//! [`KvSize::Auto`] a GPU gives the KV cache what is free after the weights, less the share
+//! `--gpu-memory-utilization` keeps back for activations and workspaces (vLLM's rule); the CPU
+//! takes [`DEFAULT_CPU_KV_BYTES`].
+
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use tessera_common::{ShardSpec, load_model_spec};
+use tessera_kernels::cpu::CpuBackend;
+use tessera_kernels::cuda::CudaBackend;
+use tessera_kernels::{Backend, BackendError};
+
+use crate::WorkerError;
+use crate::checkpoint::Checkpoint;
+use crate::collective::{Collective, HostStaged, SingleRank};
+use crate::executor::{Executor, StepRunner};
+use crate::layers::TpContext;
+use crate::metrics::{TimedCollective, WorkerMetrics};
+use crate::model::Model;
+
+/// KV-cache memory on the CPU when nobody says how much.
+pub const DEFAULT_CPU_KV_BYTES: u64 = 256 << 20;
+
+/// The share of GPU memory the process may use, weights and KV cache included, by default.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION: f32 = 0.9;
+
+/// The device a user asked for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// CUDA when a GPU and its libraries are present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    /// A GPU: `ordinal` or, when unset, the process's local rank modulo the GPUs there are.
+    Cuda {
+        ordinal: Option<usize>,
+    },
+}
+
+impl FromStr for DeviceKind {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(DeviceKind::Auto),
+            "cpu" => Ok(DeviceKind::Cpu),
+            "cuda" => Ok(DeviceKind::Cuda { ordinal: None }),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| DeviceKind::Cuda { ordinal: Some(n) })
+                .ok_or_else(|| {
+                    format!("unknown device {other:?}: expected auto, cpu, cuda or cuda:N")
+                }),
+        }
+    }
+}
+
+impl fmt::Display for DeviceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceKind::Auto => f.write_str("auto"),
+            DeviceKind::Cpu => f.write_str("cpu"),
+            DeviceKind::Cuda { ordinal: None } => f.write_str("cuda"),
+            DeviceKind::Cuda { ordinal: Some(n) } => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Device settings of a process that runs the model.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DeviceConfig {
+    /// Default: [`DeviceKind::Auto`].
+    pub kind: DeviceKind,
+    /// Share of a GPU's memory this process may fill (weights, KV cache, activations), in (0, 1].
+    /// Default: [`DEFAULT_GPU_MEMORY_UTILIZATION`]. Ignored on the CPU.
+    pub gpu_memory_utilization: f32,
+    /// This process's index among the workers of its host, which picks its GPU when
+    /// [`DeviceKind::Cuda`] names none (0 for a single process).
+    pub local_rank: usize,
+}
+
+impl Default for DeviceConfig {
+    fn default() -> Self {
+        DeviceConfig {
+            kind: DeviceKind::Auto,
+            gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
+            local_rank: 0,
+        }
+    }
+}
+
+impl DeviceConfig {
+    pub fn validate(&self) -> Result<(), WorkerError> {
+        let u = self.gpu_memory_utilization;
+        if !(u > 0.0 && u <= 1.0) {
+            return Err(WorkerError::Device(format!(
+                "--gpu-memory-utilization {u}: must be in (0, 1]"
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// An opened device.
+pub enum Device {
+    Cpu(CpuBackend),
+    Cuda(CudaBackend),
+}
+
+impl Device {
+    /// Opens what `cfg` asks for. `auto` falls back to the CPU only when CUDA is *not
+    /// available* (no driver, libraries or GPU, or a build without the feature); a GPU that is
+    /// present but fails to open is an error, not a silent switch to a much slower device.
+    pub fn open(cfg: &DeviceConfig) -> Result<Device, WorkerError> {
+        cfg.validate()?;
+        let cuda = |ordinal: Option<usize>| -> Result<CudaBackend, BackendError> {
+            let ordinal = match ordinal {
+                Some(n) => n,
+                None => cfg.local_rank % CudaBackend::device_count()?.max(1),
+            };
+            CudaBackend::new(ordinal)
+        };
+        match cfg.kind {
+            DeviceKind::Cpu => Ok(Device::Cpu(CpuBackend)),
+            DeviceKind::Cuda { ordinal } => cuda(ordinal)
+                .map(Device::Cuda)
+                .map_err(|e| WorkerError::Device(format!("--device {}: {e}", cfg.kind))),
+            DeviceKind::Auto => match cuda(None) {
+                Ok(b) => Ok(Device::Cuda(b)),
+                Err(BackendError::CudaNotAvailable(why)) => {
+                    tracing::info!(%why, "no usable GPU; running on the CPU");
+                    Ok(Device::Cpu(CpuBackend))
+                }
+                Err(e) => Err(WorkerError::Device(format!(
+                    "--device auto: a GPU is present but could not be used: {e} (pass --device \
+                     cpu to run on the CPU)"
+                ))),
+            },
+        }
+    }
+
+    /// For logs and model info, e.g. "cpu (16 threads)" or "cuda:0 (NVIDIA H100 80GB HBM3)".
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu(b) => b.name(),
+            Device::Cuda(b) => b.name(),
+        }
+    }
+}
+
+/// How big the KV pool is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvSize {
+    /// Exactly this many blocks.
+    Blocks(usize),
+    /// As many blocks as this many bytes hold.
+    Bytes(u64),
+    /// What the device allows (see the module docs).
+    Auto,
+}
+
+/// How this rank reaches the other ranks of its group.
+pub enum GroupLink {
+    /// A world of one.
+    Single,
+    /// A host collective (TCP between processes); device tensors are staged through the host.
+    Host(Arc<dyn Collective<CpuBackend>>),
+}
+
+/// Everything [`load_executor`] needs besides the device.
+pub struct ExecutorPlan<'a> {
+    /// The Hugging Face model folder.
+    pub dir: &'a Path,
+    pub shard: ShardSpec,
+    pub link: GroupLink,
+    pub kv: KvSize,
+    pub block_size: usize,
+    pub gpu_memory_utilization: f32,
+    /// Times every collective when given (workers); `None` in a single process.
+    pub metrics: Option<&'a WorkerMetrics>,
+}
+
+/// A loaded executor and what it took.
+pub struct LoadedExecutor {
+    pub runner: Box<dyn StepRunner + Send>,
+    /// Bytes of the checkpoint tensors this rank loaded.
+    pub weight_bytes: u64,
+}
+
+/// Loads `plan`'s shard of the model onto `device` and sizes its KV cache.
+pub fn load_executor(
+    device: Device,
+    plan: ExecutorPlan<'_>,
+) -> Result<LoadedExecutor, WorkerError> {
+    match device {
+        Device::Cpu(b) => {
+            let comm: Arc<dyn Collective<CpuBackend>> = match &plan.link {
+                GroupLink::Single => Arc::new(SingleRank),
+                GroupLink::Host(c) => Arc::clone(c),
+            };
+            build(b, comm, plan)
+        }
+        Device::Cuda(b) => {
+            let comm: Arc<dyn Collective<CudaBackend>> = match &plan.link {
+                GroupLink::Single => Arc::new(SingleRank),
+                GroupLink::Host(c) => Arc::new(HostStaged::new(Arc::clone(c))),
+            };
+            build(b, comm, plan)
+        }
+    }
+}
+
+fn build<B: Backend>(
+    backend: B,
+    comm: Arc<dyn Collective<B>>,
+    plan: ExecutorPlan<'_>,
+) -> Result<LoadedExecutor, WorkerError> {
+    let comm: Arc<dyn Collective<B>> = match plan.metrics {
+        Some(m) => Arc::new(TimedCollective::new(comm, m)),
+        None => comm,
+    };
+    let spec = load_model_spec(plan.dir)?;
+    let ckpt = Checkpoint::open(plan.dir)?;
+    let tp = TpContext {
+        shard: plan.shard,
+        comm,
+    };
+    let model = Model::load_rank(backend, spec, &ckpt, tp)?;
+    let weight_bytes = ckpt
+        .touched()
+        .iter()
+        .filter_map(|n| ckpt.info(n).ok())
+        .map(|i| i.shape.iter().product::<usize>() as u64 * i.dtype.size() as u64)
+        .sum();
+    let block_size = plan.block_size.max(1);
+    let exec = match plan.kv {
+        KvSize::Blocks(n) => Executor::new(model, n, block_size)?,
+        KvSize::Bytes(bytes) => Executor::with_kv_budget(model, bytes, block_size)?,
+        KvSize::Auto => {
+            let bytes = auto_kv_bytes(model.backend(), plan.gpu_memory_utilization)?;
+            Executor::with_kv_budget(model, bytes, block_size)?
+        }
+    };
+    tracing::info!(
+        backend = %exec.backend(),
+        weights_mib = weight_bytes >> 20,
+        kv_blocks = exec.num_blocks(),
+        block_size,
+        "model loaded"
+    );
+    Ok(LoadedExecutor {
+        runner: Box::new(exec),
+        weight_bytes,
+    })
+}
+
+/// The KV budget of [`KvSize::Auto`]: on a GPU, the memory still free after the weights less the
+/// `1 - utilization` share of the whole device kept back for activations, cuBLAS workspaces and
+/// the driver; on the CPU, [`DEFAULT_CPU_KV_BYTES`].
+pub fn auto_kv_bytes<B: Backend>(backend: &B, utilization: f32) -> Result<u64, WorkerError> {
+    let Some(mem) = backend.device_memory() else {
+        return Ok(DEFAULT_CPU_KV_BYTES);
+    };
+    let reserve = ((1.0 - f64::from(utilization)) * mem.total as f64) as u64;
+    let budget = mem.free.saturating_sub(reserve);
+    let mib = |b: u64| b >> 20;
+    if budget == 0 {
+        return Err(WorkerError::KvCacheTooLarge(format!(
+            "no GPU memory left for the KV cache: {} MiB of {} MiB free after loading the \
+             weights, and --gpu-memory-utilization {utilization} keeps {} MiB back; raise it, or \
+             spread the model over more GPUs",
+            mib(mem.free),
+            mib(mem.total),
+            mib(reserve)
+        )));
+    }
+    tracing::info!(
+        free_mib = mib(mem.free),
+        total_mib = mib(mem.total),
+        kv_mib = mib(budget),
+        utilization,
+        "sizing the KV cache from GPU memory"
+    );
+    Ok(budget)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_names_parse_and_print_back() {
+        for s in ["auto", "cpu", "cuda", "cuda:3"] {
+            assert_eq!(s.parse::<DeviceKind>().unwrap().to_string(), s);
+        }
+        for bad in ["gpu", "cuda:", "cuda:x", "CPU"] {
+            let err = bad.parse::<DeviceKind>().unwrap_err();
+            assert!(err.contains(bad) && err.contains("cuda:N"), "{err}");
+        }
+    }
+
+    #[test]
+    fn utilization_outside_zero_one_is_refused() {
+        for u in [0.0, -0.5, 1.01, f32::NAN] {
+            let cfg = DeviceConfig {
+                gpu_memory_utilization: u,
+                ..DeviceConfig::default()
+            };
+            let err = Device::open(&cfg).err().expect("refused");
+            assert!(
+                err.to_string().contains("--gpu-memory-utilization"),
+                "{err}"
+            );
+        }
+    }
+
+    /// Without a GPU (this build or this machine), `cpu` and `auto` give the CPU and `cuda`
+    /// names why it is not available. On a GPU machine only the `cpu` case is checked.
+    #[test]
+    fn cpu_is_always_there_and_cuda_says_why_not() {
+        let open = |kind| {
+            Device::open(&DeviceConfig {
+                kind,
+                ..DeviceConfig::default()
+            })
+        };
+        assert!(matches!(open(DeviceKind::Cpu), Ok(Device::Cpu(_))));
+        if CudaBackend::device_count().is_ok() {
+            return;
+        }
+        assert!(matches!(open(DeviceKind::Auto), Ok(Device::Cpu(_))));
+        let err = open(DeviceKind::Cuda { ordinal: Some(0) })
+            .err()
+            .expect("no GPU");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("--device cuda:0") && msg.contains("CUDA not available"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn the_cpu_kv_budget_is_the_default() {
+        assert_eq!(
+            auto_kv_bytes(&CpuBackend, 0.9).unwrap(),
+            DEFAULT_CPU_KV_BYTES
+        );
+    }
+}
