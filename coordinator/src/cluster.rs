@@ -133,6 +133,7 @@ async fn start_worker(
     rank: usize,
 ) -> Result<(Child, String, String), WorkerError> {
     let exe = &opts.exe;
+    let device = opts.device.share_among(opts.world_size);
     let tls_args = opts
         .cluster_tls
         .as_ref()
@@ -142,10 +143,10 @@ async fn start_worker(
         .args(["worker", "--listen", "127.0.0.1:0", "--exit-with-stdin"])
         .args(["--metrics-listen", "127.0.0.1:0"])
         .args(tls_args)
-        .args(["--device", &opts.device.kind.to_string()])
+        .args(["--device", &device.kind.to_string()])
         .args([
             "--gpu-memory-utilization",
-            &opts.device.gpu_memory_utilization.to_string(),
+            &device.gpu_memory_utilization.to_string(),
         ])
         .args(["--local-rank", &rank.to_string()])
         // The flags above say everything: settings in the environment must not override them.

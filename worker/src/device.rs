@@ -7,9 +7,10 @@
 //! "CUDA not available" error, and `auto` quietly picks the CPU.
 //!
 //! The KV cache is sized here too, because a GPU sizes it from its own memory: with
-//! [`KvSize::Auto`] a GPU gives the KV cache what is free after the weights, less the share
-//! `--gpu-memory-utilization` keeps back for activations and workspaces (vLLM's rule); the CPU
-//! takes [`DEFAULT_CPU_KV_BYTES`].
+//! [`KvSize::Auto`] a process may fill `--gpu-memory-utilization` of its GPU (vLLM's rule), and
+//! the KV cache gets what the weights and an activation reserve leave of that
+//! ([`auto_kv_bytes`]); the CPU takes [`DEFAULT_CPU_KV_BYTES`]. Worker processes that share a GPU
+//! split the utilization between them ([`DeviceConfig::share_among`]).
 
 use std::fmt;
 use std::path::Path;
@@ -110,6 +111,28 @@ impl DeviceConfig {
             )));
         }
         Ok(())
+    }
+}
+
+impl DeviceConfig {
+    /// The settings for one of `workers` processes started on this host: when they are more
+    /// than the GPUs here, each gets its part of the utilization (two workers on one GPU at 0.9
+    /// get 0.45 each). Without a GPU nothing changes.
+    pub fn share_among(&self, workers: usize) -> DeviceConfig {
+        let gpus = match self.kind {
+            DeviceKind::Cpu | DeviceKind::Cuda { ordinal: Some(_) } => 1,
+            _ => CudaBackend::device_count().unwrap_or(0),
+        };
+        let per_gpu = match (self.kind, gpus) {
+            (DeviceKind::Cpu, _) | (_, 0) => 1,
+            // One named GPU takes every worker.
+            (DeviceKind::Cuda { ordinal: Some(_) }, _) => workers.max(1),
+            _ => workers.div_ceil(gpus).max(1),
+        };
+        DeviceConfig {
+            gpu_memory_utilization: self.gpu_memory_utilization / per_gpu as f32,
+            ..*self
+        }
     }
 }
 
@@ -249,7 +272,7 @@ fn build<B: Backend>(
         KvSize::Blocks(n) => Executor::new(model, n, block_size)?,
         KvSize::Bytes(bytes) => Executor::with_kv_budget(model, bytes, block_size)?,
         KvSize::Auto => {
-            let bytes = auto_kv_bytes(model.backend(), plan.gpu_memory_utilization)?;
+            let bytes = auto_kv_bytes(model.backend(), plan.gpu_memory_utilization, weight_bytes)?;
             Executor::with_kv_budget(model, bytes, block_size)?
         }
     };
@@ -266,29 +289,45 @@ fn build<B: Backend>(
     })
 }
 
-/// The KV budget of [`KvSize::Auto`]: on a GPU, the memory still free after the weights less the
-/// `1 - utilization` share of the whole device kept back for activations, cuBLAS workspaces and
-/// the driver; on the CPU, [`DEFAULT_CPU_KV_BYTES`].
-pub fn auto_kv_bytes<B: Backend>(backend: &B, utilization: f32) -> Result<u64, WorkerError> {
+/// Device memory kept back from the KV cache for activations, cuBLAS workspaces and the driver's
+/// own allocations.
+pub const ACTIVATION_RESERVE_BYTES: u64 = 1 << 30;
+
+/// The KV budget of [`KvSize::Auto`]. On a GPU: `utilization` of the whole device, less the
+/// `weight_bytes` this process loaded and [`ACTIVATION_RESERVE_BYTES`], and never more than is
+/// free now less that reserve. Counting this process's own use (rather than taking what is free)
+/// lets processes that share a GPU, each with its share of `utilization`, size their caches at
+/// the same time without racing. On the CPU: [`DEFAULT_CPU_KV_BYTES`].
+pub fn auto_kv_bytes<B: Backend>(
+    backend: &B,
+    utilization: f32,
+    weight_bytes: u64,
+) -> Result<u64, WorkerError> {
     let Some(mem) = backend.device_memory() else {
         return Ok(DEFAULT_CPU_KV_BYTES);
     };
-    let reserve = ((1.0 - f64::from(utilization)) * mem.total as f64) as u64;
-    let budget = mem.free.saturating_sub(reserve);
+    let share = (f64::from(utilization) * mem.total as f64) as u64;
+    let budget = share
+        .saturating_sub(weight_bytes)
+        .saturating_sub(ACTIVATION_RESERVE_BYTES)
+        .min(mem.free.saturating_sub(ACTIVATION_RESERVE_BYTES));
     let mib = |b: u64| b >> 20;
     if budget == 0 {
         return Err(WorkerError::KvCacheTooLarge(format!(
-            "no GPU memory left for the KV cache: {} MiB of {} MiB free after loading the \
-             weights, and --gpu-memory-utilization {utilization} keeps {} MiB back; raise it, or \
-             spread the model over more GPUs",
-            mib(mem.free),
+            "no GPU memory left for the KV cache: --gpu-memory-utilization {utilization} allows \
+             {} MiB of {} MiB, the weights take {} MiB, {} MiB is kept for activations, and {} \
+             MiB is free; raise the utilization, or spread the model over more GPUs",
+            mib(share),
             mib(mem.total),
-            mib(reserve)
+            mib(weight_bytes),
+            mib(ACTIVATION_RESERVE_BYTES),
+            mib(mem.free)
         )));
     }
     tracing::info!(
         free_mib = mib(mem.free),
         total_mib = mib(mem.total),
+        weights_mib = mib(weight_bytes),
         kv_mib = mib(budget),
         utilization,
         "sizing the KV cache from GPU memory"
@@ -354,7 +393,7 @@ mod tests {
     #[test]
     fn the_cpu_kv_budget_is_the_default() {
         assert_eq!(
-            auto_kv_bytes(&CpuBackend, 0.9).unwrap(),
+            auto_kv_bytes(&CpuBackend, 0.9, 1 << 30).unwrap(),
             DEFAULT_CPU_KV_BYTES
         );
     }

@@ -185,7 +185,8 @@ impl<B: Backend> Executor<B> {
                     "one block of {block_size} positions overflows 64 bits"
                 ))
             })?;
-        let blocks = (bytes / per_block.max(1)).max(1);
+        // A budget larger than block ids can address is not an error: take every id there is.
+        let blocks = (bytes / per_block.max(1)).clamp(1, crate::kv_cache::MAX_BLOCKS as u64);
         Self::new(
             model,
             usize::try_from(blocks).unwrap_or(usize::MAX),

@@ -1,0 +1,188 @@
+//! End to end on a GPU (`--features cuda` and a runtime check): every fixture with `--device cuda`
+//! gives transformers' greedy tokens (the ones the CPU gives, `tests/fixtures.rs`), in one
+//! process and over two worker processes sharing the GPU; `serve` reports the GPU in
+//! GetModelInfo and sizes its KV cache from `--gpu-memory-utilization`.
+//!
+//! Where there is no GPU (no driver, no device, or a build without the feature) each test prints
+//! `SKIPPED: <reason>` and passes; `device::tests` checks the CPU-side behaviour of the flags.
+
+mod common;
+
+use std::process::Command;
+
+use tessera_common::ShardSpec;
+use tessera_kernels::cuda::CudaBackend;
+use tessera_worker::device::{
+    Device, DeviceConfig, DeviceKind, ExecutorPlan, GroupLink, KvSize, load_executor,
+};
+use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
+
+/// Whether a GPU is here; prints why a test is skipped when not.
+fn gpu_present(test: &str) -> bool {
+    match CudaBackend::device_count() {
+        Ok(n) if n > 0 => true,
+        Ok(_) => {
+            eprintln!("SKIPPED: {test}: the driver reports no CUDA device");
+            false
+        }
+        Err(e) => {
+            eprintln!("SKIPPED: {test}: {e}");
+            false
+        }
+    }
+}
+
+fn cuda0() -> DeviceConfig {
+    DeviceConfig {
+        kind: DeviceKind::Cuda { ordinal: Some(0) },
+        ..DeviceConfig::default()
+    }
+}
+
+/// |Δ logprob| allowed on the GPU: matrix products with 16-bit weights round the activations to
+/// the weight's type for the tensor cores, which the CPU (and transformers in f32) do not.
+fn gpu_tolerance(dtype: &str) -> f32 {
+    if dtype == "float32" { 2e-3 } else { 1e-1 }
+}
+
+#[test]
+fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
+    if !gpu_present("every_fixture_on_the_gpu_gives_transformers_greedy_tokens") {
+        return;
+    }
+    let cache = EngineConfig::default();
+    let mut failures = Vec::new();
+    for (name, dir) in common::fixtures() {
+        let reference = common::reference(&dir);
+        let plan = ExecutorPlan {
+            dir: &dir,
+            shard: ShardSpec::whole(),
+            link: GroupLink::Single,
+            kv: KvSize::Blocks(cache.num_blocks),
+            block_size: cache.block_size,
+            gpu_memory_utilization: 0.9,
+            metrics: None,
+        };
+        let device = Device::open(&cuda0()).expect("the GPU opens");
+        let runner = load_executor(device, plan)
+            .unwrap_or_else(|e| panic!("{name}: loading on the GPU: {e}"))
+            .runner;
+        assert!(
+            runner.backend().starts_with("cuda:0"),
+            "{}",
+            runner.backend()
+        );
+        let mut engine = Engine::with_runner(runner, cache);
+        let tol = gpu_tolerance(&reference.dtype);
+        for (ci, case) in reference.cases.iter().enumerate() {
+            let req = GenerateRequest {
+                prompt_logprobs: true,
+                ..common::greedy_request(case)
+            };
+            let out = engine
+                .generate(&req, |_| {})
+                .unwrap_or_else(|e| panic!("{name} case {ci}: {e}"));
+            if out.token_ids != case.greedy_ids {
+                failures.push(format!(
+                    "{name} case {ci}: tokens {:?} != {:?} (closest margin {:.3})",
+                    out.token_ids, case.greedy_ids, case.min_margin
+                ));
+                continue;
+            }
+            let worst = out
+                .logprobs
+                .iter()
+                .zip(&case.greedy_logprobs)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            eprintln!("{name} case {ci}: max |Δ logprob| {worst:.2e}");
+            if worst > tol {
+                failures.push(format!(
+                    "{name} case {ci}: max |Δ logprob| {worst:.2e} > {tol:.0e}"
+                ));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "GPU against transformers:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// `tessera generate --device cuda --tp 2`: two worker processes on the one GPU (their collective
+/// staged through the host), each with half of --gpu-memory-utilization.
+#[test]
+fn two_worker_processes_on_the_gpu_give_the_same_tokens() {
+    if !gpu_present("two_worker_processes_on_the_gpu_give_the_same_tokens") {
+        return;
+    }
+    let mut checked = 0;
+    for name in ["mixtral", "qwen2_moe", "deepseek_v3"] {
+        let dir = common::fixtures_dir().join(name);
+        let case = &common::reference(&dir).cases[0];
+        let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
+        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .arg("generate")
+            .arg("--model")
+            .arg(&dir)
+            .args([
+                "--device",
+                "cuda",
+                "--tp",
+                "2",
+                "--json",
+                "--temperature",
+                "0",
+            ])
+            .args(["--prompt-ids", &ids.join(",")])
+            .args(["--max-tokens", &case.greedy_ids.len().to_string()])
+            .output()
+            .expect("tessera generate runs");
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+        let got: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).unwrap();
+        // Generation may stop early at eos; compare what was produced.
+        assert_eq!(got[..], case.greedy_ids[..got.len()], "{name}");
+        checked += 1;
+    }
+    assert_eq!(checked, 3);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serve_names_the_gpu_and_sizes_the_kv_cache_from_utilization() {
+    if !gpu_present("serve_names_the_gpu_and_sizes_the_kv_cache_from_utilization") {
+        return;
+    }
+    use tessera_proto::v1 as pb;
+    let dir = common::fixtures_dir().join("qwen2_moe");
+    let case = &common::reference(&dir).cases[0];
+    let mut blocks = Vec::new();
+    for utilization in ["0.2", "0.4"] {
+        let server = common::server::Server::start(
+            &dir,
+            &["--device", "cuda", "--gpu-memory-utilization", utilization],
+        );
+        let mut client = pb::tessera_client::TesseraClient::connect(server.grpc.clone())
+            .await
+            .expect("the gRPC API answers");
+        let info = client
+            .get_model_info(pb::GetModelInfoRequest {})
+            .await
+            .expect("GetModelInfo")
+            .into_inner();
+        assert!(info.backend.starts_with("cuda:0"), "{}", info.backend);
+        blocks.push(info.kv_blocks);
+        let ids = common::server::greedy_ids(&server.grpc, &case.prompt_ids, 4).await;
+        assert_eq!(ids[..], case.greedy_ids[..4]);
+    }
+    // Twice the share, with the same tiny weights: nearly twice the blocks.
+    assert!(
+        blocks[1] as f64 > 1.8 * blocks[0] as f64,
+        "KV blocks at 0.2 and 0.4: {blocks:?}"
+    );
+}
