@@ -396,3 +396,54 @@ fn an_etcd_worker_on_a_wildcard_address_needs_advertise_ip() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("TESSERA_WORKER_READY"), "{stdout}");
 }
+
+/// `--device`: `cpu` runs, an unknown name is refused by the parser with the accepted ones, and
+/// `cuda` where no GPU can be used (this machine, or a build without the feature) fails with the
+/// reason, never a panic. On a GPU machine only the first two are checked (tests/gpu.rs covers
+/// the rest).
+#[test]
+fn device_flag_is_checked_and_a_missing_gpu_is_a_clear_error() {
+    let dir = common::fixtures_dir().join("llama");
+    let model = dir.to_str().unwrap();
+    let greedy = [
+        "--prompt-ids",
+        "1,2,3",
+        "--max-tokens",
+        "2",
+        "--temperature",
+        "0",
+    ];
+    let v = generate_json(&[&["--model", model][..], &greedy].concat());
+    assert_eq!(v["token_ids"].as_array().map(Vec::len), Some(2));
+    let cpu = generate_json(&[&["--model", model, "--device", "cpu"][..], &greedy].concat());
+    assert_eq!(cpu["token_ids"], v["token_ids"]);
+    let bad = tessera(&["generate", "--model", model, "--device", "gpu"]);
+    assert_eq!(bad.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("expected auto, cpu, cuda or cuda:N"), "{err}");
+    if tessera_kernels::cuda::CudaBackend::device_count().is_ok_and(|n| n > 0) {
+        return;
+    }
+    let one = ["generate", "--model", model, "--prompt-ids", "1"];
+    for args in [
+        [&one[..], &["--device", "cuda"]].concat(),
+        [&one[..], &["--device", "cuda:1", "--tp", "2"]].concat(),
+        [
+            "bench",
+            "--roofline",
+            "--device",
+            "cuda",
+            "--model-size",
+            "tiny",
+        ]
+        .to_vec(),
+    ] {
+        let out = tessera(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded without a GPU");
+        assert!(
+            err.contains("CUDA not available") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -5,6 +5,7 @@
 //! fraction of the bandwidth roofline ([`roofline`]). Without `--roofline` it is a load generator
 //! against a running server (`--url`, [`crate::loadgen`]).
 
+mod gpu;
 mod report;
 mod roofline;
 
@@ -36,6 +37,14 @@ pub struct BenchArgs {
     /// Shape of the synthetic model.
     #[arg(long, value_enum, default_value_t = ModelSize::Qwen3Moe1b, env = "TESSERA_BENCH_MODEL_SIZE")]
     pub model_size: ModelSize,
+    /// Keep only this many decoder layers of the synthetic model (e.g. to fit a large shape on
+    /// one GPU); tokens/s and the roofline then describe that many layers. Default: the shape's.
+    #[arg(long, env = "TESSERA_BENCH_LAYERS")]
+    pub layers: Option<usize>,
+    /// Device of the roofline run: `cpu` (bandwidth and FMA probes of this machine) or `cuda` /
+    /// `cuda:N` (HBM: the driver's peak and a measured device copy).
+    #[arg(long, default_value = "cpu", env = "TESSERA_BENCH_DEVICE")]
+    pub device: tessera_worker::device::DeviceKind,
     /// Batch sizes to decode at (sequences decoding together), comma-separated.
     #[arg(
         long,
@@ -79,22 +88,56 @@ pub enum ModelSize {
     /// A few hundred KB: for tests.
     #[value(name = "tiny")]
     Tiny,
+    /// Qwen3-30B-A3B's shape: 48 layers, hidden 2048, 128 experts of width 768, top-8 (61 GB
+    /// bf16; use --layers to keep fewer).
+    #[value(name = "qwen3-30b-a3b")]
+    Qwen3_30bA3b,
+    /// Mixtral-8x7B's shape: 32 layers, hidden 4096, 8 experts of width 14336, top-2 (93 GB
+    /// bf16; use --layers to keep fewer).
+    #[value(name = "mixtral-8x7b")]
+    Mixtral8x7b,
 }
 
 impl ModelSize {
-    pub fn model(self) -> SyntheticModel {
-        match self {
-            ModelSize::Qwen3Moe1b => SyntheticModel::qwen3_moe_1b(),
-            ModelSize::Tiny => SyntheticModel::tiny(),
-        }
-    }
-
     /// The preset's name in [`SyntheticModel::preset`] and the cache.
     pub fn name(self) -> &'static str {
         match self {
             ModelSize::Qwen3Moe1b => "1b",
             ModelSize::Tiny => "tiny",
+            ModelSize::Qwen3_30bA3b => "qwen3-30b-a3b",
+            ModelSize::Mixtral8x7b => "mixtral-8x7b",
         }
+    }
+}
+
+impl BenchArgs {
+    /// The synthetic model the flags describe, and its cache name (the layer count is part of
+    /// it when --layers changes the shape).
+    pub fn synthetic(&self) -> Result<(SyntheticModel, String)> {
+        let name = self.model_size.name();
+        let Some(model) = SyntheticModel::preset(name) else {
+            bail!("no synthetic preset named {name}");
+        };
+        Ok(match self.layers {
+            Some(0) => bail!("--layers must be at least 1"),
+            Some(n) if n != model.num_layers => (model.with_layers(n), format!("{name}-{n}l")),
+            _ => (model, name.to_string()),
+        })
+    }
+
+    /// The checkpoint folder: --model, or the synthetic one (generated on first use).
+    pub fn checkpoint(&self) -> Result<(PathBuf, bool)> {
+        if let Some(dir) = &self.model {
+            return Ok((dir.clone(), false));
+        }
+        let (model, name) = self.synthetic()?;
+        let dir = self
+            .checkpoint_dir
+            .clone()
+            .unwrap_or_else(|| tessera_worker::synthetic::cache_dir(&name, self.seed));
+        Ok(tessera_worker::synthetic::ensure_checkpoint(
+            &dir, &model, self.seed,
+        )?)
     }
 }
 
@@ -107,6 +150,15 @@ pub fn run(args: BenchArgs) -> Result<()> {
     }
     if args.tokens == 0 || args.prompt_len == 0 || args.rounds == 0 {
         bail!("--tokens, --prompt-len and --rounds must be at least 1");
+    }
+    if args.device != tessera_worker::device::DeviceKind::Cpu {
+        let result = gpu::run(&args)?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&result)?);
+        } else {
+            print!("{}", report::gpu_table(&result));
+        }
+        return Ok(());
     }
     let result = roofline::run(&args)?;
     if args.json {

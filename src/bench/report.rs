@@ -2,6 +2,7 @@
 
 use std::fmt::Write;
 
+use super::gpu::GpuRoofline;
 use super::roofline::Roofline;
 
 fn gb(bytes: f64) -> String {
@@ -153,5 +154,74 @@ pub fn table(r: &Roofline) -> String {
             );
         }
     }
+    s
+}
+
+/// The GPU roofline as a table (the `--json` form is the serialised [`GpuRoofline`]).
+pub fn gpu_table(r: &GpuRoofline) -> String {
+    let mut s = String::new();
+    let g = &r.gpu;
+    let _ = writeln!(
+        s,
+        "GPU roofline report (commit {})",
+        r.commit.as_deref().unwrap_or("unknown")
+    );
+    let _ = writeln!(
+        s,
+        "gpu       {} | {:.1} GiB | peak {} | device copy {:.0} / {:.0} GB/s (before / after)",
+        g.name,
+        g.memory_total_gib,
+        g.peak_bandwidth_gb_s
+            .map_or("not reported".into(), |p| format!("{p:.0} GB/s")),
+        g.copy_bandwidth_gb_s[0],
+        g.copy_bandwidth_gb_s[1],
+    );
+    let md = &r.model;
+    let _ = writeln!(
+        s,
+        "model     {} | {} layers, hidden {}{} | {} | loaded in {:.1}s | {}",
+        md.architecture,
+        md.layers,
+        md.hidden_size,
+        match (md.experts, md.top_k) {
+            (Some(e), Some(k)) => format!(", {e} experts top-{k}"),
+            _ => String::new(),
+        },
+        gb(md.total_weight_bytes as f64),
+        md.load_seconds,
+        md.dir.display(),
+    );
+    let _ = writeln!(
+        s,
+        "per token {} of active weights; batch-1 roof {}",
+        gb(r.active_bytes_per_token as f64),
+        r.roofline_tok_s_batch1
+            .map_or("unknown".into(), |t| format!("{t:.0} tok/s")),
+    );
+    let _ = writeln!(
+        s,
+        "{:>6} {:>10} {:>10} {:>11} {:>12} {:>10} {:>9} {:>9}",
+        "batch", "tok/s", "step ms", "prefill t/s", "GB per step", "GB/s", "of peak", "of copy"
+    );
+    for b in &r.batches {
+        let _ = writeln!(
+            s,
+            "{:>6} {:>10.1} {:>10.3} {:>11.0} {:>12.3} {:>10.0} {:>9} {:>8.1}%",
+            b.batch,
+            b.tok_s,
+            b.step_ms_median,
+            b.prefill_tok_s,
+            b.weight_bytes_per_step / 1e9,
+            b.weight_gb_s,
+            b.hbm_fraction
+                .map_or("?".into(), |f| format!("{:.1}%", f * 100.0)),
+            b.copy_fraction * 100.0,
+        );
+    }
+    let _ = writeln!(
+        s,
+        "{} timed steps per batch and round, {} rounds, prompt {} tokens, {} KV blocks",
+        r.timed_steps, r.rounds, r.prompt_len, r.kv_blocks
+    );
     s
 }

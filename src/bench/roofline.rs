@@ -27,12 +27,11 @@ use tessera_common::{FfnSpec, ModelSpec, ShardSpec, load_model_spec};
 use tessera_kernels::cpu::probe::{self, Bandwidth};
 use tessera_kernels::cpu::{self, CpuBackend, profile};
 use tessera_worker::checkpoint::Checkpoint;
-use tessera_worker::executor::{Executor, SeqStep};
+use tessera_worker::executor::{Executor, SeqStep, StepRunner};
 use tessera_worker::footprint::WeightFootprint;
 use tessera_worker::kv_cache::BlockAllocator;
 use tessera_worker::model::Model;
 use tessera_worker::sampling::SamplingParams;
-use tessera_worker::synthetic::{cache_dir, ensure_checkpoint};
 
 use super::BenchArgs;
 
@@ -152,7 +151,7 @@ pub struct Roofline {
     pub profile: Option<Profile>,
 }
 
-fn git_commit() -> Option<String> {
+pub(super) fn git_commit() -> Option<String> {
     let dir = env!("CARGO_MANIFEST_DIR");
     let run = |args: &[&str]| {
         std::process::Command::new("git")
@@ -182,7 +181,7 @@ fn cpu_name() -> String {
         .unwrap_or_else(|| std::env::consts::ARCH.to_string())
 }
 
-fn load_average() -> Option<f64> {
+pub(super) fn load_average() -> Option<f64> {
     std::fs::read_to_string("/proc/loadavg")
         .ok()?
         .split_whitespace()
@@ -192,7 +191,7 @@ fn load_average() -> Option<f64> {
 }
 
 /// A deterministic, varied prompt for sequence `seq` (distinct sequences route differently).
-fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
+pub(super) fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
     (0..len)
         .map(|i| {
             let h = ((seq * 7919 + i * 104_729 + 13) as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -201,35 +200,40 @@ fn prompt(seq: usize, len: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-fn median(v: &[f64]) -> f64 {
+pub(super) fn median(v: &[f64]) -> f64 {
     let mut v = v.to_vec();
     v.sort_by(f64::total_cmp);
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// What a batch run needs besides the executor.
-struct RunPlan<'a> {
-    batch: usize,
-    prompt_len: usize,
-    warmup: usize,
-    steps: usize,
-    vocab: usize,
-    footprint: &'a WeightFootprint,
+pub(super) struct RunPlan<'a> {
+    pub(super) batch: usize,
+    pub(super) prompt_len: usize,
+    pub(super) warmup: usize,
+    pub(super) steps: usize,
+    pub(super) vocab: usize,
+    pub(super) footprint: &'a WeightFootprint,
     /// Turn the backend profile on for the timed steps.
-    profile: bool,
+    pub(super) profile: bool,
 }
 
 #[derive(Default)]
-struct RunOutcome {
-    step_secs: Vec<f64>,
-    step_bytes: Vec<u64>,
+pub(super) struct RunOutcome {
+    pub(super) step_secs: Vec<f64>,
+    pub(super) step_bytes: Vec<u64>,
     /// The fastest prefill of the runs merged here.
-    prefill_secs: f64,
+    pub(super) prefill_secs: f64,
 }
 
 impl RunOutcome {
+    /// `batch / median step time`.
+    pub(super) fn tok_s(&self, batch: usize) -> f64 {
+        batch as f64 / median(&self.step_secs)
+    }
+
     /// Adds another run's steps (a later round at the same batch size).
-    fn merge(&mut self, other: RunOutcome) {
+    pub(super) fn merge(&mut self, other: RunOutcome) {
         self.step_secs.extend(other.step_secs);
         self.step_bytes.extend(other.step_bytes);
         self.prefill_secs = if self.prefill_secs > 0.0 {
@@ -241,8 +245,8 @@ impl RunOutcome {
 }
 
 /// Prefills `batch` sequences in one step, then decodes them together.
-fn run_batch(
-    exec: &mut Executor<CpuBackend>,
+pub(super) fn run_batch(
+    exec: &mut impl StepRunner,
     alloc: &mut BlockAllocator,
     p: &RunPlan<'_>,
 ) -> Result<RunOutcome> {
@@ -293,13 +297,18 @@ fn run_batch(
         }
     }
     for s in seqs {
-        exec.release(s.seq_id);
+        exec.release(&[s.seq_id]);
         alloc.release(s.block_table);
     }
     Ok(out)
 }
 
-fn model_info(spec: &ModelSpec, ckpt: &Checkpoint, dir: &Path, generated: bool) -> ModelInfo {
+pub(super) fn model_info(
+    spec: &ModelSpec,
+    ckpt: &Checkpoint,
+    dir: &Path,
+    generated: bool,
+) -> ModelInfo {
     let moe = spec.layers.iter().find_map(|l| match &l.ffn {
         FfnSpec::Moe(m) => Some((m.num_experts, m.top_k)),
         FfnSpec::Dense(_) => None,
@@ -335,16 +344,7 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     let bandwidth_before = probe::bandwidth(probe_bytes, PROBE_REPS);
     let peak_before = probe::fma_peak_gflops(PROBE_REPS);
 
-    let (dir, generated) = match &args.model {
-        Some(dir) => (dir.clone(), false),
-        None => {
-            let dir = args
-                .checkpoint_dir
-                .clone()
-                .unwrap_or_else(|| cache_dir(args.model_size.name(), args.seed));
-            ensure_checkpoint(&dir, &args.model_size.model(), args.seed)?
-        }
-    };
+    let (dir, generated) = args.checkpoint()?;
     let spec = load_model_spec(&dir)
         .with_context(|| format!("reading the model config in {}", dir.display()))?;
     let ckpt = Checkpoint::open(&dir)?;

@@ -15,7 +15,7 @@ pub enum WorkerError {
     #[error(transparent)]
     Backend(#[from] tessera_kernels::BackendError),
     /// The device asked for cannot be used (`--device`, `--gpu-memory-utilization`), and why.
-    #[error("device: {0}")]
+    #[error("{0}")]
     Device(String),
     /// A sharding plan that cannot work (heads that do not divide over the ranks, ...).
     #[error("cannot shard the model: {0}")]

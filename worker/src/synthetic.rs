@@ -3,7 +3,7 @@
 //! A benchmark of the decode path needs a model of realistic size whose weights stream from memory
 //! exactly as a downloaded checkpoint's do, but downloading gigabytes is not an option on every
 //! machine. [`write_checkpoint`] writes `config.json` and a bf16 `model.safetensors` for a
-//! [`SyntheticModel`] shape (Qwen3-MoE layout), which then loads through the ordinary
+//! [`SyntheticModel`] shape (Qwen3-MoE or Mixtral layout), which then loads through the ordinary
 //! [`Checkpoint::open`](crate::checkpoint::Checkpoint::open) and
 //! [`load_model_spec`](tessera_common::load_model_spec) path. The tensor list is derived from the
 //! [`ModelSpec`] the config parses to, so the file always holds exactly what the loader asks for.
@@ -39,9 +39,22 @@ pub const MARKER_FILE: &str = "tessera-synthetic.json";
 /// Standard deviation of every random weight (transformers' default `initializer_range`).
 const WEIGHT_STD: f32 = 0.02;
 
-/// The shape of a synthetic Qwen3-MoE model (every layer sparse).
+/// The Hugging Face layout a synthetic model is written in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Family {
+    /// `Qwen3MoeForCausalLM`: per-head q/k norms, every layer sparse.
+    #[default]
+    Qwen3Moe,
+    /// `MixtralForCausalLM`: `block_sparse_moe` experts, no q/k norms.
+    Mixtral,
+}
+
+/// The shape of a synthetic MoE model (every layer sparse).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyntheticModel {
+    /// Absent in markers written before there was a choice: those are Qwen3-MoE.
+    #[serde(default)]
+    pub family: Family,
     pub vocab_size: usize,
     pub hidden_size: usize,
     pub num_layers: usize,
@@ -60,6 +73,7 @@ impl SyntheticModel {
     /// instead of 128 so that twelve layers fit in the budget.
     pub fn qwen3_moe_1b() -> Self {
         SyntheticModel {
+            family: Family::Qwen3Moe,
             vocab_size: 32768,
             hidden_size: 1024,
             num_layers: 12,
@@ -76,6 +90,7 @@ impl SyntheticModel {
     /// A few hundred kilobytes: for tests of the tools built on synthetic checkpoints.
     pub fn tiny() -> Self {
         SyntheticModel {
+            family: Family::Qwen3Moe,
             vocab_size: 512,
             hidden_size: 64,
             num_layers: 2,
@@ -89,17 +104,95 @@ impl SyntheticModel {
         }
     }
 
-    /// The shapes benchmarks know by name: `1b` ([`Self::qwen3_moe_1b`]) and `tiny`.
+    /// Qwen3-30B-A3B's shape (48 layers, 128 experts, top-8; 61 GB in bf16): the GPU benchmark's
+    /// first model. Benchmarks may keep fewer layers ([`Self::with_layers`]) to fit a device.
+    pub fn qwen3_30b_a3b() -> Self {
+        SyntheticModel {
+            family: Family::Qwen3Moe,
+            vocab_size: 151_936,
+            hidden_size: 2048,
+            num_layers: 48,
+            num_heads: 32,
+            num_kv_heads: 4,
+            head_dim: 128,
+            num_experts: 128,
+            top_k: 8,
+            moe_intermediate_size: 768,
+            max_position_embeddings: 4096,
+        }
+    }
+
+    /// Mixtral-8x7B's shape (32 layers, 8 experts of width 14336, top-2; 93 GB in bf16): the GPU
+    /// benchmark's second model, with fewer layers on one GPU.
+    pub fn mixtral_8x7b() -> Self {
+        SyntheticModel {
+            family: Family::Mixtral,
+            vocab_size: 32_000,
+            hidden_size: 4096,
+            num_layers: 32,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim: 128,
+            num_experts: 8,
+            top_k: 2,
+            moe_intermediate_size: 14_336,
+            max_position_embeddings: 4096,
+        }
+    }
+
+    /// The same shape with `layers` decoder layers.
+    pub fn with_layers(self, layers: usize) -> Self {
+        SyntheticModel {
+            num_layers: layers,
+            ..self
+        }
+    }
+
+    /// The shapes benchmarks know by name.
     pub fn preset(name: &str) -> Option<Self> {
         match name {
             "1b" => Some(Self::qwen3_moe_1b()),
             "tiny" => Some(Self::tiny()),
+            "qwen3-30b-a3b" => Some(Self::qwen3_30b_a3b()),
+            "mixtral-8x7b" => Some(Self::mixtral_8x7b()),
             _ => None,
         }
     }
 
     /// The `config.json` transformers would write for this shape.
     pub fn config_json(&self) -> Value {
+        match self.family {
+            Family::Qwen3Moe => self.qwen3_moe_config(),
+            Family::Mixtral => self.mixtral_config(),
+        }
+    }
+
+    fn mixtral_config(&self) -> Value {
+        json!({
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "num_local_experts": self.num_experts,
+            "num_experts_per_tok": self.top_k,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1_000_000.0,
+            "max_position_embeddings": self.max_position_embeddings,
+            "sliding_window": null,
+            "tie_word_embeddings": false,
+            "hidden_act": "silu",
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "torch_dtype": "bfloat16",
+        })
+    }
+
+    fn qwen3_moe_config(&self) -> Value {
         json!({
             "architectures": ["Qwen3MoeForCausalLM"],
             "model_type": "qwen3_moe",
@@ -178,7 +271,7 @@ fn mlp_tensors(out: &mut Vec<TensorPlan>, m: &MlpSpec, hidden: usize) {
 }
 
 /// Every tensor a model of `spec` loads, with its full shape. Only grouped-query attention is
-/// supported (the synthetic layouts are Qwen3-MoE).
+/// supported (the synthetic layouts are Qwen3-MoE and Mixtral).
 pub fn tensor_plan(spec: &ModelSpec) -> Result<Vec<TensorPlan>, WorkerError> {
     let h = spec.hidden_size;
     let mut out = vec![TensorPlan::new(
@@ -503,6 +596,34 @@ pub fn ensure_checkpoint(
 mod tests {
     use super::*;
     use crate::checkpoint::{Checkpoint, Slice};
+
+    #[test]
+    fn the_mixtral_layout_loads_through_the_normal_path() {
+        let root = tempfile::tempdir().unwrap();
+        let model = SyntheticModel {
+            family: Family::Mixtral,
+            ..SyntheticModel::tiny()
+        };
+        let dir = root.path().join("mixtral");
+        ensure_checkpoint(&dir, &model, 3).unwrap();
+        let spec = tessera_common::load_model_spec(&dir).unwrap();
+        assert_eq!(spec.architecture, "MixtralForCausalLM");
+        let ckpt = Checkpoint::open(&dir).unwrap();
+        let plan = tensor_plan(&spec).unwrap();
+        assert!(
+            plan.iter()
+                .any(|t| t.name == "model.layers.1.block_sparse_moe.experts.7.w2.weight"),
+            "Mixtral's tensor names"
+        );
+        for t in plan {
+            assert_eq!(ckpt.info(&t.name).unwrap().shape, t.shape, "{}", t.name);
+        }
+        // The presets of the GPU benchmark parse too.
+        for name in ["qwen3-30b-a3b", "mixtral-8x7b"] {
+            let m = SyntheticModel::preset(name).unwrap().with_layers(2);
+            assert_eq!(m.spec().unwrap().layers.len(), 2, "{name}");
+        }
+    }
 
     #[test]
     fn tiny_checkpoint_loads_through_the_normal_path_and_is_deterministic() {

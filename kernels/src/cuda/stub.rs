@@ -46,6 +46,16 @@ impl CudaBackend {
         Self::new(0).map(|_| 0)
     }
 
+    /// The device's peak memory bandwidth; no device exists in this build.
+    pub fn peak_bandwidth_gb_s(&self) -> Option<f64> {
+        match self.never {}
+    }
+
+    /// A measured device copy's bandwidth; no device exists in this build.
+    pub fn copy_bandwidth_gb_s(&self, _: usize, _: usize) -> Result<f64> {
+        match self.never {}
+    }
+
     /// Waits for queued device work; nothing can be queued in this build.
     pub fn synchronize(&self) -> Result<()> {
         match self.never {}

@@ -1,0 +1,207 @@
+//! The GPU roofline (`tessera bench --roofline --device cuda`): decode tokens/s at each batch size
+//! against the GPU's memory bandwidth.
+//!
+//! Decode at small batches streams every weight it touches from HBM once per step, so its roof is
+//! `bandwidth / weight bytes per step`. Each step's bytes come from its own routing decisions
+//! (which experts any token chose, [`WeightFootprint::step_bytes`]), so the fraction reached is
+//! `weight bytes per step / median step time / peak bandwidth`: at batch 1 exactly "active
+//! weight bytes per token ÷ time per token ÷ peak". Two bandwidths are reported: the data-sheet
+//! peak from the driver's memory clock and bus width (the denominator of the fraction), and a
+//! measured device-to-device copy, the most a streaming kernel reaches in practice.
+//!
+//! The model runs through the production path (`load_executor`, `Executor::step` over the paged
+//! KV cache, greedy sampling), as the CPU roofline does; every step ends with the logits copied to
+//! the host, so wall-clock step times include all of the GPU's work.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use tessera_common::{ShardSpec, load_model_spec};
+use tessera_worker::checkpoint::Checkpoint;
+use tessera_worker::device::{
+    Device, DeviceConfig, ExecutorPlan, GroupLink, KvSize, load_executor,
+};
+use tessera_worker::footprint::WeightFootprint;
+use tessera_worker::kv_cache::BlockAllocator;
+
+use super::BenchArgs;
+use super::roofline::{ModelInfo, RunOutcome, RunPlan, git_commit, median, model_info, run_batch};
+
+/// Positions per KV-cache block (the engine's default).
+const BLOCK_SIZE: usize = 16;
+/// Bytes of each device-copy probe (far above any cache) and its repetitions (the best counts).
+const COPY_PROBE_BYTES: usize = 1 << 30;
+const COPY_PROBE_REPS: usize = 5;
+
+#[derive(Debug, Serialize)]
+pub struct GpuInfo {
+    /// e.g. "cuda:0 (NVIDIA H100 80GB HBM3)".
+    pub name: String,
+    pub memory_total_gib: f64,
+    /// `2 × memory clock × bus width` from the driver (10⁹ bytes/s); `None` if not reported.
+    pub peak_bandwidth_gb_s: Option<f64>,
+    /// Best device-to-device copy, bytes read plus written, before and after the run.
+    pub copy_bandwidth_gb_s: [f64; 2],
+}
+
+#[derive(Debug, Serialize)]
+pub struct GpuBatch {
+    pub batch: usize,
+    /// `batch / median step time` over the timed steps of every round.
+    pub tok_s: f64,
+    pub tok_s_mean: f64,
+    pub step_ms_median: f64,
+    pub step_ms_min: f64,
+    pub prefill_tok_s: f64,
+    /// Mean weight bytes a timed step read, from the steps' routing.
+    pub weight_bytes_per_step: f64,
+    /// `weight_bytes_per_step / median step time` (10⁹ bytes/s).
+    pub weight_gb_s: f64,
+    /// `weight_gb_s / peak`: the fraction of HBM bandwidth reached.
+    pub hbm_fraction: Option<f64>,
+    /// `weight_gb_s / measured copy bandwidth`.
+    pub copy_fraction: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GpuRoofline {
+    pub commit: Option<String>,
+    pub gpu: GpuInfo,
+    pub model: ModelInfo,
+    pub active_bytes_per_token: u64,
+    /// `peak / active_bytes_per_token`: batch-1 decode's ceiling.
+    pub roofline_tok_s_batch1: Option<f64>,
+    /// Batch size (as a string) → decode tokens per second.
+    pub decode_tok_s: BTreeMap<String, f64>,
+    pub batches: Vec<GpuBatch>,
+    pub kv_blocks: usize,
+    pub prompt_len: usize,
+    pub timed_steps: usize,
+    pub rounds: usize,
+}
+
+pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
+    let cfg = DeviceConfig {
+        kind: args.device,
+        ..DeviceConfig::default()
+    };
+    let Device::Cuda(gpu) = Device::open(&cfg)? else {
+        bail!(
+            "--device {}: the GPU roofline needs a CUDA device (use --device cpu for the CPU one)",
+            args.device
+        );
+    };
+    let name = tessera_kernels::Backend::name(&gpu);
+    let memory_total_gib = tessera_kernels::Backend::device_memory(&gpu)
+        .map_or(0.0, |m| m.total as f64 / (1u64 << 30) as f64);
+    let peak = gpu.peak_bandwidth_gb_s();
+    tracing::info!(%name, ?peak, "measuring device copy bandwidth");
+    let copy_before = gpu.copy_bandwidth_gb_s(COPY_PROBE_BYTES, COPY_PROBE_REPS)?;
+
+    let (dir, generated): (PathBuf, bool) = args.checkpoint()?;
+    let spec = load_model_spec(&dir)
+        .with_context(|| format!("reading the model config in {}", dir.display()))?;
+    let ckpt = Checkpoint::open(&dir)?;
+    let mut info = model_info(&spec, &ckpt, &dir, generated);
+    let footprint = WeightFootprint::of_loaded(&spec, &ckpt)?;
+    let max_batch = args.batches.iter().copied().max().unwrap_or(1);
+    let positions = args.prompt_len + args.warmup + args.tokens + 1;
+    if positions > spec.max_position_embeddings {
+        bail!(
+            "--prompt-len + --warmup + --tokens = {positions} exceeds the model's {} positions",
+            spec.max_position_embeddings
+        );
+    }
+    let num_blocks = max_batch * positions.div_ceil(BLOCK_SIZE);
+    let loading = Instant::now();
+    let plan = ExecutorPlan {
+        dir: &dir,
+        shard: ShardSpec::whole(),
+        link: GroupLink::Single,
+        kv: KvSize::Blocks(num_blocks),
+        block_size: BLOCK_SIZE,
+        gpu_memory_utilization: cfg.gpu_memory_utilization,
+        metrics: None,
+    };
+    let mut exec = load_executor(Device::Cuda(gpu), plan)?.runner;
+    info.load_seconds = loading.elapsed().as_secs_f64();
+    let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
+
+    let mut runs: Vec<(usize, RunOutcome)> = args
+        .batches
+        .iter()
+        .map(|&b| (b, RunOutcome::default()))
+        .collect();
+    for round in 0..args.rounds {
+        for (batch, merged) in &mut runs {
+            tracing::info!(
+                round,
+                batch = *batch,
+                steps = args.tokens,
+                "decoding on the GPU"
+            );
+            let plan = RunPlan {
+                batch: *batch,
+                prompt_len: args.prompt_len,
+                warmup: args.warmup,
+                steps: args.tokens,
+                vocab: spec.vocab_size,
+                footprint: &footprint,
+                profile: false,
+            };
+            merged.merge(run_batch(&mut exec, &mut alloc, &plan)?);
+        }
+    }
+    let kv_blocks = exec.num_blocks();
+    drop(exec);
+    // A fresh handle for the closing probe: the executor (and its memory) is gone.
+    let Device::Cuda(gpu) = Device::open(&cfg)? else {
+        bail!("--device {}: the GPU went away during the run", args.device);
+    };
+    let copy_after = gpu.copy_bandwidth_gb_s(COPY_PROBE_BYTES, COPY_PROBE_REPS)?;
+    let copy = copy_before.max(copy_after);
+
+    let mut batches = Vec::new();
+    let mut decode_tok_s = BTreeMap::new();
+    for (batch, o) in runs {
+        let step = median(&o.step_secs);
+        let total: f64 = o.step_secs.iter().sum();
+        let bytes = o.step_bytes.iter().sum::<u64>() as f64 / o.step_bytes.len().max(1) as f64;
+        let weight_gb_s = bytes / step / 1e9;
+        decode_tok_s.insert(batch.to_string(), o.tok_s(batch));
+        batches.push(GpuBatch {
+            batch,
+            tok_s: o.tok_s(batch),
+            tok_s_mean: (batch * o.step_secs.len()) as f64 / total,
+            step_ms_median: step * 1e3,
+            step_ms_min: o.step_secs.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
+            prefill_tok_s: (batch * args.prompt_len) as f64 / o.prefill_secs,
+            weight_bytes_per_step: bytes,
+            weight_gb_s,
+            hbm_fraction: peak.map(|p| weight_gb_s / p),
+            copy_fraction: weight_gb_s / copy,
+        });
+    }
+    let active = footprint.active_bytes_per_token();
+    Ok(GpuRoofline {
+        commit: git_commit(),
+        gpu: GpuInfo {
+            name,
+            memory_total_gib,
+            peak_bandwidth_gb_s: peak,
+            copy_bandwidth_gb_s: [copy_before, copy_after],
+        },
+        model: info,
+        active_bytes_per_token: active,
+        roofline_tok_s_batch1: peak.map(|p| p * 1e9 / active.max(1) as f64),
+        decode_tok_s,
+        batches,
+        kv_blocks,
+        prompt_len: args.prompt_len,
+        timed_steps: args.tokens,
+        rounds: args.rounds,
+    })
+}
