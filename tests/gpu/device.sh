@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine (the device tool's `run`, with carry [".gpubin"]), after
+# tests/gpu/build.sh here. Writes its logs and results under $OUT (at most 8 files come back).
+#   bash tests/gpu/device.sh tests   every CUDA test binary, one test at a time (~ a few minutes)
+#   bash tests/gpu/device.sh bench   the GPU roofline on Qwen3-30B-A3B (24 of 48 layers) and
+#                                    Mixtral-8x7B (8 of 32 layers) shapes, batch 1 and 64, with
+#                                    the checkpoints generated in /dev/shm (nothing is downloaded)
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+mode="${1:-tests}"
+out="${OUT:-/tmp/tessera-gpu-out}"
+mkdir -p "$out"
+# The binaries were built in /work/main: the paths compiled into them (fixtures, the tessera
+# executable) must resolve here too.
+if [ "$(pwd -P)" != "$(readlink -f /work/main 2>/dev/null)" ]; then
+    mkdir -p /work && ln -sfn "$(pwd -P)" /work/main
+fi
+mkdir -p target/release && cp .gpubin/tessera target/release/tessera
+# CUDA 13 libraries: the toolkit's, and NCCL from the Python wheels the image ships.
+libs=/usr/local/cuda/lib64
+for d in $(python3 -c 'import nvidia, os; r = os.path.dirname(nvidia.__path__[0] + "/"); print(" ".join(os.path.join(r, p, "lib") for p in os.listdir(r)))' 2>/dev/null); do
+    [ -d "$d" ] && libs="$libs:$d"
+done
+export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+{
+    echo "commit: $(cat .gpubin/COMMIT 2>/dev/null)"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.memory --format=csv
+    ls /usr/local/cuda/lib64 | grep -E 'libcublas.so|libnvrtc.so' | head
+    echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+} > "$out/env.txt" 2>&1
+case "$mode" in
+tests)
+    status=0
+    for t in .gpubin/test-*; do
+        name=$(basename "$t")
+        echo "== $name"
+        RUST_BACKTRACE=1 "$t" --test-threads=1 2>&1 | tee "$out/$name.log" | grep -E '^test |SKIPPED|test result|panicked' || true
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1
+    done
+    exit $status
+    ;;
+bench)
+    b=target/release/tessera
+    common=(bench --roofline --device cuda --batches 1,64 --tokens 32 --rounds 3 --json)
+    "$b" "${common[@]}" --model-size qwen3-30b-a3b --layers 24 \
+        --checkpoint-dir /dev/shm/qwen3-30b-a3b-24l > "$out/bench-qwen3-30b-a3b.json" 2> "$out/bench-qwen3.log"
+    rm -rf /dev/shm/qwen3-30b-a3b-24l
+    "$b" "${common[@]}" --model-size mixtral-8x7b --layers 8 \
+        --checkpoint-dir /dev/shm/mixtral-8x7b-8l > "$out/bench-mixtral-8x7b.json" 2> "$out/bench-mixtral.log"
+    rm -rf /dev/shm/mixtral-8x7b-8l
+    tail -3 "$out"/bench-*.log
+    ;;
+*)
+    echo "usage: device.sh tests|bench" >&2
+    exit 2
+    ;;
+esac
