@@ -6,7 +6,7 @@
 #   test-cuda      kernels/tests/cuda.rs: every backend operation against the CPU backend
 #   test-nccl      kernels/tests/nccl.rs (when it exists): NCCL collectives
 # Binaries are stripped so that all of them fit the 64 MiB the device call carries. Then, on the
-# device: `bash tests/gpu/device.sh tests` and `bash tests/gpu/device.sh bench` (see there).
+# device: `bash tests/gpu/device.sh tests`, `... bench-qwen3`, `... bench-mixtral` (see there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 grep -qx '/.gpubin/' .git/info/exclude 2>/dev/null || echo '/.gpubin/' >> .git/info/exclude

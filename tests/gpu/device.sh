@@ -2,9 +2,10 @@
 # Runs on the GPU machine (the device tool's `run`, with carry [".gpubin"]), after
 # tests/gpu/build.sh here. Writes its logs and results under $OUT (at most 8 files come back).
 #   bash tests/gpu/device.sh tests   every CUDA test binary, one test at a time (~ a few minutes)
-#   bash tests/gpu/device.sh bench   the GPU roofline on Qwen3-30B-A3B (24 of 48 layers) and
-#                                    Mixtral-8x7B (8 of 32 layers) shapes, batch 1 and 64, with
-#                                    the checkpoints generated in /dev/shm (nothing is downloaded)
+#   bash tests/gpu/device.sh bench-qwen3     the GPU roofline on a Qwen3-30B-A3B shape (24 of 48
+#                                            layers), batch 1 and 64
+#   bash tests/gpu/device.sh bench-mixtral   the same on a Mixtral-8x7B shape (8 of 32 layers)
+# Benchmark checkpoints are generated in /dev/shm on the machine (nothing is downloaded).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 mode="${1:-tests}"
@@ -39,19 +40,24 @@ tests)
     done
     exit $status
     ;;
-bench)
-    b=target/release/tessera
-    common=(bench --roofline --device cuda --batches 1,64 --tokens 32 --rounds 3 --json)
-    "$b" "${common[@]}" --model-size qwen3-30b-a3b --layers 24 \
-        --checkpoint-dir /dev/shm/qwen3-30b-a3b-24l > "$out/bench-qwen3-30b-a3b.json" 2> "$out/bench-qwen3.log"
-    rm -rf /dev/shm/qwen3-30b-a3b-24l
-    "$b" "${common[@]}" --model-size mixtral-8x7b --layers 8 \
-        --checkpoint-dir /dev/shm/mixtral-8x7b-8l > "$out/bench-mixtral-8x7b.json" 2> "$out/bench-mixtral.log"
-    rm -rf /dev/shm/mixtral-8x7b-8l
-    tail -3 "$out"/bench-*.log
+bench-qwen3 | bench-mixtral)
+    # One model per call: generating, loading and decoding one takes a few minutes, and each
+    # device call has ten.
+    if [ "$mode" = bench-qwen3 ]; then
+        shape=(--model-size qwen3-30b-a3b --layers 24) name=qwen3-30b-a3b-24l
+    else
+        shape=(--model-size mixtral-8x7b --layers 8) name=mixtral-8x7b-8l
+    fi
+    target/release/tessera bench --roofline --device cuda --batches 1,64 --tokens 32 --rounds 3 \
+        --json "${shape[@]}" --checkpoint-dir "/dev/shm/$name" \
+        > "$out/bench-$name.json" 2> "$out/bench-$name.log"
+    status=$?
+    rm -rf "/dev/shm/$name"
+    tail -5 "$out/bench-$name.log"
+    exit $status
     ;;
 *)
-    echo "usage: device.sh tests|bench" >&2
+    echo "usage: device.sh tests|bench-qwen3|bench-mixtral" >&2
     exit 2
     ;;
 esac
