@@ -28,7 +28,9 @@ use tessera_worker::footprint::WeightFootprint;
 use tessera_worker::kv_cache::BlockAllocator;
 
 use super::BenchArgs;
-use super::roofline::{ModelInfo, RunOutcome, RunPlan, git_commit, median, model_info, run_batch};
+use super::roofline::{
+    DecodeTiming, ModelInfo, RunOutcome, RunPlan, git_commit, model_info, run_batch,
+};
 
 /// Positions per KV-cache block (the engine's default).
 const BLOCK_SIZE: usize = 16;
@@ -49,15 +51,8 @@ pub struct GpuInfo {
 
 #[derive(Debug, Serialize)]
 pub struct GpuBatch {
-    pub batch: usize,
-    /// `batch / median step time` over the timed steps of every round.
-    pub tok_s: f64,
-    pub tok_s_mean: f64,
-    pub step_ms_median: f64,
-    pub step_ms_min: f64,
-    pub prefill_tok_s: f64,
-    /// Mean weight bytes a timed step read, from the steps' routing.
-    pub weight_bytes_per_step: f64,
+    #[serde(flatten)]
+    pub timing: DecodeTiming,
     /// `weight_bytes_per_step / median step time` (10⁹ bytes/s).
     pub weight_gb_s: f64,
     /// `weight_gb_s / peak`: the fraction of HBM bandwidth reached.
@@ -167,19 +162,11 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
     let mut batches = Vec::new();
     let mut decode_tok_s = BTreeMap::new();
     for (batch, o) in runs {
-        let step = median(&o.step_secs);
-        let total: f64 = o.step_secs.iter().sum();
-        let bytes = o.step_bytes.iter().sum::<u64>() as f64 / o.step_bytes.len().max(1) as f64;
-        let weight_gb_s = bytes / step / 1e9;
-        decode_tok_s.insert(batch.to_string(), o.tok_s(batch));
+        let timing = o.timing(batch, args.prompt_len);
+        let weight_gb_s = timing.weight_bytes_per_step / (timing.step_ms_median / 1e3) / 1e9;
+        decode_tok_s.insert(batch.to_string(), timing.tok_s);
         batches.push(GpuBatch {
-            batch,
-            tok_s: o.tok_s(batch),
-            tok_s_mean: (batch * o.step_secs.len()) as f64 / total,
-            step_ms_median: step * 1e3,
-            step_ms_min: o.step_secs.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
-            prefill_tok_s: (batch * args.prompt_len) as f64 / o.prefill_secs,
-            weight_bytes_per_step: bytes,
+            timing,
             weight_gb_s,
             hbm_fraction: peak.map(|p| weight_gb_s / p),
             copy_fraction: weight_gb_s / copy,

@@ -102,19 +102,19 @@ pub fn table(r: &Roofline) -> String {
         let _ = writeln!(
             s,
             "{:>5} {:>8.1} {:>8.1} {:>8.2} {:>8.2} {:>10} {:>9.1} {:>9} {:>6.1}% {:>7} {:>7} {:>9.1}",
-            b.batch,
-            b.tok_s,
-            b.tok_s_mean,
-            b.step_ms_median,
-            b.step_ms_min,
-            gb(b.weight_bytes_per_step),
+            b.timing.batch,
+            b.timing.tok_s,
+            b.timing.tok_s_mean,
+            b.timing.step_ms_median,
+            b.timing.step_ms_min,
+            gb(b.timing.weight_bytes_per_step),
             b.memory_roof_tok_s,
             b.compute_roof_tok_s
                 .map_or("-".into(), |c| format!("{c:.1}")),
             100.0 * b.roofline_fraction,
             x(b.speedup_vs_batch1),
             x(b.speedup_ceiling_vs_batch1),
-            b.prefill_tok_s,
+            b.timing.prefill_tok_s,
         );
     }
     let _ = writeln!(
@@ -207,11 +207,11 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
         let _ = writeln!(
             s,
             "{:>6} {:>10.1} {:>10.3} {:>11.0} {:>12.3} {:>10.0} {:>9} {:>8.1}%",
-            b.batch,
-            b.tok_s,
-            b.step_ms_median,
-            b.prefill_tok_s,
-            b.weight_bytes_per_step / 1e9,
+            b.timing.batch,
+            b.timing.tok_s,
+            b.timing.step_ms_median,
+            b.timing.prefill_tok_s,
+            b.timing.weight_bytes_per_step / 1e9,
             b.weight_gb_s,
             b.hbm_fraction
                 .map_or("?".into(), |f| format!("{:.1}%", f * 100.0)),

@@ -68,9 +68,9 @@ pub struct ModelInfo {
     pub load_seconds: f64,
 }
 
-/// Decode at one batch size.
+/// How decoding went at one batch size, on any device (the CPU and GPU reports both carry it).
 #[derive(Debug, Serialize)]
-pub struct BatchResult {
+pub struct DecodeTiming {
     pub batch: usize,
     /// `batch / median step time` over the timed steps of every round.
     pub tok_s: f64,
@@ -82,6 +82,13 @@ pub struct BatchResult {
     pub prefill_tok_s: f64,
     /// Mean weight bytes a timed step read, from the steps' routing.
     pub weight_bytes_per_step: f64,
+}
+
+/// Decode at one batch size.
+#[derive(Debug, Serialize)]
+pub struct BatchResult {
+    #[serde(flatten)]
+    pub timing: DecodeTiming,
     /// `batch × bandwidth / weight_bytes_per_step`: this batch size's memory roof.
     pub memory_roof_tok_s: f64,
     /// `peak FLOP/s / (2 × multiply-adds per token)`: the compute roof (any batch).
@@ -227,9 +234,21 @@ pub(super) struct RunOutcome {
 }
 
 impl RunOutcome {
-    /// `batch / median step time`.
-    pub(super) fn tok_s(&self, batch: usize) -> f64 {
-        batch as f64 / median(&self.step_secs)
+    /// The timing of these steps, `batch` sequences each with `prompt_len` prompt tokens.
+    pub(super) fn timing(&self, batch: usize, prompt_len: usize) -> DecodeTiming {
+        let step = median(&self.step_secs);
+        let total: f64 = self.step_secs.iter().sum();
+        let bytes =
+            self.step_bytes.iter().sum::<u64>() as f64 / self.step_bytes.len().max(1) as f64;
+        DecodeTiming {
+            batch,
+            tok_s: batch as f64 / step,
+            tok_s_mean: (batch * self.step_secs.len()) as f64 / total,
+            step_ms_median: step * 1e3,
+            step_ms_min: self.step_secs.iter().copied().fold(f64::INFINITY, f64::min) * 1e3,
+            prefill_tok_s: (batch * prompt_len) as f64 / self.prefill_secs,
+            weight_bytes_per_step: bytes,
+        }
     }
 
     /// Adds another run's steps (a later round at the same batch size).
@@ -426,11 +445,9 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     let mut decode_tok_s = BTreeMap::new();
     let mut batch1 = None;
     for (batch, o) in runs {
-        let total: f64 = o.step_secs.iter().sum();
-        let step_median = median(&o.step_secs);
-        let tok_s = batch as f64 / step_median;
-        let bytes = o.step_bytes.iter().sum::<u64>() as f64 / o.step_bytes.len().max(1) as f64;
-        let memory_roof = batch as f64 * bw / bytes;
+        let timing = o.timing(batch, args.prompt_len);
+        let tok_s = timing.tok_s;
+        let memory_roof = batch as f64 * bw / timing.weight_bytes_per_step;
         let (roof, bound_by) = match compute_roof {
             Some(c) if c < memory_roof => (c, "compute"),
             _ => (memory_roof, "memory"),
@@ -439,15 +456,8 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
             batch1 = Some(tok_s);
         }
         decode_tok_s.insert(batch.to_string(), tok_s);
-        let step_ms_min = o.step_secs.iter().copied().fold(f64::INFINITY, f64::min) * 1e3;
         batches.push(BatchResult {
-            batch,
-            tok_s,
-            tok_s_mean: (batch * o.step_secs.len()) as f64 / total,
-            step_ms_median: step_median * 1e3,
-            step_ms_min,
-            prefill_tok_s: (batch * args.prompt_len) as f64 / o.prefill_secs,
-            weight_bytes_per_step: bytes,
+            timing,
             memory_roof_tok_s: memory_roof,
             compute_roof_tok_s: compute_roof,
             roofline_tok_s: roof,
@@ -459,10 +469,10 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     }
     let roof_b1 = batches
         .iter()
-        .find(|b| b.batch == 1)
+        .find(|b| b.timing.batch == 1)
         .map(|b| b.roofline_tok_s);
     for b in &mut batches {
-        b.speedup_vs_batch1 = batch1.map(|one| b.tok_s / one);
+        b.speedup_vs_batch1 = batch1.map(|one| b.timing.tok_s / one);
         b.speedup_ceiling_vs_batch1 = roof_b1.map(|one| b.roofline_tok_s / one);
     }
     let roof1 = bw / active as f64;
