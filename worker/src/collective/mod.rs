@@ -9,15 +9,18 @@
 //!
 //! [`SingleRank`] is the world of one (every operation is the identity). [`InProcessGroup`] joins
 //! ranks running as threads of one process (tests, and an embedded single-host mode); [`TcpRank`]
-//! joins worker processes over TCP; NCCL on GPUs implements the same trait.
+//! joins worker processes over TCP; [`NcclRank`] joins GPU ranks through NCCL (its module says how
+//! a group forms from NCCL's unique id).
 
 mod in_process;
+mod nccl;
 mod tcp;
 
 use std::borrow::Borrow;
 use std::time::Duration;
 
 pub use in_process::{InProcessGroup, InProcessRank};
+pub use nccl::NcclRank;
 pub use tcp::TcpRank;
 use tessera_kernels::Backend;
 use tessera_kernels::cpu::CpuTensor;
@@ -44,6 +47,14 @@ pub enum CollectiveError {
         op: &'static str,
         rank: usize,
         peer: usize,
+        detail: String,
+    },
+    /// The transport failed (NCCL or the device reported an error, or NCCL is missing); the
+    /// group is unusable.
+    #[error("{op} on rank {rank}: {detail}")]
+    Failed {
+        op: &'static str,
+        rank: usize,
         detail: String,
     },
     /// A rank panicked inside an operation; the group's shared state cannot be trusted.
