@@ -39,11 +39,13 @@ fi
 # no_gpu_is_a_typed_error, which checks that opening a device fails with CudaNotAvailable naming
 # the missing library, and nvrtc, which compiles every kernel with NVRTC for each target
 # architecture and assembles the PTX with ptxas (both from PyPI: no GPU, no toolkit needed).
+# nccl: NCCL collectives (world of one, several ranks as processes, deadlines); without libnccl.so.2
+# no_nccl_is_a_typed_error checks the error names it, and the rest skip.
 # Only these test targets, in the dev profile the run above already built the dependencies for.
 echo "== CUDA backend tests (GPU tests skipped without a GPU)"
 eval "$(bash tests/cuda-tools/fetch.sh)"
 export TESSERA_PTXAS
-cuda_tests=(-p tessera-kernels --features cuda --locked --no-fail-fast --test cuda --test nvrtc)
+cuda_tests=(-p tessera-kernels --features cuda --locked --no-fail-fast --test cuda --test nvrtc --test nccl)
 if cargo nextest --version >/dev/null 2>&1; then
     LD_LIBRARY_PATH="$TESSERA_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo nextest run "${cuda_tests[@]}"
 else

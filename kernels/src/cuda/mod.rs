@@ -12,6 +12,9 @@
 //! exist (uninhabited, `stub.rs`) and implement [`crate::Backend`], so callers need no `#[cfg]` of
 //! their own: `Executor<CudaBackend>` compiles in every build and is simply never made.
 //!
+//! NCCL ([`NcclId`], [`NcclComm`], [`probe_nccl`]) follows the same pattern: `nccl/` with the
+//! feature, `nccl_stub.rs` without, the id and error types shared (`nccl_types.rs`).
+//!
 //! [`BackendError::CudaNotAvailable`]: crate::BackendError::CudaNotAvailable
 
 #[cfg(feature = "cuda")]
@@ -25,6 +28,11 @@ mod imp;
 #[cfg(feature = "cuda")]
 mod moe;
 #[cfg(feature = "cuda")]
+mod nccl;
+#[cfg(not(feature = "cuda"))]
+mod nccl_stub;
+mod nccl_types;
+#[cfg(feature = "cuda")]
 mod ops;
 #[cfg(feature = "cuda")]
 mod probe;
@@ -36,9 +44,15 @@ pub use device::{CudaBackend, CudaTensor, CudaWeight, DeviceInfo, compile_kernel
 #[cfg(feature = "cuda")]
 pub use moe::CudaRouting;
 #[cfg(feature = "cuda")]
-pub use probe::{probe_libraries, probe_nvrtc};
+pub use nccl::NcclComm;
+#[cfg(feature = "cuda")]
+pub use probe::{probe_libraries, probe_nccl, probe_nvrtc};
 
 #[cfg(not(feature = "cuda"))]
 mod stub;
 #[cfg(not(feature = "cuda"))]
 pub use stub::{CudaBackend, CudaKv, CudaRouting, CudaStep, CudaTensor, CudaWeight, Never};
+
+#[cfg(not(feature = "cuda"))]
+pub use nccl_stub::{NcclComm, probe_nccl};
+pub use nccl_types::{NCCL_ID_BYTES, NcclError, NcclId, NcclVersion};

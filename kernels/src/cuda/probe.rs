@@ -4,6 +4,7 @@
 //! uses cudarc's own fallible presence tests (the same list of file names its loaders try), so a
 //! machine without a driver or without the toolkit's libraries gets
 //! [`BackendError::CudaNotAvailable`] naming the missing library and the names that were tried.
+//! NCCL, needed only by multi-GPU groups, has its own probe ([`probe_nccl`]).
 
 use crate::{BackendError, Result};
 
@@ -69,4 +70,13 @@ fn probe(libs: &[Lib]) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `Ok` with NCCL's version when `libnccl.so.2` (NCCL 2.18 or later) can be loaded; otherwise
+/// `CudaNotAvailable` saying what is missing ("libnccl.so.2 not found: ..."). NCCL is not part of
+/// [`probe_libraries`]: a machine without it still runs the backend on one GPU, and only forming
+/// an NCCL group fails. NCCL is loaded by Tessera's own loader (`nccl/ffi.rs`), not cudarc's,
+/// which does not try `libnccl.so.2`.
+pub fn probe_nccl() -> Result<super::NcclVersion> {
+    super::nccl::probe()
 }

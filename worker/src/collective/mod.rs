@@ -9,10 +9,12 @@
 //!
 //! [`SingleRank`] is the world of one (every operation is the identity). [`InProcessGroup`] joins
 //! ranks running as threads of one process (tests, and an embedded single-host mode); [`TcpRank`]
-//! joins worker processes over TCP; NCCL on GPUs implements the same trait. [`HostStaged`] lets a
-//! device backend use any host collective by copying through host memory.
+//! joins worker processes over TCP; [`NcclRank`] joins GPU ranks through NCCL (its module says how
+//! a group forms from NCCL's unique id). [`HostStaged`] lets a device backend use any host
+//! collective by copying through host memory (GPU ranks without NCCL, or sharing one GPU).
 
 mod in_process;
+mod nccl;
 mod staged;
 mod tcp;
 
@@ -20,6 +22,7 @@ use std::borrow::Borrow;
 use std::time::Duration;
 
 pub use in_process::{InProcessGroup, InProcessRank};
+pub use nccl::NcclRank;
 pub use staged::HostStaged;
 pub use tcp::TcpRank;
 use tessera_kernels::Backend;
@@ -47,6 +50,14 @@ pub enum CollectiveError {
         op: &'static str,
         rank: usize,
         peer: usize,
+        detail: String,
+    },
+    /// The transport failed (NCCL or the device reported an error, or NCCL is missing); the
+    /// group is unusable.
+    #[error("{op} on rank {rank}: {detail}")]
+    Failed {
+        op: &'static str,
+        rank: usize,
         detail: String,
     },
     /// A rank panicked inside an operation; the group's shared state cannot be trusted.
