@@ -85,8 +85,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     // Open the device once before announcing anything, so a GPU that cannot be used stops the
     // worker here with the reason; each LoadShard opens it again (a rebuilt group starts clean).
     let device = args.device.config(args.local_rank);
-    let name = tessera_worker::device::Device::open(&device)?.name();
-    tracing::info!(device = %name, "worker device");
+    let identity = tessera_worker::device::Device::open(&device)?.identity();
+    tracing::info!(device = %identity.name, uuid = ?identity.uuid, "worker device");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -165,6 +165,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             metrics,
             metrics_address,
             device,
+            identity,
         });
         let stop = async move {
             tokio::select! {

@@ -511,7 +511,44 @@ mod standalone_worker {
             kv_blocks: 8,
             kv_cache_bytes: 0,
             collective_timeout_ms: 0,
+            nccl_id: Vec::new(),
         }
+    }
+
+    /// `Health` names the device (and no GPU UUID on the CPU), and a CPU worker asked to join an
+    /// NCCL group refuses with the reason instead of waiting for peers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_worker_reports_its_device_and_a_cpu_worker_refuses_nccl() {
+        let (_worker, url) = start();
+        let mut client = WorkerClient::connect(url).await.expect("connects");
+        let health = client
+            .health(pb::HealthRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        if !health.device.starts_with("cpu") {
+            eprintln!("SKIPPED: this worker runs on {}", health.device);
+            return;
+        }
+        assert!(health.device_uuid.is_empty(), "{health:?}");
+        let err = client
+            .load_shard(pb::LoadShardRequest {
+                shard: Some(pb::ShardAssignment {
+                    rank: 1,
+                    world_size: 2,
+                    experts: vec![],
+                    placed: false,
+                }),
+                nccl_id: vec![7; 128],
+                ..load(&super::fixture("qwen3_moe"))
+            })
+            .await
+            .expect_err("a CPU worker cannot join NCCL");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(
+            err.message().contains("NCCL") && err.message().contains("CPU"),
+            "{err:?}"
+        );
     }
 
     /// grpc.health.v1 answers for the process and the Worker service before any shard is

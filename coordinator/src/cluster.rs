@@ -11,6 +11,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use tessera_common::{ModelSpec, PlacementMap, load_model_spec};
+use tessera_kernels::cuda::NcclId;
 use tessera_proto::worker::v1 as pb;
 use tessera_proto::worker::v1::worker_client::WorkerClient;
 use tessera_worker::WorkerError;
@@ -322,6 +323,7 @@ async fn load_shards(
     placement: &PlacementMap,
 ) -> Result<Loaded, WorkerError> {
     let peers: Vec<String> = endpoints.iter().map(|e| e.collective.clone()).collect();
+    let nccl_id = nccl_id_for(clients).await;
     let mut loads = tokio::task::JoinSet::new();
     for (rank, client) in clients.iter().enumerate() {
         let mut client = client.clone();
@@ -338,6 +340,7 @@ async fn load_shards(
             kv_cache_bytes: opts.kv_cache_bytes.unwrap_or(0),
             collective_timeout_ms: opts.step_timeout.as_millis().clamp(1, u128::from(u32::MAX))
                 as u32,
+            nccl_id: nccl_id.clone(),
         };
         loads.spawn(async move { (rank, client.load_shard(req).await) });
     }
@@ -361,6 +364,43 @@ async fn load_shards(
         backend,
         metrics_addresses: metrics,
     })
+}
+
+/// NCCL's unique id for a new group when every rank reports a GPU of its own and NCCL loads in
+/// this process (which then hosts NCCL's bootstrap root); empty otherwise, and the group uses the
+/// TCP collective (GPU ranks stage their tensors through the host). Ranks that share a GPU cannot
+/// form an NCCL group (NCCL refuses duplicate GPUs), and CPU ranks have no use for one.
+async fn nccl_id_for(clients: &[WorkerClient<Channel>]) -> Vec<u8> {
+    if clients.len() < 2 {
+        return Vec::new();
+    }
+    let mut gpus = std::collections::HashSet::new();
+    for (rank, client) in clients.iter().enumerate() {
+        let mut client = client.clone();
+        let asked = tokio::time::timeout(HEALTH_TIMEOUT, client.health(pb::HealthRequest {}));
+        let Ok(Ok(reply)) = asked.await else {
+            // LoadShard will report the unreachable worker; the group is not formed anyway.
+            return Vec::new();
+        };
+        let reply = reply.into_inner();
+        if reply.device_uuid.is_empty() || !gpus.insert(reply.device_uuid.clone()) {
+            tracing::info!(rank, device = %reply.device, "TCP collective: not every rank has a GPU of its own");
+            return Vec::new();
+        }
+    }
+    match NcclId::new() {
+        Ok(id) => {
+            tracing::info!(
+                ranks = clients.len(),
+                "NCCL collective: every rank has its own GPU"
+            );
+            id.as_bytes().to_vec()
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "NCCL is not available to the coordinator: the GPU workers exchange tensors through the host (TCP), which is much slower");
+            Vec::new()
+        }
+    }
 }
 
 /// Rank `rank`'s part of `placement`, as the control plane carries it.

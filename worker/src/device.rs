@@ -16,6 +16,7 @@ use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tessera_common::{ShardSpec, load_model_spec};
 use tessera_kernels::cpu::CpuBackend;
@@ -24,7 +25,7 @@ use tessera_kernels::{Backend, BackendError};
 
 use crate::WorkerError;
 use crate::checkpoint::Checkpoint;
-use crate::collective::{Collective, HostStaged, SingleRank};
+use crate::collective::{Collective, HostStaged, NcclRank, SingleRank};
 use crate::executor::{Executor, StepRunner};
 use crate::layers::TpContext;
 use crate::metrics::{TimedCollective, WorkerMetrics};
@@ -181,6 +182,26 @@ impl Device {
             Device::Cuda(b) => b.name(),
         }
     }
+
+    /// What the worker tells the coordinator about its device.
+    pub fn identity(&self) -> DeviceIdentity {
+        DeviceIdentity {
+            name: self.name(),
+            uuid: match self {
+                Device::Cpu(_) => None,
+                Device::Cuda(b) => b.uuid(),
+            },
+        }
+    }
+}
+
+/// A device as the coordinator sees it (`HealthResponse`): it forms an NCCL group only from
+/// ranks that each have a GPU of their own.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DeviceIdentity {
+    pub name: String,
+    /// The GPU's UUID; `None` on the CPU.
+    pub uuid: Option<String>,
 }
 
 /// How big the KV pool is.
@@ -200,6 +221,14 @@ pub enum GroupLink {
     Single,
     /// A host collective (TCP between processes); device tensors are staged through the host.
     Host(Arc<dyn Collective<CpuBackend>>),
+    /// NCCL, joining the group of unique id `id` (GPU ranks only, each on its own GPU).
+    Nccl {
+        id: Vec<u8>,
+        rank: usize,
+        world: usize,
+        /// Deadline of joining and of every operation.
+        timeout: Duration,
+    },
 }
 
 /// Everything [`load_executor`] needs besides the device.
@@ -232,6 +261,13 @@ pub fn load_executor(
             let comm: Arc<dyn Collective<CpuBackend>> = match &plan.link {
                 GroupLink::Single => Arc::new(SingleRank),
                 GroupLink::Host(c) => Arc::clone(c),
+                GroupLink::Nccl { .. } => {
+                    return Err(WorkerError::Device(
+                        "the group was formed for NCCL, but this worker runs on the CPU (start \
+                         it with --device cuda, or every worker with --device cpu)"
+                            .into(),
+                    ));
+                }
             };
             build(b, comm, plan)
         }
@@ -239,6 +275,16 @@ pub fn load_executor(
             let comm: Arc<dyn Collective<CudaBackend>> = match &plan.link {
                 GroupLink::Single => Arc::new(SingleRank),
                 GroupLink::Host(c) => Arc::new(HostStaged::new(Arc::clone(c))),
+                GroupLink::Nccl {
+                    id,
+                    rank,
+                    world,
+                    timeout,
+                } => {
+                    let r = NcclRank::from_id_bytes(&b, id, *rank, *world, *timeout)?;
+                    tracing::info!(rank, world, version = ?r.comm().version(), "joined the NCCL group");
+                    Arc::new(r)
+                }
             };
             build(b, comm, plan)
         }

@@ -185,8 +185,7 @@ impl<B: Backend> Executor<B> {
                     "one block of {block_size} positions overflows 64 bits"
                 ))
             })?;
-        // A budget larger than block ids can address is not an error: take every id there is.
-        let blocks = (bytes / per_block.max(1)).clamp(1, crate::kv_cache::MAX_BLOCKS as u64);
+        let blocks = (bytes / per_block.max(1)).max(1);
         Self::new(
             model,
             usize::try_from(blocks).unwrap_or(usize::MAX),

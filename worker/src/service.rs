@@ -18,7 +18,8 @@ use tonic::{Request, Response, Status};
 use crate::WorkerError;
 use crate::collective::TcpRank;
 use crate::device::{
-    Device, DeviceConfig, ExecutorPlan, GroupLink, KvSize, LoadedExecutor, load_executor,
+    Device, DeviceConfig, DeviceIdentity, ExecutorPlan, GroupLink, KvSize, LoadedExecutor,
+    load_executor,
 };
 use crate::executor::{SeqStep, StepRunner};
 use crate::metrics::WorkerMetrics;
@@ -32,6 +33,7 @@ pub struct WorkerService {
     executor: Arc<Mutex<Option<Box<dyn StepRunner + Send>>>>,
     /// The device each shard loads onto (opened anew per load: a rebuilt group starts clean).
     device: DeviceConfig,
+    identity: DeviceIdentity,
     /// Bound at start so its address can be announced before any shard is assigned; kept for
     /// the worker's lifetime, because a rebuilt group (after a peer died) loads shards again.
     collective_listener: TcpListener,
@@ -56,6 +58,8 @@ pub struct WorkerServiceConfig {
     pub metrics_address: Option<String>,
     /// Where shards run (`--device`, `--gpu-memory-utilization`).
     pub device: DeviceConfig,
+    /// That device as opened at start, reported by `Health`.
+    pub identity: DeviceIdentity,
 }
 
 impl WorkerService {
@@ -67,6 +71,7 @@ impl WorkerService {
             metrics: cfg.metrics,
             metrics_address: cfg.metrics_address,
             device: cfg.device,
+            identity: cfg.identity,
             rank: Arc::new(AtomicUsize::new(0)),
             ready: AtomicBool::new(false),
             kv_blocks: AtomicU64::new(0),
@@ -128,6 +133,12 @@ fn load(
     let opened = Device::open(device)?;
     let link = match (shard.world_size, shard.rank) {
         (1, _) => GroupLink::Single,
+        (world, rank) if !req.nccl_id.is_empty() => GroupLink::Nccl {
+            id: req.nccl_id.clone(),
+            rank,
+            world,
+            timeout,
+        },
         (world, 0) => {
             let l = listener.ok_or_else(|| {
                 WorkerError::Plan("this worker's collective listener is already in use".into())
@@ -265,6 +276,8 @@ impl pb::worker_server::Worker for WorkerService {
             } else {
                 0
             },
+            device: self.identity.name.clone(),
+            device_uuid: self.identity.uuid.clone().unwrap_or_default(),
         }))
     }
 

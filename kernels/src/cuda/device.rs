@@ -225,6 +225,18 @@ impl CudaBackend {
         &self.info
     }
 
+    /// The GPU's UUID as hex (what tells two GPUs apart across processes and hosts), if the
+    /// driver reports it.
+    pub fn uuid(&self) -> Option<String> {
+        let u = self.ctx.uuid().ok()?;
+        Some(
+            u.bytes
+                .iter()
+                .map(|b| format!("{:02x}", *b as u8))
+                .collect(),
+        )
+    }
+
     /// Waits until all queued work has finished (for timing; results copied to the host already
     /// wait for their own inputs).
     pub fn synchronize(&self) -> Result<()> {

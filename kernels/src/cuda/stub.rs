@@ -46,6 +46,11 @@ impl CudaBackend {
         Self::new(0).map(|_| 0)
     }
 
+    /// The GPU's UUID; no device exists in this build.
+    pub fn uuid(&self) -> Option<String> {
+        match self.never {}
+    }
+
     /// The device's peak memory bandwidth; no device exists in this build.
     pub fn peak_bandwidth_gb_s(&self) -> Option<f64> {
         match self.never {}
