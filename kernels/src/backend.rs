@@ -289,6 +289,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Routing>;
     /// Tokens routed to each expert in this step (length `num_experts`).
     fn expert_counts(&self, routing: &Self::Routing, num_experts: usize) -> Result<Vec<u32>>;
+    /// [`Backend::expert_counts`] of several routings (a step's MoE layers), one vector per
+    /// routing in order, in one call so that a device backend copies them to the host once
+    /// rather than synchronising once per layer. The default counts each routing in turn.
+    fn expert_counts_many(
+        &self,
+        routings: &[&Self::Routing],
+        num_experts: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        routings
+            .iter()
+            .map(|r| self.expert_counts(r, num_experts))
+            .collect()
+    }
     /// `Σ_e weight(t,e) · expert_e(x_t)` over the routed experts present in `experts` (an expert
     /// owned by another rank is `None` and contributes nothing here).
     fn moe(
@@ -297,4 +310,42 @@ pub trait Backend: Send + Sync + Sized + 'static {
         routing: &Self::Routing,
         experts: &[Option<ExpertWeights<'_, Self>>],
     ) -> Result<Self::Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Scoring;
+    use crate::cpu::CpuBackend;
+
+    #[test]
+    fn expert_counts_many_default_counts_each_routing_in_order() {
+        let b = CpuBackend;
+        let p = RouterParams {
+            num_experts: 6,
+            top_k: 2,
+            scoring: Scoring::Softmax,
+            normalize: true,
+            groups: None,
+            scaling: 1.0,
+        };
+        let routings: Vec<_> = (0..3usize)
+            .map(|i| {
+                let tokens = 4 + i;
+                let logits = (0..tokens * 6)
+                    .map(|j| ((j * 7 + i * 3) % 11) as f32 - 5.0)
+                    .collect();
+                let logits = b.tensor_from_host(logits, tokens, 6).unwrap();
+                b.route(&logits, &p, None).unwrap()
+            })
+            .collect();
+        let refs: Vec<_> = routings.iter().collect();
+        let many = b.expert_counts_many(&refs, 6).unwrap();
+        assert_eq!(many.len(), 3);
+        for (i, (r, counts)) in routings.iter().zip(&many).enumerate() {
+            assert_eq!(counts, &b.expert_counts(r, 6).unwrap());
+            assert_eq!(counts.iter().sum::<u32>() as usize, (4 + i) * 2);
+        }
+        assert!(b.expert_counts_many(&[], 6).unwrap().is_empty());
+    }
 }

@@ -221,7 +221,8 @@ impl<B: Backend> Model<B> {
         }
         let step = b.prepare_step(meta, &self.rope)?;
         let mut x = b.embedding(&self.embed, tokens)?;
-        let mut expert_counts = Vec::new();
+        // (layer, experts, routing) of every MoE layer, counted once after the last layer.
+        let mut routings = Vec::new();
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
             let h = layer.input_norm.forward(b, &x)?;
             let mut a = match &layer.attention {
@@ -234,8 +235,8 @@ impl<B: Backend> Model<B> {
             let mut f = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(b, &h)?,
                 Ffn::Moe(moe) => {
-                    let (y, counts) = moe.forward(b, &h)?;
-                    expert_counts.push((i, counts));
+                    let (y, routing) = moe.forward_routed(b, &h)?;
+                    routings.push((i, moe.num_experts(), routing));
                     y
                 }
             };
@@ -252,9 +253,91 @@ impl<B: Backend> Model<B> {
             Some(head) => head.forward(b, &x)?,
             None => b.linear(&x, &self.embed, None)?,
         };
+        // Queued after the logits, so the one copy of the counts waits for work that the logits'
+        // copy would wait for anyway.
+        let expert_counts = count_experts(b, &routings)?;
         Ok(StepOutput {
             logits: b.tensor_to_host(&logits)?,
             expert_counts,
         })
+    }
+}
+
+/// Tokens per expert of each MoE layer, `(layer, counts)` in layer order, from the routings a step
+/// kept: one [`Backend::expert_counts_many`] call (one copy to the host on a GPU) per distinct
+/// expert count, which in every supported architecture means one call per step.
+fn count_experts<B: Backend>(
+    b: &B,
+    routings: &[(usize, usize, B::Routing)],
+) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
+    let mut counts: Vec<Option<Vec<u32>>> = vec![None; routings.len()];
+    let mut sizes: Vec<usize> = routings.iter().map(|r| r.1).collect();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for n in sizes {
+        let (idx, refs): (Vec<usize>, Vec<&B::Routing>) = routings
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.1 == n)
+            .map(|(i, r)| (i, &r.2))
+            .unzip();
+        let got = b.expert_counts_many(&refs, n)?;
+        if got.len() != idx.len() {
+            return Err(WorkerError::Backend(
+                tessera_kernels::BackendError::Device {
+                    op: "expert_counts_many",
+                    detail: format!("{} count vectors for {} routings", got.len(), idx.len()),
+                },
+            ));
+        }
+        for (i, c) in idx.into_iter().zip(got) {
+            counts[i] = Some(c);
+        }
+    }
+    Ok(routings
+        .iter()
+        .zip(counts)
+        .map(|(r, c)| (r.0, c.unwrap_or_default()))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use tessera_kernels::cpu::CpuBackend;
+    use tessera_kernels::{RouterParams, Scoring};
+
+    use super::*;
+
+    #[test]
+    fn counts_come_back_in_layer_order_whatever_the_expert_counts() {
+        let b = CpuBackend;
+        // Layers 1, 2 and 4 are MoE; layer 2 has a different number of experts.
+        let layers = [(1, 8, 5), (2, 4, 3), (4, 8, 6)];
+        let routed: Vec<_> = layers
+            .iter()
+            .map(|&(layer, experts, tokens)| {
+                let logits: Vec<f32> = (0..tokens * experts)
+                    .map(|i| ((i * 7 + layer * 5) % 13) as f32)
+                    .collect();
+                let p = RouterParams {
+                    num_experts: experts,
+                    top_k: 2,
+                    scoring: Scoring::Softmax,
+                    normalize: true,
+                    groups: None,
+                    scaling: 1.0,
+                };
+                let t = b.tensor_from_host(logits, tokens, experts).unwrap();
+                (layer, experts, b.route(&t, &p, None).unwrap())
+            })
+            .collect();
+        let got = count_experts(&b, &routed).unwrap();
+        let want: Vec<_> = routed
+            .iter()
+            .map(|(l, e, r)| (*l, b.expert_counts(r, *e).unwrap()))
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(got[1].1.len(), 4);
+        assert!(count_experts::<CpuBackend>(&b, &[]).unwrap().is_empty());
     }
 }

@@ -25,7 +25,7 @@ const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 16] = [
+const KERNELS: [&str; 21] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -42,7 +42,15 @@ const KERNELS: [&str; 16] = [
     "write_kv",
     "paged_attention",
     "route",
+    "moe_plan",
+    "moe_gate_up",
+    "moe_down",
+    "moe_combine",
+    "moe_count",
 ];
+
+/// Device tables of expert weight addresses, keyed by the addresses they hold.
+pub(super) type ExpertTables = Mutex<HashMap<Vec<u64>, Arc<CudaSlice<u64>>>>;
 
 /// What the backend learnt about its device when it opened it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +120,9 @@ pub struct CudaBackend {
     pub(super) stream: Arc<CudaStream>,
     pub(super) blas: CudaBlas,
     kernels: HashMap<&'static str, CudaFunction>,
+    /// Per MoE layer, the device table of its experts' weight addresses (`moe_experts.rs`), keyed
+    /// by those addresses, so that a steady-state step uploads nothing.
+    pub(super) expert_tables: ExpertTables,
     // Declared last so that it is dropped after everything that lives in it.
     pub(super) ctx: Arc<CudaContext>,
 }
@@ -216,6 +227,7 @@ impl CudaBackend {
             stream,
             blas,
             kernels,
+            expert_tables: Default::default(),
             ctx,
         })
     }

@@ -167,6 +167,14 @@ impl Backend for CudaBackend {
         self.expert_counts_impl(routing, num_experts)
     }
 
+    fn expert_counts_many(
+        &self,
+        routings: &[&CudaRouting],
+        num_experts: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        self.expert_counts_many_impl(routings, num_experts)
+    }
+
     fn moe(
         &self,
         x: &CudaTensor,

@@ -28,6 +28,8 @@ mod imp;
 #[cfg(feature = "cuda")]
 mod moe;
 #[cfg(feature = "cuda")]
+mod moe_experts;
+#[cfg(feature = "cuda")]
 mod nccl;
 #[cfg(not(feature = "cuda"))]
 mod nccl_stub;

@@ -1,16 +1,23 @@
-//! Mixture-of-experts routing and expert execution on the GPU.
+//! Mixture-of-experts routing and expert counts on the GPU; expert execution is in
+//! `moe_experts.rs`.
 //!
 //! Routing runs on the device (one thread per token, `route` in moe.cu) and follows the CPU
-//! backend's rules exactly. Expert execution groups the step's tokens by expert: today the
-//! grouping is planned on the host from a copy of the routing decisions (`T × top_k` small
-//! integers, one device-to-host copy per MoE layer), then for each local expert with tokens the
-//! rows are gathered, the gated MLP runs through cuBLAS, and the outputs are scattered back with
-//! their routing weights. Planning on the device (a counting sort) would remove that copy.
+//! backend's rules exactly. Expert execution never copies the routing to the host: a one-block
+//! kernel groups the routed (token, choice) pairs by expert on the device (a counting sort into
+//! contiguous per-expert slots plus a list of 8-slot tiles), grouped kernels run every expert's
+//! gated MLP over its tiles (decode-sized steps), and a combine kernel adds each token's experts
+//! with their routing weights in routing order, so results do not depend on how the sort ordered
+//! tokens. Large steps (prefill) use the same device plan but run one cuBLAS product per expert on
+//! tensor cores, which costs one copy of the per-expert offsets to the host; `moe_experts.rs`
+//! says where the line is and why.
+//!
+//! Expert counts for metrics are counted on the device too, all MoE layers of a step into one
+//! buffer that is copied to the host once ([`crate::Backend::expert_counts_many`]).
 
 use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
 
-use super::device::{CudaBackend, CudaTensor, CudaWeight, grid_1d, grid_rows, to_u32};
-use crate::{BackendError, ExpertWeights, GroupScore, Result, RouterParams, Scoring};
+use super::device::{CudaBackend, CudaTensor, CudaWeight, grid_1d, to_u32};
+use crate::{BackendError, GroupScore, Result, RouterParams, Scoring};
 
 /// `ROUTE_MAX_K` and `ROUTE_MAX_GROUPS` of moe.cu (sizes of the kernel's local arrays).
 const ROUTE_MAX_K: usize = 32;
@@ -18,10 +25,13 @@ const ROUTE_MAX_GROUPS: usize = 64;
 
 /// For each token, `top_k` (expert, weight) pairs, on the device.
 pub struct CudaRouting {
-    tokens: usize,
-    top_k: usize,
-    ids: CudaSlice<u32>,
-    weights: CudaSlice<f32>,
+    pub(super) tokens: usize,
+    pub(super) top_k: usize,
+    /// Experts the router chose among: every id is below it.
+    pub(super) num_experts: usize,
+    /// `[tokens, top_k]` expert ids and routing weights, in the order the router ranked them.
+    pub(super) ids: CudaSlice<u32>,
+    pub(super) weights: CudaSlice<f32>,
 }
 
 /// Scalars of `route`; the same fields in the same order as `RouteArgs` in moe.cu.
@@ -130,6 +140,7 @@ impl CudaBackend {
         Ok(CudaRouting {
             tokens: t,
             top_k: p.top_k,
+            num_experts: e,
             ids,
             weights,
         })
@@ -150,95 +161,43 @@ impl CudaBackend {
         r: &CudaRouting,
         num_experts: usize,
     ) -> Result<Vec<u32>> {
-        let (ids, _) = self.routing_to_host(r)?;
-        let mut counts = vec![0u32; num_experts];
-        for e in ids {
-            if let Some(c) = counts.get_mut(e as usize) {
-                *c += 1;
-            }
-        }
-        Ok(counts)
+        let mut all = self.expert_counts_many_impl(&[r], num_experts)?;
+        all.pop().ok_or_else(|| {
+            BackendError::device("expert_counts", "no counts for the one routing asked for")
+        })
     }
 
-    pub(super) fn moe_impl(
+    /// Tokens per expert for each routing: one `moe_count` launch per routing into one device
+    /// buffer, then a single copy to the host for all of them (a step's MoE layers share one
+    /// synchronisation instead of paying one each).
+    pub(super) fn expert_counts_many_impl(
         &self,
-        x: &CudaTensor,
-        r: &CudaRouting,
-        experts: &[Option<ExpertWeights<'_, Self>>],
-    ) -> Result<CudaTensor> {
-        const OP: &str = "moe";
-        if x.rows != r.tokens {
-            return Err(BackendError::shape(
-                OP,
-                format!("{} rows for routing of {} tokens", x.rows, r.tokens),
-            ));
+        routings: &[&CudaRouting],
+        num_experts: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        const OP: &str = "expert_counts";
+        let total = routings.len() * num_experts;
+        if total == 0 {
+            return Ok(vec![Vec::new(); routings.len()]);
         }
-        let hidden = x.cols;
-        for (i, e) in experts.iter().enumerate() {
-            if let Some(e) = e {
-                let (inter, h) = e.gate.matrix(OP)?;
-                if h != hidden || e.up.shape != [inter, hidden] || e.down.shape != [hidden, inter] {
-                    return Err(BackendError::shape(
-                        OP,
-                        format!(
-                            "expert {i}: gate {:?}, up {:?}, down {:?} for hidden {hidden}",
-                            e.gate.shape, e.up.shape, e.down.shape
-                        ),
-                    ));
-                }
-            }
-        }
-        // Host plan: for each local expert, its tokens and their weights, laid out expert after
-        // expert in one buffer so that one upload serves every expert.
-        let (ids, weights) = self.routing_to_host(r)?;
-        let mut per_expert: Vec<(Vec<u32>, Vec<f32>)> = vec![Default::default(); experts.len()];
-        for (i, (&e, &w)) in ids.iter().zip(&weights).enumerate() {
-            if let Some((rows, ws)) = per_expert.get_mut(e as usize)
-                && experts[e as usize].is_some()
-            {
-                rows.push((i / r.top_k) as u32);
-                ws.push(w);
-            }
-        }
-        let rows_all: Vec<u32> = per_expert.iter().flat_map(|(r, _)| r.clone()).collect();
-        let ws_all: Vec<f32> = per_expert.iter().flat_map(|(_, w)| w.clone()).collect();
-        let mut out = self.tensor(OP, x.rows, hidden)?;
-        if rows_all.is_empty() || hidden == 0 {
-            return Ok(out);
-        }
-        let rows_dev = self.upload(OP, &rows_all)?;
-        let ws_dev = self.upload(OP, &ws_all)?;
-        let cols = to_u32(OP, hidden)?;
-        let mut start = 0;
-        for (e, (rows, _)) in experts.iter().zip(&per_expert) {
-            let (Some(e), n) = (e, rows.len()) else {
-                continue;
-            };
-            if n == 0 {
+        let mut counts = self.zeros::<u32>(OP, total)?;
+        let e32 = to_u32(OP, num_experts)?;
+        for (i, r) in routings.iter().enumerate() {
+            let pairs = r.tokens * r.top_k;
+            if pairs == 0 {
                 continue;
             }
-            let idx = rows_dev.slice(start..start + n);
-            let xs = self.gather_dev(x, &idx, n)?;
-            let h = self.silu_mul_impl(
-                &self.linear_impl(&xs, e.gate, None)?,
-                &self.linear_impl(&xs, e.up, None)?,
-            )?;
-            let y = self.linear_impl(&h, e.down, None)?;
-            let w = ws_dev.slice(start..start + n);
-            let mut b = self.stream.launch_builder(self.func("scatter_add_rows")?);
-            b.arg(&mut out.data)
-                .arg(&y.data)
-                .arg(&idx)
-                .arg(&w)
-                .arg(&cols);
-            // SAFETY: scatter_add_rows(float* out, const float* y, const u32* rows,
-            // const float* w, u32 cols): one block per routed token; y holds n*cols floats,
-            // rows and w hold n entries, every row < x.rows (a token index of the routing, which
-            // has x.rows tokens, checked) and distinct within this expert, so no two blocks
-            // write the same row.
-            unsafe { b.launch(grid_rows(n, 256)) }.map_err(|e| BackendError::device(OP, e))?;
-            start += n;
+            let p32 = to_u32(OP, pairs)?;
+            let mut dst = counts.slice_mut(i * num_experts..(i + 1) * num_experts);
+            let mut b = self.stream.launch_builder(self.func("moe_count")?);
+            b.arg(&mut dst).arg(&r.ids).arg(&p32).arg(&e32);
+            // SAFETY: moe_count(u32* counts, const u32* ids, u32 pairs, u32 num_experts): one
+            // thread per pair, threads past `pairs` return; ids holds tokens*top_k = pairs ids
+            // (allocated so by route); dst is this routing's num_experts counters and only ids
+            // below num_experts are counted.
+            unsafe { b.launch(grid_1d(pairs)) }.map_err(|e| BackendError::device(OP, e))?;
         }
-        Ok(out)
+        let flat = self.download(OP, &counts, total)?;
+        Ok(flat.chunks(num_experts).map(<[u32]>::to_vec).collect())
     }
 }

@@ -71,8 +71,22 @@ impl<B: Backend> Moe<B> {
         self.params.num_experts
     }
 
-    /// The block's output and the number of tokens routed to each expert.
+    /// The block's output and the number of tokens routed to each expert. Counting copies to the
+    /// host, which on a GPU waits for the device: a model step uses [`Moe::forward_routed`] and
+    /// counts every MoE layer at once; this is for a caller running one block (tests, tools).
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<(B::Tensor, Vec<u32>), WorkerError> {
+        let (y, routing) = self.forward_routed(b, x)?;
+        Ok((y, b.expert_counts(&routing, self.params.num_experts)?))
+    }
+
+    /// The block's output and its routing, which the caller keeps to count tokens per expert
+    /// once per step for all MoE layers (`Backend::expert_counts_many`) rather than copying to
+    /// the host, and waiting for the device, once per layer.
+    pub fn forward_routed(
+        &self,
+        b: &B,
+        x: &B::Tensor,
+    ) -> Result<(B::Tensor, B::Routing), WorkerError> {
         let logits = b.linear(x, &self.router, None)?;
         let routing = b.route(&logits, &self.params, self.router_bias.as_ref())?;
         let experts: Vec<_> = self
@@ -88,6 +102,6 @@ impl<B: Backend> Moe<B> {
             }
             b.add_assign(&mut y, &s)?;
         }
-        Ok((y, b.expert_counts(&routing, self.params.num_experts)?))
+        Ok((y, routing))
     }
 }
