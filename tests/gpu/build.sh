@@ -9,7 +9,9 @@
 # device: `bash tests/gpu/device.sh tests`, `... bench-qwen3`, `... bench-mixtral` (see there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.gpubin/' .git/info/exclude 2>/dev/null || echo '/.gpubin/' >> .git/info/exclude
+exclude=$(git rev-parse --git-path info/exclude)
+mkdir -p "$(dirname "$exclude")"
+grep -qx '/.gpubin/' "$exclude" 2>/dev/null || echo '/.gpubin/' >> "$exclude"
 rm -rf .gpubin && mkdir -p .gpubin
 
 # Test executables of one cargo invocation, as "target-name path" lines.
