@@ -181,9 +181,10 @@ async fn a_full_queue_is_refused_with_429_and_resource_exhausted() {
     let http = reqwest::Client::new();
     let url = format!("{}/v1/completions", server.http);
     let long = json!({"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": true});
-    // One runs, one waits: both accepted.
+    // One runs, one waits: both accepted. The second is sent once the first runs, so that it
+    // finds the waiting slot free however soon the engine loop picks the first up.
     let mut held = Vec::new();
-    for _ in 0..2 {
+    for i in 0..2 {
         let resp = http
             .post(&url)
             .json(&json!({"prompt": [5, 6, 7], "max_tokens": 500, "ignore_eos": true, "stream": true}))
@@ -192,6 +193,11 @@ async fn a_full_queue_is_refused_with_429_and_resource_exhausted() {
             .unwrap();
         assert_eq!(resp.status(), 200);
         held.push(resp);
+        if i == 0 {
+            server
+                .wait_health(&http, Duration::from_secs(5), |_, b| b["running"] == 1)
+                .await;
+        }
     }
     let resp = http.post(&url).json(&long).send().await.unwrap();
     assert_eq!(resp.status(), 429);
