@@ -149,7 +149,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         link: GroupLink::Single,
         kv: KvSize::Blocks(cache.num_blocks),
         block_size: cache.block_size,
-        gpu_memory_utilization: device.gpu_memory_utilization,
         metrics: None,
     };
     let runner = load_executor(Device::open(&device)?, plan)?.runner;

@@ -277,11 +277,12 @@ fn factory(
             shard: ShardSpec::whole(),
             link: GroupLink::Single,
             kv: match kv_bytes {
-                0 => KvSize::Auto,
+                0 => KvSize::Auto {
+                    gpu_memory_utilization: device.gpu_memory_utilization,
+                },
                 bytes => KvSize::Bytes(bytes),
             },
             block_size: cache.block_size,
-            gpu_memory_utilization: device.gpu_memory_utilization,
             metrics: None,
         };
         Ok(load_executor(Device::open(&device)?, plan)?.runner)

@@ -60,7 +60,6 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
             link: GroupLink::Single,
             kv: KvSize::Blocks(cache.num_blocks),
             block_size: cache.block_size,
-            gpu_memory_utilization: 0.9,
             metrics: None,
         };
         let device = Device::open(&cuda0()).expect("the GPU opens");

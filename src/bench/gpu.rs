@@ -118,7 +118,6 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         link: GroupLink::Single,
         kv: KvSize::Blocks(num_blocks),
         block_size: BLOCK_SIZE,
-        gpu_memory_utilization: cfg.gpu_memory_utilization,
         metrics: None,
     };
     let mut exec = load_executor(Device::Cuda(gpu), plan)?.runner;

@@ -205,14 +205,14 @@ pub struct DeviceIdentity {
 }
 
 /// How big the KV pool is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum KvSize {
     /// Exactly this many blocks.
     Blocks(usize),
     /// As many blocks as this many bytes hold.
     Bytes(u64),
-    /// What the device allows (see the module docs).
-    Auto,
+    /// What the device allows with this `--gpu-memory-utilization` (see the module docs).
+    Auto { gpu_memory_utilization: f32 },
 }
 
 /// How this rank reaches the other ranks of its group.
@@ -239,7 +239,6 @@ pub struct ExecutorPlan<'a> {
     pub link: GroupLink,
     pub kv: KvSize,
     pub block_size: usize,
-    pub gpu_memory_utilization: f32,
     /// Times every collective when given (workers); `None` in a single process.
     pub metrics: Option<&'a WorkerMetrics>,
 }
@@ -317,8 +316,10 @@ fn build<B: Backend>(
     let exec = match plan.kv {
         KvSize::Blocks(n) => Executor::new(model, n, block_size)?,
         KvSize::Bytes(bytes) => Executor::with_kv_budget(model, bytes, block_size)?,
-        KvSize::Auto => {
-            let bytes = auto_kv_bytes(model.backend(), plan.gpu_memory_utilization, weight_bytes)?;
+        KvSize::Auto {
+            gpu_memory_utilization,
+        } => {
+            let bytes = auto_kv_bytes(model.backend(), gpu_memory_utilization, weight_bytes)?;
             Executor::with_kv_budget(model, bytes, block_size)?
         }
     };

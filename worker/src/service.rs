@@ -160,7 +160,9 @@ fn load(
         }
     };
     let kv = match (req.kv_blocks, req.kv_cache_bytes) {
-        (0, 0) => KvSize::Auto,
+        (0, 0) => KvSize::Auto {
+            gpu_memory_utilization: device.gpu_memory_utilization,
+        },
         (0, bytes) => KvSize::Bytes(bytes),
         (blocks, _) => KvSize::Blocks(usize::try_from(blocks).unwrap_or(usize::MAX)),
     };
@@ -172,7 +174,6 @@ fn load(
             link,
             kv,
             block_size: req.block_size.max(1) as usize,
-            gpu_memory_utilization: device.gpu_memory_utilization,
             metrics: Some(metrics),
         },
     )
