@@ -31,6 +31,7 @@ __device__ __forceinline__ u16 f32_to_bf16(float f) {
     return (u16)(u >> 16);
 }
 
+#ifndef TESSERA_EMULATOR
 __device__ __forceinline__ float f16_to_f32(u16 h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
@@ -42,6 +43,12 @@ __device__ __forceinline__ u16 f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
     return h;
 }
+#else
+// The CPU emulator of the tests (tests/cuda-emulator) has no PTX: the host's _Float16, which
+// also rounds to nearest even.
+__device__ __forceinline__ float f16_to_f32(u16 h) { return emu_f16_to_f32(h); }
+__device__ __forceinline__ u16 f32_to_f16(float f) { return emu_f32_to_f16(f); }
+#endif
 
 // Element `i` of a weight stored as `dtype`, widened to f32.
 __device__ __forceinline__ float load_elem(const void* w, int dtype, u64 i) {

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds the CPU emulator of the CUDA libraries Tessera loads (libcuda.so, libnvrtc.so,
+# libcublas.so; see device.hpp for what it checks and what it cannot) into
+# target/cuda-emulator/lib and prints the line to eval:
+#   eval "$(bash tests/cuda-emulator/build.sh)"   # sets TESSERA_CUDA_EMULATOR_LIB
+# Then LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" makes `--features cuda` builds run their CUDA
+# path on the CPU. Needs a C++20 compiler (g++ 12 or later) at build time and when the emulated
+# NVRTC compiles the kernels.
+set -euo pipefail
+here="$(cd "$(dirname "$0")" && pwd)"
+root="$(cd "$here/../.." && pwd)"
+out="${CARGO_TARGET_DIR:-$root/target}/cuda-emulator/lib"
+mkdir -p "$out"
+cxx="${TESSERA_EMU_CXX:-g++}"
+flags=(-std=c++20 -O2 -g -fPIC -shared -Wall -Wextra -Wno-unused-parameter)
+build() { # name sources...
+    local lib="$out/$1"; shift
+    local newest
+    newest=$(ls -t "$@" "$here/build.sh" "$here/device.hpp" | head -1)
+    if [ ! -f "$lib" ] || [ "$newest" -nt "$lib" ]; then
+        "$cxx" "${flags[@]}" -DTESSERA_EMU_DIR="\"$here\"" -o "$lib.tmp" "$@" -ldl
+        mv "$lib.tmp" "$lib"
+    fi
+}
+build libcuda.so "$here/driver.cpp"
+build libnvrtc.so "$here/nvrtc.cpp"
+build libcublas.so "$here/cublas.cpp"
+# Kernel modules compiled by an older emulator may not match device.hpp any more.
+if [ -d "$out/modules" ] && [ "$here/device.hpp" -nt "$out/modules" ]; then rm -rf "$out/modules"; fi
+mkdir -p "$out/modules"
+echo "TESSERA_CUDA_EMULATOR_LIB='$out'"

@@ -1,0 +1,433 @@
+// The CPU emulator's CUDA driver (libcuda.so): the driver API calls cudarc makes for Tessera's
+// CUDA backend, on host memory.
+//
+// Device memory is host memory; a CUdeviceptr is its address. Every allocation is recorded, so
+// copies, frees and cuBLAS operands outside an allocation fail with CUDA_ERROR_INVALID_VALUE and a
+// message on stderr rather than corrupting memory. New allocations are filled with 0xff bytes (NaN
+// as f32) so that reading memory nobody wrote shows. Streams and events exist but all work runs
+// at once, in call order, which is one of the orders a stream allows. Kernels run through the
+// module that the emulator's NVRTC built (device.hpp); everything in the process is serialised
+// by one lock, because a block's shared memory is static storage.
+//
+// Environment: TESSERA_EMU_DEVICES (default 1) devices, each with TESSERA_EMU_MEMORY_MIB
+// (default 8192) MiB. Devices report compute capability 9.0 and the name "Tessera CUDA emulator
+// (CPU)", so nothing mistakes a run here for a GPU measurement.
+
+#include <dlfcn.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <chrono>
+#include <iterator>
+#include <map>
+#include <mutex>
+#include <string>
+
+namespace {
+
+typedef int CUresult;
+typedef unsigned long long CUdeviceptr;
+
+enum : int {
+    CUDA_SUCCESS = 0,
+    CUDA_ERROR_INVALID_VALUE = 1,
+    CUDA_ERROR_OUT_OF_MEMORY = 2,
+    CUDA_ERROR_INVALID_DEVICE = 101,
+    CUDA_ERROR_INVALID_IMAGE = 200,
+    CUDA_ERROR_INVALID_CONTEXT = 201,
+    CUDA_ERROR_INVALID_HANDLE = 400,
+    CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_LAUNCH_FAILED = 719,
+    CUDA_ERROR_NOT_SUPPORTED = 801,
+};
+
+struct Context {
+    int device;
+};
+struct Stream {
+    int unused;
+};
+struct Event {
+    std::chrono::steady_clock::time_point at;
+};
+typedef int (*LaunchFn)(void (*)(void**), const unsigned*, const unsigned*, unsigned, void**,
+                        char*, unsigned);
+struct Module {
+    void* handle;
+    LaunchFn launch;
+};
+struct Function {
+    Module* module;
+    void (*entry)(void**);
+    std::string name;
+};
+
+std::recursive_mutex big_lock;
+std::map<CUdeviceptr, size_t> allocations;  // start -> bytes
+size_t allocated = 0;
+Context contexts[64];
+thread_local Context* current = nullptr;
+
+unsigned env_unsigned(const char* name, unsigned fallback) {
+    const char* v = getenv(name);
+    if (!v || !*v) return fallback;
+    char* end = nullptr;
+    const unsigned long n = strtoul(v, &end, 10);
+    return *end == 0 && n > 0 ? (unsigned)n : fallback;
+}
+
+int device_count() {
+    const unsigned n = env_unsigned("TESSERA_EMU_DEVICES", 1);
+    return n > 64 ? 64 : (int)n;
+}
+
+size_t total_bytes() { return (size_t)env_unsigned("TESSERA_EMU_MEMORY_MIB", 8192) << 20; }
+
+CUresult fail(CUresult code, const char* what, const std::string& detail) {
+    fprintf(stderr, "tessera CUDA emulator: %s: %s\n", what, detail.c_str());
+    return code;
+}
+
+// The allocation holding [p, p + n), or nullptr.
+bool inside_allocation(CUdeviceptr p, size_t n) {
+    auto it = allocations.upper_bound(p);
+    if (it == allocations.begin()) return false;
+    --it;
+    return p >= it->first && p + n <= it->first + it->second;
+}
+
+CUresult check_range(const char* op, CUdeviceptr p, size_t n) {
+    if (n == 0 || inside_allocation(p, n)) return CUDA_SUCCESS;
+    char buf[128];
+    snprintf(buf, sizeof buf, "%zu bytes at 0x%llx are not inside one allocation", n, p);
+    return fail(CUDA_ERROR_INVALID_VALUE, op, buf);
+}
+
+CUresult alloc(CUdeviceptr* out, size_t bytes) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc", "0 bytes");
+    if (allocated + bytes > total_bytes()) {
+        return fail(CUDA_ERROR_OUT_OF_MEMORY, "cuMemAlloc",
+                    std::to_string(bytes) + " bytes with " + std::to_string(allocated) + " of " +
+                        std::to_string(total_bytes()) + " in use");
+    }
+    const size_t rounded = (bytes + 255) / 256 * 256;
+    void* p = aligned_alloc(256, rounded);
+    if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
+    memset(p, 0xff, rounded);
+    *out = (CUdeviceptr)p;
+    allocations[*out] = bytes;
+    allocated += bytes;
+    return CUDA_SUCCESS;
+}
+
+CUresult release(CUdeviceptr p) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    auto it = allocations.find(p);
+    if (it == allocations.end()) {
+        char buf[64];
+        snprintf(buf, sizeof buf, "0x%llx was not allocated (or was freed already)", p);
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuMemFree", buf);
+    }
+    allocated -= it->second;
+    allocations.erase(it);
+    free((void*)p);
+    return CUDA_SUCCESS;
+}
+
+CUresult copy(const char* op, void* dst, const void* src, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    memmove(dst, src, n);
+    return CUDA_SUCCESS;
+}
+
+}  // namespace
+
+extern "C" {
+
+// For the emulator's cuBLAS: whether [p, p + n) lies inside one device allocation.
+int tessera_emu_check_range(const char* op, CUdeviceptr p, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    return check_range(op, p, n);
+}
+
+CUresult cuInit(unsigned) { return CUDA_SUCCESS; }
+
+CUresult cuDriverGetVersion(int* v) {
+    *v = 13000;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGetErrorString(CUresult e, const char** s) {
+    switch (e) {
+        case CUDA_SUCCESS: *s = "no error"; break;
+        case CUDA_ERROR_INVALID_VALUE: *s = "invalid argument (emulator: see stderr)"; break;
+        case CUDA_ERROR_OUT_OF_MEMORY: *s = "out of memory"; break;
+        case CUDA_ERROR_INVALID_DEVICE: *s = "invalid device ordinal"; break;
+        case CUDA_ERROR_INVALID_IMAGE: *s = "device kernel image is invalid"; break;
+        case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found"; break;
+        case CUDA_ERROR_LAUNCH_FAILED: *s = "unspecified launch failure (emulator: see stderr)"; break;
+        default: *s = "unknown error (emulator)"; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGetErrorName(CUresult e, const char** s) {
+    switch (e) {
+        case CUDA_SUCCESS: *s = "CUDA_SUCCESS"; break;
+        case CUDA_ERROR_INVALID_VALUE: *s = "CUDA_ERROR_INVALID_VALUE"; break;
+        case CUDA_ERROR_OUT_OF_MEMORY: *s = "CUDA_ERROR_OUT_OF_MEMORY"; break;
+        case CUDA_ERROR_INVALID_DEVICE: *s = "CUDA_ERROR_INVALID_DEVICE"; break;
+        case CUDA_ERROR_INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
+        case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
+        case CUDA_ERROR_LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        default: *s = "CUDA_ERROR_UNKNOWN"; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+// ---- devices and contexts
+
+CUresult cuDeviceGetCount(int* n) {
+    *n = device_count();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGet(int* dev, int ordinal) {
+    if (ordinal < 0 || ordinal >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    *dev = ordinal;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetName(char* name, int len, int) {
+    snprintf(name, (size_t)len, "Tessera CUDA emulator (CPU)");
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetUuid(char* uuid, int dev) {
+    memset(uuid, 0, 16);
+    memcpy(uuid, "tessera-emu", 11);
+    uuid[15] = (char)dev;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetUuid_v2(char* uuid, int dev) { return cuDeviceGetUuid(uuid, dev); }
+
+CUresult cuDeviceTotalMem_v2(size_t* bytes, int) {
+    *bytes = total_bytes();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
+    switch (attribute) {
+        case 1: *v = 1024; break;       // max threads per block
+        case 8: *v = 48 * 1024; break;  // shared memory per block
+        case 10: *v = 32; break;        // warp size
+        case 16: *v = 132; break;       // multiprocessors, as an H100 SXM
+        case 36: *v = 2619000; break;   // memory clock (kHz), as an H100 SXM
+        case 37: *v = 5120; break;      // memory bus width (bits)
+        case 75: *v = 9; break;         // compute capability major
+        case 76: *v = 0; break;         // minor
+        case 97: *v = 227 * 1024; break;  // shared memory per block, opt-in
+        case 115: *v = 0; break;        // memory pools: no (cudarc then uses cuMemAlloc)
+        default: *v = 0; break;
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRetain(Context** ctx, int dev) {
+    if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    contexts[dev].device = dev;
+    *ctx = &contexts[dev];
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDevicePrimaryCtxRelease_v2(int) { return CUDA_SUCCESS; }
+
+CUresult cuCtxSetCurrent(Context* ctx) {
+    current = ctx;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxGetCurrent(Context** ctx) {
+    *ctx = current;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxGetDevice(int* dev) {
+    if (!current) return CUDA_ERROR_INVALID_CONTEXT;
+    *dev = current->device;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+
+// ---- streams and events (all work is done when it is queued)
+
+CUresult cuStreamCreate(Stream** s, unsigned) {
+    *s = new Stream{0};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamCreateWithPriority(Stream** s, unsigned flags, int) {
+    return cuStreamCreate(s, flags);
+}
+
+CUresult cuStreamDestroy_v2(Stream* s) {
+    delete s;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamSynchronize(Stream*) { return CUDA_SUCCESS; }
+CUresult cuStreamQuery(Stream*) { return CUDA_SUCCESS; }
+CUresult cuStreamWaitEvent(Stream*, Event*, unsigned) { return CUDA_SUCCESS; }
+
+CUresult cuEventCreate(Event** e, unsigned) {
+    *e = new Event{std::chrono::steady_clock::now()};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventRecord(Event* e, Stream*) {
+    e->at = std::chrono::steady_clock::now();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventSynchronize(Event*) { return CUDA_SUCCESS; }
+CUresult cuEventQuery(Event*) { return CUDA_SUCCESS; }
+
+CUresult cuEventDestroy_v2(Event* e) {
+    delete e;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventElapsedTime(float* ms, Event* a, Event* b) {
+    *ms = std::chrono::duration<float, std::milli>(b->at - a->at).count();
+    return CUDA_SUCCESS;
+}
+
+CUresult cuEventElapsedTime_v2(float* ms, Event* a, Event* b) { return cuEventElapsedTime(ms, a, b); }
+
+// ---- memory
+
+CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    *total = total_bytes();
+    *free_bytes = *total - allocated;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Stream*) { return alloc(p, bytes); }
+CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
+CUresult cuMemFreeAsync(CUdeviceptr p, Stream*) { return release(p); }
+
+CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
+    *p = malloc(bytes ? bytes : 1);
+    return *p ? CUDA_SUCCESS : CUDA_ERROR_OUT_OF_MEMORY;
+}
+
+CUresult cuMemFreeHost(void* p) {
+    free(p);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (CUresult r = check_range("cuMemcpyHtoD", dst, n)) return r;
+    return copy("cuMemcpyHtoD", (void*)dst, src, n);
+}
+
+CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, Stream*) {
+    return cuMemcpyHtoD_v2(dst, src, n);
+}
+
+CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (CUresult r = check_range("cuMemcpyDtoH", src, n)) return r;
+    return copy("cuMemcpyDtoH", dst, (const void*)src, n);
+}
+
+CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, Stream*) {
+    return cuMemcpyDtoH_v2(dst, src, n);
+}
+
+CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (CUresult r = check_range("cuMemcpyDtoD (source)", src, n)) return r;
+    if (CUresult r = check_range("cuMemcpyDtoD (destination)", dst, n)) return r;
+    return copy("cuMemcpyDtoD", (void*)dst, (const void*)src, n);
+}
+
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, Stream*) {
+    return cuMemcpyDtoD_v2(dst, src, n);
+}
+
+CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (CUresult r = check_range("cuMemsetD8", dst, n)) return r;
+    memset((void*)dst, v, n);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, Stream*) {
+    return cuMemsetD8_v2(dst, v, n);
+}
+
+// ---- modules and launches
+
+CUresult cuModuleLoadData(Module** out, const void* image) {
+    static const char tag[] = "TESSERA-EMU-MODULE ";
+    const char* text = (const char*)image;
+    if (strncmp(text, tag, sizeof tag - 1) != 0) {
+        return fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData",
+                    "not a module of the emulator's NVRTC (is the real libnvrtc first on the "
+                    "library path?)");
+    }
+    const char* path = text + sizeof tag - 1;
+    void* h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) return fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData", dlerror());
+    auto launch = (LaunchFn)dlsym(h, "tessera_emu_launch");
+    if (!launch) return fail(CUDA_ERROR_INVALID_IMAGE, "cuModuleLoadData", "no tessera_emu_launch");
+    *out = new Module{h, launch};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuModuleUnload(Module* m) {
+    dlclose(m->handle);
+    delete m;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuModuleGetFunction(Function** f, Module* m, const char* name) {
+    const std::string sym = std::string("tessera_emu_entry_") + name;
+    auto entry = (void (*)(void**))dlsym(m->handle, sym.c_str());
+    if (!entry) return CUDA_ERROR_NOT_FOUND;
+    *f = new Function{m, entry, name};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuFuncGetAttribute(int* v, int, Function*) {
+    *v = 0;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuFuncSetAttribute(Function*, int, int) { return CUDA_SUCCESS; }
+CUresult cuFuncSetCacheConfig(Function*, int) { return CUDA_SUCCESS; }
+
+CUresult cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
+                        unsigned by, unsigned bz, unsigned shared_bytes, Stream*, void** params,
+                        void** extra) {
+    if (!f) return CUDA_ERROR_INVALID_HANDLE;
+    if (extra) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel", "`extra` parameters");
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
+    char err[512] = {0};
+    if (f->module->launch(f->entry, grid, block, shared_bytes, params, err, sizeof err) != 0) {
+        return fail(CUDA_ERROR_LAUNCH_FAILED, ("kernel " + f->name).c_str(), err);
+    }
+    return CUDA_SUCCESS;
+}
+
+}  // extern "C"
