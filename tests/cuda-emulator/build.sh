@@ -12,7 +12,7 @@ root="$(cd "$here/../.." && pwd)"
 out="${CARGO_TARGET_DIR:-$root/target}/cuda-emulator/lib"
 mkdir -p "$out"
 cxx="${TESSERA_EMU_CXX:-g++}"
-flags=(-std=c++20 -O2 -g -fPIC -shared -Wall -Wextra -Wno-unused-parameter)
+flags=(-std=c++20 -O2 -march=native -g -fPIC -shared -Wall -Wextra -Wno-unused-parameter)
 build() { # name sources...
     local lib="$out/$1"; shift
     local newest

@@ -30,11 +30,12 @@ struct Handle {
 
 int element_bytes(int type) { return type == R_32F ? 4 : (type == R_16F || type == R_16BF) ? 2 : 0; }
 
-float load(const void* p, int type, long long i) {
-    if (type == R_32F) return ((const float*)p)[i];
+template <int T>
+inline float load(const void* p, long long i) {
+    if constexpr (T == R_32F) return ((const float*)p)[i];
     unsigned short bits;
     memcpy(&bits, (const char*)p + 2 * i, 2);
-    if (type == R_16F) {
+    if constexpr (T == R_16F) {
         _Float16 h;
         memcpy(&h, &bits, 2);
         return (float)h;
@@ -43,6 +44,34 @@ float load(const void* p, int type, long long i) {
     float f;
     memcpy(&f, &u, 4);
     return f;
+}
+
+struct Gemm {
+    int transa, transb, m, n, k;
+    const void* a;
+    int lda;
+    const void* b;
+    int ldb;
+    float* c;
+    int ldc;
+    float alpha, beta;
+};
+
+// C = alpha op(A) op(B) + beta C, one output at a time, accumulating over k in order.
+template <int T>
+void run(const Gemm& g) {
+    for (int j = 0; j < g.n; j++) {
+        for (int i = 0; i < g.m; i++) {
+            float acc = 0.0f;
+            for (int p = 0; p < g.k; p++) {
+                const long long ai = g.transa == OP_N ? i + (long long)p * g.lda : p + (long long)i * g.lda;
+                const long long bi = g.transb == OP_N ? p + (long long)j * g.ldb : j + (long long)p * g.ldb;
+                acc += load<T>(g.a, ai) * load<T>(g.b, bi);
+            }
+            float& out = g.c[i + (long long)j * g.ldc];
+            out = g.beta == 0.0f ? g.alpha * acc : g.alpha * acc + g.beta * out;
+        }
+    }
 }
 
 int fail(int status, const char* why) {
@@ -134,19 +163,10 @@ int cublasGemmEx(Handle* h, int transa, int transb, int m, int n, int k, const v
         return fail(CUBLAS_STATUS_EXECUTION_FAILED, "an operand outside device memory");
     }
     const float al = *(const float*)alpha, be = *(const float*)beta;
-    float* c = (float*)C;
-    for (int j = 0; j < n; j++) {
-        for (int i = 0; i < m; i++) {
-            float acc = 0.0f;
-            for (int p = 0; p < k; p++) {
-                const long long ai = transa == OP_N ? i + (long long)p * lda : p + (long long)i * lda;
-                const long long bi = transb == OP_N ? p + (long long)j * ldb : j + (long long)p * ldb;
-                acc += load(A, a_type, ai) * load(B, b_type, bi);
-            }
-            float& out = c[i + (long long)j * ldc];
-            out = be == 0.0f ? al * acc : al * acc + be * out;
-        }
-    }
+    const Gemm g{transa, transb, m, n, k, A, lda, B, ldb, (float*)C, ldc, al, be};
+    if (a_type == R_32F) run<R_32F>(g);
+    else if (a_type == R_16F) run<R_16F>(g);
+    else run<R_16BF>(g);
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -25,6 +25,7 @@
 #include <string.h>
 
 #include <cstdio>
+#include <deque>
 #include <memory>
 #include <type_traits>
 #include <utility>
@@ -59,21 +60,22 @@ namespace emu {
 constexpr unsigned WARP = 32;
 constexpr size_t STACK_BYTES = 128 * 1024;
 
+struct Fiber;
+
 struct Barrier {
     const char* what;
     unsigned expected = 0;  // live threads of its scope
     unsigned arrived = 0;
-    unsigned long long generation = 0;
+    std::vector<Fiber*> waiters;
 };
 
 enum class State { Ready, Waiting, Done };
 
 struct Fiber {
-    void* sp = nullptr;  // saved stack pointer while switched out
+    void* sp = nullptr;     // saved stack pointer while switched out
     char* stack = nullptr;  // STACK_BYTES, from the stack pool
     State state = State::Ready;
     Barrier* waiting_on = nullptr;
-    unsigned long long waiting_generation = 0;
     uint3 tid;
     unsigned linear = 0;
 };
@@ -89,6 +91,7 @@ struct Launch {
     std::vector<unsigned long long> lanes;  // shuffle exchange, one slot per thread
     std::vector<char> dynamic_shared;
     Fiber* current = nullptr;
+    std::deque<Fiber*> ready;  // fibers to run, in order
     uint3 block_idx;
 };
 
@@ -133,13 +136,12 @@ inline void yield_to_scheduler() { tessera_emu_switch(&launch->current->sp, laun
 inline void open_if_complete(Barrier& b) {
     if (b.arrived == 0 || b.arrived < b.expected) return;
     b.arrived = 0;
-    b.generation++;
-    for (Fiber& f : launch->fibers) {
-        if (f.state == State::Waiting && f.waiting_on == &b) {
-            f.state = State::Ready;
-            f.waiting_on = nullptr;
-        }
+    for (Fiber* f : b.waiters) {
+        f->state = State::Ready;
+        f->waiting_on = nullptr;
+        launch->ready.push_back(f);
     }
+    b.waiters.clear();
 }
 
 inline void arrive(Barrier& b) {
@@ -151,7 +153,7 @@ inline void arrive(Barrier& b) {
     }
     f->state = State::Waiting;
     f->waiting_on = &b;
-    f->waiting_generation = b.generation;
+    b.waiters.push_back(f);
     yield_to_scheduler();
 }
 
@@ -358,36 +360,24 @@ extern "C" int tessera_emu_launch(void (*entry)(void**), const unsigned* grid, c
                     f.tid = {i % block[0], (i / block[0]) % block[1], i / (block[0] * block[1])};
                     f.sp = emu::fresh_stack(f.stack);
                 }
-                for (;;) {
-                    bool ran = false, waiting = false;
-                    for (emu::Fiber& f : l.fibers) {
-                        if (f.state == emu::State::Ready) {
-                            ran = true;
-                            l.current = &f;
-                            tessera_emu_switch(&l.scheduler_sp, f.sp);
-                        } else if (f.state == emu::State::Waiting) {
-                            waiting = true;
-                        }
-                    }
-                    if (ran) continue;
-                    if (waiting) {
-                        unsigned stuck = 0, done = 0;
-                        const emu::Fiber* first = nullptr;
-                        for (const emu::Fiber& f : l.fibers) {
-                            if (f.state == emu::State::Waiting) {
-                                stuck++;
-                                if (!first) first = &f;
-                            } else {
-                                done++;
-                            }
-                        }
-                        snprintf(err, err_len,
-                                 "deadlock in block (%u,%u,%u): %u thread(s) wait at %s (first: "
-                                 "thread %u) while %u have exited; a GPU would hang",
-                                 bx, by, bz, stuck, first->waiting_on->what, first->linear, done);
-                        rc = 1;
-                    }
-                    break;
+                l.ready.clear();
+                for (emu::Fiber& f : l.fibers) l.ready.push_back(&f);
+                while (!l.ready.empty()) {
+                    l.current = l.ready.front();
+                    l.ready.pop_front();
+                    tessera_emu_switch(&l.scheduler_sp, l.current->sp);
+                }
+                unsigned stuck = 0;
+                const emu::Fiber* first = nullptr;
+                for (const emu::Fiber& f : l.fibers) {
+                    if (f.state == emu::State::Waiting && stuck++ == 0) first = &f;
+                }
+                if (stuck > 0) {
+                    snprintf(err, err_len,
+                             "deadlock in block (%u,%u,%u): %u of %u thread(s) wait at %s (first: "
+                             "thread %u), the others have exited; a GPU would hang",
+                             bx, by, bz, stuck, n, first->waiting_on->what, first->linear);
+                    rc = 1;
                 }
             }
     emu::launch = outer;

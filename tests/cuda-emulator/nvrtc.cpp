@@ -90,7 +90,7 @@ std::string compile(const std::string& src, std::string& log) {
     }
     const char* cxx_env = getenv("TESSERA_EMU_CXX");
     const std::string cxx = cxx_env && *cxx_env ? cxx_env : "g++";
-    const std::string cmd = cxx + " -std=c++20 -O2 -g -fPIC -shared -w -o '" + tmp + "' '" + cpp +
+    const std::string cmd = cxx + " -std=c++20 -O2 -march=native -g -fPIC -shared -w -o '" + tmp + "' '" + cpp +
                             "' 2> '" + err + "'";
     const int rc = system(cmd.c_str());
     std::ifstream e(err);
