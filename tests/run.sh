@@ -12,6 +12,8 @@ need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
+# g++ (C++20) builds the CPU emulator of the CUDA libraries and, through its NVRTC, the kernels.
+command -v g++ >/dev/null 2>&1 || need_apt+=(g++)
 if ((${#need_apt[@]})); then
     if [ "$(id -u)" = 0 ]; then
         apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}"
@@ -50,6 +52,20 @@ if cargo nextest --version >/dev/null 2>&1; then
     LD_LIBRARY_PATH="$TESSERA_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo nextest run "${cuda_tests[@]}"
 else
     LD_LIBRARY_PATH="$TESSERA_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo test "${cuda_tests[@]}"
+fi
+# The CUDA backend for real, on the CPU: tests/cuda-emulator provides libcuda, libnvrtc and
+# libcublas that run the kernels as host code with CUDA's thread model (barriers, warp shuffles,
+# shared memory) and check every copy and GEMM operand against the allocations. Every op against
+# the CPU backend (kernels/tests/cuda.rs) and every fixture end to end against transformers'
+# tokens (tests/gpu.rs) run the unchanged backend code; this is no GPU evidence (no PTX, no
+# timing), but a kernel or launch bug fails here instead of on a rented GPU.
+echo "== CUDA backend tests on the CPU emulator"
+eval "$(bash tests/cuda-emulator/build.sh)"
+emu_tests=(-p tessera-kernels -p tessera --features cuda --locked --no-fail-fast --test cuda --test gpu)
+if cargo nextest --version >/dev/null 2>&1; then
+    LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo nextest run "${emu_tests[@]}"
+else
+    LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo test "${emu_tests[@]}"
 fi
 # Kubernetes manifests, Grafana dashboard and Dockerfile under deploy/: rendered with kustomize and
 # validated offline against Kubernetes' schemas (tools from PyPI into a cached venv), container

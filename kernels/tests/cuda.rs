@@ -4,6 +4,8 @@
 //! no toolkit libraries) it prints `SKIPPED: <reason>` to stderr and returns, so the suite passes
 //! on machines without a GPU. `no_gpu_is_a_typed_error` is the one test that checks something on
 //! such a machine: opening the device fails with a message naming the missing library.
+//! CI also runs the whole file on the CPU emulator of the driver, NVRTC and cuBLAS
+//! (`tests/cuda-emulator`), where every test runs the real backend code and kernels.
 //!
 //! Tolerances are relative to the largest magnitude of the reference output. f32 paths differ
 //! from the CPU only in summation order (1e-4); products with 16-bit weights round the
