@@ -58,15 +58,19 @@ fi
 # shared memory) and check every copy and GEMM operand against the allocations. Every op against
 # the CPU backend (kernels/tests/cuda.rs) and every fixture end to end against transformers'
 # tokens (tests/gpu.rs) run the unchanged backend code; this is no GPU evidence (no PTX, no
-# timing), but a kernel or launch bug fails here instead of on a rented GPU.
-echo "== CUDA backend tests on the CPU emulator"
+# timing), but a kernel or launch bug fails here instead of on a rented GPU. The test binaries run
+# under AddressSanitizer (asan-runner.sh), kernels included: an access outside a device allocation
+# stops with a report naming the kernel's file and line.
+echo "== CUDA backend tests on the CPU emulator, under AddressSanitizer"
 eval "$(bash tests/cuda-emulator/build.sh)"
 emu_tests=(-p tessera-kernels -p tessera --features cuda --locked --no-fail-fast --test cuda --test gpu)
+export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/tests/cuda-emulator/asan-runner.sh"
 if cargo nextest --version >/dev/null 2>&1; then
     LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo nextest run "${emu_tests[@]}"
 else
     LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo test "${emu_tests[@]}"
 fi
+unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER
 # Kubernetes manifests, Grafana dashboard and Dockerfile under deploy/: rendered with kustomize and
 # validated offline against Kubernetes' schemas (tools from PyPI into a cached venv), container
 # flags checked against the binary the tests just built.

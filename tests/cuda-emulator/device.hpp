@@ -129,9 +129,40 @@ tessera_emu_switch:
     .size tessera_emu_switch, .-tessera_emu_switch
 )");
 
+// Under AddressSanitizer (TESSERA_EMU_ASAN=1, see nvrtc.cpp) every switch between stacks is
+// announced, as ASan requires for fibers; otherwise these are no-ops.
+#ifdef __SANITIZE_ADDRESS__
+#include <sanitizer/asan_interface.h>
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
 namespace emu {
 
-inline void yield_to_scheduler() { tessera_emu_switch(&launch->current->sp, launch->scheduler_sp); }
+// The scheduler's stack, as ASan needs it to switch back (learnt on the first switch in).
+inline const void* scheduler_stack_bottom = nullptr;
+inline size_t scheduler_stack_size = 0;
+
+inline void leave_fiber(bool dying) {
+#if EMU_ASAN
+    __sanitizer_start_switch_fiber(nullptr, scheduler_stack_bottom, scheduler_stack_size);
+#endif
+    (void)dying;
+}
+
+inline void entered_fiber() {
+#if EMU_ASAN
+    __sanitizer_finish_switch_fiber(nullptr, &scheduler_stack_bottom, &scheduler_stack_size);
+#endif
+}
+
+inline void yield_to_scheduler() {
+    leave_fiber(false);
+    tessera_emu_switch(&launch->current->sp, launch->scheduler_sp);
+    entered_fiber();
+}
 
 inline void open_if_complete(Barrier& b) {
     if (b.arrived == 0 || b.arrived < b.expected) return;
@@ -161,6 +192,7 @@ inline Barrier& warp_barrier() { return launch->warp_barriers[launch->current->l
 
 // A fiber's whole life: run the kernel for its thread, then leave every barrier it belonged to.
 inline void fiber_main() {
+    entered_fiber();
     Launch* l = launch;
     l->entry(l->params);
     Fiber* f = l->current;
@@ -170,7 +202,8 @@ inline void fiber_main() {
         b->expected--;
         open_if_complete(*b);
     }
-    yield_to_scheduler();  // never resumed
+    leave_fiber(true);
+    tessera_emu_switch(&l->current->sp, l->scheduler_sp);  // never resumed
     __builtin_trap();
 }
 
@@ -358,6 +391,11 @@ extern "C" int tessera_emu_launch(void (*entry)(void**), const unsigned* grid, c
                     f.waiting_on = nullptr;
                     f.linear = i;
                     f.tid = {i % block[0], (i / block[0]) % block[1], i / (block[0] * block[1])};
+#if EMU_ASAN
+                    // Frames that never returned (fiber_main's, or a deadlocked launch's) left
+                    // their redzones poisoned.
+                    __asan_unpoison_memory_region(f.stack, emu::STACK_BYTES);
+#endif
                     f.sp = emu::fresh_stack(f.stack);
                 }
                 l.ready.clear();
@@ -365,7 +403,13 @@ extern "C" int tessera_emu_launch(void (*entry)(void**), const unsigned* grid, c
                 while (!l.ready.empty()) {
                     l.current = l.ready.front();
                     l.ready.pop_front();
+#if EMU_ASAN
+                    __sanitizer_start_switch_fiber(nullptr, l.current->stack, emu::STACK_BYTES);
+#endif
                     tessera_emu_switch(&l.scheduler_sp, l.current->sp);
+#if EMU_ASAN
+                    __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr);
+#endif
                 }
                 unsigned stuck = 0;
                 const emu::Fiber* first = nullptr;

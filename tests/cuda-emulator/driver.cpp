@@ -113,10 +113,11 @@ CUresult alloc(CUdeviceptr* out, size_t bytes) {
                     std::to_string(bytes) + " bytes with " + std::to_string(allocated) + " of " +
                         std::to_string(total_bytes()) + " in use");
     }
-    const size_t rounded = (bytes + 255) / 256 * 256;
-    void* p = aligned_alloc(256, rounded);
-    if (!p) return CUDA_ERROR_OUT_OF_MEMORY;
-    memset(p, 0xff, rounded);
+    // 256-byte aligned like cudaMalloc, but exactly `bytes` long, so that under ASan an access
+    // one element past the end lands in a redzone.
+    void* p = nullptr;
+    if (posix_memalign(&p, 256, bytes) != 0) return CUDA_ERROR_OUT_OF_MEMORY;
+    memset(p, 0xff, bytes);
     *out = (CUdeviceptr)p;
     allocations[*out] = bytes;
     allocated += bytes;

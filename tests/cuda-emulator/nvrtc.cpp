@@ -6,6 +6,8 @@
 // $TESSERA_EMU_CACHE (default: the `modules` folder beside this library), so concurrent test
 // processes compile once. The "PTX" handed back is one line naming that object, which only the
 // emulator's driver (driver.cpp) understands; a real driver rejects it as an invalid image.
+// With TESSERA_EMU_ASAN=1 the module is built with -fsanitize=address (the process must have
+// libasan preloaded: asan-runner.sh), so kernel accesses outside an allocation are reported.
 //
 // The rewrites:
 // - `extern __shared__ T name[];` becomes a pointer to the launch's dynamic shared memory;
@@ -76,7 +78,10 @@ std::string compile(const std::string& src, std::string& log) {
     mkdir(cache.c_str(), 0755);
     char hash[32];
     snprintf(hash, sizeof hash, "%016zx", std::hash<std::string>{}(src));
-    const std::string so = cache + "/" + hash + "-" + std::to_string(src.size()) + ".so";
+    const char* asan_env = getenv("TESSERA_EMU_ASAN");
+    const bool asan = asan_env && strcmp(asan_env, "1") == 0;
+    const std::string so = cache + "/" + hash + "-" + std::to_string(src.size()) +
+                           (asan ? "-asan" : "") + ".so";
     if (exists(so)) return so;
     const std::string tmp = so + "." + std::to_string(getpid());
     const std::string cpp = tmp + ".cpp", err = tmp + ".log";
@@ -90,7 +95,8 @@ std::string compile(const std::string& src, std::string& log) {
     }
     const char* cxx_env = getenv("TESSERA_EMU_CXX");
     const std::string cxx = cxx_env && *cxx_env ? cxx_env : "g++";
-    const std::string cmd = cxx + " -std=c++20 -O2 -march=native -g -fPIC -shared -w -o '" + tmp + "' '" + cpp +
+    const std::string cmd = cxx + " -std=c++20 -O2 -march=native -g -fPIC -shared -w " +
+                            (asan ? "-fsanitize=address -fno-omit-frame-pointer " : "") + "-o '" + tmp + "' '" + cpp +
                             "' 2> '" + err + "'";
     const int rc = system(cmd.c_str());
     std::ifstream e(err);

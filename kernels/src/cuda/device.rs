@@ -376,7 +376,8 @@ fn compiled_ptx(cc: (i32, i32)) -> Result<String> {
     }
     let src: String = SOURCES
         .iter()
-        .map(|(name, text)| format!("// ---- {name}\n{text}\n"))
+        // `#line` makes NVRTC's messages (and the emulator's reports) name the file and line.
+        .map(|(name, text)| format!("#line 1 \"kernels/cuda/{name}\"\n{text}\n"))
         .collect();
     let opts = CompileOptions {
         // The device's virtual architecture: cudarc retrieves PTX (nvrtcGetPTX), which the driver
