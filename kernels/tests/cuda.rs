@@ -350,6 +350,84 @@ fn paged_attention_matches_cpu() {
     same_case!("attention sliding window", 1e-4, attention_case, Some(6));
 }
 
+/// Decode of two sequences, one with a long context (1300 positions over 82 blocks in reverse
+/// order) and one short (40): few enough rows that the GPU splits each row's positions
+/// (split-K), with uneven splits and, for the short sequence, empty ones.
+fn long_attention_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
+    let (heads, kv_heads, qk, vd, bs) = (4, 2, 32, 24, 16);
+    let spec = KvSpec {
+        num_blocks: 90,
+        block_size: bs,
+        num_kv_heads: kv_heads,
+        k_dim: qk,
+        v_dim: vd,
+    };
+    let mut cache = b.alloc_kv(spec)?;
+    let rope = rope_table(RopeLayout::Half, 4, 1.0);
+    let long_table: Vec<u32> = (0..82).rev().collect();
+    let seq = |start, tokens, context, table: &[u32]| SeqMeta {
+        token_start: start,
+        num_tokens: tokens,
+        context_len: context,
+        block_table: table.to_vec(),
+    };
+    let fill = StepMeta {
+        seqs: vec![
+            seq(0, 1299, 1299, &long_table),
+            seq(1299, 39, 39, &[82, 83, 84]),
+        ],
+        block_size: bs,
+    };
+    let decode = StepMeta {
+        seqs: vec![seq(0, 1, 1300, &long_table), seq(1, 1, 40, &[82, 83, 84])],
+        block_size: bs,
+    };
+    for (meta, seed) in [(&fill, 60), (&decode, 70)] {
+        let n = meta.num_tokens();
+        let step = b.prepare_step(meta, &rope)?;
+        let k = bf16_round(&rand_vec(n * kv_heads * qk, seed));
+        let v = bf16_round(&rand_vec(n * kv_heads * vd, seed + 1));
+        let k = b.tensor_from_host(k, n, kv_heads * qk)?;
+        let v = b.tensor_from_host(v, n, kv_heads * vd)?;
+        b.write_kv(&mut cache, &k, &v, &step)?;
+    }
+    let step = b.prepare_step(&decode, &rope)?;
+    let q = b.tensor_from_host(rand_vec(2 * heads * qk, 80), 2, heads * qk)?;
+    let params = AttentionParams {
+        num_heads: heads,
+        num_kv_heads: kv_heads,
+        qk_dim: qk,
+        v_dim: vd,
+        scale: 1.0 / (qk as f32).sqrt(),
+        sliding_window: window,
+    };
+    b.tensor_to_host(&b.attention(&q, &cache, &step, &params)?)
+}
+
+#[test]
+fn split_k_decode_attention_matches_cpu() {
+    let Some(g) = gpu("split_k_decode_attention_matches_cpu") else {
+        return;
+    };
+    // The case must take the split path on this device: 2 tokens x 4 heads.
+    let sms = g.info().multiprocessors;
+    for span in [1300, 700] {
+        let splits = tessera_kernels::cuda::plan::attention_splits(8, span, sms);
+        assert!(
+            splits > 1,
+            "{splits} split(s) for {span} positions on {sms} SMs"
+        );
+    }
+    drop(g);
+    same_case!("split-K attention", 1e-4, long_attention_case, None);
+    same_case!(
+        "split-K attention sliding window",
+        1e-4,
+        long_attention_case,
+        Some(700)
+    );
+}
+
 fn route_params(scoring: Scoring, groups: Option<(usize, usize, GroupScore)>) -> RouterParams {
     RouterParams {
         num_experts: 16,

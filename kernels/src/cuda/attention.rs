@@ -6,9 +6,10 @@
 //! layer. The cache stores keys and values in bf16 with the CPU backend's layout
 //! `[block][kv_head][slot][dim]`.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
-use super::device::{CudaBackend, CudaTensor, to_u32};
+use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
+use super::plan;
 use crate::{AttentionParams, BackendError, KvSpec, Result, RopeLayout, RopeTable, StepMeta};
 
 /// Threads per block of `paged_attention` (a multiple of 32, as its reductions need).
@@ -44,7 +45,7 @@ pub struct CudaKv {
     v: CudaSlice<u16>,
 }
 
-/// Scalars of `paged_attention`; the same fields in the same order as `AttnArgs` in attention.cu.
+/// Scalars of the attention kernels; the same fields in the same order as `AttnArgs` in attention.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct AttnArgs {
@@ -251,21 +252,38 @@ impl CudaBackend {
             window: p.sliding_window.map_or(Ok(0), |w| to_u32(OP, w.max(1)))?,
             scale: p.scale,
         };
-        let smem = (p.qk_dim + ATTN_THREADS as usize) * 4;
+        let smem = to_u32(OP, (p.qk_dim + ATTN_THREADS as usize) * 4)?;
+        let max_span = step
+            .meta
+            .seqs
+            .iter()
+            .map(|s| {
+                p.sliding_window
+                    .map_or(s.context_len, |w| s.context_len.min(w.max(1)))
+            })
+            .max()
+            .unwrap_or(0);
+        let splits = plan::attention_splits(n * p.num_heads, max_span, self.info.multiprocessors);
+        let launch = AttnLaunch {
+            q,
+            cache,
+            step,
+            args,
+            tokens: to_u32(OP, n)?,
+            smem,
+        };
+        if splits > 1 {
+            self.attention_split(&mut out, &launch, splits)?;
+            return Ok(out);
+        }
         let cfg = LaunchConfig {
-            grid_dim: (to_u32(OP, n)?, args.num_heads, 1),
+            grid_dim: (launch.tokens, args.num_heads, 1),
             block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: to_u32(OP, smem)?,
+            shared_mem_bytes: smem,
         };
         let mut b = self.stream.launch_builder(self.func("paged_attention")?);
-        b.arg(&mut out.data)
-            .arg(&q.data)
-            .arg(&cache.k)
-            .arg(&cache.v);
-        b.arg(&step.tok_pos)
-            .arg(&step.tok_table)
-            .arg(&step.tables)
-            .arg(&args);
+        b.arg(&mut out.data);
+        launch.push_inputs(&mut b);
         // SAFETY: paged_attention(float* out, const float* q, const u16* kc, const u16* vc,
         // const u32* tok_pos, const u32* tok_table, const u32* tables, AttnArgs a): grid
         // (tokens, heads); q holds tokens*heads*qk_dim floats and out tokens*heads*v_dim
@@ -274,5 +292,73 @@ impl CudaBackend {
         // is qk_dim + blockDim floats as the kernel expects; v_dim <= blockDim * 8 (checked).
         unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(out)
+    }
+
+    /// Split-K attention: `splits` partial runs per (token, head) row, then their merge.
+    fn attention_split(
+        &self,
+        out: &mut CudaTensor,
+        l: &AttnLaunch<'_>,
+        splits: usize,
+    ) -> Result<()> {
+        const OP: &str = "attention (split)";
+        let (heads, v_dim) = (l.args.num_heads, l.args.v_dim);
+        let rows = l.tokens as usize * heads as usize;
+        to_u32(OP, rows * splits)?;
+        let mut part_acc = self.zeros::<f32>(OP, rows * splits * v_dim as usize)?;
+        let mut part_ml = self.zeros::<f32>(OP, rows * splits * 2)?;
+        let splits32 = to_u32(OP, splits)?;
+        let cfg = LaunchConfig {
+            grid_dim: (l.tokens, heads, splits32),
+            block_dim: (ATTN_THREADS, 1, 1),
+            shared_mem_bytes: l.smem,
+        };
+        let mut b = self
+            .stream
+            .launch_builder(self.func("paged_attention_split")?);
+        b.arg(&mut part_acc).arg(&mut part_ml);
+        l.push_inputs(&mut b);
+        // SAFETY: paged_attention_split(float* part_acc, float* part_ml, then the inputs of
+        // paged_attention): grid (tokens, heads, splits); part_acc holds rows*splits*v_dim floats
+        // and part_ml rows*splits*2, the kernel's indexing for row r = t*heads + h and split s;
+        // the inputs were checked as for paged_attention (attention_impl); each split reads a
+        // subrange of the positions the token may attend.
+        unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
+        let mut b = self.stream.launch_builder(self.func("attention_combine")?);
+        b.arg(&mut out.data)
+            .arg(&part_acc)
+            .arg(&part_ml)
+            .arg(&splits32)
+            .arg(&v_dim);
+        // SAFETY: attention_combine(float* out, const float* part_acc, const float* part_ml,
+        // u32 splits, u32 v_dim): one block per row; out holds rows*v_dim floats (allocated by
+        // attention_impl), part_acc and part_ml as written above.
+        unsafe { b.launch(grid_rows(rows, ATTN_THREADS)) }
+            .map_err(|e| BackendError::device(OP, e))?;
+        Ok(())
+    }
+}
+
+/// The inputs shared by the attention kernels, checked by `attention_impl`.
+struct AttnLaunch<'a> {
+    q: &'a CudaTensor,
+    cache: &'a CudaKv,
+    step: &'a CudaStep,
+    args: AttnArgs,
+    tokens: u32,
+    /// Dynamic shared memory: qk_dim + ATTN_THREADS floats.
+    smem: u32,
+}
+
+impl AttnLaunch<'_> {
+    /// q, kc, vc, tok_pos, tok_table, tables, args: the parameters after the outputs.
+    fn push_inputs<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+        b.arg(&self.q.data)
+            .arg(&self.cache.k)
+            .arg(&self.cache.v)
+            .arg(&self.step.tok_pos)
+            .arg(&self.step.tok_table)
+            .arg(&self.step.tables)
+            .arg(&self.args);
     }
 }

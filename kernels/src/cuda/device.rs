@@ -25,7 +25,7 @@ const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 21] = [
+const KERNELS: [&str; 23] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -41,6 +41,8 @@ const KERNELS: [&str; 21] = [
     "rope",
     "write_kv",
     "paged_attention",
+    "paged_attention_split",
+    "attention_combine",
     "route",
     "moe_plan",
     "moe_gate_up",
@@ -61,6 +63,8 @@ pub struct DeviceInfo {
     pub compute_capability: (i32, i32),
     pub free_bytes: usize,
     pub total_bytes: usize,
+    /// Streaming multiprocessors (132 on an H100 SXM): how many blocks run at once, roughly.
+    pub multiprocessors: usize,
 }
 
 /// A row-major `[rows, cols]` f32 matrix in device memory.
@@ -202,12 +206,18 @@ impl CudaBackend {
         let name = ctx.name().map_err(dev)?;
         let compute_capability = ctx.compute_capability().map_err(dev)?;
         let (free_bytes, total_bytes) = ctx.mem_get_info().map_err(dev)?;
+        let multiprocessors = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .map_err(dev)?;
         let info = DeviceInfo {
             ordinal,
             name,
             compute_capability,
             free_bytes,
             total_bytes,
+            multiprocessors: multiprocessors.max(0) as usize,
         };
         let ptx = compiled_ptx(compute_capability)?;
         let module = ctx

@@ -36,6 +36,7 @@ mod nccl_stub;
 mod nccl_types;
 #[cfg(feature = "cuda")]
 mod ops;
+pub mod plan;
 #[cfg(feature = "cuda")]
 mod probe;
 
