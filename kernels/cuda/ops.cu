@@ -127,3 +127,70 @@ extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t
     head[ia] = x1 * c - x2 * s;
     head[ib] = x2 * c + x1 * s;
 }
+
+// Per row of x [rows, cols]: out[3r] = the index of its largest value (ties: the lowest index) as
+// raw bits, out[3r+1] = that value, out[3r+2] = log(sum exp(x - max)) + max. What greedy decoding
+// needs (RowSummary), so a step copies three numbers per row instead of the vocabulary.
+// Grid: one block per row; blockDim.x a multiple of 32.
+extern "C" __global__ void row_argmax_lse(float* out, const float* x, u32 cols) {
+    __shared__ float best_v[32];
+    __shared__ u32 best_i[32];
+    const float* row = x + (u64)blockIdx.x * cols;
+    // Each thread's maximum, its first index, and its sum of exp relative to that maximum.
+    // A row of -inf (every token masked) keeps index 0, as on the host.
+    float m = NEG_INF, s = 0.0f;
+    u32 mi = threadIdx.x < cols ? threadIdx.x : 0xffffffffu;
+    for (u32 c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float v = row[c];
+        if (v > m) {
+            s = s * expf(m - v) + 1.0f;
+            m = v;
+            mi = c;
+        } else if (v != NEG_INF) {
+            s += expf(v - m);
+        }
+    }
+    // The block's maximum and its lowest index: a warp reduction of (value, index) pairs, then
+    // one over the warps.
+    float bv = m;
+    u32 bi = mi;
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+    const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane == 0) {
+        best_v[warp] = bv;
+        best_i[warp] = bi;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        bv = lane < warps ? best_v[lane] : NEG_INF;
+        bi = lane < warps ? best_i[lane] : 0xffffffffu;
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > bv || (ov == bv && oi < bi)) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if (lane == 0) {
+            best_v[0] = bv;
+            best_i[0] = bi;
+        }
+    }
+    __syncthreads();
+    const float mx = best_v[0];
+    // A thread that saw nothing (m = -inf) adds 0.
+    const float total = block_sum(m == NEG_INF ? 0.0f : s * expf(m - mx));
+    if (threadIdx.x == 0) {
+        out[3 * (u64)blockIdx.x] = __uint_as_float(best_i[0]);
+        out[3 * (u64)blockIdx.x + 1] = mx;
+        out[3 * (u64)blockIdx.x + 2] = mx + logf(total);
+    }
+}

@@ -168,6 +168,36 @@ pub struct ExpertWeights<'a, B: Backend> {
     pub down: &'a B::Weight,
 }
 
+/// What greedy decoding needs from one row of logits: the index of its largest value (ties go to
+/// the lowest index, as the sampler's greedy choice), that value, and the row's log-sum-exp, so
+/// the chosen token's log-probability is `max - log_sum_exp`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RowSummary {
+    pub argmax: u32,
+    pub max: f32,
+    pub log_sum_exp: f32,
+}
+
+impl RowSummary {
+    /// The summary of one row computed on the host; `None` for an empty row.
+    pub fn of(row: &[f32]) -> Option<RowSummary> {
+        let (argmax, &max) = row
+            .iter()
+            .enumerate()
+            .reduce(|best, cur| if cur.1 > best.1 { cur } else { best })?;
+        Some(RowSummary {
+            argmax: argmax as u32,
+            max,
+            log_sum_exp: crate::cpu::log_sum_exp(row),
+        })
+    }
+
+    /// The log-probability of the argmax token.
+    pub fn logprob(&self) -> f32 {
+        self.max - self.log_sum_exp
+    }
+}
+
 /// A compute device. Activations are `[rows, cols]` f32 matrices ([`Backend::Tensor`]); weights keep
 /// their stored dtype ([`Backend::Weight`]).
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -190,6 +220,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn tensor_to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// `(rows, cols)` of an activation.
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
+    /// [`RowSummary`] of every row of `x` (logits), without copying the rows to the host where
+    /// the backend can help it (a GPU copies three numbers per row instead of the vocabulary).
+    fn row_summaries(&self, x: &Self::Tensor) -> Result<Vec<RowSummary>> {
+        let (rows, cols) = self.dims(x);
+        if cols == 0 {
+            return Err(crate::BackendError::shape(
+                "row_summaries",
+                format!("{rows} rows of 0 columns"),
+            ));
+        }
+        let host = self.tensor_to_host(x)?;
+        Ok(host.chunks(cols).filter_map(RowSummary::of).collect())
+    }
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<Self::Step>;
 
     // --- dense math ----------------------------------------------------------------------------

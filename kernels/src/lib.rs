@@ -20,7 +20,7 @@ mod host;
 
 pub use backend::{
     AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, RopeApply,
-    RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta,
+    RopeLayout, RopeTable, RouterParams, RowSummary, Scoring, SeqMeta, StepMeta,
 };
 pub use dtype::DType;
 pub use error::BackendError;

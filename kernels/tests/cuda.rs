@@ -405,6 +405,41 @@ fn long_attention_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f
 }
 
 #[test]
+fn row_summaries_match_the_host() {
+    let Some(g) = gpu("row_summaries_match_the_host") else {
+        return;
+    };
+    // A vocabulary-sized row count that is no multiple of the block, with: a tie for the
+    // maximum (the lower index wins), masked (-inf) entries, a fully masked row, large values.
+    let cols = 151_937;
+    let mut x = rand_vec(4 * cols, 90);
+    x[17] = 3.0;
+    x[cols - 1] = 3.0;
+    for v in &mut x[cols..cols + 1000] {
+        *v = f32::NEG_INFINITY;
+    }
+    x[2 * cols..3 * cols].fill(f32::NEG_INFINITY);
+    for v in &mut x[3 * cols..] {
+        *v *= 80.0;
+    }
+    let want = CpuBackend
+        .row_summaries(&CpuBackend.tensor_from_host(x.clone(), 4, cols).unwrap())
+        .unwrap();
+    let got = g
+        .row_summaries(&g.tensor_from_host(x, 4, cols).unwrap())
+        .unwrap();
+    assert_eq!(want[0].argmax, 17, "{want:?}");
+    assert_eq!(want[2].argmax, 0, "{want:?}");
+    for (r, (a, b)) in got.iter().zip(&want).enumerate() {
+        assert_eq!((a.argmax, a.max), (b.argmax, b.max), "row {r}: {a:?} vs {b:?}");
+        let close = a.log_sum_exp == b.log_sum_exp
+            || (a.log_sum_exp - b.log_sum_exp).abs() <= 1e-5 * b.log_sum_exp.abs().max(1.0);
+        assert!(close, "row {r}: {a:?} vs {b:?}");
+    }
+    assert!(g.row_summaries(&g.tensor_from_host(vec![], 3, 0).unwrap()).is_err());
+}
+
+#[test]
 fn split_k_decode_attention_matches_cpu() {
     let Some(g) = gpu("split_k_decode_attention_matches_cpu") else {
         return;

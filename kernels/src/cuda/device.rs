@@ -25,7 +25,7 @@ const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 23] = [
+const KERNELS: [&str; 24] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -37,6 +37,7 @@ const KERNELS: [&str; 23] = [
     "split_heads",
     "concat_shared",
     "gather_rows",
+    "row_argmax_lse",
     "scatter_add_rows",
     "rope",
     "write_kv",

@@ -6,7 +6,7 @@ use super::device::{CudaBackend, CudaTensor, CudaWeight};
 use super::moe::CudaRouting;
 use crate::{
     AttentionParams, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor, KvSpec,
-    Result, RopeApply, RopeTable, RouterParams, StepMeta,
+    Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta,
 };
 
 impl Backend for CudaBackend {
@@ -48,6 +48,10 @@ impl Backend for CudaBackend {
 
     fn dims(&self, t: &CudaTensor) -> (usize, usize) {
         (t.rows, t.cols)
+    }
+
+    fn row_summaries(&self, x: &CudaTensor) -> Result<Vec<RowSummary>> {
+        self.row_summaries_impl(x)
     }
 
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CudaStep> {

@@ -8,7 +8,7 @@ use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelA
 
 use super::attention::CudaStep;
 use super::device::{CudaBackend, CudaTensor, CudaWeight, WeightData, grid_1d, grid_rows, to_u32};
-use crate::{BackendError, DType, Result, RopeApply, RopeLayout};
+use crate::{BackendError, DType, Result, RopeApply, RopeLayout, RowSummary};
 
 /// Scalars of the `rope` kernel; the same fields in the same order as `RopeArgs` in ops.cu.
 #[repr(C)]
@@ -478,6 +478,37 @@ impl CudaBackend {
         // cos and sin hold rows*half floats (built by prepare_step for these rows).
         unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(())
+    }
+}
+
+impl CudaBackend {
+    pub(super) fn row_summaries_impl(&self, x: &CudaTensor) -> Result<Vec<RowSummary>> {
+        const OP: &str = "row_summaries";
+        if x.cols == 0 {
+            return Err(BackendError::shape(
+                OP,
+                format!("{} rows of 0 columns", x.rows),
+            ));
+        }
+        if x.rows == 0 {
+            return Ok(Vec::new());
+        }
+        let mut out = self.zeros::<f32>(OP, 3 * x.rows)?;
+        let cols = to_u32(OP, x.cols)?;
+        let mut b = self.stream.launch_builder(self.func("row_argmax_lse")?);
+        b.arg(&mut out).arg(&x.data).arg(&cols);
+        // SAFETY: row_argmax_lse(float* out, const float* x, u32 cols): one block of 256 threads
+        // (a multiple of 32) per row; x holds rows*cols floats and out 3*rows.
+        unsafe { b.launch(grid_rows(x.rows, 256)) }.map_err(|e| BackendError::device(OP, e))?;
+        let host = self.download(OP, &out, 3 * x.rows)?;
+        Ok(host
+            .chunks(3)
+            .map(|r| RowSummary {
+                argmax: r[0].to_bits(),
+                max: r[1],
+                log_sum_exp: r[2],
+            })
+            .collect())
     }
 }
 
