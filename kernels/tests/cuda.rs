@@ -431,12 +431,19 @@ fn row_summaries_match_the_host() {
     assert_eq!(want[0].argmax, 17, "{want:?}");
     assert_eq!(want[2].argmax, 0, "{want:?}");
     for (r, (a, b)) in got.iter().zip(&want).enumerate() {
-        assert_eq!((a.argmax, a.max), (b.argmax, b.max), "row {r}: {a:?} vs {b:?}");
+        assert_eq!(
+            (a.argmax, a.max),
+            (b.argmax, b.max),
+            "row {r}: {a:?} vs {b:?}"
+        );
         let close = a.log_sum_exp == b.log_sum_exp
             || (a.log_sum_exp - b.log_sum_exp).abs() <= 1e-5 * b.log_sum_exp.abs().max(1.0);
         assert!(close, "row {r}: {a:?} vs {b:?}");
     }
-    assert!(g.row_summaries(&g.tensor_from_host(vec![], 3, 0).unwrap()).is_err());
+    assert!(
+        g.row_summaries(&g.tensor_from_host(vec![], 3, 0).unwrap())
+            .is_err()
+    );
 }
 
 #[test]

@@ -14,7 +14,7 @@ use tessera_kernels::{Backend, SeqMeta, StepMeta};
 
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
-use crate::model::Model;
+use crate::model::{LogitRows, Model};
 use crate::sampling::{History, Sampler, SamplingParams, log_softmax, log_sum_exp, top_logprobs};
 
 /// One sequence's part of a step.
@@ -233,7 +233,7 @@ impl<B: Backend> Executor<B> {
             seqs: Vec::with_capacity(seqs.len()),
             block_size: self.cache.block_size(),
         };
-        let (mut tokens, mut rows) = (Vec::new(), Vec::new());
+        let (mut tokens, mut rows, mut full) = (Vec::new(), Vec::new(), Vec::new());
         // For each sequence: where its rows start in the logits, and how many it has.
         let mut row_spans = Vec::with_capacity(seqs.len());
         for s in seqs {
@@ -260,11 +260,36 @@ impl<B: Backend> Executor<B> {
             } else {
                 Vec::new()
             };
+            // A plain greedy choice with only its own logprob needs the row's summary alone.
+            let summary_only =
+                !s.prompt_logprobs && s.top_logprobs == 0 && s.sampling.is_plain_greedy();
+            full.extend(std::iter::repeat_n(!summary_only, wanted.len()));
             row_spans.push((rows.len(), wanted.len()));
             rows.extend(wanted);
         }
-        let out = self.model.forward(&tokens, &meta, &mut self.cache, &rows)?;
-        let row = |i: usize| &out.logits[i * vocab..(i + 1) * vocab];
+        let logit_rows = LogitRows {
+            rows: &rows,
+            full: &full,
+        };
+        let out = self
+            .model
+            .forward(&tokens, &meta, &mut self.cache, logit_rows)?;
+        // Where each requested row's logits are in `out.logits` (full rows only).
+        let full_at: Vec<Option<usize>> = full
+            .iter()
+            .scan(0, |k, &f| {
+                Some(f.then(|| {
+                    *k += 1;
+                    *k - 1
+                }))
+            })
+            .collect();
+        let row = |i: usize| -> Result<&[f32], WorkerError> {
+            let k = full_at[i].ok_or_else(|| {
+                WorkerError::Request(format!("logits row {i} was not copied to the host"))
+            })?;
+            Ok(&out.logits[k * vocab..(k + 1) * vocab])
+        };
         let mut results = Vec::with_capacity(seqs.len());
         for (s, &(first, count)) in seqs.iter().zip(&row_spans) {
             let mut r = SeqResult {
@@ -279,7 +304,7 @@ impl<B: Backend> Executor<B> {
                     let value = prev.as_ref().map(|lp: &Vec<f32>| lp[t as usize]);
                     r.prompt_logprobs
                         .push(if j == 0 && fresh { None } else { value });
-                    prev = Some(log_softmax(row(first + j)));
+                    prev = Some(log_softmax(row(first + j)?));
                 }
                 last_lp = prev;
             }
@@ -291,8 +316,14 @@ impl<B: Backend> Executor<B> {
             // starts again from position 0.
             state.tokens.truncate(s.context_len - s.tokens.len());
             state.tokens.extend_from_slice(&s.tokens);
-            if s.sample {
-                let logits = row(first + count - 1);
+            if s.sample && !full[first + count - 1] {
+                let summary = out.summaries.get(first + count - 1).ok_or_else(|| {
+                    WorkerError::Request("the step returned no summary for a greedy row".into())
+                })?;
+                r.token = Some(summary.argmax);
+                r.logprob = summary.logprob();
+            } else if s.sample {
+                let logits = row(first + count - 1)?;
                 let history = History {
                     tokens: &state.tokens,
                     prompt_len: s.prompt_len,

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use tessera_common::{AttentionSpec, FfnSpec, ModelSpec, ShardSpec};
-use tessera_kernels::{AttentionParams, Backend, KvSpec, RopeTable, StepMeta};
+use tessera_kernels::{AttentionParams, Backend, KvSpec, RopeTable, RowSummary, StepMeta};
 
 use crate::WorkerError;
 use crate::checkpoint::Checkpoint;
@@ -30,11 +30,23 @@ struct DecoderLayer<B: Backend> {
     ffn: Ffn<B>,
 }
 
+/// The logits rows a step asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct LogitRows<'a> {
+    /// Indices into the step's tokens.
+    pub rows: &'a [usize],
+    /// Per row, whether the whole row is needed on the host; the others (plain greedy sampling)
+    /// only need their [`RowSummary`], which spares a device the copy of the vocabulary.
+    pub full: &'a [bool],
+}
+
 /// What one step produces.
 #[derive(Clone, Debug, Default)]
 pub struct StepOutput {
-    /// `[rows, vocab]` logits for the requested rows, row-major.
+    /// `[full rows, vocab]` logits of the rows marked full, in their order, row-major.
     pub logits: Vec<f32>,
+    /// The summary of every requested row, in order, when some row is not full (else empty).
+    pub summaries: Vec<RowSummary>,
     /// Tokens routed to each expert, per MoE layer (layer index, counts).
     pub expert_counts: Vec<(usize, Vec<u32>)>,
 }
@@ -195,16 +207,24 @@ impl<B: Backend> Model<B> {
             .collect()
     }
 
-    /// Runs one step over `tokens` (laid out as `meta` describes) and returns logits for
-    /// `logit_rows` (indices into `tokens`).
+    /// Runs one step over `tokens` (laid out as `meta` describes) and returns what `logits`
+    /// asks for.
     pub fn forward(
         &self,
         tokens: &[u32],
         meta: &StepMeta,
         cache: &mut KvCache<B>,
-        logit_rows: &[usize],
+        logits: LogitRows<'_>,
     ) -> Result<StepOutput, WorkerError> {
         let b = &self.backend;
+        if logits.full.len() != logits.rows.len() {
+            return Err(WorkerError::Request(format!(
+                "{} logits rows with {} full-row flags",
+                logits.rows.len(),
+                logits.full.len()
+            )));
+        }
+        let logit_rows = logits.rows;
         if tokens.len() != meta.num_tokens() {
             return Err(WorkerError::Request(format!(
                 "{} tokens for a step describing {}",
@@ -246,18 +266,32 @@ impl<B: Backend> Model<B> {
         let x = self
             .final_norm
             .forward(b, &b.gather_rows(&x, logit_rows)?)?;
-        let logits = match &self.lm_head {
+        let all = match &self.lm_head {
             Some(head) if self.tp.world() > 1 => {
                 self.tp.comm.all_gather_cols(b, head.forward(b, &x)?)?
             }
             Some(head) => head.forward(b, &x)?,
             None => b.linear(&x, &self.embed, None)?,
         };
-        // Queued after the logits, so the one copy of the counts waits for work that the logits'
-        // copy would wait for anyway.
+        let full: Vec<usize> = (0..logits.full.len()).filter(|&i| logits.full[i]).collect();
+        let summaries = if full.len() < logit_rows.len() {
+            b.row_summaries(&all)?
+        } else {
+            Vec::new()
+        };
+        let host_logits = if full.len() == logit_rows.len() {
+            b.tensor_to_host(&all)?
+        } else if full.is_empty() {
+            Vec::new()
+        } else {
+            b.tensor_to_host(&b.gather_rows(&all, &full)?)?
+        };
+        // After the logits, so the one copy of the counts waits for work that the logits' copy
+        // waited for anyway.
         let expert_counts = count_experts(b, &routings)?;
         Ok(StepOutput {
-            logits: b.tensor_to_host(&logits)?,
+            logits: host_logits,
+            summaries,
             expert_counts,
         })
     }

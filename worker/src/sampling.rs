@@ -98,6 +98,13 @@ impl SamplingParams {
         Ok(())
     }
 
+    /// Whether the choice is the most likely raw token (greedy, nothing adjusting the logits):
+    /// then the row's argmax is all the sampler needs, which a device computes without copying
+    /// the row (`Backend::row_summaries`).
+    pub fn is_plain_greedy(&self) -> bool {
+        (self.temperature == 0.0 || self.top_k == 1) && !self.adjusts_logits()
+    }
+
     /// Whether anything but temperature / top-k / top-p / min-p changes the logits.
     fn adjusts_logits(&self) -> bool {
         self.presence_penalty != 0.0
