@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v etcd >/dev/null 2>&1 || need_apt+=(etcd-server)
 command -v protoc >/dev/null 2>&1 || need_apt+=(protobuf-compiler)
+# protoc's well-known types (google/protobuf/descriptor.proto, which etcd's protos import) are in
+# libprotobuf-dev, only a recommendation of protobuf-compiler.
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need_apt+=(libprotobuf-dev)
 command -v prometheus >/dev/null 2>&1 || need_apt+=(prometheus)
 # g++ (C++20) builds the CPU emulator of the CUDA libraries and, through its NVRTC, the kernels.
 command -v g++ >/dev/null 2>&1 || need_apt+=(g++)

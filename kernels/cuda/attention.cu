@@ -20,69 +20,57 @@ extern "C" __global__ void write_kv(u16* kc, u16* vc, const float* k, const floa
     }
 }
 
-// Scalars of `paged_attention`; the layout of `AttnArgs` in cuda/attention.rs.
+// Scalars of the attention kernels; the layout of `AttnArgs` in cuda/attention.rs.
 struct AttnArgs {
     u32 num_heads, num_kv_heads, qk_dim, v_dim, block_size;
-    u32 window;  // 0: no sliding window
+    u32 window;          // 0: no sliding window
+    u32 head_groups;     // blocks per (token, KV head): its query heads are cut into this many
+    u32 group_heads;     // query heads per block (the last block of a KV head may have fewer)
     float scale;
 };
 
-// Most output dims one thread accumulates (v_dim <= ATTN_THREADS * ATTN_MAX_V_PER_THREAD).
-#define ATTN_MAX_V_PER_THREAD 8
+// Threads per attention block; also the positions one chunk of the online softmax covers.
+#define ATTN_THREADS 128
+// Most query heads one block serves, and output dims per thread (v_dim <= 2 * ATTN_THREADS).
+#define ATTN_HEADS 16
+#define ATTN_DIMS 2
 
-// One query row's attention over a run of positions, before normalisation: the running maximum
-// score `m`, the sum `l` of exp(score - m), and, for this thread's output dims d = threadIdx.x +
-// i * blockDim.x, the exp-weighted sum of values.
-struct AttnRun {
-    float m, l;
-    float acc[ATTN_MAX_V_PER_THREAD];
+// Shared memory of one block, carved from the dynamic allocation (sizes in cuda/plan.rs):
+// per chunk position its V row offset, then the block's queries, the chunk's scores (turned
+// into probabilities), and per head the running max, running sum and this chunk's rescale.
+struct AttnShared {
+    u64* vrow;  // ATTN_THREADS
+    float* qs;  // group_heads x qk_dim
+    float* ss;  // group_heads x ATTN_THREADS
+    float *ms, *ls, *cs;  // group_heads each
 };
 
-// Attends positions [from, end) of the sequence whose block table is `table`, for the query in
-// shared memory `qs` (qk_dim floats); `ps` is blockDim floats of shared scratch. Positions are
-// taken blockDim at a time: each thread scores one, then an online softmax (running max and sum)
-// rescales the accumulators, so any length fits in fixed shared memory. Scores and accumulation
-// are f32; keys and values are widened from bf16. Every thread of the block must call it with
-// the same range (it synchronises). An empty range gives m = -inf, l = 0 and zero accumulators.
-__device__ AttnRun attend_run(const float* qs, float* ps, const u16* kc, const u16* vc,
-                              const u32* table, u32 kvh, u32 from, u32 end, const AttnArgs& a) {
-    AttnRun r;
-    r.m = NEG_INF;
-    r.l = 0.0f;
-    for (int i = 0; i < ATTN_MAX_V_PER_THREAD; i++) r.acc[i] = 0.0f;
-    for (u32 base = from; base < end; base += blockDim.x) {
-        const u32 j = base + threadIdx.x;
-        float s = NEG_INF;
-        if (j < end) {
-            const u64 blk = table[j / a.block_size];
-            const u16* krow =
-                kc + ((blk * a.num_kv_heads + kvh) * a.block_size + j % a.block_size) * a.qk_dim;
-            float dot = 0.0f;
-            for (u32 d = 0; d < a.qk_dim; d++) dot += qs[d] * bf16_to_f32(krow[d]);
-            s = dot * a.scale;
-        }
-        const float m_new = fmaxf(r.m, block_max(s));
-        const float p = j < end ? expf(s - m_new) : 0.0f;
-        const float corr = expf(r.m - m_new);  // 0 on the first chunk (m = -inf)
-        ps[threadIdx.x] = p;
-        r.l = r.l * corr + block_sum(p);  // block_sum's barriers also publish `ps`
-        const u32 n = end - base < blockDim.x ? end - base : blockDim.x;
-        for (int i = 0; i < ATTN_MAX_V_PER_THREAD; i++) {
-            const u32 d = threadIdx.x + i * blockDim.x;
-            if (d >= a.v_dim) break;
-            float sum = r.acc[i] * corr;
-            for (u32 jj = 0; jj < n; jj++) {
-                const u32 jp = base + jj;
-                const u64 blk = table[jp / a.block_size];
-                sum += ps[jj] * bf16_to_f32(
-                    vc[((blk * a.num_kv_heads + kvh) * a.block_size + jp % a.block_size) * a.v_dim + d]);
-            }
-            r.acc[i] = sum;
-        }
-        r.m = m_new;
-        __syncthreads();  // `ps` is rewritten by the next chunk
-    }
-    return r;
+__device__ __forceinline__ AttnShared attn_shared(float* smem, const AttnArgs& a) {
+    AttnShared sh;
+    sh.vrow = (u64*)smem;
+    sh.qs = smem + 2 * ATTN_THREADS;
+    sh.ss = sh.qs + a.group_heads * a.qk_dim;
+    sh.ms = sh.ss + a.group_heads * ATTN_THREADS;
+    sh.ls = sh.ms + a.group_heads;
+    sh.cs = sh.ls + a.group_heads;
+    return sh;
+}
+
+// The block's place: token t, its KV head, and the query heads [h0, h0 + gn) that share it
+// (grouped-query attention: the block reads each key and value once for all of them).
+struct AttnBlock {
+    u32 t, kvh, h0, gn;
+};
+
+__device__ __forceinline__ AttnBlock attn_block(const AttnArgs& a) {
+    AttnBlock b;
+    b.t = blockIdx.x;
+    b.kvh = blockIdx.y / a.head_groups;
+    const u32 group = a.num_heads / a.num_kv_heads;
+    const u32 first = (blockIdx.y % a.head_groups) * a.group_heads;
+    b.h0 = b.kvh * group + first;
+    b.gn = min(a.group_heads, group - first);
+    return b;
 }
 
 // The first position token t attends (its sliding window's start, or 0).
@@ -90,63 +78,174 @@ __device__ __forceinline__ u32 attn_first(u32 pos, const AttnArgs& a) {
     return (a.window != 0 && pos + 1 > a.window) ? pos + 1 - a.window : 0;
 }
 
-// Loads query head h of token t into shared memory; returns its KV head.
-__device__ __forceinline__ u32 attn_load_query(float* qs, const float* q, u32 t, u32 h,
-                                               const AttnArgs& a) {
-    const float* qrow = q + ((u64)t * a.num_heads + h) * a.qk_dim;
-    for (u32 d = threadIdx.x; d < a.qk_dim; d += blockDim.x) qs[d] = qrow[d];
+// Attention of the block's query heads over positions [from, end) of the sequence whose block
+// table is `table`, before normalisation: afterwards sh.ms / sh.ls hold each head's running max
+// score and sum of exp(score - max), and acc[g][i] the exp-weighted sum of values for head g and
+// output dim 2 * threadIdx.x + i. Positions are taken ATTN_THREADS at a time: each thread scores
+// one position against every head (one read of its key row), a warp per head turns the chunk's
+// scores into probabilities with an online softmax, then each thread accumulates its output dims
+// of every head (one read of each value). f32 throughout; keys and values widened from bf16.
+// Every thread of the block calls it with the same range; an empty range leaves max -inf, sum 0
+// and zero accumulators.
+__device__ void attend_run(float (&acc)[ATTN_HEADS][ATTN_DIMS], const AttnShared& sh,
+                           const AttnBlock& blk, const u16* kc, const u16* vc, const u32* table,
+                           u32 from, u32 end, const AttnArgs& a) {
+    const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    for (u32 g = tid; g < blk.gn; g += blockDim.x) {
+        sh.ms[g] = NEG_INF;
+        sh.ls[g] = 0.0f;
+    }
+#pragma unroll
+    for (int g = 0; g < ATTN_HEADS; g++) {
+        acc[g][0] = 0.0f;
+        acc[g][1] = 0.0f;
+    }
     __syncthreads();
-    return h / (a.num_heads / a.num_kv_heads);
+    for (u32 base = from; base < end; base += ATTN_THREADS) {
+        const u32 n = min(end - base, (u32)ATTN_THREADS);
+        if (tid < n) {
+            const u32 j = base + tid;
+            const u64 row =
+                ((u64)table[j / a.block_size] * a.num_kv_heads + blk.kvh) * a.block_size +
+                j % a.block_size;
+            sh.vrow[tid] = row * a.v_dim;
+            const u16* krow = kc + row * a.qk_dim;
+            float dot[ATTN_HEADS];
+#pragma unroll
+            for (int g = 0; g < ATTN_HEADS; g++) dot[g] = 0.0f;
+            for (u32 d = 0; d < a.qk_dim; d++) {
+                const float k = bf16_to_f32(krow[d]);
+#pragma unroll
+                for (int g = 0; g < ATTN_HEADS; g++) {
+                    if (g < blk.gn) dot[g] += sh.qs[g * a.qk_dim + d] * k;
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < ATTN_HEADS; g++) {
+                if (g < blk.gn) sh.ss[g * ATTN_THREADS + tid] = dot[g] * a.scale;
+            }
+        } else {
+            for (u32 g = 0; g < blk.gn; g++) sh.ss[g * ATTN_THREADS + tid] = NEG_INF;
+        }
+        __syncthreads();
+        for (u32 g = warp; g < blk.gn; g += blockDim.x / 32) {
+            float* s = sh.ss + g * ATTN_THREADS;
+            float mx = NEG_INF;
+            for (u32 i = lane; i < ATTN_THREADS; i += 32) mx = fmaxf(mx, s[i]);
+            const float m_old = sh.ms[g];
+            const float m_new = fmaxf(m_old, warp_max(mx));  // finite: position `base` is scored
+            float sum = 0.0f;
+            for (u32 i = lane; i < ATTN_THREADS; i += 32) {
+                const float p = expf(s[i] - m_new);  // 0 for the unscored tail
+                s[i] = p;
+                sum += p;
+            }
+            sum = warp_sum(sum);
+            __syncwarp();  // every lane has read ms[g] before lane 0 replaces it
+            if (lane == 0) {
+                const float c = expf(m_old - m_new);  // 0 on the first chunk
+                sh.cs[g] = c;
+                sh.ls[g] = sh.ls[g] * c + sum;
+                sh.ms[g] = m_new;
+            }
+        }
+        __syncthreads();
+#pragma unroll
+        for (int g = 0; g < ATTN_HEADS; g++) {
+            if (g < blk.gn) {
+                acc[g][0] *= sh.cs[g];
+                acc[g][1] *= sh.cs[g];
+            }
+        }
+        const u32 d0 = 2 * tid, d1 = 2 * tid + 1;
+        if (d0 < a.v_dim) {
+            for (u32 jj = 0; jj < n; jj++) {
+                const u16* vr = vc + sh.vrow[jj];
+                const float v0 = bf16_to_f32(vr[d0]);
+                const float v1 = d1 < a.v_dim ? bf16_to_f32(vr[d1]) : 0.0f;
+#pragma unroll
+                for (int g = 0; g < ATTN_HEADS; g++) {
+                    if (g < blk.gn) {
+                        const float p = sh.ss[g * ATTN_THREADS + jj];
+                        acc[g][0] += p * v0;
+                        acc[g][1] += p * v1;
+                    }
+                }
+            }
+        }
+        __syncthreads();  // `ss`, `cs` and `vrow` are rewritten by the next chunk
+    }
 }
 
-// Causal attention of one query head of one token over its sequence's cache, prefill or decode.
-// Grid: (tokens, num_heads); block: blockDim threads (a multiple of 32); dynamic shared memory:
-// (qk_dim + blockDim) floats.
+// Loads the block's query heads of its token into shared memory (they are adjacent in q's row).
+__device__ __forceinline__ void attn_load_queries(const AttnShared& sh, const float* q,
+                                                  const AttnBlock& blk, const AttnArgs& a) {
+    const float* src = q + ((u64)blk.t * a.num_heads + blk.h0) * a.qk_dim;
+    for (u32 i = threadIdx.x; i < blk.gn * a.qk_dim; i += blockDim.x) sh.qs[i] = src[i];
+    // attend_run synchronises before the queries are read.
+}
+
+// Causal attention of one token's query heads that share a KV head, over its sequence's cache,
+// prefill or decode. Grid: (tokens, num_kv_heads * head_groups); block: ATTN_THREADS threads;
+// dynamic shared memory as `AttnShared`.
 extern "C" __global__ void paged_attention(float* out, const float* q, const u16* kc,
                                            const u16* vc, const u32* tok_pos,
                                            const u32* tok_table, const u32* tables, AttnArgs a) {
     extern __shared__ float smem[];
-    const u32 t = blockIdx.x, h = blockIdx.y;
-    const u32 kvh = attn_load_query(smem, q, t, h, a);
-    const u32 pos = tok_pos[t];
-    const AttnRun r = attend_run(smem, smem + a.qk_dim, kc, vc, tables + tok_table[t], kvh,
-                                 attn_first(pos, a), pos + 1, a);
-    float* orow = out + ((u64)t * a.num_heads + h) * a.v_dim;
-    for (int i = 0; i < ATTN_MAX_V_PER_THREAD; i++) {
-        const u32 d = threadIdx.x + i * blockDim.x;
-        if (d >= a.v_dim) break;
-        orow[d] = r.acc[i] / r.l;
+    const AttnShared sh = attn_shared(smem, a);
+    const AttnBlock blk = attn_block(a);
+    attn_load_queries(sh, q, blk, a);
+    const u32 pos = tok_pos[blk.t];
+    float acc[ATTN_HEADS][ATTN_DIMS];
+    attend_run(acc, sh, blk, kc, vc, tables + tok_table[blk.t], attn_first(pos, a), pos + 1, a);
+#pragma unroll
+    for (int g = 0; g < ATTN_HEADS; g++) {
+        if (g >= blk.gn) break;
+        float* orow = out + ((u64)blk.t * a.num_heads + blk.h0 + g) * a.v_dim;
+        const float inv = 1.0f / sh.ls[g];
+#pragma unroll
+        for (int i = 0; i < ATTN_DIMS; i++) {
+            const u32 d = 2 * threadIdx.x + i;
+            if (d < a.v_dim) orow[d] = acc[g][i] * inv;
+        }
     }
 }
 
-// Split-K ("flash decoding") for steps with too few (token, head) rows to fill the GPU: each
-// token's attended positions are cut into gridDim.z equal runs, one block per run, and
-// `attention_combine` merges them. Grid: (tokens, num_heads, splits); block and shared memory as
-// `paged_attention`. Writes, for row r = t * num_heads + h and split s: part_acc[(r * splits + s)
-// * v_dim + d] (unnormalised) and part_ml[(r * splits + s) * 2 + {0, 1}] = (m, l).
+// Split-K ("flash decoding") for steps with too few blocks to fill the GPU: each token's
+// attended positions are cut into gridDim.z equal runs, one block per run, and
+// `attention_combine` merges them. Grid: (tokens, num_kv_heads * head_groups, splits); block and
+// shared memory as `paged_attention`. Writes, for row r = t * num_heads + h and split s:
+// part_acc[(r * splits + s) * v_dim + d] (unnormalised) and part_ml[(r * splits + s) * 2 + {0, 1}]
+// = (max, sum).
 extern "C" __global__ void paged_attention_split(float* part_acc, float* part_ml, const float* q,
                                                  const u16* kc, const u16* vc,
                                                  const u32* tok_pos, const u32* tok_table,
                                                  const u32* tables, AttnArgs a) {
     extern __shared__ float smem[];
-    const u32 t = blockIdx.x, h = blockIdx.y, s = blockIdx.z, splits = gridDim.z;
-    const u32 kvh = attn_load_query(smem, q, t, h, a);
-    const u32 pos = tok_pos[t];
+    const AttnShared sh = attn_shared(smem, a);
+    const AttnBlock blk = attn_block(a);
+    attn_load_queries(sh, q, blk, a);
+    const u32 s = blockIdx.z, splits = gridDim.z;
+    const u32 pos = tok_pos[blk.t];
     const u32 lo = attn_first(pos, a);
     const u32 per = (pos + 1 - lo + splits - 1) / splits;
     const u32 from = min(lo + s * per, pos + 1);
     const u32 end = min(from + per, pos + 1);
-    const AttnRun r = attend_run(smem, smem + a.qk_dim, kc, vc, tables + tok_table[t], kvh, from,
-                                 end, a);
-    const u64 part = ((u64)t * a.num_heads + h) * splits + s;
-    for (int i = 0; i < ATTN_MAX_V_PER_THREAD; i++) {
-        const u32 d = threadIdx.x + i * blockDim.x;
-        if (d >= a.v_dim) break;
-        part_acc[part * a.v_dim + d] = r.acc[i];
-    }
-    if (threadIdx.x == 0) {
-        part_ml[part * 2] = r.m;
-        part_ml[part * 2 + 1] = r.l;
+    float acc[ATTN_HEADS][ATTN_DIMS];
+    attend_run(acc, sh, blk, kc, vc, tables + tok_table[blk.t], from, end, a);
+#pragma unroll
+    for (int g = 0; g < ATTN_HEADS; g++) {
+        if (g >= blk.gn) break;
+        const u64 part = ((u64)blk.t * a.num_heads + blk.h0 + g) * splits + s;
+#pragma unroll
+        for (int i = 0; i < ATTN_DIMS; i++) {
+            const u32 d = 2 * threadIdx.x + i;
+            if (d < a.v_dim) part_acc[part * a.v_dim + d] = acc[g][i];
+        }
+        if (threadIdx.x == 0) {
+            part_ml[part * 2] = sh.ms[g];
+            part_ml[part * 2 + 1] = sh.ls[g];
+        }
     }
 }
 

@@ -14,7 +14,7 @@
 
 use half::{bf16, f16};
 use tessera_kernels::cpu::CpuBackend;
-use tessera_kernels::cuda::{CudaBackend, CudaRouting, CudaTensor, probe_libraries};
+use tessera_kernels::cuda::{CudaBackend, CudaRouting, CudaTensor, plan, probe_libraries};
 use tessera_kernels::{
     AttentionParams, Backend, BackendError, DType, ExpertWeights, GroupScore, HostTensor, KvSpec,
     Result, RopeApply, RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta,
@@ -284,10 +284,56 @@ fn rope_matches_cpu() {
     same_case!("rope interleaved", 1e-5, rope_case, RopeLayout::Interleaved);
 }
 
+/// Head layout of an attention case.
+#[derive(Clone, Copy, Debug)]
+struct Heads {
+    heads: usize,
+    kv_heads: usize,
+    qk: usize,
+    vd: usize,
+}
+
+impl Heads {
+    const fn new(heads: usize, kv_heads: usize, qk: usize, vd: usize) -> Self {
+        Heads {
+            heads,
+            kv_heads,
+            qk,
+            vd,
+        }
+    }
+
+    fn params(self, window: Option<usize>) -> AttentionParams {
+        AttentionParams {
+            num_heads: self.heads,
+            num_kv_heads: self.kv_heads,
+            qk_dim: self.qk,
+            v_dim: self.vd,
+            scale: 1.0 / (self.qk as f32).sqrt(),
+            sliding_window: window,
+        }
+    }
+}
+
+/// Head layouts the GPU's grouping must get right: 2 query heads per KV head; 8 (one block
+/// serves a KV head's whole group, Qwen3-30B-A3B's shape); 20 over one KV head (two blocks of 10)
+/// with an odd value width; multi-head attention with the widest value head (256).
+const HEAD_LAYOUTS: [Heads; 4] = [
+    Heads::new(4, 2, 16, 8),
+    Heads::new(16, 2, 128, 128),
+    Heads::new(20, 1, 32, 7),
+    Heads::new(3, 3, 24, 256),
+];
+
 /// Writes two steps into a cache (the second overwriting nothing), then attends; K and V are
 /// bf16-representable so that the GPU's bf16 cache holds them exactly.
-fn attention_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
-    let (heads, kv_heads, qk, vd) = (4, 2, 16, 8);
+fn attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Result<Vec<f32>> {
+    let Heads {
+        heads,
+        kv_heads,
+        qk,
+        vd,
+    } = h;
     let spec = KvSpec {
         num_blocks: 8,
         block_size: 8,
@@ -333,28 +379,34 @@ fn attention_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> 
     let meta = step_meta();
     let step = b.prepare_step(&meta, &rope)?;
     let q = b.tensor_from_host(rand_vec(4 * heads * qk, 40), 4, heads * qk)?;
-    let params = AttentionParams {
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        qk_dim: qk,
-        v_dim: vd,
-        scale: 1.0 / (qk as f32).sqrt(),
-        sliding_window: window,
-    };
-    b.tensor_to_host(&b.attention(&q, &cache, &step, &params)?)
+    b.tensor_to_host(&b.attention(&q, &cache, &step, &h.params(window))?)
 }
 
 #[test]
 fn paged_attention_matches_cpu() {
-    same_case!("attention", 1e-4, attention_case, None);
-    same_case!("attention sliding window", 1e-4, attention_case, Some(6));
+    for h in HEAD_LAYOUTS {
+        same_case!(&format!("attention {h:?}"), 1e-4, attention_case, h, None);
+        same_case!(
+            &format!("attention {h:?}, sliding window"),
+            1e-4,
+            attention_case,
+            h,
+            Some(6)
+        );
+    }
 }
 
 /// Decode of two sequences, one with a long context (1300 positions over 82 blocks in reverse
 /// order) and one short (40): few enough rows that the GPU splits each row's positions
 /// (split-K), with uneven splits and, for the short sequence, empty ones.
-fn long_attention_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
-    let (heads, kv_heads, qk, vd, bs) = (4, 2, 32, 24, 16);
+fn long_attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Result<Vec<f32>> {
+    let Heads {
+        heads,
+        kv_heads,
+        qk,
+        vd,
+    } = h;
+    let bs = 16;
     let spec = KvSpec {
         num_blocks: 90,
         block_size: bs,
@@ -393,15 +445,7 @@ fn long_attention_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f
     }
     let step = b.prepare_step(&decode, &rope)?;
     let q = b.tensor_from_host(rand_vec(2 * heads * qk, 80), 2, heads * qk)?;
-    let params = AttentionParams {
-        num_heads: heads,
-        num_kv_heads: kv_heads,
-        qk_dim: qk,
-        v_dim: vd,
-        scale: 1.0 / (qk as f32).sqrt(),
-        sliding_window: window,
-    };
-    b.tensor_to_host(&b.attention(&q, &cache, &step, &params)?)
+    b.tensor_to_host(&b.attention(&q, &cache, &step, &h.params(window))?)
 }
 
 #[test]
@@ -451,23 +495,34 @@ fn split_k_decode_attention_matches_cpu() {
     let Some(g) = gpu("split_k_decode_attention_matches_cpu") else {
         return;
     };
-    // The case must take the split path on this device: 2 tokens x 4 heads.
+    // Each case must take the split path on this device: 2 tokens x its blocks per token.
     let sms = g.info().multiprocessors;
-    for span in [1300, 700] {
-        let splits = tessera_kernels::cuda::plan::attention_splits(8, span, sms);
-        assert!(
-            splits > 1,
-            "{splits} split(s) for {span} positions on {sms} SMs"
+    drop(g);
+    for h in [Heads::new(4, 2, 32, 24), Heads::new(16, 2, 64, 64)] {
+        let grouping = plan::attention_grouping(h.heads / h.kv_heads, h.qk).unwrap();
+        let blocks = 2 * h.kv_heads * grouping.head_groups;
+        for span in [1300, 700] {
+            let splits = plan::attention_splits(blocks, span, sms);
+            assert!(
+                splits > 1,
+                "{splits} split(s) for {span} positions on {sms} SMs"
+            );
+        }
+        same_case!(
+            &format!("split-K attention {h:?}"),
+            1e-4,
+            long_attention_case,
+            h,
+            None
+        );
+        same_case!(
+            &format!("split-K attention {h:?}, sliding window"),
+            1e-4,
+            long_attention_case,
+            h,
+            Some(700)
         );
     }
-    drop(g);
-    same_case!("split-K attention", 1e-4, long_attention_case, None);
-    same_case!(
-        "split-K attention sliding window",
-        1e-4,
-        long_attention_case,
-        Some(700)
-    );
 }
 
 fn route_params(scoring: Scoring, groups: Option<(usize, usize, GroupScore)>) -> RouterParams {
@@ -840,4 +895,27 @@ fn invalid_inputs_are_errors_not_panics() {
         g.write_kv(&mut cache, &kv, &kv, &step),
         Err(BackendError::Invalid { .. })
     ));
+    // A value head wider than the kernels accumulate is refused by name, not computed wrong.
+    let wide = KvSpec {
+        num_blocks: 1,
+        v_dim: 300,
+        ..spec
+    };
+    let cache = g.alloc_kv(wide).unwrap();
+    let meta = StepMeta {
+        seqs: vec![SeqMeta {
+            block_table: vec![0],
+            ..meta.seqs[0].clone()
+        }],
+        ..meta
+    };
+    let step = g
+        .prepare_step(&meta, &rope_table(RopeLayout::Half, 2, 1.0))
+        .unwrap();
+    let q = g.tensor_from_host(rand_vec(4, 4), 1, 4).unwrap();
+    let err = g
+        .attention(&q, &cache, &step, &Heads::new(1, 1, 4, 300).params(None))
+        .err()
+        .expect("v_dim 300 is refused");
+    assert!(err.to_string().contains("v_dim over 256"), "{err}");
 }

@@ -264,6 +264,7 @@ inline char* dynamic_shared() {
 #define gridDim (emu::launch->grid)
 
 inline void __syncthreads() { emu::arrive(emu::launch->block_barrier); }
+inline void __syncwarp(unsigned = 0xffffffffu) { emu::arrive(emu::warp_barrier()); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int mask) {

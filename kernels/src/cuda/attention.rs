@@ -12,10 +12,8 @@ use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
 use super::plan;
 use crate::{AttentionParams, BackendError, KvSpec, Result, RopeLayout, RopeTable, StepMeta};
 
-/// Threads per block of `paged_attention` (a multiple of 32, as its reductions need).
-const ATTN_THREADS: u32 = 128;
-/// `ATTN_MAX_V_PER_THREAD` of attention.cu: output dims one thread accumulates.
-const ATTN_MAX_V_PER_THREAD: usize = 8;
+/// Threads per block of the attention kernels (a multiple of 32, as their reductions need).
+const ATTN_THREADS: u32 = plan::ATTN_THREADS as u32;
 
 /// A forward step's metadata, resident on the device.
 pub struct CudaStep {
@@ -55,6 +53,8 @@ struct AttnArgs {
     v_dim: u32,
     block_size: u32,
     window: u32,
+    head_groups: u32,
+    group_heads: u32,
     scale: f32,
 }
 
@@ -232,12 +232,19 @@ impl CudaBackend {
                 ),
             ));
         }
-        if p.v_dim > ATTN_THREADS as usize * ATTN_MAX_V_PER_THREAD {
+        if p.v_dim > plan::ATTN_MAX_V_DIM {
             return Err(BackendError::Unsupported {
-                op: "attention with v_dim over 1024",
+                op: "attention with v_dim over 256",
                 backend: "cuda",
             });
         }
+        let Some(grouping) = plan::attention_grouping(p.num_heads / p.num_kv_heads, p.qk_dim)
+        else {
+            return Err(BackendError::Unsupported {
+                op: "attention with qk_dim too large for one head's shared memory",
+                backend: "cuda",
+            });
+        };
         Self::check_blocks(OP, spec, step)?;
         let mut out = self.tensor(OP, n, p.num_heads * p.v_dim)?;
         if n == 0 || p.num_heads == 0 {
@@ -250,9 +257,10 @@ impl CudaBackend {
             v_dim: to_u32(OP, p.v_dim)?,
             block_size: to_u32(OP, spec.block_size)?,
             window: p.sliding_window.map_or(Ok(0), |w| to_u32(OP, w.max(1)))?,
+            head_groups: to_u32(OP, grouping.head_groups)?,
+            group_heads: to_u32(OP, grouping.group_heads)?,
             scale: p.scale,
         };
-        let smem = to_u32(OP, (p.qk_dim + ATTN_THREADS as usize) * 4)?;
         let max_span = step
             .meta
             .seqs
@@ -263,33 +271,37 @@ impl CudaBackend {
             })
             .max()
             .unwrap_or(0);
-        let splits = plan::attention_splits(n * p.num_heads, max_span, self.info.multiprocessors);
+        let head_blocks = p.num_kv_heads * grouping.head_groups;
+        let splits = plan::attention_splits(n * head_blocks, max_span, self.info.multiprocessors);
         let launch = AttnLaunch {
             q,
             cache,
             step,
             args,
             tokens: to_u32(OP, n)?,
-            smem,
+            head_blocks: to_u32(OP, head_blocks)?,
+            smem: to_u32(OP, grouping.shared_bytes)?,
         };
         if splits > 1 {
             self.attention_split(&mut out, &launch, splits)?;
             return Ok(out);
         }
         let cfg = LaunchConfig {
-            grid_dim: (launch.tokens, args.num_heads, 1),
+            grid_dim: (launch.tokens, launch.head_blocks, 1),
             block_dim: (ATTN_THREADS, 1, 1),
-            shared_mem_bytes: smem,
+            shared_mem_bytes: launch.smem,
         };
         let mut b = self.stream.launch_builder(self.func("paged_attention")?);
         b.arg(&mut out.data);
         launch.push_inputs(&mut b);
         // SAFETY: paged_attention(float* out, const float* q, const u16* kc, const u16* vc,
         // const u32* tok_pos, const u32* tok_table, const u32* tables, AttnArgs a): grid
-        // (tokens, heads); q holds tokens*heads*qk_dim floats and out tokens*heads*v_dim
-        // (checked); each token reads positions <= its own, whose blocks were checked by
-        // prepare_step (table long enough) and check_blocks (< num_blocks); dynamic shared memory
-        // is qk_dim + blockDim floats as the kernel expects; v_dim <= blockDim * 8 (checked).
+        // (tokens, kv_heads * head_groups), each block serving at most group_heads query heads of
+        // its KV head; q holds tokens*heads*qk_dim floats and out tokens*heads*v_dim (checked);
+        // each token reads positions <= its own, whose blocks were checked by prepare_step
+        // (table long enough) and check_blocks (< num_blocks); dynamic shared memory is the
+        // `AttnShared` size for group_heads (plan::attention_grouping); v_dim <= 2 * blockDim
+        // (checked).
         unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(out)
     }
@@ -302,14 +314,14 @@ impl CudaBackend {
         splits: usize,
     ) -> Result<()> {
         const OP: &str = "attention (split)";
-        let (heads, v_dim) = (l.args.num_heads, l.args.v_dim);
-        let rows = l.tokens as usize * heads as usize;
+        let (heads, v_dim) = (l.args.num_heads as usize, l.args.v_dim);
+        let rows = l.tokens as usize * heads;
         to_u32(OP, rows * splits)?;
         let mut part_acc = self.zeros::<f32>(OP, rows * splits * v_dim as usize)?;
         let mut part_ml = self.zeros::<f32>(OP, rows * splits * 2)?;
         let splits32 = to_u32(OP, splits)?;
         let cfg = LaunchConfig {
-            grid_dim: (l.tokens, heads, splits32),
+            grid_dim: (l.tokens, l.head_blocks, splits32),
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: l.smem,
         };
@@ -319,7 +331,8 @@ impl CudaBackend {
         b.arg(&mut part_acc).arg(&mut part_ml);
         l.push_inputs(&mut b);
         // SAFETY: paged_attention_split(float* part_acc, float* part_ml, then the inputs of
-        // paged_attention): grid (tokens, heads, splits); part_acc holds rows*splits*v_dim floats
+        // paged_attention): grid (tokens, kv_heads * head_groups, splits); part_acc holds
+        // rows*splits*v_dim floats
         // and part_ml rows*splits*2, the kernel's indexing for row r = t*heads + h and split s;
         // the inputs were checked as for paged_attention (attention_impl); each split reads a
         // subrange of the positions the token may attend.
@@ -346,7 +359,9 @@ struct AttnLaunch<'a> {
     step: &'a CudaStep,
     args: AttnArgs,
     tokens: u32,
-    /// Dynamic shared memory: qk_dim + ATTN_THREADS floats.
+    /// Blocks per token: KV heads × head groups.
+    head_blocks: u32,
+    /// Dynamic shared memory of one block.
     smem: u32,
 }
 
