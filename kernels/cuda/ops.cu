@@ -128,6 +128,18 @@ extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t
     head[ib] = x2 * c + x1 * s;
 }
 
+// The warp's largest (value, index) pair, the lowest index among equal values; every lane gets it.
+__device__ __forceinline__ void warp_argmax(float& bv, u32& bi) {
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+        const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > bv || (ov == bv && oi < bi)) {
+            bv = ov;
+            bi = oi;
+        }
+    }
+}
+
 // Per row of x [rows, cols]: out[3r] = the index of its largest value (ties: the lowest index) as
 // raw bits, out[3r+1] = that value, out[3r+2] = log(sum exp(x - max)) + max. What greedy decoding
 // needs (RowSummary), so a step copies three numbers per row instead of the vocabulary.
@@ -154,14 +166,7 @@ extern "C" __global__ void row_argmax_lse(float* out, const float* x, u32 cols) 
     // one over the warps.
     float bv = m;
     u32 bi = mi;
-    for (int o = 16; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-        const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > bv || (ov == bv && oi < bi)) {
-            bv = ov;
-            bi = oi;
-        }
-    }
+    warp_argmax(bv, bi);
     const u32 lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
     if (lane == 0) {
         best_v[warp] = bv;
@@ -171,14 +176,7 @@ extern "C" __global__ void row_argmax_lse(float* out, const float* x, u32 cols) 
     if (warp == 0) {
         bv = lane < warps ? best_v[lane] : NEG_INF;
         bi = lane < warps ? best_i[lane] : 0xffffffffu;
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-            const u32 oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > bv || (ov == bv && oi < bi)) {
-                bv = ov;
-                bi = oi;
-            }
-        }
+        warp_argmax(bv, bi);
         if (lane == 0) {
             best_v[0] = bv;
             best_i[0] = bi;
