@@ -10,6 +10,7 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::process::Command;
 
 use tessera_common::ShardSpec;
@@ -187,5 +188,119 @@ async fn serve_names_the_gpu_and_sizes_the_kv_cache_from_utilization() {
     assert!(
         blocks[1] as f64 > 1.8 * blocks[0] as f64,
         "KV blocks at 0.2 and 0.4: {blocks:?}"
+    );
+}
+
+/// The device counters of the CPU emulator (`tests/cuda-emulator`, which writes them to the file
+/// `TESSERA_EMU_STATS` names when the process exits) for one `tessera generate --device cuda` of
+/// `tokens` greedy tokens.
+fn emulator_counters(model: &std::path::Path, tokens: usize) -> HashMap<String, f64> {
+    let stats = tempfile::NamedTempFile::new().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .arg("generate")
+        .arg("--model")
+        .arg(model)
+        .args(["--device", "cuda", "--json", "--temperature", "0"])
+        .args(["--prompt-ids", "1,2,3,4,5"])
+        .args(["--max-tokens", &tokens.to_string()])
+        .env("TESSERA_EMU_STATS", stats.path())
+        .output()
+        .expect("tessera generate runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    assert_eq!(json["finish_reason"], "length", "{json}");
+    std::fs::read_to_string(stats.path())
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k.to_string(), v.parse().ok()?))
+        })
+        .collect()
+}
+
+/// What one decode step asks of the device: the difference between generating 11 and 3 tokens,
+/// over the 8 steps between them.
+fn per_decode_step(model: &std::path::Path) -> HashMap<String, f64> {
+    let (short, long) = (emulator_counters(model, 3), emulator_counters(model, 11));
+    long.iter()
+        .map(|(k, v)| (k.clone(), (v - short.get(k).unwrap_or(&0.0)) / 8.0))
+        .collect()
+}
+
+/// No host↔device copy, wait or memset hides inside a layer: a decode step of the qwen3_moe
+/// fixture (4 layers, one of them MoE) and of the same checkpoint cut to 2 layers (the MoE one
+/// kept) make the same copies — the step's inputs up, one row summary and the expert counts
+/// down — and the same memsets, while the two extra layers add launches. The counts come from
+/// the CPU emulator; a real GPU has no such counters (use Nsight Systems there), so the test
+/// skips on one.
+#[test]
+fn a_decode_step_copies_the_same_whatever_the_layer_count() {
+    let test = "a_decode_step_copies_the_same_whatever_the_layer_count";
+    if !gpu_present(test) {
+        return;
+    }
+    let device = tessera_kernels::Backend::name(&CudaBackend::new(0).expect("device 0 opens"));
+    if !device.contains("Tessera CUDA emulator") {
+        eprintln!("SKIPPED: {test}: the counters come from the CPU emulator, not {device}");
+        return;
+    }
+    let four = common::fixtures_dir().join("qwen3_moe");
+    let two = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&four).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().unwrap() != "config.json" {
+            std::os::unix::fs::symlink(&path, two.path().join(path.file_name().unwrap())).unwrap();
+        }
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(four.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["num_hidden_layers"], 4);
+    // Layer 1 is the MoE layer (decoder_sparse_step 2); layer 3 is dense by mlp_only_layers.
+    config["num_hidden_layers"] = 2.into();
+    config["mlp_only_layers"] = serde_json::json!([]);
+    std::fs::write(two.path().join("config.json"), config.to_string()).unwrap();
+
+    let (four, two) = (per_decode_step(&four), per_decode_step(two.path()));
+    let get = |m: &HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
+    let launches = |m: &HashMap<String, f64>| {
+        m.iter()
+            .filter(|(k, _)| k.starts_with("launch:"))
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let mut keys: Vec<&String> = four.keys().chain(two.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        eprintln!(
+            "per decode step: {k:<28} 4 layers {:>9.2}   2 layers {:>9.2}",
+            get(&four, k),
+            get(&two, k)
+        );
+    }
+    for what in [
+        "copy_to_device",
+        "copy_to_host",
+        "stream_synchronize",
+        "memset",
+    ] {
+        assert_eq!(
+            get(&four, what),
+            get(&two, what),
+            "{what} per decode step grows with layers"
+        );
+    }
+    // Up: six arrays of step metadata, the token ids, the rows to keep. Down: the greedy row's
+    // summary and the step's expert counts.
+    assert!(get(&four, "copy_to_device") <= 8.0, "{four:?}");
+    assert!(get(&four, "copy_to_host") <= 2.0, "{four:?}");
+    assert!(
+        launches(&four) > launches(&two) + 2.0 * 10.0,
+        "{four:?} vs {two:?}"
     );
 }

@@ -98,6 +98,26 @@ bool inside_allocation(CUdeviceptr p, size_t n) {
     return p >= it->first && p + n <= it->first + it->second;
 }
 
+// What the process asked of the "device", for tests that check how a step uses it (how many
+// copies and waits, how many launches per kernel): written to the file TESSERA_EMU_STATS names
+// when the process exits, one `<what> <count>` line each, `launch:<kernel>` per kernel.
+std::map<std::string, unsigned long long> stats;
+
+void count(const std::string& what, unsigned long long n = 1) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    static const bool registered = [] {
+        if (getenv("TESSERA_EMU_STATS")) atexit([] {
+            FILE* f = fopen(getenv("TESSERA_EMU_STATS"), "w");
+            if (!f) return;
+            for (const auto& [k, v] : stats) fprintf(f, "%s %llu\n", k.c_str(), v);
+            fclose(f);
+        });
+        return true;
+    }();
+    (void)registered;
+    stats[what] += n;
+}
+
 CUresult check_range(const char* op, CUdeviceptr p, size_t n) {
     if (n == 0 || inside_allocation(p, n)) return CUDA_SUCCESS;
     char buf[128];
@@ -147,6 +167,9 @@ CUresult copy(const char* op, void* dst, const void* src, size_t n) {
 }  // namespace
 
 extern "C" {
+
+// For the emulator's cuBLAS: adds to a counter of the TESSERA_EMU_STATS report.
+void tessera_emu_count(const char* what) { count(what); }
 
 // For the emulator's cuBLAS: whether [p, p + n) lies inside one device allocation.
 int tessera_emu_check_range(const char* op, CUdeviceptr p, size_t n) {
@@ -232,7 +255,8 @@ CUresult cuDeviceGetAttribute(int* v, int attribute, int) {
         case 75: *v = 9; break;         // compute capability major
         case 76: *v = 0; break;         // minor
         case 97: *v = 227 * 1024; break;  // shared memory per block, opt-in
-        case 115: *v = 0; break;        // memory pools: no (cudarc then uses cuMemAlloc)
+        case 115: *v = 1; break;        // memory pools: yes, as every GPU since Pascal (cudarc then
+                                        // allocates and frees in stream order, without waiting)
         default: *v = 0; break;
     }
     return CUDA_SUCCESS;
@@ -281,7 +305,10 @@ CUresult cuStreamDestroy_v2(Stream* s) {
     return CUDA_SUCCESS;
 }
 
-CUresult cuStreamSynchronize(Stream*) { return CUDA_SUCCESS; }
+CUresult cuStreamSynchronize(Stream*) {
+    count("stream_synchronize");
+    return CUDA_SUCCESS;
+}
 CUresult cuStreamQuery(Stream*) { return CUDA_SUCCESS; }
 CUresult cuStreamWaitEvent(Stream*, Event*, unsigned) { return CUDA_SUCCESS; }
 
@@ -319,8 +346,14 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { return alloc(p, bytes); }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Stream*) { return alloc(p, bytes); }
+CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    count("alloc");
+    return alloc(p, bytes);
+}
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Stream*) {
+    count("alloc");
+    return alloc(p, bytes);
+}
 CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
 CUresult cuMemFreeAsync(CUdeviceptr p, Stream*) { return release(p); }
 
@@ -337,6 +370,8 @@ CUresult cuMemFreeHost(void* p) {
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (CUresult r = check_range("cuMemcpyHtoD", dst, n)) return r;
+    count("copy_to_device");
+    count("copy_to_device_bytes", n);
     return copy("cuMemcpyHtoD", (void*)dst, src, n);
 }
 
@@ -347,6 +382,8 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, Stream
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (CUresult r = check_range("cuMemcpyDtoH", src, n)) return r;
+    count("copy_to_host");
+    count("copy_to_host_bytes", n);
     return copy("cuMemcpyDtoH", dst, (const void*)src, n);
 }
 
@@ -358,6 +395,7 @@ CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (CUresult r = check_range("cuMemcpyDtoD (source)", src, n)) return r;
     if (CUresult r = check_range("cuMemcpyDtoD (destination)", dst, n)) return r;
+    count("copy_on_device");
     return copy("cuMemcpyDtoD", (void*)dst, (const void*)src, n);
 }
 
@@ -368,6 +406,7 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, Stream
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (CUresult r = check_range("cuMemsetD8", dst, n)) return r;
+    count("memset");
     memset((void*)dst, v, n);
     return CUDA_SUCCESS;
 }
@@ -423,6 +462,7 @@ CUresult cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsi
     if (!f) return CUDA_ERROR_INVALID_HANDLE;
     if (extra) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel", "`extra` parameters");
     std::lock_guard<std::recursive_mutex> g(big_lock);
+    count("launch:" + f->name);
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
     char err[512] = {0};
     if (f->module->launch(f->entry, grid, block, shared_bytes, params, err, sizeof err) != 0) {

@@ -246,7 +246,7 @@ impl CudaBackend {
             });
         };
         Self::check_blocks(OP, spec, step)?;
-        let mut out = self.tensor(OP, n, p.num_heads * p.v_dim)?;
+        let mut out = self.output(OP, n, p.num_heads * p.v_dim)?;
         if n == 0 || p.num_heads == 0 {
             return Ok(out);
         }
@@ -317,8 +317,9 @@ impl CudaBackend {
         let (heads, v_dim) = (l.args.num_heads as usize, l.args.v_dim);
         let rows = l.tokens as usize * heads;
         to_u32(OP, rows * splits)?;
-        let mut part_acc = self.zeros::<f32>(OP, rows * splits * v_dim as usize)?;
-        let mut part_ml = self.zeros::<f32>(OP, rows * splits * 2)?;
+        // Every split of every row writes its part, empty ones included.
+        let mut part_acc = self.uninit::<f32>(OP, rows * splits * v_dim as usize)?;
+        let mut part_ml = self.uninit::<f32>(OP, rows * splits * 2)?;
         let splits32 = to_u32(OP, splits)?;
         let cfg = LaunchConfig {
             grid_dim: (l.tokens, l.head_blocks, splits32),

@@ -314,9 +314,32 @@ impl CudaBackend {
             .map_err(|e| BackendError::device(op, e))
     }
 
+    /// A zeroed `[rows, cols]` tensor.
     pub(super) fn tensor(&self, op: &'static str, rows: usize, cols: usize) -> Result<CudaTensor> {
         Ok(CudaTensor {
             data: self.zeros(op, rows * cols)?,
+            rows,
+            cols,
+        })
+    }
+
+    /// `n` elements (at least one) whose contents are unspecified: for buffers that the next
+    /// kernel writes in full before anything reads them. Zeroing costs a memset launch per
+    /// allocation, about as many as the step's kernels; the CPU emulator of the tests fills
+    /// fresh allocations with 0xff bytes (NaN, or an out-of-range index), so a kernel that leaves
+    /// an element unwritten fails the tests instead of reading a lucky zero.
+    pub(super) fn uninit<T: DeviceRepr>(&self, op: &'static str, n: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: `alloc` is unsafe only because the memory is left unset; these buffers hold
+        // plain numbers (every bit pattern is a valid f32, u32 or u16) and callers launch a
+        // kernel that writes every element before any read.
+        unsafe { self.stream.alloc(n.max(1)) }.map_err(|e| BackendError::device(op, e))
+    }
+
+    /// An unspecified `[rows, cols]` tensor for an operation's output that its kernel writes in
+    /// full (see [`Self::uninit`]).
+    pub(super) fn output(&self, op: &'static str, rows: usize, cols: usize) -> Result<CudaTensor> {
+        Ok(CudaTensor {
+            data: self.uninit(op, rows * cols)?,
             rows,
             cols,
         })

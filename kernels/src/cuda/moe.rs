@@ -102,10 +102,10 @@ impl CudaBackend {
             });
         }
         let t = logits.rows;
-        let mut ids = self.zeros::<u32>(OP, t * p.top_k)?;
-        let mut weights = self.zeros::<f32>(OP, t * p.top_k)?;
+        let mut ids = self.uninit::<u32>(OP, t * p.top_k)?;
+        let mut weights = self.uninit::<f32>(OP, t * p.top_k)?;
         if t > 0 {
-            let mut scratch = self.zeros::<f32>(OP, 2 * t * e)?;
+            let mut scratch = self.uninit::<f32>(OP, 2 * t * e)?;
             let args = RouteArgs {
                 tokens: to_u32(OP, t)?,
                 num_experts: to_u32(OP, e)?,

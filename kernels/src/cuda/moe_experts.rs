@@ -337,13 +337,16 @@ impl CudaBackend {
         };
         // With pairs < 2^32, max_tiles < 2^29 + MAX_EXPERTS: within a grid's x limit (2^31 - 1),
         // which the grouped kernels launch with.
+        // moe_plan writes every element that is read later: slot_of_pair and offsets in full,
+        // the first `slots` of token_of_slot and weight_of_slot, the first n_tiles tiles, and
+        // n_tiles (the grouped kernels stop at n_tiles and at each expert's last slot).
         let mut p = Plan {
-            slot_of_pair: self.zeros(OP, pairs)?,
-            token_of_slot: self.zeros(OP, pairs)?,
-            weight_of_slot: self.zeros(OP, pairs)?,
-            offsets: self.zeros(OP, num_experts + 1)?,
-            tiles: self.zeros(OP, 2 * max_tiles)?,
-            n_tiles: self.zeros(OP, 1)?,
+            slot_of_pair: self.uninit(OP, pairs)?,
+            token_of_slot: self.uninit(OP, pairs)?,
+            weight_of_slot: self.uninit(OP, pairs)?,
+            offsets: self.uninit(OP, num_experts + 1)?,
+            tiles: self.uninit(OP, 2 * max_tiles)?,
+            n_tiles: self.uninit(OP, 1)?,
             max_tiles,
         };
         let mut b = self.stream.launch_builder(self.func("moe_plan")?);
@@ -410,8 +413,9 @@ impl CudaBackend {
         );
         let code = dtype_code(layer.dtype);
         let (n_hidden, n_inter) = (to_u32(OP, hidden)?, to_u32(OP, inter)?);
-        let mut h = self.zeros::<f32>(OP, pairs * inter)?;
-        let mut y = self.zeros::<f32>(OP, pairs * hidden)?;
+        // Rows of the owned slots, each written by its tile before it is read; the rest unread.
+        let mut h = self.uninit::<f32>(OP, pairs * inter)?;
+        let mut y = self.uninit::<f32>(OP, pairs * hidden)?;
 
         let gu = GroupedArgs {
             n: n_inter,

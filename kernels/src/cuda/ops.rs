@@ -72,7 +72,7 @@ impl CudaBackend {
                 format!("token id {id} outside vocabulary of {vocab}"),
             ));
         }
-        let mut out = self.tensor(OP, ids.len(), hidden)?;
+        let mut out = self.output(OP, ids.len(), hidden)?;
         if ids.is_empty() || hidden == 0 {
             return Ok(out);
         }
@@ -96,7 +96,7 @@ impl CudaBackend {
     fn to_half(&self, x: &CudaTensor, dtype: DType) -> Result<CudaSlice<u16>> {
         const OP: &str = "linear (to_half)";
         let n = x.rows * x.cols;
-        let mut out = self.zeros::<u16>(OP, n)?;
+        let mut out = self.uninit::<u16>(OP, n)?;
         let (n32, code) = (to_u32(OP, n)?, dtype_code(dtype));
         let mut b = self.stream.launch_builder(self.func("to_half")?);
         b.arg(&mut out).arg(&x.data).arg(&n32).arg(&code);
@@ -170,10 +170,11 @@ impl CudaBackend {
                 format!("bias of {} for {n} outputs", b.shape[0]),
             ));
         }
-        let mut y = self.tensor(OP, x.rows, n)?;
         if x.rows == 0 || n == 0 || k == 0 {
-            return Ok(y);
+            return self.tensor(OP, x.rows, n); // an empty sum is zero
         }
+        // cuBLAS writes every element (beta = 0).
+        let mut y = self.output(OP, x.rows, n)?;
         let stream = self.stream.clone();
         let (yp, _yg) = y.data.device_ptr_mut(&stream);
         match &w.data {
@@ -239,7 +240,7 @@ impl CudaBackend {
                 format!("{} columns, weight of {g}", x.cols),
             ));
         }
-        let mut out = self.tensor(OP, x.rows, x.cols)?;
+        let mut out = self.output(OP, x.rows, x.cols)?;
         let groups = x.rows * x.cols / g;
         if groups == 0 {
             return Ok(out);
@@ -277,7 +278,7 @@ impl CudaBackend {
     pub(super) fn silu_mul_impl(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         const OP: &str = "silu_mul";
         same_shape(OP, gate, up)?;
-        let mut out = self.tensor(OP, gate.rows, gate.cols)?;
+        let mut out = self.output(OP, gate.rows, gate.cols)?;
         let n = gate.rows * gate.cols;
         if n == 0 {
             return Ok(out);
@@ -325,7 +326,7 @@ impl CudaBackend {
                 format!("{start}+{len} of {} columns", x.cols),
             ));
         }
-        let mut out = self.tensor(OP, x.rows, len)?;
+        let mut out = self.output(OP, x.rows, len)?;
         if x.rows * len == 0 {
             return Ok(out);
         }
@@ -354,8 +355,8 @@ impl CudaBackend {
             ));
         }
         let b_w = x.cols / heads - a;
-        let mut xa = self.tensor(OP, x.rows, heads * a)?;
-        let mut xb = self.tensor(OP, x.rows, heads * b_w)?;
+        let mut xa = self.output(OP, x.rows, heads * a)?;
+        let mut xb = self.output(OP, x.rows, heads * b_w)?;
         if x.rows * x.cols == 0 {
             return Ok((xa, xb));
         }
@@ -390,7 +391,7 @@ impl CudaBackend {
             ));
         }
         let (da, d) = (a.cols / heads, shared.cols);
-        let mut out = self.tensor(OP, a.rows, heads * (da + d))?;
+        let mut out = self.output(OP, a.rows, heads * (da + d))?;
         let n = a.rows * heads * (da + d);
         if n == 0 {
             return Ok(out);
@@ -419,7 +420,7 @@ impl CudaBackend {
         n: usize,
     ) -> Result<CudaTensor> {
         const OP: &str = "gather_rows";
-        let mut out = self.tensor(OP, n, x.cols)?;
+        let mut out = self.output(OP, n, x.cols)?;
         if n == 0 || x.cols == 0 {
             return Ok(out);
         }
@@ -493,7 +494,7 @@ impl CudaBackend {
         if x.rows == 0 {
             return Ok(Vec::new());
         }
-        let mut out = self.zeros::<f32>(OP, 3 * x.rows)?;
+        let mut out = self.uninit::<f32>(OP, 3 * x.rows)?;
         let cols = to_u32(OP, x.cols)?;
         let mut b = self.stream.launch_builder(self.func("row_argmax_lse")?);
         b.arg(&mut out).arg(&x.data).arg(&cols);
