@@ -5,8 +5,9 @@
 //!
 //! Where there is no GPU (no driver, no device, or a build without the feature) each test prints
 //! `SKIPPED: <reason>` and passes; `device::tests` checks the CPU-side behaviour of the flags.
-//! CI runs them for real on the CPU emulator of the CUDA libraries (`tests/cuda-emulator`), which
-//! executes the CUDA backend and its kernels unchanged, but is no evidence about a real GPU.
+//! CI runs them for real on the CPU emulator of the CUDA libraries and NCCL
+//! (`tests/cuda-emulator`), which executes the CUDA backend and its kernels unchanged, but is no
+//! evidence about a real GPU.
 
 mod common;
 
@@ -114,6 +115,39 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
     );
 }
 
+/// `tessera generate --device cuda --tp 2 --json` on the first case of fixture `name`, with `env`
+/// added; checks the tokens against transformers' and returns the run's log (stderr).
+fn generate_tp2(name: &str, env: &[(&str, &str)]) -> String {
+    let dir = common::fixtures_dir().join(name);
+    let case = &common::reference(&dir).cases[0];
+    let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .arg("generate")
+        .arg("--model")
+        .arg(&dir)
+        .args([
+            "--device",
+            "cuda",
+            "--tp",
+            "2",
+            "--json",
+            "--temperature",
+            "0",
+        ])
+        .args(["--prompt-ids", &ids.join(",")])
+        .args(["--max-tokens", &case.greedy_ids.len().to_string()])
+        .envs(env.iter().copied())
+        .output()
+        .expect("tessera generate runs");
+    let log = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{name}: {log}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let got: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).unwrap();
+    // Generation may stop early at eos; compare what was produced.
+    assert_eq!(got[..], case.greedy_ids[..got.len()], "{name}");
+    log
+}
+
 /// `tessera generate --device cuda --tp 2`: two worker processes on the one GPU (their collective
 /// staged through the host), each with half of --gpu-memory-utilization.
 #[test]
@@ -121,40 +155,47 @@ fn two_worker_processes_on_the_gpu_give_the_same_tokens() {
     if !gpu_present("two_worker_processes_on_the_gpu_give_the_same_tokens") {
         return;
     }
-    let mut checked = 0;
     for name in ["mixtral", "qwen2_moe", "deepseek_v3"] {
-        let dir = common::fixtures_dir().join(name);
-        let case = &common::reference(&dir).cases[0];
-        let ids: Vec<String> = case.prompt_ids.iter().map(u32::to_string).collect();
-        let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .arg("generate")
-            .arg("--model")
-            .arg(&dir)
-            .args([
-                "--device",
-                "cuda",
-                "--tp",
-                "2",
-                "--json",
-                "--temperature",
-                "0",
-            ])
-            .args(["--prompt-ids", &ids.join(",")])
-            .args(["--max-tokens", &case.greedy_ids.len().to_string()])
-            .output()
-            .expect("tessera generate runs");
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
-        let got: Vec<u32> = serde_json::from_value(json["token_ids"].clone()).unwrap();
-        // Generation may stop early at eos; compare what was produced.
-        assert_eq!(got[..], case.greedy_ids[..got.len()], "{name}");
-        checked += 1;
+        generate_tp2(name, &[]);
     }
-    assert_eq!(checked, 3);
+}
+
+/// `tessera generate --device cuda --tp 2` where each rank has a GPU of its own: the coordinator
+/// hands out an NCCL id and the workers' all-reduces and all-gathers go through NCCL, with
+/// transformers' tokens. Needs two GPUs and NCCL; under the CPU emulator, which has both
+/// (`TESSERA_EMU_DEVICES=2`, its libnccl.so.2), the whole NCCL path runs in CI.
+#[test]
+fn ranks_with_a_gpu_each_go_through_nccl() {
+    let test = "ranks_with_a_gpu_each_go_through_nccl";
+    if !gpu_present(test) {
+        return;
+    }
+    if let Err(e) = tessera_kernels::cuda::probe_nccl() {
+        eprintln!("SKIPPED: {test}: {e}");
+        return;
+    }
+    let device = tessera_kernels::Backend::name(&CudaBackend::new(0).expect("device 0 opens"));
+    let emulated = device.contains("Tessera CUDA emulator");
+    if !emulated && CudaBackend::device_count().unwrap_or(0) < 2 {
+        eprintln!("SKIPPED: {test}: one GPU (NCCL needs a GPU per rank)");
+        return;
+    }
+    let env: &[(&str, &str)] = if emulated {
+        &[("TESSERA_EMU_DEVICES", "2")]
+    } else {
+        &[]
+    };
+    for name in ["mixtral", "qwen2_moe", "deepseek_v3"] {
+        let log = generate_tp2(name, env);
+        assert!(
+            log.contains("NCCL collective"),
+            "{name}: NCCL was not used:\n{log}"
+        );
+        assert!(
+            log.contains("joined the NCCL group rank=1 world=2"),
+            "{name}:\n{log}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -64,15 +64,22 @@ fi
 # timing), but a kernel or launch bug fails here instead of on a rented GPU. The test binaries run
 # under AddressSanitizer (asan-runner.sh), kernels included: an access outside a device allocation
 # stops with a report naming the kernel's file and line.
+# The emulator's libnccl.so.2 moves NCCL's collectives between processes over loopback: the NCCL
+# tests (kernels/tests/nccl.rs) run with two emulated devices, one rank on each, and tests/gpu.rs
+# runs `generate --tp 2` through the coordinator's NCCL hand-out.
 echo "== CUDA backend tests on the CPU emulator, under AddressSanitizer"
 eval "$(bash tests/cuda-emulator/build.sh)"
-emu_tests=(-p tessera-kernels -p tessera --features cuda --locked --no-fail-fast --test cuda --test gpu)
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER="$PWD/tests/cuda-emulator/asan-runner.sh"
-if cargo nextest --version >/dev/null 2>&1; then
-    LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo nextest run "${emu_tests[@]}"
-else
-    LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo test "${emu_tests[@]}"
-fi
+emu_run() { # TESSERA_EMU_DEVICES, then cargo arguments
+    local devices="$1"; shift
+    if cargo nextest --version >/dev/null 2>&1; then
+        TESSERA_EMU_DEVICES="$devices" LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo nextest run "$@"
+    else
+        TESSERA_EMU_DEVICES="$devices" LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo test "$@"
+    fi
+}
+emu_run 1 -p tessera-kernels -p tessera --features cuda --locked --no-fail-fast --test cuda --test gpu
+emu_run 2 -p tessera-kernels --features cuda --locked --no-fail-fast --test nccl
 unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER
 # Kubernetes manifests, Grafana dashboard and Dockerfile under deploy/: rendered with kustomize and
 # validated offline against Kubernetes' schemas (tools from PyPI into a cached venv), container

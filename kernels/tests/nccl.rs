@@ -9,6 +9,9 @@
 //! machine without NCCL or a GPU: `no_nccl_is_a_typed_error` (the error names libnccl) and
 //! `ids_need_no_gpu` (with NCCL on the loader's path, ids are made without a GPU).
 //!
+//! CI also runs them on the CPU emulator (`tests/cuda-emulator`: its libnccl.so.2 over loopback,
+//! with `TESSERA_EMU_DEVICES=2` for a device per rank), where every test runs this module's code.
+//!
 //! Values are small integers, exact in f32, so results are compared exactly.
 #![cfg(feature = "cuda")]
 

@@ -167,6 +167,11 @@ int cublasGemmEx(Handle* h, int transa, int transb, int m, int n, int k, const v
         return driver ? (void (*)(const char*))dlsym(driver, "tessera_emu_count") : nullptr;
     }();
     if (count) count("launch:cublasGemmEx");
+    static auto wait = [] {
+        void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
+        return driver ? (void (*)())dlsym(driver, "tessera_emu_async_wait") : nullptr;
+    }();
+    if (wait) wait();
     const float al = *(const float*)alpha, be = *(const float*)beta;
     const Gemm g{transa, transb, m, n, k, A, lda, B, ldb, (float*)C, ldc, al, be};
     if (a_type == R_32F) run<R_32F>(g);

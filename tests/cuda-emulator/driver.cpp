@@ -20,7 +20,9 @@
 #include <string.h>
 
 #include <chrono>
+#include <condition_variable>
 #include <iterator>
+#include <set>
 #include <map>
 #include <mutex>
 #include <string>
@@ -39,6 +41,7 @@ enum : int {
     CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_INVALID_HANDLE = 400,
     CUDA_ERROR_NOT_FOUND = 500,
+    CUDA_ERROR_NOT_READY = 600,
     CUDA_ERROR_LAUNCH_FAILED = 719,
     CUDA_ERROR_NOT_SUPPORTED = 801,
 };
@@ -51,7 +54,26 @@ struct Stream {
 };
 struct Event {
     std::chrono::steady_clock::time_point at;
+    unsigned long long mark = 0;  // the last async ticket issued when recorded
 };
+
+// Asynchronous work (the emulated NCCL's operations) still running, by ticket.
+std::mutex async_mu;
+std::condition_variable async_cv;
+std::set<unsigned long long> async_running;
+unsigned long long async_issued = 0;
+
+// Whether work with a ticket up to `mark` is still running.
+bool async_pending(unsigned long long mark) {
+    return !async_running.empty() && *async_running.begin() <= mark;
+}
+
+// Waits until every ticket up to `mark` has finished: what stream order means for work queued
+// after it.
+void async_wait(unsigned long long mark = ~0ull) {
+    std::unique_lock<std::mutex> g(async_mu);
+    async_cv.wait(g, [&] { return !async_pending(mark); });
+}
 typedef int (*LaunchFn)(void (*)(void**), const unsigned*, const unsigned*, unsigned, void**,
                         char*, unsigned);
 struct Module {
@@ -167,6 +189,25 @@ CUresult copy(const char* op, void* dst, const void* src, size_t n) {
 }  // namespace
 
 extern "C" {
+
+// For the emulated NCCL: work that finishes later on another thread. Returns its ticket.
+unsigned long long tessera_emu_async_begin() {
+    std::lock_guard<std::mutex> g(async_mu);
+    async_running.insert(++async_issued);
+    return async_issued;
+}
+
+// For the emulated NCCL: the work of `ticket` has finished (or was aborted).
+void tessera_emu_async_end(unsigned long long ticket) {
+    {
+        std::lock_guard<std::mutex> g(async_mu);
+        async_running.erase(ticket);
+    }
+    async_cv.notify_all();
+}
+
+// For the emulator's cuBLAS: waits for asynchronous work queued before a GEMM.
+void tessera_emu_async_wait() { async_wait(); }
 
 // For the emulator's cuBLAS: adds to a counter of the TESSERA_EMU_STATS report.
 void tessera_emu_count(const char* what) { count(what); }
@@ -287,7 +328,10 @@ CUresult cuCtxGetDevice(int* dev) {
     return CUDA_SUCCESS;
 }
 
-CUresult cuCtxSynchronize() { return CUDA_SUCCESS; }
+CUresult cuCtxSynchronize() {
+    async_wait();
+    return CUDA_SUCCESS;
+}
 
 // ---- streams and events (all work is done when it is queued)
 
@@ -307,9 +351,13 @@ CUresult cuStreamDestroy_v2(Stream* s) {
 
 CUresult cuStreamSynchronize(Stream*) {
     count("stream_synchronize");
+    async_wait();
     return CUDA_SUCCESS;
 }
-CUresult cuStreamQuery(Stream*) { return CUDA_SUCCESS; }
+CUresult cuStreamQuery(Stream*) {
+    std::lock_guard<std::mutex> g(async_mu);
+    return async_running.empty() ? CUDA_SUCCESS : CUDA_ERROR_NOT_READY;
+}
 CUresult cuStreamWaitEvent(Stream*, Event*, unsigned) { return CUDA_SUCCESS; }
 
 CUresult cuEventCreate(Event** e, unsigned) {
@@ -319,11 +367,19 @@ CUresult cuEventCreate(Event** e, unsigned) {
 
 CUresult cuEventRecord(Event* e, Stream*) {
     e->at = std::chrono::steady_clock::now();
+    std::lock_guard<std::mutex> g(async_mu);
+    e->mark = async_issued;
     return CUDA_SUCCESS;
 }
 
-CUresult cuEventSynchronize(Event*) { return CUDA_SUCCESS; }
-CUresult cuEventQuery(Event*) { return CUDA_SUCCESS; }
+CUresult cuEventSynchronize(Event* e) {
+    async_wait(e->mark);
+    return CUDA_SUCCESS;
+}
+CUresult cuEventQuery(Event* e) {
+    std::lock_guard<std::mutex> g(async_mu);
+    return async_pending(e->mark) ? CUDA_ERROR_NOT_READY : CUDA_SUCCESS;
+}
 
 CUresult cuEventDestroy_v2(Event* e) {
     delete e;
@@ -368,6 +424,7 @@ CUresult cuMemFreeHost(void* p) {
 }
 
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
+    async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (CUresult r = check_range("cuMemcpyHtoD", dst, n)) return r;
     count("copy_to_device");
@@ -380,6 +437,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, Stream
 }
 
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
+    async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (CUresult r = check_range("cuMemcpyDtoH", src, n)) return r;
     count("copy_to_host");
@@ -392,6 +450,7 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, Stream*) {
 }
 
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
+    async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (CUresult r = check_range("cuMemcpyDtoD (source)", src, n)) return r;
     if (CUresult r = check_range("cuMemcpyDtoD (destination)", dst, n)) return r;
@@ -403,7 +462,56 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, Stream
     return cuMemcpyDtoD_v2(dst, src, n);
 }
 
+// CUDA_MEMCPY2D; the memory types are CU_MEMORYTYPE_HOST = 1, DEVICE = 2, UNIFIED = 4.
+struct Memcpy2D {
+    size_t src_x, src_y;
+    int src_type;
+    const void* src_host;
+    CUdeviceptr src_device;
+    void* src_array;
+    size_t src_pitch;
+    size_t dst_x, dst_y;
+    int dst_type;
+    void* dst_host;
+    CUdeviceptr dst_device;
+    void* dst_array;
+    size_t dst_pitch;
+    size_t width, height;
+};
+
+CUresult cuMemcpy2D_v2(const Memcpy2D* c) {
+    async_wait();
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (c->height == 0 || c->width == 0) return CUDA_SUCCESS;
+    if (c->src_array || c->dst_array) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuMemcpy2D", "arrays");
+    if (c->src_pitch < c->width || c->dst_pitch < c->width) {
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuMemcpy2D", "a pitch below the row width");
+    }
+    const char* src = c->src_type == 1 ? (const char*)c->src_host : (const char*)c->src_device;
+    char* dst = c->dst_type == 1 ? (char*)c->dst_host : (char*)c->dst_device;
+    src += c->src_y * c->src_pitch + c->src_x;
+    dst += c->dst_y * c->dst_pitch + c->dst_x;
+    // The whole strided extent of each side must lie in one allocation (host sides are not ours
+    // to check).
+    const size_t src_extent = (c->height - 1) * c->src_pitch + c->width;
+    const size_t dst_extent = (c->height - 1) * c->dst_pitch + c->width;
+    if (c->src_type != 1) {
+        if (CUresult r = check_range("cuMemcpy2D (source)", (CUdeviceptr)src, src_extent)) return r;
+    }
+    if (c->dst_type != 1) {
+        if (CUresult r = check_range("cuMemcpy2D (destination)", (CUdeviceptr)dst, dst_extent)) {
+            return r;
+        }
+    }
+    count("copy_2d");
+    for (size_t y = 0; y < c->height; y++) memmove(dst + y * c->dst_pitch, src + y * c->src_pitch, c->width);
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemcpy2DAsync_v2(const Memcpy2D* c, Stream*) { return cuMemcpy2D_v2(c); }
+
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
+    async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (CUresult r = check_range("cuMemsetD8", dst, n)) return r;
     count("memset");
@@ -461,6 +569,7 @@ CUresult cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsi
                         void** extra) {
     if (!f) return CUDA_ERROR_INVALID_HANDLE;
     if (extra) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel", "`extra` parameters");
+    async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
     count("launch:" + f->name);
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
