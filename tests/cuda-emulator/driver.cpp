@@ -84,6 +84,7 @@ struct Function {
     Module* module;
     void (*entry)(void**);
     std::string name;
+    int max_dynamic_shared = 48 * 1024;  // raised by cuFuncSetAttribute, as on a GPU
 };
 
 std::recursive_mutex big_lock;
@@ -561,7 +562,16 @@ CUresult cuFuncGetAttribute(int* v, int, Function*) {
     return CUDA_SUCCESS;
 }
 
-CUresult cuFuncSetAttribute(Function*, int, int) { return CUDA_SUCCESS; }
+CUresult cuFuncSetAttribute(Function* f, int attribute, int value) {
+    if (attribute == 8) {  // CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES
+        if (value < 0 || value > 227 * 1024) {
+            return fail(CUDA_ERROR_INVALID_VALUE, "cuFuncSetAttribute",
+                        std::to_string(value) + " bytes of dynamic shared memory (at most 227 KiB)");
+        }
+        f->max_dynamic_shared = value;
+    }
+    return CUDA_SUCCESS;
+}
 CUresult cuFuncSetCacheConfig(Function*, int) { return CUDA_SUCCESS; }
 
 CUresult cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
@@ -572,6 +582,21 @@ CUresult cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsi
     async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
     count("launch:" + f->name);
+    // The hardware's limits (compute capability 9.0), which the emulated launch would not notice.
+    if (gx > 2147483647u || gy > 65535 || gz > 65535 || bx > 1024 || by > 1024 || bz > 64) {
+        return fail(CUDA_ERROR_INVALID_VALUE, ("kernel " + f->name).c_str(),
+                    "grid (" + std::to_string(gx) + "," + std::to_string(gy) + "," +
+                        std::to_string(gz) + ") or block (" + std::to_string(bx) + "," +
+                        std::to_string(by) + "," + std::to_string(bz) +
+                        ") beyond the device's limits");
+    }
+    if ((int)shared_bytes > f->max_dynamic_shared) {
+        return fail(CUDA_ERROR_INVALID_VALUE, ("kernel " + f->name).c_str(),
+                    std::to_string(shared_bytes) + " bytes of dynamic shared memory over the " +
+                        std::to_string(f->max_dynamic_shared) +
+                        " allowed (more than 48 KiB needs CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_"
+                        "SIZE_BYTES)");
+    }
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
     char err[512] = {0};
     if (f->module->launch(f->entry, grid, block, shared_bytes, params, err, sizeof err) != 0) {
