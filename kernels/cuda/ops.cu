@@ -35,6 +35,25 @@ extern "C" __global__ void rms_norm(float* out, const float* x, const float* w, 
     }
 }
 
+// x += y, then out = RMSNorm(x) over groups of `g` columns: a residual add and the next
+// pre-norm in one pass. Same arithmetic as add_assign followed by rms_norm. One block per group.
+extern "C" __global__ void add_rms_norm(float* out, float* x, const float* y, const float* w,
+                                        u32 g, float eps) {
+    float* xs = x + (u64)blockIdx.x * g;
+    const float* ys = y + (u64)blockIdx.x * g;
+    float ss = 0.0f;
+    for (u32 c = threadIdx.x; c < g; c += blockDim.x) {
+        const float v = xs[c] + ys[c];
+        xs[c] = v;
+        ss += v * v;
+    }
+    ss = block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)g + eps);
+    for (u32 c = threadIdx.x; c < g; c += blockDim.x) {
+        out[(u64)blockIdx.x * g + c] = w[c] * (xs[c] * inv);  // xs[c]: this thread's own write
+    }
+}
+
 extern "C" __global__ void add_assign(float* x, const float* y, u32 n) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) x[i] += y[i];

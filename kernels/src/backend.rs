@@ -264,6 +264,19 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32) -> Result<Self::Tensor>;
     /// `x += y`.
     fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> Result<()>;
+    /// `x += y`, then the RMSNorm of the new `x` with `w` (groups as [`Backend::rms_norm`]): a
+    /// residual add and the next pre-norm, in one call so that a backend can do both in one pass
+    /// over the rows. The default composes the two.
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Tensor,
+        y: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+    ) -> Result<Self::Tensor> {
+        self.add_assign(x, y)?;
+        self.rms_norm(x, w, eps)
+    }
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x[r, :] *= sigmoid(g[r, 0])` (Qwen2-MoE's shared-expert gate).

@@ -199,6 +199,22 @@ fn rms_norm_case<B: Backend>(b: &B, group: usize) -> Result<Vec<f32>> {
     b.tensor_to_host(&b.rms_norm(&x, &w, 1e-6)?)
 }
 
+/// The fused residual add and norm: the normed rows, then the updated residual.
+fn add_rms_norm_case<B: Backend>(b: &B, group: usize) -> Result<Vec<f32>> {
+    let mut x = b.tensor_from_host(rand_vec(5 * 64, 21), 5, 64)?;
+    let y = b.tensor_from_host(rand_vec(5 * 64, 22), 5, 64)?;
+    let w = b.upload_weight(weight(rand_vec(group, 23), vec![group], DType::F32))?;
+    let mut out = b.tensor_to_host(&b.add_rms_norm(&mut x, &y, &w, 1e-6)?)?;
+    out.extend(b.tensor_to_host(&x)?);
+    Ok(out)
+}
+
+#[test]
+fn add_rms_norm_matches_cpu() {
+    same_case!("add_rms_norm row", 1e-5, add_rms_norm_case, 64);
+    same_case!("add_rms_norm per head", 1e-5, add_rms_norm_case, 16);
+}
+
 #[test]
 fn rms_norm_matches_cpu() {
     same_case!("rms_norm row", 1e-5, rms_norm_case, 64);

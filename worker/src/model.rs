@@ -243,15 +243,20 @@ impl<B: Backend> Model<B> {
         let mut x = b.embedding(&self.embed, tokens)?;
         // (layer, experts, routing) of every MoE layer, counted once after the last layer.
         let mut routings = Vec::new();
+        // The previous layer's FFN output, added to the residual stream together with this
+        // layer's input norm (one fused op where the backend has one).
+        let mut pending: Option<B::Tensor> = None;
         for (i, (layer, kv)) in self.layers.iter().zip(cache.layers.iter_mut()).enumerate() {
-            let h = layer.input_norm.forward(b, &x)?;
+            let h = match pending.take() {
+                Some(f) => layer.input_norm.add_forward(b, &mut x, &f)?,
+                None => layer.input_norm.forward(b, &x)?,
+            };
             let mut a = match &layer.attention {
                 Attention::Gqa(att) => att.forward(b, &h, kv, &step)?,
                 Attention::Mla(att) => att.forward(b, &h, kv, &step)?,
             };
             self.tp.all_reduce(b, &mut a)?;
-            b.add_assign(&mut x, &a)?;
-            let h = layer.post_attention_norm.forward(b, &x)?;
+            let h = layer.post_attention_norm.add_forward(b, &mut x, &a)?;
             let mut f = match &layer.ffn {
                 Ffn::Dense(mlp) => mlp.forward(b, &h)?,
                 Ffn::Moe(moe) => {
@@ -261,6 +266,9 @@ impl<B: Backend> Model<B> {
                 }
             };
             self.tp.all_reduce(b, &mut f)?;
+            pending = Some(f);
+        }
+        if let Some(f) = pending {
             b.add_assign(&mut x, &f)?;
         }
         let x = self

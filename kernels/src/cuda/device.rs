@@ -25,12 +25,13 @@ const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 24] = [
+const KERNELS: [&str; 25] = [
     "embedding",
     "to_half",
     "add_bias",
     "rms_norm",
     "add_assign",
+    "add_rms_norm",
     "silu_mul",
     "mul_sigmoid_rows",
     "narrow_cols",

@@ -79,6 +79,16 @@ impl Backend for CudaBackend {
         self.add_assign_impl(x, y)
     }
 
+    fn add_rms_norm(
+        &self,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+        w: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        self.add_rms_norm_impl(x, y, w, eps)
+    }
+
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor) -> Result<CudaTensor> {
         self.silu_mul_impl(gate, up)
     }

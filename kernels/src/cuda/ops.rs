@@ -259,6 +259,44 @@ impl CudaBackend {
         Ok(out)
     }
 
+    pub(super) fn add_rms_norm_impl(
+        &self,
+        x: &mut CudaTensor,
+        y: &CudaTensor,
+        w: &CudaWeight,
+        eps: f32,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "add_rms_norm";
+        same_shape(OP, x, y)?;
+        let wv = w.vector(OP)?;
+        let g = w.shape[0];
+        if g == 0 || !x.cols.is_multiple_of(g) {
+            return Err(BackendError::shape(
+                OP,
+                format!("{} columns, weight of {g}", x.cols),
+            ));
+        }
+        let mut out = self.output(OP, x.rows, x.cols)?;
+        let groups = x.rows * x.cols / g;
+        if groups == 0 {
+            return Ok(out);
+        }
+        let g32 = to_u32(OP, g)?;
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut out.data)
+            .arg(&mut x.data)
+            .arg(&y.data)
+            .arg(wv)
+            .arg(&g32)
+            .arg(&eps);
+        // SAFETY: add_rms_norm(float* out, float* x, const float* y, const float* w, u32 g,
+        // float eps): one block (a multiple of 32 threads, as block_sum needs) per group of g
+        // columns; out, x and y hold groups*g floats (same shape, checked), w holds g; the three
+        // are distinct buffers (out is new, x is borrowed mutably).
+        unsafe { b.launch(grid_rows(groups, 256)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
     pub(super) fn add_assign_impl(&self, x: &mut CudaTensor, y: &CudaTensor) -> Result<()> {
         const OP: &str = "add_assign";
         same_shape(OP, x, y)?;

@@ -59,6 +59,16 @@ impl<B: Backend> RmsNorm<B> {
     pub fn forward(&self, b: &B, x: &B::Tensor) -> Result<B::Tensor, WorkerError> {
         Ok(b.rms_norm(x, &self.weight, self.eps)?)
     }
+
+    /// Adds `y` to the residual stream `x` and returns the norm of the result.
+    pub fn add_forward(
+        &self,
+        b: &B,
+        x: &mut B::Tensor,
+        y: &B::Tensor,
+    ) -> Result<B::Tensor, WorkerError> {
+        Ok(b.add_rms_norm(x, y, &self.weight, self.eps)?)
+    }
 }
 
 /// Names and full shape of a linear layer: `{prefix}.weight` is `[out, inp]`.
