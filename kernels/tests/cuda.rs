@@ -935,3 +935,30 @@ fn invalid_inputs_are_errors_not_panics() {
         .expect("v_dim 300 is refused");
     assert!(err.to_string().contains("v_dim over 256"), "{err}");
 }
+
+/// The launch counter (`tessera bench` reports launches per step) counts each kernel and each
+/// cuBLAS call once.
+#[test]
+fn launches_are_counted_once_each() {
+    let Some(g) = gpu("launches_are_counted_once_each") else {
+        return;
+    };
+    let counter = g.launch_counter();
+    let count = || counter.load(std::sync::atomic::Ordering::Relaxed);
+    let x = g.tensor_from_host(rand_vec(4 * 64, 1), 4, 64).unwrap();
+    let norm = g
+        .upload_weight(weight(rand_vec(64, 2), vec![64], DType::F32))
+        .unwrap();
+    let before = count();
+    g.rms_norm(&x, &norm, 1e-6).unwrap();
+    assert_eq!(count() - before, 1, "rms_norm: one kernel");
+    for (dtype, launches) in [(DType::F32, 1), (DType::BF16, 2)] {
+        let w = g
+            .upload_weight(weight(rand_vec(8 * 64, 3), vec![8, 64], dtype))
+            .unwrap();
+        let before = count();
+        g.linear(&x, &w, None).unwrap();
+        // A 16-bit weight first rounds the activations to its type (to_half), then one GEMM.
+        assert_eq!(count() - before, launches, "linear {dtype:?}");
+    }
+}

@@ -59,6 +59,10 @@ pub struct GpuBatch {
     pub hbm_fraction: Option<f64>,
     /// `weight_gb_s / measured copy bandwidth`.
     pub copy_fraction: f64,
+    /// Kernels and cuBLAS calls queued per decode step (median). Each costs the host a few
+    /// microseconds to launch, so `launches × that ≥ step time` means the step is bound by
+    /// launching (what CUDA graphs would remove), not by the GPU.
+    pub launches_per_step: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -120,6 +124,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         block_size: BLOCK_SIZE,
         metrics: None,
     };
+    let launches = gpu.launch_counter();
     let mut exec = load_executor(Device::Cuda(gpu), plan)?.runner;
     info.load_seconds = loading.elapsed().as_secs_f64();
     let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
@@ -145,6 +150,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
                 vocab: spec.vocab_size,
                 footprint: &footprint,
                 profile: false,
+                launches: Some(&launches),
             };
             merged.merge(run_batch(&mut exec, &mut alloc, &plan)?);
         }
@@ -169,6 +175,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
             weight_gb_s,
             hbm_fraction: peak.map(|p| weight_gb_s / p),
             copy_fraction: weight_gb_s / copy,
+            launches_per_step: median_u64(&o.step_launches),
         });
     }
     let active = footprint.active_bytes_per_token();
@@ -190,4 +197,11 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         timed_steps: args.tokens,
         rounds: args.rounds,
     })
+}
+
+/// The median of `v` (the lower middle for an even count); 0 when empty.
+fn median_u64(v: &[u64]) -> u64 {
+    let mut v = v.to_vec();
+    v.sort_unstable();
+    v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0)
 }

@@ -200,13 +200,21 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
     );
     let _ = writeln!(
         s,
-        "{:>6} {:>10} {:>10} {:>11} {:>12} {:>10} {:>9} {:>9}",
-        "batch", "tok/s", "step ms", "prefill t/s", "GB per step", "GB/s", "of peak", "of copy"
+        "{:>6} {:>10} {:>10} {:>11} {:>12} {:>10} {:>9} {:>9} {:>9}",
+        "batch",
+        "tok/s",
+        "step ms",
+        "prefill t/s",
+        "GB per step",
+        "GB/s",
+        "of peak",
+        "of copy",
+        "launches"
     );
     for b in &r.batches {
         let _ = writeln!(
             s,
-            "{:>6} {:>10.1} {:>10.3} {:>11.0} {:>12.3} {:>10.0} {:>9} {:>8.1}%",
+            "{:>6} {:>10.1} {:>10.3} {:>11.0} {:>12.3} {:>10.0} {:>9} {:>8.1}% {:>9}",
             b.timing.batch,
             b.timing.tok_s,
             b.timing.step_ms_median,
@@ -216,6 +224,7 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
             b.hbm_fraction
                 .map_or("?".into(), |f| format!("{:.1}%", f * 100.0)),
             b.copy_fraction * 100.0,
+            b.launches_per_step,
         );
     }
     let _ = writeln!(

@@ -19,6 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -223,12 +224,16 @@ pub(super) struct RunPlan<'a> {
     pub(super) footprint: &'a WeightFootprint,
     /// Turn the backend profile on for the timed steps.
     pub(super) profile: bool,
+    /// The backend's launch counter, where it has one (the GPU's), read around each timed step.
+    pub(super) launches: Option<&'a AtomicU64>,
 }
 
 #[derive(Default)]
 pub(super) struct RunOutcome {
     pub(super) step_secs: Vec<f64>,
     pub(super) step_bytes: Vec<u64>,
+    /// Kernel launches of each timed step, where [`RunPlan::launches`] counts them.
+    pub(super) step_launches: Vec<u64>,
     /// The fastest prefill of the runs merged here.
     pub(super) prefill_secs: f64,
 }
@@ -255,6 +260,7 @@ impl RunOutcome {
     pub(super) fn merge(&mut self, other: RunOutcome) {
         self.step_secs.extend(other.step_secs);
         self.step_bytes.extend(other.step_bytes);
+        self.step_launches.extend(other.step_launches);
         self.prefill_secs = if self.prefill_secs > 0.0 {
             self.prefill_secs.min(other.prefill_secs)
         } else {
@@ -292,8 +298,10 @@ pub(super) fn run_batch(
     let mut out = RunOutcome {
         step_secs: Vec::with_capacity(p.steps),
         step_bytes: Vec::with_capacity(p.steps),
+        step_launches: Vec::new(),
         prefill_secs,
     };
+    let launched = || p.launches.map(|c| c.load(Ordering::Relaxed));
     for i in 0..p.warmup + p.steps {
         for (s, r) in seqs.iter_mut().zip(&result.results) {
             let token = r.token.context("the step sampled no token")?;
@@ -305,11 +313,15 @@ pub(super) fn run_batch(
         if timed && p.profile {
             profile::enable(true);
         }
+        let before = launched();
         let started = Instant::now();
         result = exec.step(&seqs)?;
         let secs = started.elapsed().as_secs_f64();
         profile::enable(false);
         if timed {
+            if let (Some(a), Some(b)) = (before, launched()) {
+                out.step_launches.push(b - a);
+            }
             out.step_secs.push(secs);
             out.step_bytes
                 .push(p.footprint.step_bytes(p.batch, &result.expert_counts));
@@ -395,6 +407,7 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         vocab: spec.vocab_size,
         footprint: &footprint,
         profile,
+        launches: None,
     };
     let mut probes = vec![bandwidth_before];
     let mut runs: Vec<(usize, RunOutcome)> = args

@@ -138,6 +138,8 @@ impl DeviceConfig {
 }
 
 /// An opened device.
+// One per process, moved into the executor once: the CPU variant being empty costs nothing.
+#[allow(clippy::large_enum_variant)]
 pub enum Device {
     Cpu(CpuBackend),
     Cuda(CudaBackend),

@@ -7,6 +7,7 @@
 //! same architecture only loads it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -129,6 +130,8 @@ pub struct CudaBackend {
     /// Per MoE layer, the device table of its experts' weight addresses (`moe_experts.rs`), keyed
     /// by those addresses, so that a steady-state step uploads nothing.
     pub(super) expert_tables: ExpertTables,
+    /// Kernels and cuBLAS calls queued so far (see [`CudaBackend::launch_counter`]).
+    launches: Arc<AtomicU64>,
     // Declared last so that it is dropped after everything that lives in it.
     pub(super) ctx: Arc<CudaContext>,
 }
@@ -240,6 +243,7 @@ impl CudaBackend {
             blas,
             kernels,
             expert_tables: Default::default(),
+            launches: Default::default(),
             ctx,
         })
     }
@@ -269,7 +273,22 @@ impl CudaBackend {
             .map_err(|e| BackendError::device("synchronize", e))
     }
 
+    /// The count of kernels and cuBLAS calls this backend has queued, shared (it keeps counting
+    /// after the backend moves into an executor). At small batches the host's cost per launch,
+    /// not the GPU, can bound a decode step; `tessera bench` reports launches per step so the
+    /// two can be told apart.
+    pub fn launch_counter(&self) -> Arc<AtomicU64> {
+        self.launches.clone()
+    }
+
+    /// Counts one launch (a kernel or a cuBLAS call).
+    pub(super) fn counted(&self) {
+        self.launches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The kernel `name`, counted as launched: every caller launches what it looks up.
     pub(super) fn func(&self, name: &'static str) -> Result<&CudaFunction> {
+        self.counted();
         self.kernels
             .get(name)
             .ok_or_else(|| BackendError::device("kernel lookup", format!("no kernel {name}")))

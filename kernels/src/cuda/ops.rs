@@ -109,6 +109,7 @@ impl CudaBackend {
     fn gemm(&self, g: Gemm) -> Result<()> {
         const OP: &str = "linear (cublasGemmEx)";
         let (m, n, k) = (cint(OP, g.n)?, cint(OP, g.tokens)?, cint(OP, g.k)?);
+        self.counted();
         let (alpha, beta) = (1.0f32, 0.0f32);
         self.ctx
             .bind_to_thread()

@@ -51,6 +51,11 @@ impl CudaBackend {
         match self.never {}
     }
 
+    /// The count of launches; no device exists in this build.
+    pub fn launch_counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        match self.never {}
+    }
+
     /// The device's peak memory bandwidth; no device exists in this build.
     pub fn peak_bandwidth_gb_s(&self) -> Option<f64> {
         match self.never {}
