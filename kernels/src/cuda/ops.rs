@@ -226,6 +226,26 @@ impl CudaBackend {
         Ok(y)
     }
 
+    /// The checks and the output shared by the norms: the weight's f32 values, the group width
+    /// as a kernel argument, the number of groups (one block each) and the output tensor.
+    fn norm_setup<'w>(
+        &self,
+        op: &'static str,
+        x: &CudaTensor,
+        w: &'w CudaWeight,
+    ) -> Result<(&'w CudaSlice<f32>, u32, usize, CudaTensor)> {
+        let wv = w.vector(op)?;
+        let g = w.shape[0];
+        if g == 0 || !x.cols.is_multiple_of(g) {
+            return Err(BackendError::shape(
+                op,
+                format!("{} columns, weight of {g}", x.cols),
+            ));
+        }
+        let out = self.output(op, x.rows, x.cols)?;
+        Ok((wv, to_u32(op, g)?, x.rows * x.cols / g, out))
+    }
+
     pub(super) fn rms_norm_impl(
         &self,
         x: &CudaTensor,
@@ -233,20 +253,10 @@ impl CudaBackend {
         eps: f32,
     ) -> Result<CudaTensor> {
         const OP: &str = "rms_norm";
-        let wv = w.vector(OP)?;
-        let g = w.shape[0];
-        if g == 0 || !x.cols.is_multiple_of(g) {
-            return Err(BackendError::shape(
-                OP,
-                format!("{} columns, weight of {g}", x.cols),
-            ));
-        }
-        let mut out = self.output(OP, x.rows, x.cols)?;
-        let groups = x.rows * x.cols / g;
+        let (wv, g32, groups, mut out) = self.norm_setup(OP, x, w)?;
         if groups == 0 {
             return Ok(out);
         }
-        let g32 = to_u32(OP, g)?;
         let mut b = self.stream.launch_builder(self.func(OP)?);
         b.arg(&mut out.data)
             .arg(&x.data)
@@ -269,20 +279,10 @@ impl CudaBackend {
     ) -> Result<CudaTensor> {
         const OP: &str = "add_rms_norm";
         same_shape(OP, x, y)?;
-        let wv = w.vector(OP)?;
-        let g = w.shape[0];
-        if g == 0 || !x.cols.is_multiple_of(g) {
-            return Err(BackendError::shape(
-                OP,
-                format!("{} columns, weight of {g}", x.cols),
-            ));
-        }
-        let mut out = self.output(OP, x.rows, x.cols)?;
-        let groups = x.rows * x.cols / g;
+        let (wv, g32, groups, mut out) = self.norm_setup(OP, x, w)?;
         if groups == 0 {
             return Ok(out);
         }
-        let g32 = to_u32(OP, g)?;
         let mut b = self.stream.launch_builder(self.func(OP)?);
         b.arg(&mut out.data)
             .arg(&mut x.data)
