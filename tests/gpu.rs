@@ -306,6 +306,13 @@ fn a_decode_step_copies_the_same_whatever_the_layer_count() {
     config["mlp_only_layers"] = serde_json::json!([]);
     std::fs::write(two.path().join("config.json"), config.to_string()).unwrap();
 
+    // Per process, not per step: the backend told the memory pool to keep freed memory.
+    let opened = emulator_counters(&four, 3);
+    assert_eq!(
+        opened.get("mempool_keeps_freed_memory"),
+        Some(&1.0),
+        "{opened:?}"
+    );
     let (four, two) = (per_decode_step(&four), per_decode_step(two.path()));
     let get = |m: &HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
     let launches = |m: &HashMap<String, f64>| {

@@ -403,6 +403,21 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return CUDA_SUCCESS;
 }
 
+// One stand-in pool per device; only the release threshold is looked at, and counted when set
+// to keep everything (what the CUDA backend asks for).
+CUresult cuDeviceGetDefaultMemPool(void** pool, int dev) {
+    static char pools[64];
+    if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    *pool = &pools[dev];
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemPoolSetAttribute(void* pool, int attribute, void* value) {
+    if (!pool || !value) return CUDA_ERROR_INVALID_VALUE;
+    if (attribute == 4 && *(unsigned long long*)value == ~0ull) count("mempool_keeps_freed_memory");
+    return CUDA_SUCCESS;
+}
+
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     count("alloc");
     return alloc(p, bytes);
