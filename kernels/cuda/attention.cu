@@ -113,11 +113,31 @@ __device__ void attend_run(float (&acc)[ATTN_HEADS][ATTN_DIMS], const AttnShared
             float dot[ATTN_HEADS];
 #pragma unroll
             for (int g = 0; g < ATTN_HEADS; g++) dot[g] = 0.0f;
-            for (u32 d = 0; d < a.qk_dim; d++) {
-                const float k = bf16_to_f32(krow[d]);
+            if ((a.qk_dim & 7) == 0) {
+                // 16-byte loads (8 keys' elements at a time): each thread walks its own row, so
+                // scalar loads would touch every 32-byte sector of it 16 times.
+                const uint4* k8 = (const uint4*)krow;  // 16-byte aligned: qk_dim % 8 == 0
+                for (u32 d8 = 0; d8 < a.qk_dim / 8; d8++) {
+                    const uint4 u = k8[d8];
+                    const u32 words[4] = {u.x, u.y, u.z, u.w};
 #pragma unroll
-                for (int g = 0; g < ATTN_HEADS; g++) {
-                    if (g < blk.gn) dot[g] += sh.qs[g * a.qk_dim + d] * k;
+                    for (int e = 0; e < 8; e++) {
+                        const u32 w = words[e >> 1];
+                        const float k = bf16_to_f32((u16)((e & 1) ? (w >> 16) : (w & 0xffffu)));
+                        const u32 d = d8 * 8 + e;
+#pragma unroll
+                        for (int g = 0; g < ATTN_HEADS; g++) {
+                            if (g < blk.gn) dot[g] += sh.qs[g * a.qk_dim + d] * k;
+                        }
+                    }
+                }
+            } else {
+                for (u32 d = 0; d < a.qk_dim; d++) {
+                    const float k = bf16_to_f32(krow[d]);
+#pragma unroll
+                    for (int g = 0; g < ATTN_HEADS; g++) {
+                        if (g < blk.gn) dot[g] += sh.qs[g * a.qk_dim + d] * k;
+                    }
                 }
             }
 #pragma unroll

@@ -333,12 +333,13 @@ impl Heads {
 
 /// Head layouts the GPU's grouping must get right: 2 query heads per KV head; 8 (one block
 /// serves a KV head's whole group, Qwen3-30B-A3B's shape); 20 over one KV head (two blocks of 10)
-/// with an odd value width; multi-head attention with the widest value head (256).
+/// with an odd value width; multi-head attention with the widest value head (256) and a key width
+/// that is no multiple of 8 (the kernel's scalar key loads; the others take 16-byte loads).
 const HEAD_LAYOUTS: [Heads; 4] = [
     Heads::new(4, 2, 16, 8),
     Heads::new(16, 2, 128, 128),
     Heads::new(20, 1, 32, 7),
-    Heads::new(3, 3, 24, 256),
+    Heads::new(3, 3, 20, 256),
 ];
 
 /// Writes two steps into a cache (the second overwriting nothing), then attends; K and V are
