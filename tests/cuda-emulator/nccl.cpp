@@ -143,8 +143,10 @@ struct Group {
     std::map<std::pair<uint32_t, uint32_t>, int> waiting;
 };
 
-std::mutex hub_mu;
-std::map<uint64_t, Group> groups;
+// Never destroyed: the hub's threads may still be serving when the process exits, and must not
+// find these torn down by static destructors.
+std::mutex& hub_mu = *new std::mutex;
+std::map<uint64_t, Group>& groups = *new std::map<uint64_t, Group>;
 uint16_t hub_port = 0;
 
 void fail_group(Group& g, const std::string& why, int except_fd) {
@@ -484,7 +486,7 @@ void shut(Handle* h, bool release_tickets) {
 
 thread_local int group_depth = 0;
 thread_local std::vector<std::pair<Handle*, Op>> grouped;
-std::string process_error;
+std::string& process_error = *new std::string;  // never destroyed, as the hub's state
 
 int submit(Handle* h, std::vector<Op> ops) {
     Comm& c = *h->comm;
