@@ -5,6 +5,10 @@
 #   bash tests/gpu/device.sh bench-qwen3     the GPU roofline on a Qwen3-30B-A3B shape (24 of 48
 #                                            layers), batch 1 and 64
 #   bash tests/gpu/device.sh bench-mixtral   the same on a Mixtral-8x7B shape (8 of 32 layers)
+#   bash tests/gpu/device.sh profile-qwen3   Nsight Systems over a short batch-1 run of the
+#                                            Qwen3 shape (8 layers), if the machine has nsys:
+#                                            per-kernel GPU time and the host's CUDA API time,
+#                                            which tell launch-bound steps from GPU-bound ones
 # Benchmark checkpoints are generated in /dev/shm on the machine (nothing is downloaded).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -56,8 +60,26 @@ bench-qwen3 | bench-mixtral)
     tail -5 "$out/bench-$name.log"
     exit $status
     ;;
+profile-qwen3)
+    nsys=$(command -v nsys || ls /usr/local/cuda/bin/nsys /opt/nvidia/nsight-systems/*/bin/nsys 2>/dev/null | head -1)
+    if [ -z "$nsys" ]; then
+        echo "no nsys on this machine: nothing to profile with" | tee "$out/profile.txt"
+        exit 2
+    fi
+    name=qwen3-30b-a3b-8l
+    "$nsys" profile --trace=cuda --sample=none --force-overwrite=true -o "/tmp/$name" \
+        target/release/tessera bench --roofline --device cuda --batches 1 --tokens 16 --rounds 1 \
+        --model-size qwen3-30b-a3b --layers 8 --checkpoint-dir "/dev/shm/$name" \
+        > "$out/profile-bench.txt" 2>&1
+    status=$?
+    "$nsys" stats --report cuda_gpu_kern_sum,cuda_api_sum,cuda_gpu_mem_time_sum \
+        "/tmp/$name.nsys-rep" > "$out/profile.txt" 2>&1
+    rm -rf "/dev/shm/$name"
+    head -60 "$out/profile.txt"
+    exit $status
+    ;;
 *)
-    echo "usage: device.sh tests|bench-qwen3|bench-mixtral" >&2
+    echo "usage: device.sh tests|bench-qwen3|bench-mixtral|profile-qwen3" >&2
     exit 2
     ;;
 esac
