@@ -147,6 +147,34 @@ extern "C" __global__ void rope(float* x, const float* cos_t, const float* sin_t
     head[ib] = x2 * c + x1 * s;
 }
 
+// RMSNorm of each head (`a.head_stride` columns, the norm weight's length; heads fill the row)
+// followed by RoPE as `rope` applies it: the same arithmetic as rms_norm then rope, in one pass.
+// One block per (token, head); blockDim.x a multiple of 32.
+extern "C" __global__ void norm_rope(float* out, const float* x, const float* w,
+                                     const float* cos_t, const float* sin_t, float eps,
+                                     RopeArgs a) {
+    const u64 t = blockIdx.x / a.num_heads;
+    const u32 g = a.head_stride;
+    const float* xs = x + (u64)blockIdx.x * g;
+    float* os = out + (u64)blockIdx.x * g;
+    float ss = 0.0f;
+    for (u32 c = threadIdx.x; c < g; c += blockDim.x) ss += xs[c] * xs[c];
+    ss = block_sum(ss);
+    const float inv = 1.0f / sqrtf(ss / (float)g + eps);
+    const u32 rot_end = a.offset + 2 * a.half;
+    for (u32 c = threadIdx.x; c < g; c += blockDim.x) {
+        if (c < a.offset || c >= rot_end) os[c] = w[c] * (xs[c] * inv);
+    }
+    for (u32 p = threadIdx.x; p < a.half; p += blockDim.x) {
+        const u32 ia = a.offset + (a.interleaved ? 2 * p : p);
+        const u32 ib = a.offset + (a.interleaved ? 2 * p + 1 : p + a.half);
+        const float c = cos_t[t * a.half + p], s = sin_t[t * a.half + p];
+        const float x1 = w[ia] * (xs[ia] * inv), x2 = w[ib] * (xs[ib] * inv);
+        os[ia] = x1 * c - x2 * s;
+        os[ib] = x2 * c + x1 * s;
+    }
+}
+
 // The warp's largest (value, index) pair, the lowest index among equal values; every lane gets it.
 __device__ __forceinline__ void warp_argmax(float& bv, u32& bi) {
     for (int o = 16; o > 0; o >>= 1) {

@@ -277,6 +277,21 @@ pub trait Backend: Send + Sync + Sized + 'static {
         self.add_assign(x, y)?;
         self.rms_norm(x, w, eps)
     }
+    /// RMSNorm with `w` over groups of `w.len()` columns, then RoPE at `at`: what Qwen3 does to
+    /// its queries and keys (a norm per head, then the rotation), in one call so that a backend
+    /// can do both in one pass. The default composes [`Backend::rms_norm`] and [`Backend::rope`].
+    fn norm_rope(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        step: &Self::Step,
+        at: RopeApply,
+    ) -> Result<Self::Tensor> {
+        let mut y = self.rms_norm(x, w, eps)?;
+        self.rope(&mut y, step, at)?;
+        Ok(y)
+    }
     /// `silu(gate) * up`, elementwise.
     fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor) -> Result<Self::Tensor>;
     /// `x[r, :] *= sigmoid(g[r, 0])` (Qwen2-MoE's shared-expert gate).

@@ -294,6 +294,29 @@ fn rope_case<B: Backend>(b: &B, layout: RopeLayout) -> Result<Vec<f32>> {
     b.tensor_to_host(&x)
 }
 
+/// Norm then RoPE: per-head weights (the fused kernel; partial rotary at an offset) and a
+/// whole-row weight (the composition).
+fn norm_rope_case<B: Backend>(b: &B, layout: RopeLayout, group: usize) -> Result<Vec<f32>> {
+    let meta = step_meta();
+    let step = b.prepare_step(&meta, &rope_table(layout, 4, 1.25))?;
+    let x = b.tensor_from_host(rand_vec(4 * 36, 24), 4, 36)?;
+    let w = b.upload_weight(weight(rand_vec(group, 25), vec![group], DType::BF16))?;
+    let at = RopeApply {
+        num_heads: 3,
+        head_stride: 12,
+        offset: 2,
+    };
+    b.tensor_to_host(&b.norm_rope(&x, &w, 1e-6, &step, at)?)
+}
+
+#[test]
+fn norm_rope_matches_cpu() {
+    for layout in [RopeLayout::Half, RopeLayout::Interleaved] {
+        same_case!("norm_rope per head", 1e-5, norm_rope_case, layout, 12);
+        same_case!("norm_rope whole row", 1e-5, norm_rope_case, layout, 36);
+    }
+}
+
 #[test]
 fn rope_matches_cpu() {
     same_case!("rope half", 1e-5, rope_case, RopeLayout::Half);

@@ -26,7 +26,7 @@ const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 25] = [
+const KERNELS: [&str; 26] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -42,6 +42,7 @@ const KERNELS: [&str; 25] = [
     "row_argmax_lse",
     "scatter_add_rows",
     "rope",
+    "norm_rope",
     "write_kv",
     "paged_attention",
     "paged_attention_split",

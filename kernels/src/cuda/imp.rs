@@ -79,6 +79,17 @@ impl Backend for CudaBackend {
         self.add_assign_impl(x, y)
     }
 
+    fn norm_rope(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        eps: f32,
+        step: &CudaStep,
+        at: RopeApply,
+    ) -> Result<CudaTensor> {
+        self.norm_rope_impl(x, w, eps, step, at)
+    }
+
     fn add_rms_norm(
         &self,
         x: &mut CudaTensor,

@@ -522,6 +522,67 @@ impl CudaBackend {
 }
 
 impl CudaBackend {
+    /// The fused norm and RoPE where each norm group is one whole head and the heads fill the
+    /// rows (Qwen3's q and k); any other layout gets the two operations one after the other.
+    pub(super) fn norm_rope_impl(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        eps: f32,
+        step: &CudaStep,
+        at: RopeApply,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "norm_rope";
+        let fits = w.shape.len() == 1
+            && w.shape[0] == at.head_stride
+            && at.num_heads * at.head_stride == x.cols
+            && at.offset + 2 * step.half <= at.head_stride;
+        if !fits {
+            let mut y = self.rms_norm_impl(x, w, eps)?;
+            self.rope_impl(&mut y, step, at)?;
+            return Ok(y);
+        }
+        let (wv, _, groups, mut out) = self.norm_setup(OP, x, w)?;
+        if x.rows != step.meta.num_tokens() {
+            return Err(BackendError::shape(
+                OP,
+                format!(
+                    "{} rows for a step of {} tokens",
+                    x.rows,
+                    step.meta.num_tokens()
+                ),
+            ));
+        }
+        if groups == 0 {
+            return Ok(out);
+        }
+        let args = RopeArgs {
+            rows: to_u32(OP, x.rows)?,
+            cols: to_u32(OP, x.cols)?,
+            half: to_u32(OP, step.half)?,
+            num_heads: to_u32(OP, at.num_heads)?,
+            head_stride: to_u32(OP, at.head_stride)?,
+            offset: to_u32(OP, at.offset)?,
+            interleaved: u32::from(step.layout == RopeLayout::Interleaved),
+        };
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut out.data)
+            .arg(&x.data)
+            .arg(wv)
+            .arg(&step.cos)
+            .arg(&step.sin)
+            .arg(&eps)
+            .arg(&args);
+        // SAFETY: norm_rope(float* out, const float* x, const float* w, const float* cos,
+        // const float* sin, float eps, RopeArgs a): one block (a multiple of 32 threads, as
+        // block_sum needs) per (token, head); x and out hold rows*num_heads*head_stride floats
+        // (heads fill the rows, checked), w holds head_stride, every rotated element lies inside
+        // its head (offset + rot_dim <= head_stride, checked); cos and sin hold rows*half floats
+        // (built by prepare_step for these rows, checked).
+        unsafe { b.launch(grid_rows(groups, 128)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
     pub(super) fn row_summaries_impl(&self, x: &CudaTensor) -> Result<Vec<RowSummary>> {
         const OP: &str = "row_summaries";
         if x.cols == 0 {

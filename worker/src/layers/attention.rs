@@ -106,32 +106,32 @@ impl<B: Backend> Gqa<B> {
             .linear_many(x, &[self.q.parts(), self.k.parts(), self.v.parts()])?
             .try_into()
             .map_err(|_| WorkerError::Request("linear_many returned the wrong count".into()))?;
-        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
-            q = qn.forward(b, &q)?;
-            k = kn.forward(b, &k)?;
+        let rope = |num_heads| RopeApply {
+            num_heads,
+            head_stride: p.qk_dim,
+            offset: 0,
+        };
+        let (rope_q, rope_k) = (rope(p.num_heads), rope(p.num_kv_heads));
+        match (&self.q_norm, &self.k_norm) {
+            // Norm then rotation in one call each (one kernel where the norm is per head, as
+            // Qwen3's; whole-projection norms only narrow first when split across ranks).
+            (Some(qn), Some(kn)) if self.keep.is_none() => {
+                q = b.norm_rope(&q, &qn.weight, qn.eps, step, rope_q)?;
+                k = b.norm_rope(&k, &kn.weight, kn.eps, step, rope_k)?;
+            }
+            norms => {
+                if let (Some(qn), Some(kn)) = norms {
+                    q = qn.forward(b, &q)?;
+                    k = kn.forward(b, &k)?;
+                }
+                if let Some((qc, kc)) = &self.keep {
+                    q = b.narrow_cols(&q, qc.start, qc.len())?;
+                    k = b.narrow_cols(&k, kc.start, kc.len())?;
+                }
+                b.rope(&mut q, step, rope_q)?;
+                b.rope(&mut k, step, rope_k)?;
+            }
         }
-        if let Some((qc, kc)) = &self.keep {
-            q = b.narrow_cols(&q, qc.start, qc.len())?;
-            k = b.narrow_cols(&k, kc.start, kc.len())?;
-        }
-        b.rope(
-            &mut q,
-            step,
-            RopeApply {
-                num_heads: p.num_heads,
-                head_stride: p.qk_dim,
-                offset: 0,
-            },
-        )?;
-        b.rope(
-            &mut k,
-            step,
-            RopeApply {
-                num_heads: p.num_kv_heads,
-                head_stride: p.qk_dim,
-                offset: 0,
-            },
-        )?;
         b.write_kv(cache, &k, &v, step)?;
         let o = b.attention(&q, cache, step, p)?;
         self.o.forward(b, &o)
