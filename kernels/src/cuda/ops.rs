@@ -62,6 +62,21 @@ fn cint(op: &'static str, v: usize) -> Result<c_int> {
     c_int::try_from(v).map_err(|_| BackendError::invalid(op, format!("{v} exceeds a C int")))
 }
 
+impl RopeArgs {
+    /// The kernel arguments of RoPE at `at` over `x` for `step` (shared by rope and norm_rope).
+    fn new(op: &'static str, x: &CudaTensor, step: &CudaStep, at: RopeApply) -> Result<Self> {
+        Ok(RopeArgs {
+            rows: to_u32(op, x.rows)?,
+            cols: to_u32(op, x.cols)?,
+            half: to_u32(op, step.half)?,
+            num_heads: to_u32(op, at.num_heads)?,
+            head_stride: to_u32(op, at.head_stride)?,
+            offset: to_u32(op, at.offset)?,
+            interleaved: u32::from(step.layout == RopeLayout::Interleaved),
+        })
+    }
+}
+
 impl CudaBackend {
     pub(super) fn embedding_impl(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
         const OP: &str = "embedding";
@@ -502,15 +517,7 @@ impl CudaBackend {
         if n == 0 {
             return Ok(());
         }
-        let args = RopeArgs {
-            rows: to_u32(OP, x.rows)?,
-            cols: to_u32(OP, x.cols)?,
-            half: to_u32(OP, step.half)?,
-            num_heads: to_u32(OP, at.num_heads)?,
-            head_stride: to_u32(OP, at.head_stride)?,
-            offset: to_u32(OP, at.offset)?,
-            interleaved: u32::from(step.layout == RopeLayout::Interleaved),
-        };
+        let args = RopeArgs::new(OP, x, step, at)?;
         let mut b = self.stream.launch_builder(self.func(OP)?);
         b.arg(&mut x.data).arg(&step.cos).arg(&step.sin).arg(&args);
         // SAFETY: rope(float* x, const float* cos, const float* sin, RopeArgs a): x holds
@@ -556,15 +563,7 @@ impl CudaBackend {
         if groups == 0 {
             return Ok(out);
         }
-        let args = RopeArgs {
-            rows: to_u32(OP, x.rows)?,
-            cols: to_u32(OP, x.cols)?,
-            half: to_u32(OP, step.half)?,
-            num_heads: to_u32(OP, at.num_heads)?,
-            head_stride: to_u32(OP, at.head_stride)?,
-            offset: to_u32(OP, at.offset)?,
-            interleaved: u32::from(step.layout == RopeLayout::Interleaved),
-        };
+        let args = RopeArgs::new(OP, x, step, at)?;
         let mut b = self.stream.launch_builder(self.func(OP)?);
         b.arg(&mut out.data)
             .arg(&x.data)
