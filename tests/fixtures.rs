@@ -10,12 +10,15 @@ use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
 use tessera_worker::executor::Executor;
 use tessera_worker::model::Model;
 
-fn engine(dir: &std::path::Path) -> Engine<Executor<CpuBackend>> {
+fn model(dir: &std::path::Path) -> Model<CpuBackend> {
     let spec = load_model_spec(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
     let ckpt = Checkpoint::open(dir).unwrap();
-    let model = Model::load(CpuBackend, spec, &ckpt, &ShardSpec::whole())
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
-    Engine::new(model, EngineConfig::default()).unwrap()
+    Model::load(CpuBackend, spec, &ckpt, &ShardSpec::whole())
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+}
+
+fn engine(dir: &std::path::Path) -> Engine<Executor<CpuBackend>> {
+    Engine::new(model(dir), EngineConfig::default()).unwrap()
 }
 
 #[test]
@@ -108,4 +111,50 @@ fn generation_stops_at_eos_like_transformers() {
         }
     }
     assert!(checked > 0, "no fixture exercises eos stopping");
+}
+
+/// DeepSeek's latent attention caches one `[latent | rotary key]` row per position, read as one
+/// KV head whose values are the latent, instead of every head's expanded key and value; the
+/// greedy test above shows the absorbed attention still matches transformers.
+#[test]
+fn mla_caches_hold_only_the_latent_row() {
+    use tessera_common::AttentionSpec;
+    use tessera_kernels::{KvSpec, KvValues};
+    let mut checked = 0;
+    for (name, dir) in common::fixtures() {
+        let model = model(&dir);
+        for (spec, layer) in model.kv_specs(4, 16).iter().zip(&model.spec().layers) {
+            let AttentionSpec::Mla(m) = &layer.attention else {
+                assert_eq!(spec.values, KvValues::Separate, "{name}");
+                continue;
+            };
+            let latent = KvSpec {
+                num_blocks: 4,
+                block_size: 16,
+                num_kv_heads: 1,
+                k_dim: m.kv_lora_rank + m.qk_rope_head_dim,
+                v_dim: m.kv_lora_rank,
+                values: KvValues::KeyPrefix,
+            };
+            assert_eq!(*spec, latent, "{name}");
+            // What transformers' cache holds per position: every head's key and value.
+            let expanded = m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim);
+            assert!(
+                latent.bytes(2).unwrap() * 3
+                    < KvSpec {
+                        k_dim: expanded,
+                        v_dim: 0,
+                        ..latent
+                    }
+                    .bytes(2)
+                    .unwrap(),
+                "{name}: the latent row should be far smaller than {expanded} values"
+            );
+            checked += 1;
+        }
+    }
+    assert!(
+        checked >= 3,
+        "expected the MLA fixtures' layers, checked {checked}"
+    );
 }

@@ -14,7 +14,9 @@ use std::time::Duration;
 use common::values;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tessera_kernels::cpu::CpuBackend;
-use tessera_kernels::{AttentionParams, Backend, KvSpec, RopeLayout, RopeTable, SeqMeta, StepMeta};
+use tessera_kernels::{
+    AttentionParams, Backend, KvSpec, KvValues, RopeLayout, RopeTable, SeqMeta, StepMeta,
+};
 
 /// (name, query heads, KV heads, head dim).
 const SHAPES: &[(&str, usize, usize, usize)] =
@@ -41,6 +43,7 @@ fn attention(c: &mut Criterion) {
                     num_kv_heads: kv_heads,
                     k_dim: d,
                     v_dim: d,
+                    values: KvValues::Separate,
                 };
                 let mut cache = b.alloc_kv(spec).expect("cache");
                 // Fill the cache through the backend: every sequence's whole context at once.
@@ -66,7 +69,7 @@ fn attention(c: &mut Criterion) {
                     .expect("kv")
                 };
                 let step = b.prepare_step(&fill, &rope).expect("step");
-                b.write_kv(&mut cache, &kv(1), &kv(2), &step)
+                b.write_kv(&mut cache, &kv(1), Some(&kv(2)), &step)
                     .expect("write");
                 // Decode: the last position of every sequence.
                 let decode = StepMeta {

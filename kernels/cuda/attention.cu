@@ -2,6 +2,7 @@
 // `[block][kv_head][slot][dim]`, here in bf16 to halve the cache's memory and bandwidth.
 
 // Stores the step's keys and values. slots[t] = block * block_size + slot of token t.
+// vd = 0 for a cache without value storage (values are a prefix of the keys; vc unused).
 // Grid: one block per token.
 extern "C" __global__ void write_kv(u16* kc, u16* vc, const float* k, const float* v,
                                     const u32* slots, u32 kv_heads, u32 kd, u32 vd,
@@ -23,6 +24,8 @@ extern "C" __global__ void write_kv(u16* kc, u16* vc, const float* k, const floa
 // Scalars of the attention kernels; the layout of `AttnArgs` in cuda/attention.rs.
 struct AttnArgs {
     u32 num_heads, num_kv_heads, qk_dim, v_dim, block_size;
+    u32 v_stride;        // elements from one value row to the next: v_dim, or qk_dim when the
+                         // values are the first v_dim elements of the key rows (vc == kc)
     u32 window;          // 0: no sliding window
     u32 head_groups;     // blocks per (token, KV head): its query heads are cut into this many
     u32 group_heads;     // query heads per block (the last block of a KV head may have fewer)
@@ -31,9 +34,9 @@ struct AttnArgs {
 
 // Threads per attention block; also the positions one chunk of the online softmax covers.
 #define ATTN_THREADS 128
-// Most query heads one block serves, and output dims per thread (v_dim <= 2 * ATTN_THREADS).
-#define ATTN_HEADS 16
-#define ATTN_DIMS 2
+// The kernels are instantiated for two shapes (cuda/plan.rs `AttnKernel`): HEADS query heads
+// per block with DIMS output dims per thread (v_dim <= DIMS * ATTN_THREADS), 16 x 2 and, for
+// value heads up to 512 (MLA's latent), 8 x 4; both keep 32 accumulators per thread.
 
 // Shared memory of one block, carved from the dynamic allocation (sizes in cuda/plan.rs):
 // per chunk position its V row offset, then the block's queries, the chunk's scores (turned
@@ -81,13 +84,14 @@ __device__ __forceinline__ u32 attn_first(u32 pos, const AttnArgs& a) {
 // Attention of the block's query heads over positions [from, end) of the sequence whose block
 // table is `table`, before normalisation: afterwards sh.ms / sh.ls hold each head's running max
 // score and sum of exp(score - max), and acc[g][i] the exp-weighted sum of values for head g and
-// output dim 2 * threadIdx.x + i. Positions are taken ATTN_THREADS at a time: each thread scores
+// output dim DIMS * threadIdx.x + i. Positions are taken ATTN_THREADS at a time: each thread scores
 // one position against every head (one read of its key row), a warp per head turns the chunk's
 // scores into probabilities with an online softmax, then each thread accumulates its output dims
 // of every head (one read of each value). f32 throughout; keys and values widened from bf16.
 // Every thread of the block calls it with the same range; an empty range leaves max -inf, sum 0
 // and zero accumulators.
-__device__ void attend_run(float (&acc)[ATTN_HEADS][ATTN_DIMS], const AttnShared& sh,
+template <int HEADS, int DIMS>
+__device__ void attend_run(float (&acc)[HEADS][DIMS], const AttnShared& sh,
                            const AttnBlock& blk, const u16* kc, const u16* vc, const u32* table,
                            u32 from, u32 end, const AttnArgs& a) {
     const u32 tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -96,9 +100,9 @@ __device__ void attend_run(float (&acc)[ATTN_HEADS][ATTN_DIMS], const AttnShared
         sh.ls[g] = 0.0f;
     }
 #pragma unroll
-    for (int g = 0; g < ATTN_HEADS; g++) {
-        acc[g][0] = 0.0f;
-        acc[g][1] = 0.0f;
+    for (int g = 0; g < HEADS; g++) {
+#pragma unroll
+        for (int i = 0; i < DIMS; i++) acc[g][i] = 0.0f;
     }
     __syncthreads();
     for (u32 base = from; base < end; base += ATTN_THREADS) {
@@ -108,11 +112,11 @@ __device__ void attend_run(float (&acc)[ATTN_HEADS][ATTN_DIMS], const AttnShared
             const u64 row =
                 ((u64)table[j / a.block_size] * a.num_kv_heads + blk.kvh) * a.block_size +
                 j % a.block_size;
-            sh.vrow[tid] = row * a.v_dim;
+            sh.vrow[tid] = row * a.v_stride;
             const u16* krow = kc + row * a.qk_dim;
-            float dot[ATTN_HEADS];
+            float dot[HEADS];
 #pragma unroll
-            for (int g = 0; g < ATTN_HEADS; g++) dot[g] = 0.0f;
+            for (int g = 0; g < HEADS; g++) dot[g] = 0.0f;
             if ((a.qk_dim & 7) == 0) {
                 // 16-byte loads (8 keys' elements at a time): each thread walks its own row, so
                 // scalar loads would touch every 32-byte sector of it 16 times.
@@ -126,7 +130,7 @@ __device__ void attend_run(float (&acc)[ATTN_HEADS][ATTN_DIMS], const AttnShared
                         const float k = bf16_to_f32((u16)((e & 1) ? (w >> 16) : (w & 0xffffu)));
                         const u32 d = d8 * 8 + e;
 #pragma unroll
-                        for (int g = 0; g < ATTN_HEADS; g++) {
+                        for (int g = 0; g < HEADS; g++) {
                             if (g < blk.gn) dot[g] += sh.qs[g * a.qk_dim + d] * k;
                         }
                     }
@@ -135,13 +139,13 @@ __device__ void attend_run(float (&acc)[ATTN_HEADS][ATTN_DIMS], const AttnShared
                 for (u32 d = 0; d < a.qk_dim; d++) {
                     const float k = bf16_to_f32(krow[d]);
 #pragma unroll
-                    for (int g = 0; g < ATTN_HEADS; g++) {
+                    for (int g = 0; g < HEADS; g++) {
                         if (g < blk.gn) dot[g] += sh.qs[g * a.qk_dim + d] * k;
                     }
                 }
             }
 #pragma unroll
-            for (int g = 0; g < ATTN_HEADS; g++) {
+            for (int g = 0; g < HEADS; g++) {
                 if (g < blk.gn) sh.ss[g * ATTN_THREADS + tid] = dot[g] * a.scale;
             }
         } else {
@@ -171,24 +175,27 @@ __device__ void attend_run(float (&acc)[ATTN_HEADS][ATTN_DIMS], const AttnShared
         }
         __syncthreads();
 #pragma unroll
-        for (int g = 0; g < ATTN_HEADS; g++) {
+        for (int g = 0; g < HEADS; g++) {
             if (g < blk.gn) {
-                acc[g][0] *= sh.cs[g];
-                acc[g][1] *= sh.cs[g];
+#pragma unroll
+                for (int i = 0; i < DIMS; i++) acc[g][i] *= sh.cs[g];
             }
         }
-        const u32 d0 = 2 * tid, d1 = 2 * tid + 1;
+        const u32 d0 = DIMS * tid;
         if (d0 < a.v_dim) {
             for (u32 jj = 0; jj < n; jj++) {
                 const u16* vr = vc + sh.vrow[jj];
-                const float v0 = bf16_to_f32(vr[d0]);
-                const float v1 = d1 < a.v_dim ? bf16_to_f32(vr[d1]) : 0.0f;
+                float v[DIMS];
 #pragma unroll
-                for (int g = 0; g < ATTN_HEADS; g++) {
+                for (int i = 0; i < DIMS; i++) {
+                    v[i] = d0 + i < a.v_dim ? bf16_to_f32(vr[d0 + i]) : 0.0f;
+                }
+#pragma unroll
+                for (int g = 0; g < HEADS; g++) {
                     if (g < blk.gn) {
                         const float p = sh.ss[g * ATTN_THREADS + jj];
-                        acc[g][0] += p * v0;
-                        acc[g][1] += p * v1;
+#pragma unroll
+                        for (int i = 0; i < DIMS; i++) acc[g][i] += p * v[i];
                     }
                 }
             }
@@ -208,27 +215,42 @@ __device__ __forceinline__ void attn_load_queries(const AttnShared& sh, const fl
 // Causal attention of one token's query heads that share a KV head, over its sequence's cache,
 // prefill or decode. Grid: (tokens, num_kv_heads * head_groups); block: ATTN_THREADS threads;
 // dynamic shared memory as `AttnShared`.
-extern "C" __global__ void paged_attention(float* out, const float* q, const u16* kc,
-                                           const u16* vc, const u32* tok_pos,
-                                           const u32* tok_table, const u32* tables, AttnArgs a) {
+template <int HEADS, int DIMS>
+__device__ void paged_attention_body(float* out, const float* q, const u16* kc, const u16* vc,
+                                     const u32* tok_pos, const u32* tok_table, const u32* tables,
+                                     const AttnArgs& a) {
     extern __shared__ float smem[];
     const AttnShared sh = attn_shared(smem, a);
     const AttnBlock blk = attn_block(a);
     attn_load_queries(sh, q, blk, a);
     const u32 pos = tok_pos[blk.t];
-    float acc[ATTN_HEADS][ATTN_DIMS];
-    attend_run(acc, sh, blk, kc, vc, tables + tok_table[blk.t], attn_first(pos, a), pos + 1, a);
+    float acc[HEADS][DIMS];
+    attend_run<HEADS, DIMS>(acc, sh, blk, kc, vc, tables + tok_table[blk.t], attn_first(pos, a),
+                            pos + 1, a);
 #pragma unroll
-    for (int g = 0; g < ATTN_HEADS; g++) {
+    for (int g = 0; g < HEADS; g++) {
         if (g >= blk.gn) break;
         float* orow = out + ((u64)blk.t * a.num_heads + blk.h0 + g) * a.v_dim;
         const float inv = 1.0f / sh.ls[g];
 #pragma unroll
-        for (int i = 0; i < ATTN_DIMS; i++) {
-            const u32 d = 2 * threadIdx.x + i;
+        for (int i = 0; i < DIMS; i++) {
+            const u32 d = DIMS * threadIdx.x + i;
             if (d < a.v_dim) orow[d] = acc[g][i] * inv;
         }
     }
+}
+
+extern "C" __global__ void paged_attention(float* out, const float* q, const u16* kc,
+                                           const u16* vc, const u32* tok_pos,
+                                           const u32* tok_table, const u32* tables, AttnArgs a) {
+    paged_attention_body<16, 2>(out, q, kc, vc, tok_pos, tok_table, tables, a);
+}
+
+extern "C" __global__ void paged_attention_wide(float* out, const float* q, const u16* kc,
+                                                const u16* vc, const u32* tok_pos,
+                                                const u32* tok_table, const u32* tables,
+                                                AttnArgs a) {
+    paged_attention_body<8, 4>(out, q, kc, vc, tok_pos, tok_table, tables, a);
 }
 
 // Split-K ("flash decoding") for steps with too few blocks to fill the GPU: each token's
@@ -237,10 +259,11 @@ extern "C" __global__ void paged_attention(float* out, const float* q, const u16
 // shared memory as `paged_attention`. Writes, for row r = t * num_heads + h and split s:
 // part_acc[(r * splits + s) * v_dim + d] (unnormalised) and part_ml[(r * splits + s) * 2 + {0, 1}]
 // = (max, sum).
-extern "C" __global__ void paged_attention_split(float* part_acc, float* part_ml, const float* q,
-                                                 const u16* kc, const u16* vc,
-                                                 const u32* tok_pos, const u32* tok_table,
-                                                 const u32* tables, AttnArgs a) {
+template <int HEADS, int DIMS>
+__device__ void paged_attention_split_body(float* part_acc, float* part_ml, const float* q,
+                                           const u16* kc, const u16* vc, const u32* tok_pos,
+                                           const u32* tok_table, const u32* tables,
+                                           const AttnArgs& a) {
     extern __shared__ float smem[];
     const AttnShared sh = attn_shared(smem, a);
     const AttnBlock blk = attn_block(a);
@@ -251,15 +274,15 @@ extern "C" __global__ void paged_attention_split(float* part_acc, float* part_ml
     const u32 per = (pos + 1 - lo + splits - 1) / splits;
     const u32 from = min(lo + s * per, pos + 1);
     const u32 end = min(from + per, pos + 1);
-    float acc[ATTN_HEADS][ATTN_DIMS];
-    attend_run(acc, sh, blk, kc, vc, tables + tok_table[blk.t], from, end, a);
+    float acc[HEADS][DIMS];
+    attend_run<HEADS, DIMS>(acc, sh, blk, kc, vc, tables + tok_table[blk.t], from, end, a);
 #pragma unroll
-    for (int g = 0; g < ATTN_HEADS; g++) {
+    for (int g = 0; g < HEADS; g++) {
         if (g >= blk.gn) break;
         const u64 part = ((u64)blk.t * a.num_heads + blk.h0 + g) * splits + s;
 #pragma unroll
-        for (int i = 0; i < ATTN_DIMS; i++) {
-            const u32 d = 2 * threadIdx.x + i;
+        for (int i = 0; i < DIMS; i++) {
+            const u32 d = DIMS * threadIdx.x + i;
             if (d < a.v_dim) part_acc[part * a.v_dim + d] = acc[g][i];
         }
         if (threadIdx.x == 0) {
@@ -267,6 +290,23 @@ extern "C" __global__ void paged_attention_split(float* part_acc, float* part_ml
             part_ml[part * 2 + 1] = sh.ls[g];
         }
     }
+}
+
+extern "C" __global__ void paged_attention_split(float* part_acc, float* part_ml, const float* q,
+                                                 const u16* kc, const u16* vc,
+                                                 const u32* tok_pos, const u32* tok_table,
+                                                 const u32* tables, AttnArgs a) {
+    paged_attention_split_body<16, 2>(part_acc, part_ml, q, kc, vc, tok_pos, tok_table, tables,
+                                      a);
+}
+
+extern "C" __global__ void paged_attention_split_wide(float* part_acc, float* part_ml,
+                                                      const float* q, const u16* kc,
+                                                      const u16* vc, const u32* tok_pos,
+                                                      const u32* tok_table, const u32* tables,
+                                                      AttnArgs a) {
+    paged_attention_split_body<8, 4>(part_acc, part_ml, q, kc, vc, tok_pos, tok_table, tables,
+                                     a);
 }
 
 // Merges the splits of `paged_attention_split`: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M)

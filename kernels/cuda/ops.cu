@@ -93,15 +93,16 @@ extern "C" __global__ void split_heads(float* xa, float* xb, const float* x, u32
     else xb[u * b + c - a] = x[i];
 }
 
-// out[r, h, :] = concat(a[r, h, :da], shared[r, :d]). `units` = rows * heads.
-extern "C" __global__ void concat_shared(float* out, const float* a, const float* shared,
-                                         u32 units, u32 heads, u32 da, u32 d) {
+// out[r, h, :] = concat(a[r, h, :da], b[r, h, :db]); `units` = rows * heads. The inverse of
+// split_heads.
+extern "C" __global__ void concat_heads(float* out, const float* a, const float* b, u32 units,
+                                        u32 da, u32 db) {
     const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    const u32 w = da + d;
+    const u32 w = da + db;
     if (i >= (u64)units * w) return;
     const u64 u = i / w;
     const u32 c = i % w;
-    out[i] = c < da ? a[u * da + c] : shared[(u / heads) * d + c - da];
+    out[i] = c < da ? a[u * da + c] : b[u * db + c - da];
 }
 
 // out[i, :] = x[rows[i], :]. Grid: one block per output row.

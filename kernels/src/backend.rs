@@ -80,6 +80,17 @@ pub struct RopeApply {
     pub offset: usize,
 }
 
+/// Where a KV cache keeps its values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvValues {
+    /// A value row of `v_dim` beside every key row.
+    Separate,
+    /// No value storage: a position's value is the first `v_dim` elements of its key. MLA's
+    /// latent cache, whose key row is `[compressed latent | rotary key]` and whose value is the
+    /// latent.
+    KeyPrefix,
+}
+
 /// Shape of one layer's paged KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KvSpec {
@@ -88,17 +99,78 @@ pub struct KvSpec {
     pub num_kv_heads: usize,
     pub k_dim: usize,
     pub v_dim: usize,
+    pub values: KvValues,
 }
 
 impl KvSpec {
-    /// f32 elements of K and of V, or `None` if either count overflows `usize` (a block count
-    /// from the network can be anything).
+    /// Elements of K and of V storage (none for [`KvValues::KeyPrefix`]), or `None` if a count
+    /// overflows `usize` (a block count from the network can be anything).
     pub fn elements(&self) -> Option<(usize, usize)> {
         let rows = self
             .num_blocks
             .checked_mul(self.block_size)?
             .checked_mul(self.num_kv_heads)?;
-        Some((rows.checked_mul(self.k_dim)?, rows.checked_mul(self.v_dim)?))
+        let v = match self.values {
+            KvValues::Separate => rows.checked_mul(self.v_dim)?,
+            KvValues::KeyPrefix => 0,
+        };
+        Some((rows.checked_mul(self.k_dim)?, v))
+    }
+
+    /// Elements from one value row to the next in the storage values are read from: the key
+    /// rows for [`KvValues::KeyPrefix`].
+    pub fn v_stride(&self) -> usize {
+        match self.values {
+            KvValues::Separate => self.v_dim,
+            KvValues::KeyPrefix => self.k_dim,
+        }
+    }
+
+    /// Checks a step's keys and values, `(rows, cols)`, against this cache for `tokens` new
+    /// tokens: one row per token, one key (and value, where stored) per KV head.
+    pub(crate) fn check_write(
+        &self,
+        tokens: usize,
+        k: (usize, usize),
+        v: Option<(usize, usize)>,
+    ) -> Result<()> {
+        use crate::BackendError;
+        const OP: &str = "write_kv";
+        match (self.values, v) {
+            (KvValues::Separate, None) => {
+                return Err(BackendError::invalid(
+                    OP,
+                    "no values for a cache that stores them",
+                ));
+            }
+            (KvValues::KeyPrefix, Some(_)) => {
+                return Err(BackendError::invalid(
+                    OP,
+                    "values for a cache that takes them from its keys",
+                ));
+            }
+            _ => {}
+        }
+        let kw = self.num_kv_heads * self.k_dim;
+        let vw = self.num_kv_heads * self.v_dim;
+        if k != (tokens, kw) || v.is_some_and(|v| v != (tokens, vw)) {
+            return Err(BackendError::shape(
+                OP,
+                format!("k {k:?} and v {v:?} for {tokens} tokens of widths {kw}/{vw}"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks what no backend can store: values longer than the keys they are a prefix of.
+    pub fn validate(&self, op: &'static str) -> Result<()> {
+        if self.values == KvValues::KeyPrefix && self.v_dim > self.k_dim {
+            return Err(crate::BackendError::invalid(
+                op,
+                format!("values of {} taken from keys of {}", self.v_dim, self.k_dim),
+            ));
+        }
+        Ok(())
     }
 
     /// Bytes of K and V together at `element_bytes` per element (the backend's
@@ -305,14 +377,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
         heads: usize,
         a: usize,
     ) -> Result<(Self::Tensor, Self::Tensor)>;
-    /// Appends `shared: [T, d]` to every head of `a: [T, heads*da]`, giving `[T, heads*(da+d)]`
-    /// (MLA's rotary key, shared by all heads).
-    fn concat_shared(
+    /// Joins head `h` of `a: [T, heads*da]` and head `h` of `b: [T, heads*db]` into head `h` of
+    /// `[T, heads*(da+db)]` (the inverse of [`Backend::split_heads`]).
+    fn concat_heads(
         &self,
         a: &Self::Tensor,
-        shared: &Self::Tensor,
+        b: &Self::Tensor,
         heads: usize,
     ) -> Result<Self::Tensor>;
+    /// A product per head: `x: [T, heads*k]` and `w: [heads*n, k]` (head `h`'s `[n, k]` block)
+    /// give `[T, heads*n]` with head `h` = `x_h · w_hᵀ` (MLA's absorbed up-projections).
+    fn head_linear(&self, x: &Self::Tensor, w: &Self::Weight, heads: usize)
+    -> Result<Self::Tensor>;
     /// The listed rows, in order.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Result<Self::Tensor>;
 
@@ -333,12 +409,13 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn device_memory(&self) -> Option<DeviceMemory> {
         None
     }
-    /// Stores the step's new keys and values into their slots.
+    /// Stores the step's new keys and values into their slots; `v` is `None` exactly when the
+    /// cache takes its values from the keys ([`KvValues::KeyPrefix`]).
     fn write_kv(
         &self,
         cache: &mut Self::KvLayer,
         k: &Self::Tensor,
-        v: &Self::Tensor,
+        v: Option<&Self::Tensor>,
         step: &Self::Step,
     ) -> Result<()>;
     fn attention(

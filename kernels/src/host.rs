@@ -44,6 +44,13 @@ pub enum WeightView<'a> {
     BF16(&'a [bf16]),
 }
 
+/// Whether [`HostTensor::block_rows`] keeps each block as stored or transposes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockLayout {
+    AsStored,
+    Transposed,
+}
+
 /// A tensor on the host: dtype, shape and elements (row-major).
 #[derive(Clone)]
 pub struct HostTensor {
@@ -188,6 +195,64 @@ impl HostTensor {
     }
 }
 
+impl HostTensor {
+    /// From a matrix of `blocks` equal row blocks (`[blocks·r, c]`, e.g. one block per attention
+    /// head), rows `part` of every block: `[blocks·part.len(), c]`, or with each block's part
+    /// transposed, `[blocks·c, part.len()]`. Owned, in the same dtype.
+    pub fn block_rows(
+        &self,
+        blocks: usize,
+        part: std::ops::Range<usize>,
+        layout: BlockLayout,
+    ) -> Result<HostTensor> {
+        let &[rows, c] = self.shape.as_slice() else {
+            return Err(BackendError::shape(
+                "HostTensor::block_rows",
+                format!("{:?} is not a matrix", self.shape),
+            ));
+        };
+        if blocks == 0 || !rows.is_multiple_of(blocks) || part.end > rows / blocks {
+            return Err(BackendError::shape(
+                "HostTensor::block_rows",
+                format!("rows {part:?} of {blocks} blocks of a [{rows}, {c}] matrix"),
+            ));
+        }
+        let r = rows / blocks;
+        let p = part.len();
+        let pick = |b: usize, i: usize, j: usize| (b * r + part.start + i) * c + j;
+        fn gather<T: Copy>(v: &[T], n: usize, at: impl Fn(usize) -> usize) -> Vec<T> {
+            (0..n).map(|i| v[at(i)]).collect()
+        }
+        // Output element `o`'s source, for either layout.
+        let at = |o: usize| {
+            let (b, within) = (o / (p * c), o % (p * c));
+            match layout {
+                BlockLayout::AsStored => pick(b, within / c, within % c),
+                BlockLayout::Transposed => pick(b, within % p, within / p),
+            }
+        };
+        let n = blocks * p * c;
+        let data = match self.view() {
+            WeightView::F32(v) => HostData::F32(Arc::new(gather(v, n, at))),
+            WeightView::F16(v) => HostData::U16(Arc::new(
+                gather(v, n, at).iter().map(|x| x.to_bits()).collect(),
+            )),
+            WeightView::BF16(v) => HostData::U16(Arc::new(
+                gather(v, n, at).iter().map(|x| x.to_bits()).collect(),
+            )),
+        };
+        let shape = match layout {
+            BlockLayout::AsStored => vec![blocks * p, c],
+            BlockLayout::Transposed => vec![blocks * c, p],
+        };
+        Ok(HostTensor {
+            dtype: self.dtype,
+            shape,
+            data,
+        })
+    }
+}
+
 impl WeightView<'_> {
     pub fn len(&self) -> usize {
         match self {
@@ -255,5 +320,40 @@ mod tests {
         for (g, v) in got.iter().zip(vals) {
             assert_eq!(*g, bf16::from_f32(v).to_f32());
         }
+    }
+
+    #[test]
+    fn block_rows_picks_and_transposes_each_block() {
+        // Two blocks of three rows, two columns: row r of block b is [10b + r, 10b + r + 0.5].
+        let vals: Vec<f32> = (0..2)
+            .flat_map(|b| {
+                (0..3).flat_map(move |r| [(10 * b + r) as f32, (10 * b + r) as f32 + 0.5])
+            })
+            .collect();
+        let bits: Vec<u8> = vals
+            .iter()
+            .flat_map(|v| bf16::from_f32(*v).to_bits().to_le_bytes())
+            .collect();
+        for t in [
+            HostTensor::from_f32(vals.clone(), vec![6, 2]).unwrap(),
+            HostTensor::from_bytes(&bits, DType::BF16, vec![6, 2]).unwrap(),
+        ] {
+            let kept = t.block_rows(2, 1..3, BlockLayout::AsStored).unwrap();
+            assert_eq!((kept.dtype(), kept.shape()), (t.dtype(), &[4, 2][..]));
+            assert_eq!(
+                kept.to_f32_vec(),
+                [1.0, 1.5, 2.0, 2.5, 11.0, 11.5, 12.0, 12.5]
+            );
+            let turned = t.block_rows(2, 0..2, BlockLayout::Transposed).unwrap();
+            assert_eq!(turned.shape(), &[4, 2]);
+            assert_eq!(
+                turned.to_f32_vec(),
+                [0.0, 1.0, 0.5, 1.5, 10.0, 11.0, 10.5, 11.5]
+            );
+        }
+        let t = HostTensor::from_f32(vals, vec![6, 2]).unwrap();
+        let err = t.block_rows(4, 0..1, BlockLayout::AsStored).unwrap_err();
+        assert!(err.to_string().contains("4 blocks"), "{err}");
+        assert!(t.block_rows(2, 2..4, BlockLayout::AsStored).is_err());
     }
 }

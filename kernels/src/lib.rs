@@ -19,12 +19,12 @@ mod error;
 mod host;
 
 pub use backend::{
-    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, RopeApply,
+    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, KvValues, RopeApply,
     RopeLayout, RopeTable, RouterParams, RowSummary, Scoring, SeqMeta, StepMeta,
 };
 pub use dtype::DType;
 pub use error::BackendError;
-pub use host::{HostData, HostTensor, WeightView};
+pub use host::{BlockLayout, HostData, HostTensor, WeightView};
 
 /// Result type of backend operations.
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;

@@ -17,7 +17,7 @@ use tessera_kernels::cpu::CpuBackend;
 use tessera_kernels::cuda::{CudaBackend, CudaRouting, CudaTensor, plan, probe_libraries};
 use tessera_kernels::{
     AttentionParams, Backend, BackendError, DType, ExpertWeights, GroupScore, HostTensor, KvSpec,
-    Result, RopeApply, RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta,
+    KvValues, Result, RopeApply, RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta,
 };
 
 /// Device 0, or `None` after printing why the test is skipped.
@@ -174,6 +174,42 @@ fn linear_matches_cpu() {
     }
 }
 
+/// Per-head products (MLA's absorbed projections): `heads` blocks of `[n, k]`, including one
+/// head (the plain GEMM path) and a head count above the batch's other dims.
+fn head_linear_case<B: Backend>(b: &B, dtype: DType, tokens: usize) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for (heads, n, k) in [(4, 24, 16), (1, 40, 24), (16, 8, 12)] {
+        let w = b.upload_weight(weight(
+            rand_vec(heads * n * k, 12),
+            vec![heads * n, k],
+            dtype,
+        ))?;
+        let x = b.tensor_from_host(rand_vec(tokens * heads * k, 13), tokens, heads * k)?;
+        out.extend(b.tensor_to_host(&b.head_linear(&x, &w, heads)?)?);
+    }
+    Ok(out)
+}
+
+#[test]
+fn head_linear_matches_cpu() {
+    for tokens in [1, 9] {
+        same_case!(
+            "head_linear f32",
+            1e-4,
+            head_linear_case,
+            DType::F32,
+            tokens
+        );
+        same_case!(
+            "head_linear bf16",
+            2e-2,
+            head_linear_case,
+            DType::BF16,
+            tokens
+        );
+    }
+}
+
 fn mlp_case<B: Backend>(b: &B) -> Result<Vec<f32>> {
     let (h, i) = (32, 64);
     let gate = b.upload_weight(weight(rand_vec(i * h, 5), vec![i, h], DType::BF16))?;
@@ -238,8 +274,11 @@ fn elementwise_case<B: Backend>(b: &B) -> Result<Vec<f32>> {
     let (xa, xb) = b.split_heads(&x, 3, 5)?;
     out.extend(b.tensor_to_host(&xa)?);
     out.extend(b.tensor_to_host(&xb)?);
-    let shared = b.narrow_cols(&y, 0, 4)?;
-    out.extend(b.tensor_to_host(&b.concat_shared(&xa, &shared, 3)?)?);
+    out.extend(b.tensor_to_host(&b.concat_heads(&xa, &xb, 3)?)?);
+    // Heads of different widths, and one head (a plain column concatenation).
+    let y6 = b.narrow_cols(&y, 0, 6)?;
+    out.extend(b.tensor_to_host(&b.concat_heads(&xa, &y6, 3)?)?);
+    out.extend(b.tensor_to_host(&b.concat_heads(&y6, &x, 1)?)?);
     out.extend(b.tensor_to_host(&b.gather_rows(&x, &[4, 0, 0, 2])?)?);
     Ok(out)
 }
@@ -330,6 +369,7 @@ struct Heads {
     kv_heads: usize,
     qk: usize,
     vd: usize,
+    values: KvValues,
 }
 
 impl Heads {
@@ -339,7 +379,47 @@ impl Heads {
             kv_heads,
             qk,
             vd,
+            values: KvValues::Separate,
         }
+    }
+
+    /// MLA's latent cache: every query head on one KV head whose values are the first `vd`
+    /// elements of its keys.
+    const fn latent(heads: usize, qk: usize, vd: usize) -> Self {
+        Heads {
+            heads,
+            kv_heads: 1,
+            qk,
+            vd,
+            values: KvValues::KeyPrefix,
+        }
+    }
+
+    fn kv_spec(self, num_blocks: usize, block_size: usize) -> KvSpec {
+        KvSpec {
+            num_blocks,
+            block_size,
+            num_kv_heads: self.kv_heads,
+            k_dim: self.qk,
+            v_dim: self.vd,
+            values: self.values,
+        }
+    }
+
+    /// Random keys and values for `n` tokens (bf16-representable, so that the GPU's bf16 cache
+    /// holds them exactly), written into `cache`; no values for a latent cache.
+    fn write<B: Backend>(
+        self,
+        b: &B,
+        cache: &mut B::KvLayer,
+        step: &B::Step,
+        (n, seed): (usize, u64),
+    ) -> Result<()> {
+        let (kw, vw) = (self.kv_heads * self.qk, self.kv_heads * self.vd);
+        let k = b.tensor_from_host(bf16_round(&rand_vec(n * kw, seed)), n, kw)?;
+        let v = b.tensor_from_host(bf16_round(&rand_vec(n * vw, seed + 1)), n, vw)?;
+        let v = (self.values == KvValues::Separate).then_some(&v);
+        b.write_kv(cache, &k, v, step)
     }
 
     fn params(self, window: Option<usize>) -> AttentionParams {
@@ -356,32 +436,25 @@ impl Heads {
 
 /// Head layouts the GPU's grouping must get right: 2 query heads per KV head; 8 (one block
 /// serves a KV head's whole group, Qwen3-30B-A3B's shape); 20 over one KV head (two blocks of 10)
-/// with an odd value width; multi-head attention with the widest value head (256) and a key width
-/// that is no multiple of 8 (the kernel's scalar key loads; the others take 16-byte loads).
-const HEAD_LAYOUTS: [Heads; 4] = [
+/// with an odd value width; multi-head attention with the narrow kernel's widest value head (256)
+/// and a key width that is no multiple of 8 (the kernel's scalar key loads; the others take
+/// 16-byte loads); latent caches (values read from the keys): a small one, and DeepSeek-V3's
+/// 576-wide rows with 512-wide values at 8-way tensor parallelism (16 heads: the wide kernel,
+/// two blocks of 8).
+const HEAD_LAYOUTS: [Heads; 6] = [
     Heads::new(4, 2, 16, 8),
     Heads::new(16, 2, 128, 128),
     Heads::new(20, 1, 32, 7),
     Heads::new(3, 3, 20, 256),
+    Heads::latent(4, 24, 16),
+    Heads::latent(16, 576, 512),
 ];
 
 /// Writes two steps into a cache (the second overwriting nothing), then attends; K and V are
 /// bf16-representable so that the GPU's bf16 cache holds them exactly.
 fn attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Result<Vec<f32>> {
-    let Heads {
-        heads,
-        kv_heads,
-        qk,
-        vd,
-    } = h;
-    let spec = KvSpec {
-        num_blocks: 8,
-        block_size: 8,
-        num_kv_heads: kv_heads,
-        k_dim: qk,
-        v_dim: vd,
-    };
-    let mut cache = b.alloc_kv(spec)?;
+    let Heads { heads, qk, .. } = h;
+    let mut cache = b.alloc_kv(h.kv_spec(8, 8))?;
     let rope = rope_table(RopeLayout::Half, 4, 1.0);
     // First fill every earlier position: a prefill of 2 for sequence 0 and 40 for sequence 1.
     let fill = StepMeta {
@@ -402,19 +475,8 @@ fn attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Result<
         block_size: 8,
     };
     for (meta, seed) in [(fill, 20), (step_meta(), 30)] {
-        let n = meta.num_tokens();
         let step = b.prepare_step(&meta, &rope)?;
-        let k = b.tensor_from_host(
-            bf16_round(&rand_vec(n * kv_heads * qk, seed)),
-            n,
-            kv_heads * qk,
-        )?;
-        let v = b.tensor_from_host(
-            bf16_round(&rand_vec(n * kv_heads * vd, seed + 1)),
-            n,
-            kv_heads * vd,
-        )?;
-        b.write_kv(&mut cache, &k, &v, &step)?;
+        h.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
     }
     let meta = step_meta();
     let step = b.prepare_step(&meta, &rope)?;
@@ -440,21 +502,9 @@ fn paged_attention_matches_cpu() {
 /// order) and one short (40): few enough rows that the GPU splits each row's positions
 /// (split-K), with uneven splits and, for the short sequence, empty ones.
 fn long_attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Result<Vec<f32>> {
-    let Heads {
-        heads,
-        kv_heads,
-        qk,
-        vd,
-    } = h;
+    let Heads { heads, qk, .. } = h;
     let bs = 16;
-    let spec = KvSpec {
-        num_blocks: 90,
-        block_size: bs,
-        num_kv_heads: kv_heads,
-        k_dim: qk,
-        v_dim: vd,
-    };
-    let mut cache = b.alloc_kv(spec)?;
+    let mut cache = b.alloc_kv(h.kv_spec(90, bs))?;
     let rope = rope_table(RopeLayout::Half, 4, 1.0);
     let long_table: Vec<u32> = (0..82).rev().collect();
     let seq = |start, tokens, context, table: &[u32]| SeqMeta {
@@ -475,13 +525,8 @@ fn long_attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Re
         block_size: bs,
     };
     for (meta, seed) in [(&fill, 60), (&decode, 70)] {
-        let n = meta.num_tokens();
         let step = b.prepare_step(meta, &rope)?;
-        let k = bf16_round(&rand_vec(n * kv_heads * qk, seed));
-        let v = bf16_round(&rand_vec(n * kv_heads * vd, seed + 1));
-        let k = b.tensor_from_host(k, n, kv_heads * qk)?;
-        let v = b.tensor_from_host(v, n, kv_heads * vd)?;
-        b.write_kv(&mut cache, &k, &v, &step)?;
+        h.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
     }
     let step = b.prepare_step(&decode, &rope)?;
     let q = b.tensor_from_host(rand_vec(2 * heads * qk, 80), 2, heads * qk)?;
@@ -538,8 +583,12 @@ fn split_k_decode_attention_matches_cpu() {
     // Each case must take the split path on this device: 2 tokens x its blocks per token.
     let sms = g.info().multiprocessors;
     drop(g);
-    for h in [Heads::new(4, 2, 32, 24), Heads::new(16, 2, 64, 64)] {
-        let grouping = plan::attention_grouping(h.heads / h.kv_heads, h.qk).unwrap();
+    for h in [
+        Heads::new(4, 2, 32, 24),
+        Heads::new(16, 2, 64, 64),
+        Heads::latent(16, 576, 512),
+    ] {
+        let grouping = plan::attention_grouping(h.heads / h.kv_heads, h.qk, h.vd).unwrap();
         let blocks = 2 * h.kv_heads * grouping.head_groups;
         for span in [1300, 700] {
             let splits = plan::attention_splits(blocks, span, sms);
@@ -910,13 +959,7 @@ fn invalid_inputs_are_errors_not_panics() {
         g.gather_rows(&x, &[3]),
         Err(BackendError::Invalid { .. })
     ));
-    let spec = KvSpec {
-        num_blocks: 2,
-        block_size: 8,
-        num_kv_heads: 1,
-        k_dim: 4,
-        v_dim: 4,
-    };
+    let spec = Heads::new(1, 1, 4, 4).kv_spec(2, 8);
     let mut cache = g.alloc_kv(spec).unwrap();
     let meta = StepMeta {
         seqs: vec![SeqMeta {
@@ -932,13 +975,31 @@ fn invalid_inputs_are_errors_not_panics() {
         .unwrap();
     let kv = g.tensor_from_host(rand_vec(4, 3), 1, 4).unwrap();
     assert!(matches!(
-        g.write_kv(&mut cache, &kv, &kv, &step),
+        g.write_kv(&mut cache, &kv, Some(&kv), &step),
         Err(BackendError::Invalid { .. })
     ));
+    // Values for a cache that takes them from its keys, and none for one that stores them.
+    let latent = Heads::latent(1, 4, 2).kv_spec(8, 8);
+    let mut latent_cache = g.alloc_kv(latent).unwrap();
+    let err = g
+        .write_kv(&mut latent_cache, &kv, Some(&kv), &step)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("takes them from its keys"),
+        "{err}"
+    );
+    let err = g.write_kv(&mut cache, &kv, None, &step).unwrap_err();
+    assert!(err.to_string().contains("no values"), "{err}");
+    // Values longer than the keys they would be read from.
+    let err = g
+        .alloc_kv(KvSpec { v_dim: 5, ..latent })
+        .err()
+        .expect("values longer than keys");
+    assert!(err.to_string().contains("values of 5"), "{err}");
     // A value head wider than the kernels accumulate is refused by name, not computed wrong.
     let wide = KvSpec {
         num_blocks: 1,
-        v_dim: 300,
+        v_dim: 600,
         ..spec
     };
     let cache = g.alloc_kv(wide).unwrap();
@@ -954,10 +1015,10 @@ fn invalid_inputs_are_errors_not_panics() {
         .unwrap();
     let q = g.tensor_from_host(rand_vec(4, 4), 1, 4).unwrap();
     let err = g
-        .attention(&q, &cache, &step, &Heads::new(1, 1, 4, 300).params(None))
+        .attention(&q, &cache, &step, &Heads::new(1, 1, 4, 600).params(None))
         .err()
-        .expect("v_dim 300 is refused");
-    assert!(err.to_string().contains("v_dim over 256"), "{err}");
+        .expect("v_dim 600 is refused");
+    assert!(err.to_string().contains("v_dim over 512"), "{err}");
 }
 
 /// The launch counter (`tessera bench` reports launches per step) counts each kernel and each
@@ -984,5 +1045,12 @@ fn launches_are_counted_once_each() {
         g.linear(&x, &w, None).unwrap();
         // A 16-bit weight first rounds the activations to its type (to_half), then one GEMM.
         assert_eq!(count() - before, launches, "linear {dtype:?}");
+        // Per-head products are one strided-batched GEMM, whatever the head count.
+        let heads = g
+            .upload_weight(weight(rand_vec(4 * 8 * 16, 4), vec![32, 16], dtype))
+            .unwrap();
+        let before = count();
+        g.head_linear(&x, &heads, 4).unwrap();
+        assert_eq!(count() - before, launches, "head_linear {dtype:?}");
     }
 }

@@ -1,4 +1,5 @@
-// The CPU emulator's cuBLAS (libcublas.so): handles and cublasGemmEx, which is all Tessera calls.
+// The CPU emulator's cuBLAS (libcublas.so): handles, cublasGemmEx and cublasGemmStridedBatchedEx,
+// which is all Tessera calls.
 //
 // GemmEx follows cuBLAS's documented contract, column-major: C[m,n] = alpha * op(A)[m,k] *
 // op(B)[k,n] + beta * C, with op = transpose for CUBLAS_OP_T. It checks the leading dimensions as
@@ -74,8 +75,8 @@ void run(const Gemm& g) {
     }
 }
 
-int fail(int status, const char* why) {
-    fprintf(stderr, "tessera CUDA emulator: cublasGemmEx: %s\n", why);
+int fail(const char* fn, int status, const char* why) {
+    fprintf(stderr, "tessera CUDA emulator: %s: %s\n", fn, why);
     return status;
 }
 
@@ -87,6 +88,97 @@ bool in_device_memory(const char* what, const void* p, size_t bytes) {
         return driver ? (Check)dlsym(driver, "tessera_emu_check_range") : (Check) nullptr;
     }();
     return !check || check(what, (unsigned long long)p, bytes) == 0;
+}
+
+// The arguments of GemmEx, plus the strides and count of the strided-batched form (one batch,
+// zero strides, for GemmEx).
+struct Call {
+    const char* fn;
+    Handle* h;
+    int transa, transb, m, n, k;
+    const void* alpha;
+    const void* A;
+    int a_type, lda;
+    long long stride_a;
+    const void* B;
+    int b_type, ldb;
+    long long stride_b;
+    const void* beta;
+    void* C;
+    int c_type, ldc;
+    long long stride_c;
+    int batch, compute;
+};
+
+// Both entry points: cuBLAS's argument checks, then every batch's operands checked against the
+// device allocations before anything runs, then the products.
+int gemm(const Call& c) {
+    if (!c.h) return CUBLAS_STATUS_NOT_INITIALIZED;
+    if (c.m < 0 || c.n < 0 || c.k < 0 || c.batch < 0) {
+        return fail(c.fn, CUBLAS_STATUS_INVALID_VALUE, "negative size");
+    }
+    if ((c.transa != OP_N && c.transa != OP_T) || (c.transb != OP_N && c.transb != OP_T)) {
+        return fail(c.fn, CUBLAS_STATUS_INVALID_VALUE, "transpose other than N or T");
+    }
+    // Stored shapes (rows x cols, column-major) of A and B.
+    const int a_rows = c.transa == OP_N ? c.m : c.k, a_cols = c.transa == OP_N ? c.k : c.m;
+    const int b_rows = c.transb == OP_N ? c.k : c.n, b_cols = c.transb == OP_N ? c.n : c.k;
+    char why[200];
+    if (c.lda < (a_rows > 1 ? a_rows : 1) || c.ldb < (b_rows > 1 ? b_rows : 1) ||
+        c.ldc < (c.m > 1 ? c.m : 1)) {
+        snprintf(why, sizeof why, "leading dimensions lda=%d ldb=%d ldc=%d for m=%d n=%d k=%d",
+                 c.lda, c.ldb, c.ldc, c.m, c.n, c.k);
+        return fail(c.fn, CUBLAS_STATUS_INVALID_VALUE, why);
+    }
+    if (c.a_type != c.b_type || element_bytes(c.a_type) == 0 || c.c_type != R_32F) {
+        snprintf(why, sizeof why, "types A=%d B=%d C=%d", c.a_type, c.b_type, c.c_type);
+        return fail(c.fn, CUBLAS_STATUS_NOT_SUPPORTED, why);
+    }
+    if (c.compute != 68 && c.compute != 75 && c.compute != 77) {  // 32F, 32F_FAST_16BF, _TF32
+        snprintf(why, sizeof why, "compute type %d", c.compute);
+        return fail(c.fn, CUBLAS_STATUS_NOT_SUPPORTED, why);
+    }
+    if (c.m == 0 || c.n == 0 || c.batch == 0) return CUBLAS_STATUS_SUCCESS;
+    const int eb = element_bytes(c.a_type);
+    auto extent = [](int rows, int cols, int ld) {
+        return cols == 0 ? 0 : ((size_t)ld * (cols - 1) + rows);
+    };
+    for (int i = 0; i < c.batch; i++) {
+        const char* a = (const char*)c.A + c.stride_a * i * eb;
+        const char* b = (const char*)c.B + c.stride_b * i * eb;
+        const char* out = (const char*)c.C + c.stride_c * i * 4;
+        if ((c.k > 0 && (!in_device_memory("cuBLAS operand A", a, extent(a_rows, a_cols, c.lda) * eb) ||
+                         !in_device_memory("cuBLAS operand B", b, extent(b_rows, b_cols, c.ldb) * eb))) ||
+            !in_device_memory("cuBLAS operand C", out, extent(c.m, c.n, c.ldc) * 4)) {
+            snprintf(why, sizeof why, "an operand of batch %d outside device memory", i);
+            return fail(c.fn, CUBLAS_STATUS_EXECUTION_FAILED, why);
+        }
+    }
+    static auto count = [] {
+        void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
+        return driver ? (void (*)(const char*))dlsym(driver, "tessera_emu_count") : nullptr;
+    }();
+    if (count) {
+        char what[80];
+        snprintf(what, sizeof what, "launch:%s", c.fn);
+        count(what);
+    }
+    static auto wait = [] {
+        void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
+        return driver ? (void (*)())dlsym(driver, "tessera_emu_async_wait") : nullptr;
+    }();
+    if (wait) wait();
+    const float al = *(const float*)c.alpha, be = *(const float*)c.beta;
+    for (int i = 0; i < c.batch; i++) {
+        const Gemm g{c.transa, c.transb, c.m, c.n, c.k,
+                     (const char*)c.A + c.stride_a * i * eb, c.lda,
+                     (const char*)c.B + c.stride_b * i * eb, c.ldb,
+                     (float*)c.C + c.stride_c * i, c.ldc, al, be};
+        if (c.a_type == R_32F) run<R_32F>(g);
+        else if (c.a_type == R_16F) run<R_16F>(g);
+        else run<R_16BF>(g);
+    }
+    return CUBLAS_STATUS_SUCCESS;
 }
 
 }  // namespace
@@ -129,55 +221,20 @@ int cublasSetMathMode(Handle*, int) { return CUBLAS_STATUS_SUCCESS; }
 int cublasGemmEx(Handle* h, int transa, int transb, int m, int n, int k, const void* alpha,
                  const void* A, int a_type, int lda, const void* B, int b_type, int ldb,
                  const void* beta, void* C, int c_type, int ldc, int compute, int) {
-    if (!h) return CUBLAS_STATUS_NOT_INITIALIZED;
-    if (m < 0 || n < 0 || k < 0) return fail(CUBLAS_STATUS_INVALID_VALUE, "negative size");
-    if ((transa != OP_N && transa != OP_T) || (transb != OP_N && transb != OP_T)) {
-        return fail(CUBLAS_STATUS_INVALID_VALUE, "transpose other than N or T");
-    }
-    // Stored shapes (rows x cols, column-major) of A and B.
-    const int a_rows = transa == OP_N ? m : k, a_cols = transa == OP_N ? k : m;
-    const int b_rows = transb == OP_N ? k : n, b_cols = transb == OP_N ? n : k;
-    char why[160];
-    if (lda < (a_rows > 1 ? a_rows : 1) || ldb < (b_rows > 1 ? b_rows : 1) ||
-        ldc < (m > 1 ? m : 1)) {
-        snprintf(why, sizeof why, "leading dimensions lda=%d ldb=%d ldc=%d for m=%d n=%d k=%d", lda,
-                 ldb, ldc, m, n, k);
-        return fail(CUBLAS_STATUS_INVALID_VALUE, why);
-    }
-    if (a_type != b_type || element_bytes(a_type) == 0 || c_type != R_32F) {
-        snprintf(why, sizeof why, "types A=%d B=%d C=%d", a_type, b_type, c_type);
-        return fail(CUBLAS_STATUS_NOT_SUPPORTED, why);
-    }
-    if (compute != 68 && compute != 75 && compute != 77) {  // 32F, 32F_FAST_16BF, 32F_FAST_TF32
-        snprintf(why, sizeof why, "compute type %d", compute);
-        return fail(CUBLAS_STATUS_NOT_SUPPORTED, why);
-    }
-    if (m == 0 || n == 0) return CUBLAS_STATUS_SUCCESS;
-    const int eb = element_bytes(a_type);
-    auto extent = [](int rows, int cols, int ld) {
-        return cols == 0 ? 0 : ((size_t)ld * (cols - 1) + rows);
-    };
-    if ((k > 0 && (!in_device_memory("cublasGemmEx A", A, extent(a_rows, a_cols, lda) * eb) ||
-                   !in_device_memory("cublasGemmEx B", B, extent(b_rows, b_cols, ldb) * eb))) ||
-        !in_device_memory("cublasGemmEx C", C, extent(m, n, ldc) * 4)) {
-        return fail(CUBLAS_STATUS_EXECUTION_FAILED, "an operand outside device memory");
-    }
-    static auto count = [] {
-        void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
-        return driver ? (void (*)(const char*))dlsym(driver, "tessera_emu_count") : nullptr;
-    }();
-    if (count) count("launch:cublasGemmEx");
-    static auto wait = [] {
-        void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
-        return driver ? (void (*)())dlsym(driver, "tessera_emu_async_wait") : nullptr;
-    }();
-    if (wait) wait();
-    const float al = *(const float*)alpha, be = *(const float*)beta;
-    const Gemm g{transa, transb, m, n, k, A, lda, B, ldb, (float*)C, ldc, al, be};
-    if (a_type == R_32F) run<R_32F>(g);
-    else if (a_type == R_16F) run<R_16F>(g);
-    else run<R_16BF>(g);
-    return CUBLAS_STATUS_SUCCESS;
+    const Call c{"cublasGemmEx", h, transa, transb, m, n, k, alpha, A, a_type, lda, 0,
+                 B, b_type, ldb, 0, beta, C, c_type, ldc, 0, 1, compute};
+    return gemm(c);
+}
+
+int cublasGemmStridedBatchedEx(Handle* h, int transa, int transb, int m, int n, int k,
+                               const void* alpha, const void* A, int a_type, int lda,
+                               long long stride_a, const void* B, int b_type, int ldb,
+                               long long stride_b, const void* beta, void* C, int c_type,
+                               int ldc, long long stride_c, int batch, int compute, int) {
+    const Call c{"cublasGemmStridedBatchedEx", h, transa, transb, m, n, k, alpha, A, a_type,
+                 lda, stride_a, B, b_type, ldb, stride_b, beta, C, c_type, ldc, stride_c,
+                 batch, compute};
+    return gemm(c);
 }
 
 }  // extern "C"

@@ -126,6 +126,7 @@ impl BlockAllocator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tessera_kernels::KvValues;
 
     #[test]
     fn caches_that_cannot_be_held_are_refused_with_their_size() {
@@ -135,9 +136,16 @@ mod tests {
             num_kv_heads: 2,
             k_dim: 64,
             v_dim: 64,
+            values: KvValues::Separate,
         };
         // 16 × 2 × 128 f32 = 16 KiB a block and layer.
         assert_eq!(check_size(&[spec(4); 2], 4, None).unwrap(), 2 * 4 * 16384);
+        // A latent cache stores no values: 16 × 2 × 64 f32 = 8 KiB.
+        let latent = KvSpec {
+            values: KvValues::KeyPrefix,
+            ..spec(4)
+        };
+        assert_eq!(check_size(&[latent; 2], 4, None).unwrap(), 2 * 4 * 8192);
         assert_eq!(check_size(&[], 4, Some(0)).unwrap(), 0);
         let err = check_size(&[spec(1 << 20); 2], 4, Some(1 << 30)).unwrap_err();
         assert!(

@@ -192,9 +192,9 @@ impl<B: Backend> Model<B> {
         self.layers
             .iter()
             .map(|l| {
-                let p: &AttentionParams = match &l.attention {
-                    Attention::Gqa(a) => a.params(),
-                    Attention::Mla(a) => a.params(),
+                let (p, values): (&AttentionParams, _) = match &l.attention {
+                    Attention::Gqa(a) => (a.params(), a.kv_values()),
+                    Attention::Mla(a) => (a.params(), a.kv_values()),
                 };
                 KvSpec {
                     num_blocks,
@@ -202,6 +202,7 @@ impl<B: Backend> Model<B> {
                     num_kv_heads: p.num_kv_heads,
                     k_dim: p.qk_dim,
                     v_dim: p.v_dim,
+                    values,
                 }
             })
             .collect()

@@ -15,9 +15,9 @@
 
 use rayon::prelude::*;
 
-use super::linear::{Acts, Isa, Mat, pv_accumulate, rows_times_x, softmax_in_place};
-use super::scratch;
-use crate::{AttentionParams, BackendError, KvSpec, Result, StepMeta, WeightView};
+use super::linear::{Acts, Isa, Mat, Pv, pv_accumulate, rows_times_x, softmax_in_place};
+use super::{CpuTensor, scratch};
+use crate::{AttentionParams, BackendError, KvSpec, KvValues, Result, StepMeta, WeightView};
 
 /// One layer's K and V storage, `[block][kv_head][slot][dim]`.
 pub struct CpuKv {
@@ -29,6 +29,7 @@ pub struct CpuKv {
 impl CpuKv {
     /// Zeroed storage (untouched pages stay unmapped until used); fails on a size that overflows.
     pub(crate) fn new(spec: KvSpec) -> Result<Self> {
+        spec.validate("alloc_kv")?;
         let (k, v) = spec.elements().ok_or_else(|| {
             BackendError::invalid(
                 "alloc_kv",
@@ -73,21 +74,21 @@ fn block_of(table: &[u32], pos: usize, spec: &KvSpec) -> Result<usize> {
     Ok(block)
 }
 
-pub(crate) fn write_kv(cache: &mut CpuKv, k: &[f32], v: &[f32], meta: &StepMeta) -> Result<()> {
+pub(crate) fn write_kv(
+    cache: &mut CpuKv,
+    k: &CpuTensor,
+    v: Option<&CpuTensor>,
+    meta: &StepMeta,
+) -> Result<()> {
     let spec = cache.spec;
+    spec.check_write(
+        meta.num_tokens(),
+        (k.rows, k.cols),
+        v.map(|v| (v.rows, v.cols)),
+    )?;
+    let (k, v) = (&k.data, v.map(|v| &v.data));
     let (kd, vd) = (spec.k_dim, spec.v_dim);
     let (kw, vw) = (spec.num_kv_heads * kd, spec.num_kv_heads * vd);
-    if k.len() != meta.num_tokens() * kw || v.len() != meta.num_tokens() * vw {
-        return Err(BackendError::shape(
-            "write_kv",
-            format!(
-                "k has {} and v {} values for {} tokens of widths {kw}/{vw}",
-                k.len(),
-                v.len(),
-                meta.num_tokens()
-            ),
-        ));
-    }
     for s in &meta.seqs {
         let first = s.context_len - s.num_tokens;
         for j in 0..s.num_tokens {
@@ -97,8 +98,10 @@ pub(crate) fn write_kv(cache: &mut CpuKv, k: &[f32], v: &[f32], meta: &StepMeta)
             for h in 0..spec.num_kv_heads {
                 let at = spec.at(block, h, slot, kd);
                 cache.k[at..at + kd].copy_from_slice(&k[t * kw + h * kd..][..kd]);
-                let at = spec.at(block, h, slot, vd);
-                cache.v[at..at + vd].copy_from_slice(&v[t * vw + h * vd..][..vd]);
+                if let Some(v) = v {
+                    let at = spec.at(block, h, slot, vd);
+                    cache.v[at..at + vd].copy_from_slice(&v[t * vw + h * vd..][..vd]);
+                }
             }
         }
     }
@@ -186,17 +189,22 @@ pub(crate) fn attention(
                 softmax_in_place(isa, head);
             }
             ogroup.fill(0.0);
+            let (store, vs) = match spec.values {
+                KvValues::Separate => (&cache.v, p.v_dim),
+                KvValues::KeyPrefix => (&cache.k, p.qk_dim),
+            };
             for (first, block, slot, n) in runs {
-                let values = &cache.v[spec.at(block, kvh, slot, p.v_dim)..][..n * p.v_dim];
-                pv_accumulate(
-                    isa,
-                    &probs[first - lo..],
-                    len,
+                let values = &store[spec.at(block, kvh, slot, vs)..][..(n - 1) * vs + p.v_dim];
+                let pv = Pv {
+                    p: &probs[first - lo..],
+                    ps: len,
                     group,
-                    values,
-                    p.v_dim,
-                    ogroup,
-                );
+                    v: values,
+                    n,
+                    vd: p.v_dim,
+                    vs,
+                };
+                pv_accumulate(isa, pv, ogroup);
             }
         })
     };
@@ -251,13 +259,24 @@ mod tests {
 
     #[test]
     fn gqa_over_scattered_blocks_matches_a_naive_reference() {
+        gqa_against_naive(KvValues::Separate, 64);
+    }
+
+    #[test]
+    fn values_read_from_the_keys_match_a_naive_reference() {
+        // MLA's latent cache: the value is the start of the key row.
+        gqa_against_naive(KvValues::KeyPrefix, 40);
+    }
+
+    fn gqa_against_naive(values: KvValues, vd: usize) {
         let (heads, kv_heads, d, bs) = (8, 2, 64, 4);
         let spec = KvSpec {
             num_blocks: 80,
             block_size: bs,
             num_kv_heads: kv_heads,
             k_dim: d,
-            v_dim: d,
+            v_dim: vd,
+            values,
         };
         let mut cache = CpuKv::new(spec).unwrap();
         cache.k = vals(cache.k.len(), 1);
@@ -287,7 +306,7 @@ mod tests {
                 num_heads: heads,
                 num_kv_heads: kv_heads,
                 qk_dim: d,
-                v_dim: d,
+                v_dim: vd,
                 scale: 0.125,
                 sliding_window: window,
             };
@@ -298,19 +317,22 @@ mod tests {
                 for h in 0..heads {
                     let kvh = h / (heads / kv_heads);
                     // The documented layout: [block][kv_head][slot][dim].
-                    let row = |c: &[f32], x: usize| {
-                        let at = ((table[x / bs] as usize * kv_heads + kvh) * bs + x % bs) * d;
-                        c[at..at + d].to_vec()
+                    let row = |c: &[f32], x: usize, width: usize| {
+                        let at = ((table[x / bs] as usize * kv_heads + kvh) * bs + x % bs) * width;
+                        c[at..at + width].to_vec()
                     };
-                    let keys: Vec<Vec<f32>> = (lo..=pos).map(|x| row(&cache.k, x)).collect();
-                    let values: Vec<Vec<f32>> = (lo..=pos).map(|x| row(&cache.v, x)).collect();
+                    let keys: Vec<Vec<f32>> = (lo..=pos).map(|x| row(&cache.k, x, d)).collect();
+                    let values: Vec<Vec<f32>> = match values {
+                        KvValues::Separate => (lo..=pos).map(|x| row(&cache.v, x, vd)).collect(),
+                        KvValues::KeyPrefix => keys.iter().map(|k| k[..vd].to_vec()).collect(),
+                    };
                     let want = naive(
                         &q[(t * heads + h) * d..][..d],
                         &keys.iter().map(Vec::as_slice).collect::<Vec<_>>(),
                         &values.iter().map(Vec::as_slice).collect::<Vec<_>>(),
                         0.125,
                     );
-                    let got = &out[(t * heads + h) * d..][..d];
+                    let got = &out[(t * heads + h) * vd..][..vd];
                     for (g, w) in got.iter().zip(&want) {
                         assert!(
                             (*g as f64 - w).abs() < 1e-5,
@@ -330,6 +352,7 @@ mod tests {
             num_kv_heads: 1,
             k_dim: 8,
             v_dim: 8,
+            values: KvValues::Separate,
         };
         let cache = CpuKv::new(spec).unwrap();
         let meta = StepMeta {

@@ -226,36 +226,58 @@ pub(crate) fn rows_times_x(isa: Isa, m: Mat<'_>, rows: Range<usize>, a: Acts<'_>
     rows_times_x_portable(m, rows, a.x, a.k, out)
 }
 
-/// `out[g·vd + c] += Σ_i probs[g·ps + i] · values[i·vd + c]` for `g < group`, `c < vd` and every
-/// value row `i` (attention's weighted sum of values, for a group of query heads).
-pub(crate) fn pv_accumulate(
-    isa: Isa,
-    probs: &[f32],
-    ps: usize,
-    group: usize,
-    values: &[f32],
-    vd: usize,
-    out: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::simd_x86::Pv;
-        let a = Pv {
-            p: probs,
-            ps,
-            group,
-            v: values,
-            vd,
-        };
-        match isa {
-            Isa::Avx2(s) => return s.pv(a, out),
-            Isa::Avx512(s) => return s.pv(a, out),
-            Isa::Portable => {}
+/// `out[g·vd + c] += Σ_{i<n} p[g·ps + i] · v[i·vs + c]` for `g < group`, `c < vd`: attention's
+/// probability-weighted sum of `n` value rows `vs` apart (more than `vd` when the values are
+/// the start of longer key rows), for a group of query heads.
+#[derive(Clone, Copy)]
+pub(crate) struct Pv<'a> {
+    pub p: &'a [f32],
+    pub ps: usize,
+    pub group: usize,
+    pub v: &'a [f32],
+    pub n: usize,
+    pub vd: usize,
+    pub vs: usize,
+}
+
+impl Pv<'_> {
+    /// Asserts the bounds every implementation relies on.
+    pub(crate) fn check(&self, out: &[f32]) {
+        assert!(
+            self.vs >= self.vd,
+            "value rows {} apart of {}",
+            self.vs,
+            self.vd
+        );
+        if self.n > 0 {
+            assert!(
+                (self.n - 1) * self.vs + self.vd <= self.v.len(),
+                "v too short"
+            );
+            if self.group > 0 {
+                assert!(
+                    (self.group - 1) * self.ps + self.n <= self.p.len(),
+                    "p too short"
+                );
+            }
         }
+        assert!(self.group * self.vd <= out.len(), "out too short");
     }
-    for (i, row) in values.chunks_exact(vd).enumerate() {
-        for (g, o) in out.chunks_exact_mut(vd).take(group).enumerate() {
-            let w = probs[g * ps + i];
+}
+
+/// Accumulates [`Pv`] into `out`.
+pub(crate) fn pv_accumulate(isa: Isa, a: Pv<'_>, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match isa {
+        Isa::Avx2(s) => return s.pv(a, out),
+        Isa::Avx512(s) => return s.pv(a, out),
+        Isa::Portable => {}
+    }
+    a.check(out);
+    for i in 0..a.n {
+        let row = &a.v[i * a.vs..][..a.vd];
+        for (g, o) in out.chunks_exact_mut(a.vd).take(a.group).enumerate() {
+            let w = a.p[g * a.ps + i];
             for (o, v) in o.iter_mut().zip(row) {
                 *o += w * v;
             }
@@ -651,18 +673,43 @@ pub(crate) mod tests {
     #[test]
     fn pv_and_softmax_match_the_portable_path() {
         for isa in isas() {
-            for (group, vd, n) in [(8, 128, 16), (5, 20, 7), (1, 3, 1), (12, 64, 3)] {
+            // (group, vd, n, extra columns between value rows)
+            for (group, vd, n, gap) in [
+                (8, 128, 16, 0),
+                (5, 20, 7, 0),
+                (1, 3, 1, 0),
+                (12, 64, 3, 0),
+                (4, 24, 5, 8),
+                (3, 13, 6, 3),
+            ] {
                 let ps = n + 3;
                 let probs = data(group * ps, 41);
-                let values = data(n * vd, 42);
+                let vs = vd + gap;
+                let values = data(n * vs, 42);
                 let mut got = data(group * vd, 43);
                 let mut want = got.clone();
-                pv_accumulate(isa, &probs, ps, group, &values, vd, &mut got);
-                pv_accumulate(Isa::Portable, &probs, ps, group, &values, vd, &mut want);
+                let a = Pv {
+                    p: &probs,
+                    ps,
+                    group,
+                    v: &values,
+                    n,
+                    vd,
+                    vs,
+                };
+                pv_accumulate(isa, a, &mut got);
+                // The reference by the definition, not through any kernel.
+                for g in 0..group {
+                    for c in 0..vd {
+                        for i in 0..n {
+                            want[g * vd + c] += probs[g * ps + i] * values[i * vs + c];
+                        }
+                    }
+                }
                 for (g, w) in got.iter().zip(&want) {
                     assert!(
-                        (g - w).abs() < 1e-5,
-                        "{isa:?} pv {group}x{vd}x{n}: {g} vs {w}"
+                        (g - w).abs() < 1e-4,
+                        "{isa:?} pv {group}x{vd}x{n} rows {vs} apart: {g} vs {w}"
                     );
                 }
             }

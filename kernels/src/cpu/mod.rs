@@ -4,6 +4,7 @@
 //! from the memory-mapped checkpoint) and are widened row by row inside the kernels.
 
 mod attention;
+mod head_linear;
 mod linear;
 pub mod memory;
 mod moe;
@@ -350,19 +351,44 @@ impl Backend for CpuBackend {
         Ok((tensor(xa, x.rows, heads * a), tensor(xb, x.rows, heads * b)))
     }
 
-    fn concat_shared(&self, a: &CpuTensor, shared: &CpuTensor, heads: usize) -> Result<CpuTensor> {
-        if heads == 0 || a.rows != shared.rows || !a.cols.is_multiple_of(heads) {
+    fn concat_heads(&self, a: &CpuTensor, b: &CpuTensor, heads: usize) -> Result<CpuTensor> {
+        if heads == 0
+            || a.rows != b.rows
+            || !a.cols.is_multiple_of(heads)
+            || !b.cols.is_multiple_of(heads)
+        {
             return Err(BackendError::shape(
-                "concat_shared",
+                "concat_heads",
                 format!(
-                    "{}x{} in {heads} heads with {}x{}",
-                    a.rows, a.cols, shared.rows, shared.cols
+                    "{}x{} and {}x{} in {heads} heads",
+                    a.rows, a.cols, b.rows, b.cols
                 ),
             ));
         }
-        let da = a.cols / heads;
-        let data = ops::concat_shared(&a.data, da, &shared.data, shared.cols, heads);
-        Ok(tensor(data, a.rows, heads * (da + shared.cols)))
+        let (da, db) = (a.cols / heads, b.cols / heads);
+        let data = ops::concat_heads(&a.data, da, &b.data, db);
+        Ok(tensor(data, a.rows, a.cols + b.cols))
+    }
+
+    fn head_linear(&self, x: &CpuTensor, w: &CpuWeight, heads: usize) -> Result<CpuTensor> {
+        let _p = profile::scope("head_linear", || {
+            format!("{:?} t{}", w.host.shape(), x.rows)
+        });
+        let (rows, k) = w.matrix("head_linear")?;
+        if heads == 0 || !rows.is_multiple_of(heads) || x.cols != heads * k {
+            return Err(BackendError::shape(
+                "head_linear",
+                format!(
+                    "x has {} columns for {heads} heads of weight {:?}",
+                    x.cols,
+                    w.host.shape()
+                ),
+            ));
+        }
+        let n = rows / heads;
+        let y =
+            head_linear::head_linear(&x.data, w.host.view(), head_linear::Heads { heads, k, n });
+        Ok(tensor(y, x.rows, heads * n))
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
@@ -408,11 +434,11 @@ impl Backend for CpuBackend {
         &self,
         cache: &mut CpuKv,
         k: &CpuTensor,
-        v: &CpuTensor,
+        v: Option<&CpuTensor>,
         step: &CpuStep,
     ) -> Result<()> {
         let _p = profile::scope("write_kv", String::new);
-        attention::write_kv(cache, &k.data, &v.data, &step.meta)
+        attention::write_kv(cache, k, v, &step.meta)
     }
 
     fn attention(

@@ -97,20 +97,17 @@ pub(crate) fn split_heads(x: &[f32], heads: usize, a: usize, b: usize) -> (Vec<f
     (xa, xb)
 }
 
-/// Appends the row's `shared` slice (`d` wide) after each `da`-wide head of `a`.
-pub(crate) fn concat_shared(
-    a: &[f32],
-    da: usize,
-    shared: &[f32],
-    d: usize,
-    heads: usize,
-) -> Vec<f32> {
-    let rows = a.len() / (heads * da).max(1);
-    let mut out = Vec::with_capacity(rows * heads * (da + d));
-    for r in 0..rows {
-        for h in 0..heads {
-            out.extend_from_slice(&a[(r * heads + h) * da..][..da]);
-            out.extend_from_slice(&shared[r * d..(r + 1) * d]);
+/// Joins each `da`-wide head of `a` with the same `db`-wide head of `b`, row by row.
+pub(crate) fn concat_heads(a: &[f32], da: usize, b: &[f32], db: usize) -> Vec<f32> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    if da == 0 {
+        out.extend_from_slice(b);
+    } else if db == 0 {
+        out.extend_from_slice(a);
+    } else {
+        for (ha, hb) in a.chunks_exact(da).zip(b.chunks_exact(db)) {
+            out.extend_from_slice(ha);
+            out.extend_from_slice(hb);
         }
     }
     out
@@ -162,15 +159,13 @@ mod tests {
     }
 
     #[test]
-    fn split_heads_and_concat_shared() {
+    fn concat_heads_undoes_split_heads() {
         let x: Vec<f32> = (0..12).map(|v| v as f32).collect(); // 2 rows, 2 heads, a=2, b=1
         let (a, b) = split_heads(&x, 2, 2, 1);
         assert_eq!(a, vec![0.0, 1.0, 3.0, 4.0, 6.0, 7.0, 9.0, 10.0]);
         assert_eq!(b, vec![2.0, 5.0, 8.0, 11.0]);
-        let shared = vec![100.0, 200.0];
-        let joined = concat_shared(&a, 2, &shared, 1, 2);
-        assert_eq!(joined[2], 100.0);
-        assert_eq!(joined[5], 100.0);
-        assert_eq!(joined[8], 200.0);
+        assert_eq!(concat_heads(&a, 2, &b, 1), x);
+        assert_eq!(concat_heads(&a, 2, &[], 0), a);
+        assert_eq!(concat_heads(&[], 0, &b, 1), b);
     }
 }

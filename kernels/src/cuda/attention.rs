@@ -10,7 +10,9 @@ use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernel
 
 use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
 use super::plan;
-use crate::{AttentionParams, BackendError, KvSpec, Result, RopeLayout, RopeTable, StepMeta};
+use crate::{
+    AttentionParams, BackendError, KvSpec, KvValues, Result, RopeLayout, RopeTable, StepMeta,
+};
 
 /// Threads per block of the attention kernels (a multiple of 32, as their reductions need).
 const ATTN_THREADS: u32 = plan::ATTN_THREADS as u32;
@@ -36,11 +38,19 @@ pub struct CudaStep {
     max_block: Option<u32>,
 }
 
-/// One layer's paged K and V cache in device memory (bf16 bit patterns).
+/// One layer's paged K and V cache in device memory (bf16 bit patterns); no V storage when the
+/// values are a prefix of the keys ([`KvValues::KeyPrefix`]).
 pub struct CudaKv {
     spec: KvSpec,
     k: CudaSlice<u16>,
-    v: CudaSlice<u16>,
+    v: Option<CudaSlice<u16>>,
+}
+
+impl CudaKv {
+    /// Where values are read from: their own storage, or the keys.
+    fn values(&self) -> &CudaSlice<u16> {
+        self.v.as_ref().unwrap_or(&self.k)
+    }
 }
 
 /// Scalars of the attention kernels; the same fields in the same order as `AttnArgs` in attention.cu.
@@ -52,6 +62,7 @@ struct AttnArgs {
     qk_dim: u32,
     v_dim: u32,
     block_size: u32,
+    v_stride: u32,
     window: u32,
     head_groups: u32,
     group_heads: u32,
@@ -121,11 +132,16 @@ impl CudaBackend {
 
     pub(super) fn alloc_kv_impl(&self, spec: KvSpec) -> Result<CudaKv> {
         const OP: &str = "alloc_kv";
+        spec.validate(OP)?;
         let slots = spec.num_blocks * spec.block_size * spec.num_kv_heads;
+        let v = match spec.values {
+            KvValues::Separate => Some(self.zeros(OP, slots * spec.v_dim)?),
+            KvValues::KeyPrefix => None,
+        };
         Ok(CudaKv {
             spec,
             k: self.zeros(OP, slots * spec.k_dim)?,
-            v: self.zeros(OP, slots * spec.v_dim)?,
+            v,
         })
     }
 
@@ -155,42 +171,36 @@ impl CudaBackend {
         &self,
         cache: &mut CudaKv,
         k: &CudaTensor,
-        v: &CudaTensor,
+        v: Option<&CudaTensor>,
         step: &CudaStep,
     ) -> Result<()> {
         const OP: &str = "write_kv";
         let spec = cache.spec;
         let n = step.meta.num_tokens();
-        let (kw, vw) = (
-            spec.num_kv_heads * spec.k_dim,
-            spec.num_kv_heads * spec.v_dim,
-        );
-        if (k.rows, k.cols, v.rows, v.cols) != (n, kw, n, vw) {
-            return Err(BackendError::shape(
-                OP,
-                format!(
-                    "k {}x{} and v {}x{} for {n} tokens of widths {kw}/{vw}",
-                    k.rows, k.cols, v.rows, v.cols
-                ),
-            ));
-        }
+        spec.check_write(n, (k.rows, k.cols), v.map(|v| (v.rows, v.cols)))?;
         Self::check_blocks(OP, &spec, step)?;
         if n == 0 {
             return Ok(());
         }
-        let dims = [spec.num_kv_heads, spec.k_dim, spec.v_dim, spec.block_size];
+        // Without value storage the kernel writes no values (vd = 0) and its value pointers
+        // are the keys', never dereferenced.
+        let vd = if v.is_some() { spec.v_dim } else { 0 };
+        let dims = [spec.num_kv_heads, spec.k_dim, vd, spec.block_size];
         let [heads, kd, vd, bs] = dims.map(|d| d as u32);
-        to_u32(OP, kw.max(vw))?;
+        to_u32(OP, spec.num_kv_heads * spec.k_dim.max(spec.v_dim))?;
+        let CudaKv { k: kc, v: vc, .. } = cache;
         let mut b = self.stream.launch_builder(self.func(OP)?);
-        b.arg(&mut cache.k)
-            .arg(&mut cache.v)
-            .arg(&k.data)
-            .arg(&v.data);
+        match vc {
+            Some(vc) => b.arg(kc).arg(vc),
+            None => b.arg(kc).arg(&0u64),
+        };
+        b.arg(&k.data).arg(&v.unwrap_or(k).data);
         b.arg(&step.slots).arg(&heads).arg(&kd).arg(&vd).arg(&bs);
         // SAFETY: write_kv(u16* kc, u16* vc, const float* k, const float* v, const u32* slots,
-        // u32 kv_heads, u32 kd, u32 vd, u32 block_size): one block per token; k and v hold
-        // n*heads*kd and n*heads*vd floats (checked), slots holds n entries whose blocks are all
-        // < num_blocks (check_blocks), so every write lands inside the cache.
+        // u32 kv_heads, u32 kd, u32 vd, u32 block_size): one block per token; k holds
+        // n*heads*kd floats and v, when the cache stores values, n*heads*vd (check_write);
+        // otherwise vd = 0 and vc (null) and v are never read; slots holds n entries whose blocks
+        // are all < num_blocks (check_blocks), so every write lands inside the cache.
         unsafe { b.launch(super::device::grid_rows(n, 128)) }
             .map_err(|e| BackendError::device(OP, e))?;
         Ok(())
@@ -234,11 +244,12 @@ impl CudaBackend {
         }
         if p.v_dim > plan::ATTN_MAX_V_DIM {
             return Err(BackendError::Unsupported {
-                op: "attention with v_dim over 256",
+                op: "attention with v_dim over 512",
                 backend: "cuda",
             });
         }
-        let Some(grouping) = plan::attention_grouping(p.num_heads / p.num_kv_heads, p.qk_dim)
+        let Some(grouping) =
+            plan::attention_grouping(p.num_heads / p.num_kv_heads, p.qk_dim, p.v_dim)
         else {
             return Err(BackendError::Unsupported {
                 op: "attention with qk_dim too large for one head's shared memory",
@@ -256,6 +267,7 @@ impl CudaBackend {
             qk_dim: to_u32(OP, p.qk_dim)?,
             v_dim: to_u32(OP, p.v_dim)?,
             block_size: to_u32(OP, spec.block_size)?,
+            v_stride: to_u32(OP, spec.v_stride())?,
             window: p.sliding_window.map_or(Ok(0), |w| to_u32(OP, w.max(1)))?,
             head_groups: to_u32(OP, grouping.head_groups)?,
             group_heads: to_u32(OP, grouping.group_heads)?,
@@ -278,6 +290,7 @@ impl CudaBackend {
             cache,
             step,
             args,
+            kernel: grouping.kernel,
             tokens: to_u32(OP, n)?,
             head_blocks: to_u32(OP, head_blocks)?,
             smem: to_u32(OP, grouping.shared_bytes)?,
@@ -291,17 +304,21 @@ impl CudaBackend {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: launch.smem,
         };
-        let mut b = self.stream.launch_builder(self.func("paged_attention")?);
+        let mut b = self
+            .stream
+            .launch_builder(self.func(grouping.kernel.names().0)?);
         b.arg(&mut out.data);
         launch.push_inputs(&mut b);
-        // SAFETY: paged_attention(float* out, const float* q, const u16* kc, const u16* vc,
-        // const u32* tok_pos, const u32* tok_table, const u32* tables, AttnArgs a): grid
-        // (tokens, kv_heads * head_groups), each block serving at most group_heads query heads of
-        // its KV head; q holds tokens*heads*qk_dim floats and out tokens*heads*v_dim (checked);
-        // each token reads positions <= its own, whose blocks were checked by prepare_step
-        // (table long enough) and check_blocks (< num_blocks); dynamic shared memory is the
-        // `AttnShared` size for group_heads (plan::attention_grouping); v_dim <= 2 * blockDim
-        // (checked).
+        // SAFETY: paged_attention[_wide](float* out, const float* q, const u16* kc,
+        // const u16* vc, const u32* tok_pos, const u32* tok_table, const u32* tables,
+        // AttnArgs a): grid (tokens, kv_heads * head_groups), each block serving at most
+        // group_heads query heads of its KV head (at most the kernel's HEADS); q holds
+        // tokens*heads*qk_dim floats and out tokens*heads*v_dim (checked); each token reads
+        // positions <= its own, whose blocks were checked by prepare_step (table long enough) and
+        // check_blocks (< num_blocks); value rows are v_stride apart in vc (the keys when the
+        // cache has no values, v_dim <= qk_dim by KvSpec::validate); dynamic shared memory is the
+        // `AttnShared` size for group_heads (plan::attention_grouping); v_dim <= DIMS * blockDim
+        // for the kernel plan::AttnKernel::for_v_dim chose.
         unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(out)
     }
@@ -326,13 +343,11 @@ impl CudaBackend {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: l.smem,
         };
-        let mut b = self
-            .stream
-            .launch_builder(self.func("paged_attention_split")?);
+        let mut b = self.stream.launch_builder(self.func(l.kernel.names().1)?);
         b.arg(&mut part_acc).arg(&mut part_ml);
         l.push_inputs(&mut b);
-        // SAFETY: paged_attention_split(float* part_acc, float* part_ml, then the inputs of
-        // paged_attention): grid (tokens, kv_heads * head_groups, splits); part_acc holds
+        // SAFETY: paged_attention_split[_wide](float* part_acc, float* part_ml, then the inputs
+        // of paged_attention[_wide]): grid (tokens, kv_heads * head_groups, splits); part_acc holds
         // rows*splits*v_dim floats
         // and part_ml rows*splits*2, the kernel's indexing for row r = t*heads + h and split s;
         // the inputs were checked as for paged_attention (attention_impl); each split reads a
@@ -359,6 +374,7 @@ struct AttnLaunch<'a> {
     cache: &'a CudaKv,
     step: &'a CudaStep,
     args: AttnArgs,
+    kernel: plan::AttnKernel,
     tokens: u32,
     /// Blocks per token: KV heads × head groups.
     head_blocks: u32,
@@ -371,7 +387,7 @@ impl AttnLaunch<'_> {
     fn push_inputs<'b>(&'b self, b: &mut LaunchArgs<'b>) {
         b.arg(&self.q.data)
             .arg(&self.cache.k)
-            .arg(&self.cache.v)
+            .arg(self.cache.values())
             .arg(&self.step.tok_pos)
             .arg(&self.step.tok_table)
             .arg(&self.step.tables)

@@ -26,7 +26,7 @@ const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 26] = [
+const KERNELS: [&str; 28] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -37,7 +37,7 @@ const KERNELS: [&str; 26] = [
     "mul_sigmoid_rows",
     "narrow_cols",
     "split_heads",
-    "concat_shared",
+    "concat_heads",
     "gather_rows",
     "row_argmax_lse",
     "scatter_add_rows",
@@ -46,6 +46,8 @@ const KERNELS: [&str; 26] = [
     "write_kv",
     "paged_attention",
     "paged_attention_split",
+    "paged_attention_wide",
+    "paged_attention_split_wide",
     "attention_combine",
     "route",
     "moe_plan",

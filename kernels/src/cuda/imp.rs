@@ -121,13 +121,12 @@ impl Backend for CudaBackend {
         self.split_heads_impl(x, heads, a)
     }
 
-    fn concat_shared(
-        &self,
-        a: &CudaTensor,
-        shared: &CudaTensor,
-        heads: usize,
-    ) -> Result<CudaTensor> {
-        self.concat_shared_impl(a, shared, heads)
+    fn concat_heads(&self, a: &CudaTensor, b: &CudaTensor, heads: usize) -> Result<CudaTensor> {
+        self.concat_heads_impl(a, b, heads)
+    }
+
+    fn head_linear(&self, x: &CudaTensor, w: &CudaWeight, heads: usize) -> Result<CudaTensor> {
+        self.head_linear_impl(x, w, heads)
     }
 
     fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> Result<CudaTensor> {
@@ -163,7 +162,7 @@ impl Backend for CudaBackend {
         &self,
         cache: &mut CudaKv,
         k: &CudaTensor,
-        v: &CudaTensor,
+        v: Option<&CudaTensor>,
         step: &CudaStep,
     ) -> Result<()> {
         self.write_kv_impl(cache, k, v, step)

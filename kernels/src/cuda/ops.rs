@@ -36,12 +36,20 @@ fn dtype_code(d: DType) -> i32 {
     }
 }
 
-/// One matrix product `y[tokens, n] = x[tokens, k] · w[n, k]ᵀ` for cuBLAS, with raw device
-/// addresses and their element types.
-struct Gemm {
+/// One matrix product per head for cuBLAS: `y[tokens, heads·n]` with head `h` = `x_h · w_hᵀ`, where `x_h` is columns `h·k ..` of
+/// `x[tokens, heads·k]` and `w_h` rows `h·n ..` of `w[heads·n, k]`. One head is a plain linear
+/// layer.
+#[derive(Clone, Copy)]
+struct GemmShape {
     tokens: usize,
     n: usize,
     k: usize,
+    heads: usize,
+}
+
+/// A [`GemmShape`] with its operands' device addresses and element type.
+struct Gemm {
+    shape: GemmShape,
     w: u64,
     x: u64,
     y: u64,
@@ -123,42 +131,137 @@ impl CudaBackend {
 
     fn gemm(&self, g: Gemm) -> Result<()> {
         const OP: &str = "linear (cublasGemmEx)";
-        let (m, n, k) = (cint(OP, g.n)?, cint(OP, g.tokens)?, cint(OP, g.k)?);
+        let s = g.shape;
+        let (m, n, k) = (cint(OP, s.n)?, cint(OP, s.tokens)?, cint(OP, s.k)?);
+        let (ldb, ldc) = (cint(OP, s.heads * s.k)?, cint(OP, s.heads * s.n)?);
         self.counted();
         let (alpha, beta) = (1.0f32, 0.0f32);
         self.ctx
             .bind_to_thread()
             .map_err(|e| BackendError::device(OP, e))?;
+        let (op_t, op_n) = (
+            blas_sys::cublasOperation_t::CUBLAS_OP_T,
+            blas_sys::cublasOperation_t::CUBLAS_OP_N,
+        );
+        let (c_type, compute, algo) = (
+            blas_sys::cudaDataType::CUDA_R_32F,
+            blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        );
+        let (alpha, beta) = ((&alpha as *const f32).cast(), (&beta as *const f32).cast());
         // cuBLAS is column-major: y[tokens, n] row-major is yᵀ[n, tokens] column-major, so the
         // call computes yᵀ = W · xᵀ with W read transposed from its row-major [n, k] storage.
-        // SAFETY: the handle is bound to this backend's stream and context (bound above); w
-        // holds n*k elements of `ab_type` (lda = k), x holds tokens*k elements of the same type
-        // (ldb = k), y holds tokens*n f32 (ldc = n); alpha and beta are host f32 scalars, as
-        // CUBLAS_COMPUTE_32F with the default host pointer mode requires, and outlive the call.
-        unsafe {
-            blas::gemm_ex(
-                *self.blas.handle(),
-                blas_sys::cublasOperation_t::CUBLAS_OP_T,
-                blas_sys::cublasOperation_t::CUBLAS_OP_N,
-                m,
-                n,
-                k,
-                (&alpha as *const f32).cast(),
-                g.w as *const _,
-                g.ab_type,
-                k,
-                g.x as *const _,
-                g.ab_type,
-                k,
-                (&beta as *const f32).cast(),
-                g.y as *mut _,
-                blas_sys::cudaDataType::CUDA_R_32F,
-                m,
-                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-            )
+        // With several heads, head h's xᵀ starts h·k elements in with columns heads·k apart, its
+        // W h·n·k elements in, and its yᵀ h·n elements in with columns heads·n apart.
+        let result = if s.heads == 1 {
+            // SAFETY: the handle is bound to this backend's stream and context (bound above); w
+            // holds n*k elements of `ab_type` (lda = k), x holds tokens*k elements of the same
+            // type (ldb = k), y holds tokens*n f32 (ldc = n); alpha and beta are host f32
+            // scalars, as CUBLAS_COMPUTE_32F with the default host pointer mode requires, and
+            // outlive the call.
+            unsafe {
+                blas::gemm_ex(
+                    *self.blas.handle(),
+                    op_t,
+                    op_n,
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    g.w as *const _,
+                    g.ab_type,
+                    k,
+                    g.x as *const _,
+                    g.ab_type,
+                    ldb,
+                    beta,
+                    g.y as *mut _,
+                    c_type,
+                    ldc,
+                    compute,
+                    algo,
+                )
+            }
+        } else {
+            let heads = cint(OP, s.heads)?;
+            let stride_w = (s.n * s.k) as i64;
+            // SAFETY: as for one head, per head h < heads: w holds heads*n*k elements (head h's
+            // n*k from h*n*k, lda = k), x holds tokens*heads*k (head h's columns from h*k,
+            // ldb = heads*k) and y tokens*heads*n f32 (from h*n, ldc = heads*n), so every
+            // head's operands lie inside their buffers.
+            unsafe {
+                blas::gemm_strided_batched_ex(
+                    *self.blas.handle(),
+                    op_t,
+                    op_n,
+                    m,
+                    n,
+                    k,
+                    alpha,
+                    g.w as *const _,
+                    g.ab_type,
+                    k,
+                    stride_w,
+                    g.x as *const _,
+                    g.ab_type,
+                    ldb,
+                    s.k as i64,
+                    beta,
+                    g.y as *mut _,
+                    c_type,
+                    ldc,
+                    s.n as i64,
+                    heads,
+                    compute,
+                    algo,
+                )
+            }
+        };
+        result.map_err(|e| BackendError::device(OP, e))
+    }
+
+    /// Runs the product of `shape` into `y` with `x` and `w` as its operands: f32 weights take the activations as they are; 16-bit ones take them
+    /// rounded to the weight's type on the device (the weights are never converted), since
+    /// cuBLAS wants both factors in one type.
+    fn product(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        y: &mut CudaTensor,
+        shape: GemmShape,
+    ) -> Result<()> {
+        let stream = self.stream.clone();
+        let (yp, _yg) = y.data.device_ptr_mut(&stream);
+        match &w.data {
+            WeightData::F32(wd) => {
+                let (wp, _wg) = wd.device_ptr(&stream);
+                let (xp, _xg) = x.data.device_ptr(&stream);
+                self.gemm(Gemm {
+                    shape,
+                    w: wp,
+                    x: xp,
+                    y: yp,
+                    ab_type: blas_sys::cudaDataType::CUDA_R_32F,
+                })
+            }
+            WeightData::Half { dtype, bits } => {
+                let xh = self.to_half(x, *dtype)?;
+                let (wp, _wg) = bits.device_ptr(&stream);
+                let (xp, _xg) = xh.device_ptr(&stream);
+                let ab_type = if *dtype == DType::F16 {
+                    blas_sys::cudaDataType::CUDA_R_16F
+                } else {
+                    blas_sys::cudaDataType::CUDA_R_16BF
+                };
+                self.gemm(Gemm {
+                    shape,
+                    w: wp,
+                    x: xp,
+                    y: yp,
+                    ab_type,
+                })
+            }
         }
-        .map_err(|e| BackendError::device(OP, e))
     }
 
     pub(super) fn linear_impl(
@@ -191,45 +294,13 @@ impl CudaBackend {
         }
         // cuBLAS writes every element (beta = 0).
         let mut y = self.output(OP, x.rows, n)?;
-        let stream = self.stream.clone();
-        let (yp, _yg) = y.data.device_ptr_mut(&stream);
-        match &w.data {
-            WeightData::F32(wd) => {
-                let (wp, _wg) = wd.device_ptr(&stream);
-                let (xp, _xg) = x.data.device_ptr(&stream);
-                self.gemm(Gemm {
-                    tokens: x.rows,
-                    n,
-                    k,
-                    w: wp,
-                    x: xp,
-                    y: yp,
-                    ab_type: blas_sys::cudaDataType::CUDA_R_32F,
-                })?;
-            }
-            WeightData::Half { dtype, bits } => {
-                // cuBLAS wants both factors in one type: the activations are rounded to the
-                // weight's 16-bit type on the device (the weights are never converted).
-                let xh = self.to_half(x, *dtype)?;
-                let (wp, _wg) = bits.device_ptr(&stream);
-                let (xp, _xg) = xh.device_ptr(&stream);
-                let ab_type = if *dtype == DType::F16 {
-                    blas_sys::cudaDataType::CUDA_R_16F
-                } else {
-                    blas_sys::cudaDataType::CUDA_R_16BF
-                };
-                self.gemm(Gemm {
-                    tokens: x.rows,
-                    n,
-                    k,
-                    w: wp,
-                    x: xp,
-                    y: yp,
-                    ab_type,
-                })?;
-            }
-        }
-        drop(_yg);
+        let shape = GemmShape {
+            tokens: x.rows,
+            n,
+            k,
+            heads: 1,
+        };
+        self.product(x, w, &mut y, shape)?;
         if let Some((_, bv)) = bias {
             let (rows, n32) = (to_u32(OP, x.rows)?, to_u32(OP, n)?);
             let mut b = self.stream.launch_builder(self.func("add_bias")?);
@@ -238,6 +309,38 @@ impl CudaBackend {
             // b holds n (checked above); threads past rows*n return.
             unsafe { b.launch(grid_1d(x.rows * n)) }.map_err(|e| BackendError::device(OP, e))?;
         }
+        Ok(y)
+    }
+
+    pub(super) fn head_linear_impl(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        heads: usize,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "head_linear";
+        let (rows, k) = w.matrix(OP)?;
+        if heads == 0 || !rows.is_multiple_of(heads) || x.cols != heads * k {
+            return Err(BackendError::shape(
+                OP,
+                format!(
+                    "x has {} columns for {heads} heads of weight {:?}",
+                    x.cols, w.shape
+                ),
+            ));
+        }
+        let n = rows / heads;
+        if x.rows == 0 || n == 0 || k == 0 {
+            return self.tensor(OP, x.rows, rows); // an empty sum is zero
+        }
+        let mut y = self.output(OP, x.rows, rows)?;
+        let shape = GemmShape {
+            tokens: x.rows,
+            n,
+            k,
+            heads,
+        };
+        self.product(x, w, &mut y, shape)?;
         Ok(y)
     }
 
@@ -428,41 +531,45 @@ impl CudaBackend {
         Ok((xa, xb))
     }
 
-    pub(super) fn concat_shared_impl(
+    pub(super) fn concat_heads_impl(
         &self,
         a: &CudaTensor,
-        shared: &CudaTensor,
+        b: &CudaTensor,
         heads: usize,
     ) -> Result<CudaTensor> {
-        const OP: &str = "concat_shared";
-        if heads == 0 || a.rows != shared.rows || !a.cols.is_multiple_of(heads) {
+        const OP: &str = "concat_heads";
+        if heads == 0
+            || a.rows != b.rows
+            || !a.cols.is_multiple_of(heads)
+            || !b.cols.is_multiple_of(heads)
+        {
             return Err(BackendError::shape(
                 OP,
                 format!(
-                    "{}x{} in {heads} heads with {}x{}",
-                    a.rows, a.cols, shared.rows, shared.cols
+                    "{}x{} and {}x{} in {heads} heads",
+                    a.rows, a.cols, b.rows, b.cols
                 ),
             ));
         }
-        let (da, d) = (a.cols / heads, shared.cols);
-        let mut out = self.output(OP, a.rows, heads * (da + d))?;
-        let n = a.rows * heads * (da + d);
+        let (da, db) = (a.cols / heads, b.cols / heads);
+        let mut out = self.output(OP, a.rows, a.cols + b.cols)?;
+        let n = a.rows * (a.cols + b.cols);
         if n == 0 {
             return Ok(out);
         }
-        let (units, h32, da32, d32) = (
+        let (units, da32, db32) = (
             to_u32(OP, a.rows * heads)?,
-            to_u32(OP, heads)?,
             to_u32(OP, da)?,
-            to_u32(OP, d)?,
+            to_u32(OP, db)?,
         );
-        let mut b = self.stream.launch_builder(self.func(OP)?);
-        b.arg(&mut out.data).arg(&a.data).arg(&shared.data);
-        b.arg(&units).arg(&h32).arg(&da32).arg(&d32);
-        // SAFETY: concat_shared(float* out, const float* a, const float* shared, u32 units,
-        // u32 heads, u32 da, u32 d): out holds units*(da+d) floats, a units*da, shared
-        // rows*d with rows = units/heads; threads past units*(da+d) return.
-        unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
+        to_u32(OP, n)?;
+        let mut l = self.stream.launch_builder(self.func(OP)?);
+        l.arg(&mut out.data).arg(&a.data).arg(&b.data);
+        l.arg(&units).arg(&da32).arg(&db32);
+        // SAFETY: concat_heads(float* out, const float* a, const float* b, u32 units, u32 da,
+        // u32 db): out holds units*(da+db) floats, a units*da and b units*db (the shapes
+        // checked above); threads past units*(da+db) return.
+        unsafe { l.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(out)
     }
 

@@ -4,10 +4,52 @@
 /// Threads per attention block (`ATTN_THREADS` of attention.cu), also the positions one chunk of
 /// its online softmax covers.
 pub const ATTN_THREADS: usize = 128;
-/// Most query heads one attention block serves (`ATTN_HEADS` of attention.cu).
-pub const ATTN_MAX_HEADS_PER_BLOCK: usize = 16;
-/// Largest value head the attention kernels accumulate: two output dims per thread.
-pub const ATTN_MAX_V_DIM: usize = 2 * ATTN_THREADS;
+/// The two instantiations of the attention kernels (attention.cu): each thread accumulates
+/// `dims` output dims for up to `heads` query heads, so both keep 32 accumulators per thread.
+/// The wide one serves value heads up to 512 (MLA's latent).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    /// `paged_attention` / `paged_attention_split`: 16 heads, 2 dims per thread.
+    Narrow,
+    /// `paged_attention_wide` / `paged_attention_split_wide`: 8 heads, 4 dims per thread.
+    Wide,
+}
+
+impl AttnKernel {
+    /// The instantiation whose threads cover `v_dim`; `None` past the wide one.
+    pub fn for_v_dim(v_dim: usize) -> Option<AttnKernel> {
+        [AttnKernel::Narrow, AttnKernel::Wide]
+            .into_iter()
+            .find(|k| v_dim <= k.max_v_dim())
+    }
+
+    /// Most query heads one block serves.
+    pub fn max_heads(self) -> usize {
+        match self {
+            AttnKernel::Narrow => 16,
+            AttnKernel::Wide => 8,
+        }
+    }
+
+    /// Largest value head: `dims` output dims per thread.
+    pub fn max_v_dim(self) -> usize {
+        match self {
+            AttnKernel::Narrow => 2 * ATTN_THREADS,
+            AttnKernel::Wide => 4 * ATTN_THREADS,
+        }
+    }
+
+    /// The kernel names: plain and split-K.
+    pub fn names(self) -> (&'static str, &'static str) {
+        match self {
+            AttnKernel::Narrow => ("paged_attention", "paged_attention_split"),
+            AttnKernel::Wide => ("paged_attention_wide", "paged_attention_split_wide"),
+        }
+    }
+}
+
+/// Largest value head any attention kernel accumulates.
+pub const ATTN_MAX_V_DIM: usize = 4 * ATTN_THREADS;
 /// Dynamic shared memory a kernel may use without opting in to more (every GPU since Volta).
 const SHARED_LIMIT: usize = 48 * 1024;
 
@@ -16,22 +58,26 @@ const SHARED_LIMIT: usize = 48 * 1024;
 /// heads, and each block reads its KV head's keys and values once for all of its heads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AttnGrouping {
+    pub kernel: AttnKernel,
     pub head_groups: usize,
     pub group_heads: usize,
     /// Dynamic shared memory of one block (`AttnShared` of attention.cu).
     pub shared_bytes: usize,
 }
 
-/// The fewest blocks per KV head that serve `group` query heads of `qk_dim` each within the
-/// kernel's register and shared-memory bounds, heads spread evenly over them; `None` if even one
-/// head per block does not fit (a `qk_dim` in the thousands).
-pub fn attention_grouping(group: usize, qk_dim: usize) -> Option<AttnGrouping> {
+/// The kernel for `v_dim` and the fewest blocks per KV head that serve `group` query heads of
+/// `qk_dim` each within its register and shared-memory bounds, heads spread evenly over them;
+/// `None` if the value head is too wide for any kernel or even one head per block does not fit
+/// (a `qk_dim` in the thousands).
+pub fn attention_grouping(group: usize, qk_dim: usize, v_dim: usize) -> Option<AttnGrouping> {
+    let kernel = AttnKernel::for_v_dim(v_dim)?;
     let shared = |heads: usize| (2 * ATTN_THREADS + heads * (qk_dim + ATTN_THREADS + 3)) * 4;
     let group = group.max(1);
-    (group.div_ceil(ATTN_MAX_HEADS_PER_BLOCK)..=group).find_map(|blocks| {
+    (group.div_ceil(kernel.max_heads())..=group).find_map(|blocks| {
         let heads = group.div_ceil(blocks);
         let shared_bytes = shared(heads);
         (shared_bytes <= SHARED_LIMIT).then_some(AttnGrouping {
+            kernel,
             // Recounted so that no block is left without a head (9 heads in 4 blocks of 3).
             head_groups: group.div_ceil(heads),
             group_heads: heads,
@@ -93,7 +139,7 @@ mod tests {
 
     #[test]
     fn grouped_query_heads_share_a_block_up_to_the_bounds() {
-        let g = |group, qk| attention_grouping(group, qk).unwrap();
+        let g = |group, qk| attention_grouping(group, qk, 128).unwrap();
         // Qwen3-30B-A3B: 32 query heads over 4 KV heads of 128, one block per KV head.
         let qwen = g(8, 128);
         assert_eq!((qwen.head_groups, qwen.group_heads), (1, 8));
@@ -107,6 +153,25 @@ mod tests {
         let wide = g(16, 1024);
         assert_eq!((wide.head_groups, wide.group_heads), (2, 8));
         assert!(wide.shared_bytes <= SHARED_LIMIT, "{wide:?}");
-        assert_eq!(attention_grouping(1, 20_000), None);
+        assert_eq!(attention_grouping(1, 20_000, 128), None);
+    }
+
+    #[test]
+    fn wide_value_heads_take_the_wide_kernel_with_fewer_heads_per_block() {
+        assert_eq!(g_kernel(256), Some(AttnKernel::Narrow));
+        assert_eq!(g_kernel(257), Some(AttnKernel::Wide));
+        assert_eq!(g_kernel(512), Some(AttnKernel::Wide));
+        assert_eq!(g_kernel(513), None);
+        // DeepSeek-V3's latent attention at 8-way tensor parallelism: 16 query heads on the one
+        // latent "KV head" of 576 (512 latent + 64 rotary), values the 512-wide latent.
+        let mla = attention_grouping(16, 576, 512).unwrap();
+        assert_eq!(mla.kernel, AttnKernel::Wide);
+        assert_eq!((mla.head_groups, mla.group_heads), (2, 8));
+        assert!(mla.shared_bytes <= SHARED_LIMIT, "{mla:?}");
+        assert_eq!(attention_grouping(16, 576, 513), None);
+    }
+
+    fn g_kernel(v_dim: usize) -> Option<AttnKernel> {
+        attention_grouping(1, 64, v_dim).map(|g| g.kernel)
     }
 }

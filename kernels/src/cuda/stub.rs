@@ -124,7 +124,10 @@ impl Backend for CudaBackend {
     fn split_heads(&self, _: &CudaTensor, _: usize, _: usize) -> Result<(CudaTensor, CudaTensor)> {
         match self.never {}
     }
-    fn concat_shared(&self, _: &CudaTensor, _: &CudaTensor, _: usize) -> Result<CudaTensor> {
+    fn concat_heads(&self, _: &CudaTensor, _: &CudaTensor, _: usize) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn head_linear(&self, _: &CudaTensor, _: &CudaWeight, _: usize) -> Result<CudaTensor> {
         match self.never {}
     }
     fn gather_rows(&self, _: &CudaTensor, _: &[usize]) -> Result<CudaTensor> {
@@ -136,7 +139,13 @@ impl Backend for CudaBackend {
     fn alloc_kv(&self, _: KvSpec) -> Result<CudaKv> {
         match self.never {}
     }
-    fn write_kv(&self, _: &mut CudaKv, _: &CudaTensor, _: &CudaTensor, _: &CudaStep) -> Result<()> {
+    fn write_kv(
+        &self,
+        _: &mut CudaKv,
+        _: &CudaTensor,
+        _: Option<&CudaTensor>,
+        _: &CudaStep,
+    ) -> Result<()> {
         match self.never {}
     }
     fn attention(

@@ -3,7 +3,7 @@
 //! block of query heads (and the KV heads they read); `o_proj` yields a partial sum.
 
 use tessera_common::{GqaSpec, QkNorm};
-use tessera_kernels::{AttentionParams, Backend, RopeApply};
+use tessera_kernels::{AttentionParams, Backend, KvValues, RopeApply};
 
 use std::ops::Range;
 
@@ -93,6 +93,11 @@ impl<B: Backend> Gqa<B> {
         &self.params
     }
 
+    /// The cache stores a value row beside every key.
+    pub fn kv_values(&self) -> KvValues {
+        KvValues::Separate
+    }
+
     pub fn forward(
         &self,
         b: &B,
@@ -132,7 +137,7 @@ impl<B: Backend> Gqa<B> {
                 b.rope(&mut k, step, rope_k)?;
             }
         }
-        b.write_kv(cache, &k, &v, step)?;
+        b.write_kv(cache, &k, Some(&v), step)?;
         let o = b.attention(&q, cache, step, p)?;
         self.o.forward(b, &o)
     }

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tessera_kernels::Backend;
+use tessera_kernels::{Backend, HostTensor};
 
 use crate::WorkerError;
 use crate::checkpoint::{Checkpoint, Slice};
@@ -33,19 +33,30 @@ impl<'a, B: Backend> WeightLoader<'a, B> {
         }
     }
 
-    /// Part `slice` of tensor `name`, whose full shape must be `shape`.
+    /// Part `slice` of tensor `name`, whose full shape must be `shape`, on the device.
     pub fn load(
         &self,
         name: &str,
         shape: &[usize],
         slice: Slice,
     ) -> Result<B::Weight, WorkerError> {
+        let host = self.host(name, shape, slice)?;
+        Ok(self.backend.upload_weight(host)?)
+    }
+
+    /// As [`WeightLoader::load`], kept on the host for a layer that rearranges it before
+    /// uploading (counted as loaded).
+    pub fn host(
+        &self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+    ) -> Result<HostTensor, WorkerError> {
         let host = self.checkpoint.load(name, shape, slice)?;
         let size = host.size_bytes() as u64;
-        let weight = self.backend.upload_weight(host)?;
         self.bytes.fetch_add(size, Ordering::Relaxed);
         self.progress.inc(size);
-        Ok(weight)
+        Ok(host)
     }
 
     /// A `[rows, cols]` matrix.

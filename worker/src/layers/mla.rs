@@ -1,16 +1,29 @@
-//! DeepSeek's multi-head latent attention.
+//! DeepSeek's multi-head latent attention, over a latent KV cache with absorbed up-projections.
 //!
-//! Queries come from `q_proj` or the low-rank `q_a_proj → RMSNorm → q_b_proj`; keys and values from
-//! the compressed latent `kv_a_proj_with_mqa → RMSNorm → kv_b_proj`, plus one rotary key shared by
-//! all heads. The cache holds the expanded per-head keys and values, so attention itself is the
-//! shared paged kernel with `qk_dim = nope + rope` and `v_dim` differing.
+//! Queries come from `q_proj` or the low-rank `q_a_proj → RMSNorm → q_b_proj`; keys and values
+//! from the compressed latent `kv_a_proj_with_mqa → RMSNorm`, plus one rotary key shared by all
+//! heads. transformers expands the latent into per-head keys and values (`kv_b_proj`); here the
+//! cache keeps only each position's `[latent | rotary key]` row (576 values for DeepSeek-V3,
+//! against 128 heads × 320 expanded), read as one KV head whose values are its first
+//! `kv_lora_rank` elements ([`KvValues::KeyPrefix`]).
+//!
+//! `kv_b_proj` is split per head into `W_UK` (key rows) and `W_UV` (value rows) at load time
+//! and absorbed: a head's score `q_nope · (W_UK c)` is `(W_UKᵀ q_nope) · c`, so each query's
+//! nope part is projected into the latent space once (`head_linear` with `W_UKᵀ`) and the
+//! rotary part appended; attention over the latent rows then gives `Σ p c` per head, and
+//! `W_UV` turns it into the head's value (`Σ p W_UV c`). Attention is the shared paged kernel
+//! with every query head on the one latent KV head (`qk_dim = latent + rope`,
+//! `v_dim = latent`). This costs more arithmetic per attended position than the expanded form,
+//! which matters for long prefills, but reads a fraction of the cache bytes, which is what
+//! bounds decode.
 
 use tessera_common::MlaSpec;
-use tessera_kernels::{AttentionParams, Backend, RopeApply};
+use tessera_kernels::{AttentionParams, Backend, BlockLayout, KvValues, RopeApply};
 
 use super::tp::cols;
 use super::{Linear, LinearSpec, RmsNorm, Split, TpContext, WeightLoader};
 use crate::WorkerError;
+use crate::checkpoint::Slice;
 
 /// transformers builds the latent norms with RMSNorm's default epsilon, not `rms_norm_eps`.
 const LATENT_NORM_EPS: f32 = 1e-6;
@@ -28,7 +41,10 @@ pub struct Mla<B: Backend> {
     query: Query<B>,
     kv_a: Linear<B>,
     kv_norm: RmsNorm<B>,
-    kv_b: Linear<B>,
+    /// `W_UKᵀ` per local head: `[heads·latent, nope]`.
+    uk_t: B::Weight,
+    /// `W_UV` per local head: `[heads·v, latent]`.
+    uv: B::Weight,
     o: Linear<B>,
     spec: MlaSpec,
     params: AttentionParams,
@@ -71,7 +87,18 @@ impl<B: Backend> Mla<B> {
             },
         };
         let latent = s.kv_lora_rank;
-        let kv_width = s.qk_nope_head_dim + s.v_head_dim;
+        let (nope, v) = (s.qk_nope_head_dim, s.v_head_dim);
+        let kv_width = nope + v;
+        // This rank's heads of kv_b_proj, each `[nope + v, latent]`: key rows, then value rows.
+        let kv_b = w.host(
+            &name("kv_b_proj.weight"),
+            &[h * kv_width, latent],
+            Slice::Rows(cols(&heads, kv_width)),
+        )?;
+        // The shape was checked against the config as it was read, so these cannot fail.
+        let uk_t = kv_b.block_rows(heads.len(), 0..nope, BlockLayout::Transposed)?;
+        let uv = kv_b.block_rows(heads.len(), nope..kv_width, BlockLayout::AsStored)?;
+        let (uk_t, uv) = (w.backend.upload_weight(uk_t)?, w.backend.upload_weight(uv)?);
         Ok(Mla {
             query,
             kv_a: load(
@@ -80,24 +107,21 @@ impl<B: Backend> Mla<B> {
                 Split::Replicated,
             )?,
             kv_norm: RmsNorm::load(w, &name("kv_a_layernorm.weight"), latent, LATENT_NORM_EPS)?,
-            kv_b: load(
-                "kv_b_proj",
-                (h * kv_width, latent, false),
-                Split::Out(cols(&heads, kv_width)),
-            )?,
+            uk_t,
+            uv,
             o: load(
                 "o_proj",
-                (hidden, h * s.v_head_dim, s.attention_bias),
+                (hidden, h * v, s.attention_bias),
                 Split::In {
-                    range: cols(&heads, s.v_head_dim),
+                    range: cols(&heads, v),
                     bias: tp.is_first(),
                 },
             )?,
             params: AttentionParams {
                 num_heads: heads.len(),
-                num_kv_heads: heads.len(),
-                qk_dim: qk,
-                v_dim: s.v_head_dim,
+                num_kv_heads: 1,
+                qk_dim: latent + s.qk_rope_head_dim,
+                v_dim: latent,
                 scale: s.softmax_scale,
                 sliding_window: None,
             },
@@ -107,6 +131,11 @@ impl<B: Backend> Mla<B> {
 
     pub fn params(&self) -> &AttentionParams {
         &self.params
+    }
+
+    /// The cache's values are the latent at the start of each key row.
+    pub fn kv_values(&self) -> KvValues {
+        KvValues::KeyPrefix
     }
 
     pub fn forward(
@@ -151,11 +180,12 @@ impl<B: Backend> Mla<B> {
                 offset: 0,
             },
         )?;
-        let kv = self.kv_b.forward(b, &latent)?;
-        let (k_nope, v) = b.split_heads(&kv, h, nope)?;
-        let k = b.concat_shared(&k_nope, &k_rot, h)?;
-        b.write_kv(cache, &k, &v, step)?;
-        let o = b.attention(&q, cache, step, &self.params)?;
+        b.write_kv(cache, &b.concat_heads(&latent, &k_rot, 1)?, None, step)?;
+        let (q_nope, q_rot) = b.split_heads(&q, h, nope)?;
+        let q_latent = b.head_linear(&q_nope, &self.uk_t, h)?;
+        let q = b.concat_heads(&q_latent, &q_rot, h)?;
+        let o_latent = b.attention(&q, cache, step, &self.params)?;
+        let o = b.head_linear(&o_latent, &self.uv, h)?;
         self.o.forward(b, &o)
     }
 }

@@ -24,7 +24,7 @@ use std::ops::Range;
 use batched::Batched;
 use matmul::{Panel, rows_generic};
 
-use super::linear::Acts;
+use super::linear::{Acts, Pv};
 pub(crate) use vector::Elem;
 use vector::{Avx2Ops, Avx512Ops, Simd};
 
@@ -135,13 +135,14 @@ macro_rules! isa_kernels {
 
             /// [`Pv`] with this instruction set.
             pub(crate) fn pv(self, a: Pv<'_>, out: &mut [f32]) {
-                let n = a.check(out);
+                a.check(out);
                 let ptrs = PvPtrs {
                     p: a.p.as_ptr(),
                     ps: a.ps,
                     v: a.v.as_ptr(),
-                    n,
+                    n: a.n,
                     vd: a.vd,
+                    vs: a.vs,
                     out: out.as_mut_ptr(),
                 };
                 // SAFETY: `self` proves the instruction set; `check` asserted the bounds
@@ -199,36 +200,6 @@ macro_rules! isa_kernels {
 isa_kernels!(Avx2, Avx2Ops, avx2_entry, "avx2,fma,f16c");
 isa_kernels!(Avx512, Avx512Ops, avx512_entry, "avx512f,avx2,fma,f16c");
 
-/// `out[g·vd + c] += Σ_{i<n} p[g·ps + i] · v[i·vd + c]` for `g < group`, `c < vd`, with
-/// `n = v.len() / vd`: attention's probability-weighted sum of value rows, for a group of heads.
-pub(crate) struct Pv<'a> {
-    pub p: &'a [f32],
-    pub ps: usize,
-    pub group: usize,
-    pub v: &'a [f32],
-    pub vd: usize,
-}
-
-impl Pv<'_> {
-    /// Asserts the bounds [`pv_generic`] needs; returns `n`.
-    fn check(&self, out: &[f32]) -> usize {
-        assert!(
-            self.vd > 0 && self.v.len().is_multiple_of(self.vd),
-            "v is not [n, {}]",
-            self.vd
-        );
-        let n = self.v.len() / self.vd;
-        if n > 0 && self.group > 0 {
-            assert!(
-                (self.group - 1) * self.ps + n <= self.p.len(),
-                "p too short"
-            );
-        }
-        assert!(self.group * self.vd <= out.len(), "out too short");
-        n
-    }
-}
-
 impl Avx2 {
     /// `xs ← softmax(xs)`, exponentials eight at a time.
     pub(crate) fn softmax(self, xs: &mut [f32]) {
@@ -256,7 +227,7 @@ impl Avx512 {
 }
 
 /// [`Pv`] on raw pointers, for `G` heads from `p` and `out` on: `out[g·vd + c] +=
-/// Σ_{i<n} p[g·ps + i] · v[i·vd + c]`.
+/// Σ_{i<n} p[g·ps + i] · v[i·vs + c]`.
 #[derive(Clone, Copy)]
 struct PvPtrs {
     p: *const f32,
@@ -264,6 +235,7 @@ struct PvPtrs {
     v: *const f32,
     n: usize,
     vd: usize,
+    vs: usize,
     out: *mut f32,
 }
 
@@ -289,7 +261,7 @@ impl PvPtrs {
 ///
 /// # Safety
 /// Runs inside a `#[target_feature]` entry point for `S`; `p[g·ps + i]` is readable for `g < group`,
-/// `i < n`; `v` has `n · vd` readable values; `out` has `group · vd` writable ones.
+/// `i < n`; `v[i·vs + c]` is readable for `i < n`, `c < vd`; `out` has `group · vd` writable ones.
 #[inline(always)]
 unsafe fn pv_generic<S: Simd>(a: PvPtrs, group: usize) {
     let mut g = 0;
@@ -323,6 +295,7 @@ unsafe fn pv_block<S: Simd, const G: usize>(a: PvPtrs) {
         v,
         n,
         vd,
+        vs,
         out,
     } = a;
     // SAFETY: `c + LANES <= vd`, `i < n` and `g < G` keep every access inside the caller's ranges.
@@ -334,7 +307,7 @@ unsafe fn pv_block<S: Simd, const G: usize>(a: PvPtrs) {
                 *a = S::load(out.add(g * vd + c));
             }
             for i in 0..n {
-                let row = S::load(v.add(i * vd + c));
+                let row = S::load(v.add(i * vs + c));
                 for (g, a) in acc.iter_mut().enumerate() {
                     *a = S::fma(S::splat(*p.add(g * ps + i)), row, *a);
                 }
@@ -348,7 +321,7 @@ unsafe fn pv_block<S: Simd, const G: usize>(a: PvPtrs) {
             for g in 0..G {
                 let mut s = *out.add(g * vd + cc);
                 for i in 0..n {
-                    s += *p.add(g * ps + i) * *v.add(i * vd + cc);
+                    s += *p.add(g * ps + i) * *v.add(i * vs + cc);
                 }
                 *out.add(g * vd + cc) = s;
             }
