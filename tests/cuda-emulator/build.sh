@@ -17,7 +17,7 @@ flags=(-std=c++20 -O2 -march=native -g -fPIC -shared -Wall -Wextra -Wno-unused-p
 build() { # name sources...
     local name="$1" lib="$out/$1"; shift
     local newest
-    newest=$(ls -t "$@" "$here/build.sh" "$here/device.hpp" | head -1)
+    newest=$(ls -t "$@" "$here"/*.sh "$here"/*.hpp | head -1)
     if [ ! -f "$lib" ] || [ "$newest" -nt "$lib" ]; then
         "$cxx" "${flags[@]}" -DTESSERA_EMU_DIR="\"$here\"" -Wl,-soname,"$name" -o "$lib.tmp" "$@" -ldl -pthread
         mv "$lib.tmp" "$lib"

@@ -90,6 +90,42 @@ bool in_device_memory(const char* what, const void* p, size_t bytes) {
     return !check || check(what, (unsigned long long)p, bytes) == 0;
 }
 
+// A validated call, ready to run (now, or at every launch of the graph that captured it).
+struct Batched {
+    const char* fn;
+    int type, batch;
+    long long stride_a, stride_b, stride_c;
+    Gemm g;  // batch 0
+};
+
+void run_batched(void* p) {
+    const Batched& r = *(const Batched*)p;
+    static auto count = [] {
+        void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
+        return driver ? (void (*)(const char*))dlsym(driver, "tessera_emu_count") : nullptr;
+    }();
+    if (count) {
+        char what[80];
+        snprintf(what, sizeof what, "launch:%s", r.fn);
+        count(what);
+    }
+    static auto wait = [] {
+        void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
+        return driver ? (void (*)())dlsym(driver, "tessera_emu_async_wait") : nullptr;
+    }();
+    if (wait) wait();
+    const int eb = element_bytes(r.type);
+    for (int i = 0; i < r.batch; i++) {
+        Gemm g = r.g;
+        g.a = (const char*)r.g.a + r.stride_a * i * eb;
+        g.b = (const char*)r.g.b + r.stride_b * i * eb;
+        g.c = r.g.c + r.stride_c * i;
+        if (r.type == R_32F) run<R_32F>(g);
+        else if (r.type == R_16F) run<R_16F>(g);
+        else run<R_16BF>(g);
+    }
+}
+
 // The arguments of GemmEx, plus the strides and count of the strided-batched form (one batch,
 // zero strides, for GemmEx).
 struct Call {
@@ -154,30 +190,17 @@ int gemm(const Call& c) {
             return fail(c.fn, CUBLAS_STATUS_EXECUTION_FAILED, why);
         }
     }
-    static auto count = [] {
+    const Batched run{c.fn, c.a_type, c.batch, c.stride_a, c.stride_b, c.stride_c,
+                      Gemm{c.transa, c.transb, c.m, c.n, c.k, c.A, c.lda, c.B, c.ldb,
+                           (float*)c.C, c.ldc, *(const float*)c.alpha, *(const float*)c.beta}};
+    // Captured into a graph (scalars read now, as cuBLAS does in host pointer mode), or run.
+    static auto record = [] {
         void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
-        return driver ? (void (*)(const char*))dlsym(driver, "tessera_emu_count") : nullptr;
+        return driver ? (int (*)(void*, void (*)(void*), const void*, size_t))dlsym(
+                            driver, "tessera_emu_capture_host")
+                      : nullptr;
     }();
-    if (count) {
-        char what[80];
-        snprintf(what, sizeof what, "launch:%s", c.fn);
-        count(what);
-    }
-    static auto wait = [] {
-        void* driver = dlopen("libcuda.so", RTLD_NOW | RTLD_NOLOAD);
-        return driver ? (void (*)())dlsym(driver, "tessera_emu_async_wait") : nullptr;
-    }();
-    if (wait) wait();
-    const float al = *(const float*)c.alpha, be = *(const float*)c.beta;
-    for (int i = 0; i < c.batch; i++) {
-        const Gemm g{c.transa, c.transb, c.m, c.n, c.k,
-                     (const char*)c.A + c.stride_a * i * eb, c.lda,
-                     (const char*)c.B + c.stride_b * i * eb, c.ldb,
-                     (float*)c.C + c.stride_c * i, c.ldc, al, be};
-        if (c.a_type == R_32F) run<R_32F>(g);
-        else if (c.a_type == R_16F) run<R_16F>(g);
-        else run<R_16BF>(g);
-    }
+    if (!record || record(c.h->stream, run_batched, &run, sizeof run) == 0) run_batched((void*)&run);
     return CUBLAS_STATUS_SUCCESS;
 }
 

@@ -338,9 +338,26 @@ inline void call(void (*f)(A...), void** p) {
 
 }  // namespace emu
 
-// What the fake NVRTC appends for every kernel: an entry point the fake driver looks up by name.
-#define TESSERA_EMU_KERNEL(name) \
-    extern "C" void tessera_emu_entry_##name(void** p) { emu::call(&name, p); }
+namespace emu {
+
+// The byte size of each of `f`'s parameters into `out` (at most `max`); returns their count.
+template <class... A>
+inline unsigned param_sizes(void (*)(A...), size_t* out, unsigned max) {
+    const size_t sizes[] = {sizeof(std::remove_cv_t<std::remove_reference_t<A>>)..., 0};
+    const unsigned n = sizeof...(A);
+    for (unsigned i = 0; i < n && i < max; i++) out[i] = sizes[i];
+    return n;
+}
+
+}  // namespace emu
+
+// What the fake NVRTC appends for every kernel: an entry point the fake driver looks up by name,
+// and its parameters' sizes (for copying arguments into a captured graph).
+#define TESSERA_EMU_KERNEL(name)                                                  \
+    extern "C" void tessera_emu_entry_##name(void** p) { emu::call(&name, p); } \
+    extern "C" unsigned tessera_emu_params_##name(size_t* s, unsigned max) {    \
+        return emu::param_sizes(&name, s, max);                                 \
+    }
 
 // Runs a whole grid. Returns 0, or writes why it failed into `err` and returns 1.
 extern "C" int tessera_emu_launch(void (*entry)(void**), const unsigned* grid, const unsigned* block,

@@ -19,13 +19,16 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <iterator>
 #include <set>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -84,6 +87,8 @@ struct Function {
     Module* module;
     void (*entry)(void**);
     std::string name;
+    // The byte size of each parameter, for copying arguments into a captured graph.
+    unsigned (*param_sizes)(size_t*, unsigned) = nullptr;
     int max_dynamic_shared = 48 * 1024;  // raised by cuFuncSetAttribute, as on a GPU
 };
 
@@ -187,6 +192,8 @@ CUresult copy(const char* op, void* dst, const void* src, size_t n) {
     return CUDA_SUCCESS;
 }
 
+#include "capture.hpp"
+
 }  // namespace
 
 extern "C" {
@@ -235,6 +242,13 @@ CUresult cuGetErrorString(CUresult e, const char** s) {
         case CUDA_ERROR_INVALID_IMAGE: *s = "device kernel image is invalid"; break;
         case CUDA_ERROR_NOT_FOUND: *s = "named symbol not found"; break;
         case CUDA_ERROR_LAUNCH_FAILED: *s = "unspecified launch failure (emulator: see stderr)"; break;
+        case CUDA_ERROR_ILLEGAL_STATE: *s = "the operation is not valid in this state"; break;
+        case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED:
+            *s = "operation not permitted when stream is capturing (emulator: see stderr)";
+            break;
+        case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED:
+            *s = "operation failed due to a previous error during capture";
+            break;
         default: *s = "unknown error (emulator)"; break;
     }
     return CUDA_SUCCESS;
@@ -249,6 +263,9 @@ CUresult cuGetErrorName(CUresult e, const char** s) {
         case CUDA_ERROR_INVALID_IMAGE: *s = "CUDA_ERROR_INVALID_IMAGE"; break;
         case CUDA_ERROR_NOT_FOUND: *s = "CUDA_ERROR_NOT_FOUND"; break;
         case CUDA_ERROR_LAUNCH_FAILED: *s = "CUDA_ERROR_LAUNCH_FAILED"; break;
+        case CUDA_ERROR_ILLEGAL_STATE: *s = "CUDA_ERROR_ILLEGAL_STATE"; break;
+        case CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED: *s = "CUDA_ERROR_STREAM_CAPTURE_UNSUPPORTED"; break;
+        case CUDA_ERROR_STREAM_CAPTURE_INVALIDATED: *s = "CUDA_ERROR_STREAM_CAPTURE_INVALIDATED"; break;
         default: *s = "CUDA_ERROR_UNKNOWN"; break;
     }
     return CUDA_SUCCESS;
@@ -330,6 +347,10 @@ CUresult cuCtxGetDevice(int* dev) {
 }
 
 CUresult cuCtxSynchronize() {
+    {
+        std::lock_guard<std::recursive_mutex> g(big_lock);
+        if (capturing_any()) return refuse_in_capture("cuCtxSynchronize", "synchronising");
+    }
     async_wait();
     return CUDA_SUCCESS;
 }
@@ -351,6 +372,10 @@ CUresult cuStreamDestroy_v2(Stream* s) {
 }
 
 CUresult cuStreamSynchronize(Stream*) {
+    {
+        std::lock_guard<std::recursive_mutex> g(big_lock);
+        if (capturing_any()) return refuse_in_capture("cuStreamSynchronize", "synchronising");
+    }
     count("stream_synchronize");
     async_wait();
     return CUDA_SUCCESS;
@@ -419,15 +444,40 @@ CUresult cuMemPoolSetAttribute(void* pool, int attribute, void* value) {
 }
 
 CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) return refuse_in_capture("cuMemAlloc", "a synchronous allocation");
     count("alloc");
     return alloc(p, bytes);
 }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Stream*) {
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Stream* s) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
     count("alloc");
-    return alloc(p, bytes);
+    if (CUresult r = alloc(p, bytes)) return r;
+    if (capturing(s)) {
+        Node node{Node::Alloc};
+        node.dst = *p;
+        node.n = bytes;
+        capture.data->nodes.push_back(node);
+        capture.data->owned.push_back(*p);
+    }
+    return CUDA_SUCCESS;
 }
-CUresult cuMemFree_v2(CUdeviceptr p) { return release(p); }
-CUresult cuMemFreeAsync(CUdeviceptr p, Stream*) { return release(p); }
+CUresult cuMemFree_v2(CUdeviceptr p) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) return refuse_in_capture("cuMemFree", "a synchronous free");
+    return release(p);
+}
+CUresult cuMemFreeAsync(CUdeviceptr p, Stream* s) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing(s)) {
+        // The graph keeps its own allocations for its launches; anything else would be freed by
+        // every launch.
+        const auto& owned = capture.data->owned;
+        if (std::find(owned.begin(), owned.end(), p) != owned.end()) return CUDA_SUCCESS;
+        return refuse_in_capture("cuMemFreeAsync", "freeing memory allocated before the capture");
+    }
+    return release(p);
+}
 
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned) {
     *p = malloc(bytes ? bytes : 1);
@@ -442,6 +492,7 @@ CUresult cuMemFreeHost(void* p) {
 CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t n) {
     async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) return refuse_in_capture("cuMemcpyHtoD", "a synchronous or host copy");
     if (CUresult r = check_range("cuMemcpyHtoD", dst, n)) return r;
     count("copy_to_device");
     count("copy_to_device_bytes", n);
@@ -455,6 +506,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t n, Stream
 CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t n) {
     async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) return refuse_in_capture("cuMemcpyDtoH", "a synchronous or host copy");
     if (CUresult r = check_range("cuMemcpyDtoH", src, n)) return r;
     count("copy_to_host");
     count("copy_to_host_bytes", n);
@@ -468,13 +520,27 @@ CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t n, Stream*) {
 CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
     async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) return refuse_in_capture("cuMemcpyDtoD", "a synchronous or host copy");
     if (CUresult r = check_range("cuMemcpyDtoD (source)", src, n)) return r;
     if (CUresult r = check_range("cuMemcpyDtoD (destination)", dst, n)) return r;
     count("copy_on_device");
     return copy("cuMemcpyDtoD", (void*)dst, (const void*)src, n);
 }
 
-CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, Stream*) {
+CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, Stream* s) {
+    {
+        std::lock_guard<std::recursive_mutex> g(big_lock);
+        if (capturing(s)) {
+            if (CUresult r = check_range("cuMemcpyDtoDAsync (source)", src, n)) return r;
+            if (CUresult r = check_range("cuMemcpyDtoDAsync (destination)", dst, n)) return r;
+            Node node{Node::Copy};
+            node.dst = dst;
+            node.src = src;
+            node.n = n;
+            capture.data->nodes.push_back(node);
+            return CUDA_SUCCESS;
+        }
+    }
     return cuMemcpyDtoD_v2(dst, src, n);
 }
 
@@ -498,6 +564,7 @@ struct Memcpy2D {
 CUresult cuMemcpy2D_v2(const Memcpy2D* c) {
     async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) return refuse_in_capture("cuMemcpy2D", "a 2-D copy (not captured here)");
     if (c->height == 0 || c->width == 0) return CUDA_SUCCESS;
     if (c->src_array || c->dst_array) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuMemcpy2D", "arrays");
     if (c->src_pitch < c->width || c->dst_pitch < c->width) {
@@ -529,13 +596,26 @@ CUresult cuMemcpy2DAsync_v2(const Memcpy2D* c, Stream*) { return cuMemcpy2D_v2(c
 CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
     async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) return refuse_in_capture("cuMemsetD8", "a synchronous memset");
     if (CUresult r = check_range("cuMemsetD8", dst, n)) return r;
     count("memset");
     memset((void*)dst, v, n);
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, Stream*) {
+CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, Stream* s) {
+    {
+        std::lock_guard<std::recursive_mutex> g(big_lock);
+        if (capturing(s)) {
+            if (CUresult r = check_range("cuMemsetD8Async", dst, n)) return r;
+            Node node{Node::Memset};
+            node.dst = dst;
+            node.value = v;
+            node.n = n;
+            capture.data->nodes.push_back(node);
+            return CUDA_SUCCESS;
+        }
+    }
     return cuMemsetD8_v2(dst, v, n);
 }
 
@@ -569,6 +649,8 @@ CUresult cuModuleGetFunction(Function** f, Module* m, const char* name) {
     auto entry = (void (*)(void**))dlsym(m->handle, sym.c_str());
     if (!entry) return CUDA_ERROR_NOT_FOUND;
     *f = new Function{m, entry, name};
+    const std::string sizes = std::string("tessera_emu_params_") + name;
+    (*f)->param_sizes = (unsigned (*)(size_t*, unsigned))dlsym(m->handle, sizes.c_str());
     return CUDA_SUCCESS;
 }
 
@@ -590,13 +672,12 @@ CUresult cuFuncSetAttribute(Function* f, int attribute, int value) {
 CUresult cuFuncSetCacheConfig(Function*, int) { return CUDA_SUCCESS; }
 
 CUresult cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsigned bx,
-                        unsigned by, unsigned bz, unsigned shared_bytes, Stream*, void** params,
+                        unsigned by, unsigned bz, unsigned shared_bytes, Stream* s, void** params,
                         void** extra) {
     if (!f) return CUDA_ERROR_INVALID_HANDLE;
     if (extra) return fail(CUDA_ERROR_NOT_SUPPORTED, "cuLaunchKernel", "`extra` parameters");
     async_wait();
     std::lock_guard<std::recursive_mutex> g(big_lock);
-    count("launch:" + f->name);
     // The hardware's limits (compute capability 9.0), which the emulated launch would not notice.
     if (gx > 2147483647u || gy > 65535 || gz > 65535 || bx > 1024 || by > 1024 || bz > 64) {
         return fail(CUDA_ERROR_INVALID_VALUE, ("kernel " + f->name).c_str(),
@@ -613,11 +694,79 @@ CUresult cuLaunchKernel(Function* f, unsigned gx, unsigned gy, unsigned gz, unsi
                         "SIZE_BYTES)");
     }
     const unsigned grid[3] = {gx, gy, gz}, block[3] = {bx, by, bz};
-    char err[512] = {0};
-    if (f->module->launch(f->entry, grid, block, shared_bytes, params, err, sizeof err) != 0) {
-        return fail(CUDA_ERROR_LAUNCH_FAILED, ("kernel " + f->name).c_str(), err);
+    if (capturing(s)) return record_launch(f, grid, block, shared_bytes, params);
+    count("launch:" + f->name);
+    return run_kernel(f, grid, block, shared_bytes, params);
+}
+
+// ---- stream capture and graphs (capture.hpp)
+
+CUresult cuStreamBeginCapture_v2(Stream* s, int) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) {
+        return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamBeginCapture", "a capture is in progress");
     }
+    capture = Capture{s, std::make_shared<GraphData>(), false};
     return CUDA_SUCCESS;
+}
+
+CUresult cuStreamEndCapture(Stream* s, Graph** out) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    *out = nullptr;
+    if (!capturing(s)) {
+        return fail(CUDA_ERROR_ILLEGAL_STATE, "cuStreamEndCapture", "the stream is not capturing");
+    }
+    Capture done = std::move(capture);
+    capture = Capture{};
+    if (done.invalidated) return CUDA_ERROR_STREAM_CAPTURE_INVALIDATED;  // frees its memory
+    *out = new Graph{done.data};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuStreamIsCapturing(Stream* s, int* status) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    *status = !capturing(s) ? 0 : capture.invalidated ? 2 : 1;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGraphInstantiateWithFlags(GraphExec** exec, Graph* graph, unsigned long long) {
+    if (!graph) return CUDA_ERROR_INVALID_VALUE;
+    *exec = new GraphExec{graph->data};
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGraphUpload(GraphExec* exec, Stream*) { return exec ? CUDA_SUCCESS : CUDA_ERROR_INVALID_VALUE; }
+
+CUresult cuGraphLaunch(GraphExec* exec, Stream*) {
+    if (!exec) return CUDA_ERROR_INVALID_VALUE;
+    async_wait();
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (capturing_any()) return refuse_in_capture("cuGraphLaunch", "launching a graph (not captured here)");
+    return run_graph(*exec->data);
+}
+
+CUresult cuGraphExecDestroy(GraphExec* exec) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    delete exec;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuGraphDestroy(Graph* graph) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    delete graph;
+    return CUDA_SUCCESS;
+}
+
+// For the emulator's cuBLAS: records `fn(ctx)` (ctx copied) when `stream` is capturing and
+// returns 1; returns 0 (the caller runs it now) otherwise.
+int tessera_emu_capture_host(void* stream, void (*fn)(void*), const void* ctx, size_t bytes) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (!capturing((Stream*)stream)) return 0;
+    Node node{Node::Host};
+    node.host = fn;
+    node.host_ctx.assign((const char*)ctx, (const char*)ctx + bytes);
+    capture.data->nodes.push_back(std::move(node));
+    return 1;
 }
 
 }  // extern "C"

@@ -31,7 +31,7 @@ for line in sys.stdin:
 
 cargo build --release --locked --features cuda --bin tessera
 strip -o .gpubin/tessera target/release/tessera
-tests=(--test cuda)
+tests=(--test cuda --test cuda_graph)
 [ -f kernels/tests/nccl.rs ] && tests+=(--test nccl)
 cargo test --release --locked --no-run -p tessera-kernels --features cuda "${tests[@]}"
 cargo test --release --locked --no-run --features cuda --test gpu

@@ -24,6 +24,8 @@ mod bandwidth;
 #[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
+mod graph;
+#[cfg(feature = "cuda")]
 mod imp;
 #[cfg(feature = "cuda")]
 mod moe;
@@ -44,6 +46,8 @@ mod probe;
 pub use attention::{CudaKv, CudaStep};
 #[cfg(feature = "cuda")]
 pub use device::{CudaBackend, CudaTensor, CudaWeight, DeviceInfo, compile_kernels};
+#[cfg(feature = "cuda")]
+pub use graph::DeviceGraph;
 #[cfg(feature = "cuda")]
 pub use moe::CudaRouting;
 #[cfg(feature = "cuda")]

@@ -1,0 +1,92 @@
+//! CUDA graphs: device work captured once and replayed with one launch.
+//!
+//! A decode step is hundreds of small kernels, and at small batches the host's cost of
+//! launching them one by one, not the GPU, bounds the step. A graph records the work a closure
+//! queues on the backend's stream and replays all of it with one `cuGraphLaunch`. What a replay
+//! sees is fixed at capture: kernel arguments (device addresses and scalars), launch shapes and
+//! every allocation's address. So a replayed step reads its inputs from, and writes its outputs
+//! to, tensors that live across launches: the caller fills them ([`CudaBackend::write_into`])
+//! before each launch and copies the captured results into them inside the capture
+//! ([`CudaBackend::copy_into`]). Tensors allocated inside the capture belong to the graph and
+//! must be dropped inside it too.
+//!
+//! CUDA refuses, and invalidates the capture on, anything a graph cannot hold: copies to or from
+//! the host and synchronisation. So an operation that needs the host (an upload of per-step
+//! metadata, a host round-trip) fails the capture with an error, never a wrong replay.
+
+use cudarc::driver::CudaGraph;
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+
+use super::device::{CudaBackend, CudaTensor};
+use crate::{BackendError, Result};
+
+/// Work captured by [`CudaBackend::capture`], replayed by [`CudaBackend::replay`].
+pub struct DeviceGraph {
+    graph: CudaGraph,
+}
+
+impl CudaBackend {
+    /// Captures the device work `body` queues into a graph, or returns the first error: one of
+    /// `body`'s own, or the driver's refusal of something a graph cannot hold. The stream is out
+    /// of capture mode again either way.
+    pub fn capture(&self, body: impl FnOnce() -> Result<()>) -> Result<DeviceGraph> {
+        const OP: &str = "capture";
+        self.stream
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(|e| BackendError::device(OP, e))?;
+        let ran = body();
+        // A refused free inside the capture is recorded on the context, not returned; taken
+        // first, since cudarc refuses every later call (ending the capture too) while it is set.
+        let recorded = self.ctx.check_err();
+        let ended = self.stream.end_capture(CUgraphInstantiate_flags(0));
+        ran?;
+        recorded.map_err(|e| BackendError::device(OP, e))?;
+        match ended.map_err(|e| BackendError::device(OP, e))? {
+            Some(graph) => Ok(DeviceGraph { graph }),
+            None => Err(BackendError::invalid(OP, "the capture recorded no work")),
+        }
+    }
+
+    /// Runs a captured graph on this backend's stream (counted as one launch).
+    pub fn replay(&self, g: &DeviceGraph) -> Result<()> {
+        self.counted();
+        g.graph
+            .launch()
+            .map_err(|e| BackendError::device("replay", e))
+    }
+
+    /// Overwrites `dst` with `data` from the host (outside a capture: a graph's inputs).
+    pub fn write_into(&self, dst: &mut CudaTensor, data: &[f32]) -> Result<()> {
+        const OP: &str = "write_into";
+        if data.len() != dst.rows * dst.cols {
+            return Err(BackendError::shape(
+                OP,
+                format!("{} values for {}x{}", data.len(), dst.rows, dst.cols),
+            ));
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_htod(data, &mut dst.data)
+            .map_err(|e| BackendError::device(OP, e))
+    }
+
+    /// Copies `src` into `dst` on the device (inside a capture: a graph's outputs).
+    pub fn copy_into(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
+        const OP: &str = "copy_into";
+        if (dst.rows, dst.cols) != (src.rows, src.cols) {
+            return Err(BackendError::shape(
+                OP,
+                format!("{}x{} into {}x{}", src.rows, src.cols, dst.rows, dst.cols),
+            ));
+        }
+        let n = src.rows * src.cols;
+        if n == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtod(&src.data.slice(..n), &mut dst.data)
+            .map_err(|e| BackendError::device(OP, e))
+    }
+}
