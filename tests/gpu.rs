@@ -343,9 +343,11 @@ fn a_decode_step_copies_the_same_whatever_the_layer_count() {
             "{what} per decode step grows with layers"
         );
     }
-    // Up: six arrays of step metadata, the token ids, the rows to keep. Down: the greedy row's
-    // summary and the step's expert counts.
-    assert!(get(&four, "copy_to_device") <= 8.0, "{four:?}");
+    // Up: six arrays of step metadata, the token ids, the rows to keep, the table of the step's
+    // routings for the one expert-count kernel. Down: the greedy row's summary and the step's
+    // expert counts.
+    assert!(get(&four, "copy_to_device") <= 9.0, "{four:?}");
+    assert_eq!(get(&four, "launch:moe_count"), 1.0, "{four:?}");
     assert!(get(&four, "copy_to_host") <= 2.0, "{four:?}");
     assert!(
         launches(&four) > launches(&two) + 2.0 * 10.0,

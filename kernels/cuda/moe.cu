@@ -491,12 +491,15 @@ extern "C" __global__ void moe_combine(float* out, const float* y, const u32* sl
     }
 }
 
-// counts[e] += number of routed pairs choosing e (< num_experts). One thread per pair; integer
-// atomics, so the counts are exact whatever the order.
-extern "C" __global__ void moe_count(u32* counts, const u32* ids, u32 pairs, u32 num_experts) {
-    const u32 p = blockIdx.x * blockDim.x + threadIdx.x;
-    if (p < pairs) {
-        const u32 e = ids[p];
-        if (e < num_experts) atomicAdd(&counts[e], 1u);
+// Tokens per expert of several routings at once: counts[r * num_experts + e] += the pairs of
+// routing r choosing e (< num_experts). table[r] is the address of routing r's ids and
+// table[gridDim.y + r] its pair count. Grid: (pair blocks, routings); one thread per pair;
+// integer atomics, so the counts are exact whatever the order.
+extern "C" __global__ void moe_count(u32* counts, const u64* table, u32 num_experts) {
+    const u32 r = blockIdx.y;
+    const u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (p < table[gridDim.y + r]) {
+        const u32 e = ((const u32*)table[r])[p];
+        if (e < num_experts) atomicAdd(&counts[(u64)r * num_experts + e], 1u);
     }
 }

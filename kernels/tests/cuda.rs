@@ -871,6 +871,12 @@ fn expert_counts_many_matches_cpu() {
         );
     }
     let refs: Vec<_> = routings.iter().collect();
+    let counter = g.launch_counter();
+    let before = counter.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(g.expert_counts_many(&refs, e).unwrap(), want);
+    let launches = counter.load(std::sync::atomic::Ordering::Relaxed) - before;
+    assert_eq!(launches, 1, "one count kernel for every routing of a step");
+    // Again: the counts start from zero.
     assert_eq!(g.expert_counts_many(&refs, e).unwrap(), want);
     assert_eq!(g.expert_counts(&routings[3], e).unwrap(), want[3]);
     assert!(g.expert_counts_many(&[], e).unwrap().is_empty());

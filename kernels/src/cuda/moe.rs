@@ -14,7 +14,7 @@
 //! Expert counts for metrics are counted on the device too, all MoE layers of a step into one
 //! buffer that is copied to the host once ([`crate::Backend::expert_counts_many`]).
 
-use cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::device::{CudaBackend, CudaTensor, CudaWeight, grid_1d, to_u32};
 use crate::{BackendError, GroupScore, Result, RouterParams, Scoring};
@@ -167,9 +167,10 @@ impl CudaBackend {
         })
     }
 
-    /// Tokens per expert for each routing: one `moe_count` launch per routing into one device
-    /// buffer, then a single copy to the host for all of them (a step's MoE layers share one
-    /// synchronisation instead of paying one each).
+    /// Tokens per expert for each routing: one `moe_count` launch over all of them (their id
+    /// buffers' addresses uploaded as a small table: the addresses change from step to step),
+    /// then one copy to the host, so a step's MoE layers share one launch, one upload and one
+    /// synchronisation instead of a launch each.
     pub(super) fn expert_counts_many_impl(
         &self,
         routings: &[&CudaRouting],
@@ -181,21 +182,37 @@ impl CudaBackend {
             return Ok(vec![Vec::new(); routings.len()]);
         }
         let mut counts = self.zeros::<u32>(OP, total)?;
-        let e32 = to_u32(OP, num_experts)?;
-        for (i, r) in routings.iter().enumerate() {
-            let pairs = r.tokens * r.top_k;
-            if pairs == 0 {
-                continue;
-            }
-            let p32 = to_u32(OP, pairs)?;
-            let mut dst = counts.slice_mut(i * num_experts..(i + 1) * num_experts);
+        // One pair count for the launch: routings of one step agree; otherwise the largest,
+        // with each routing's own passed in the table's second half.
+        let pairs: Vec<u64> = routings.iter().map(|r| (r.tokens * r.top_k) as u64).collect();
+        let most = pairs.iter().copied().max().unwrap_or(0);
+        if routings.len() > 65_535 {
+            return Err(BackendError::invalid(
+                OP,
+                format!("{} routings in one step", routings.len()),
+            ));
+        }
+        if most > 0 {
+            let mut table: Vec<u64> = routings
+                .iter()
+                .map(|r| r.ids.device_ptr(&self.stream).0)
+                .collect();
+            table.extend(&pairs);
+            let table = self.upload(OP, &table)?;
+            let (n32, e32) = (to_u32(OP, routings.len())?, to_u32(OP, num_experts)?);
+            let cfg = LaunchConfig {
+                grid_dim: (to_u32(OP, most.div_ceil(256) as usize)?, n32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
             let mut b = self.stream.launch_builder(self.func("moe_count")?);
-            b.arg(&mut dst).arg(&r.ids).arg(&p32).arg(&e32);
-            // SAFETY: moe_count(u32* counts, const u32* ids, u32 pairs, u32 num_experts): one
-            // thread per pair, threads past `pairs` return; ids holds tokens*top_k = pairs ids
-            // (allocated so by route); dst is this routing's num_experts counters and only ids
-            // below num_experts are counted.
-            unsafe { b.launch(grid_1d(pairs)) }.map_err(|e| BackendError::device(OP, e))?;
+            b.arg(&mut counts).arg(&table).arg(&e32);
+            // SAFETY: moe_count(u32* counts, const u64* table, u32 num_experts): grid
+            // (ceil(max pairs / 256), routings); table holds each routing's ids address (a live
+            // buffer of its tokens*top_k ids: the routings are borrowed for the call) followed by
+            // each one's pair count, and threads past their routing's count return; counts holds
+            // routings*num_experts counters and only ids below num_experts are counted.
+            unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
         }
         let flat = self.download(OP, &counts, total)?;
         Ok(flat.chunks(num_experts).map(<[u32]>::to_vec).collect())
