@@ -272,9 +272,13 @@ impl<B: Backend> Model<B> {
         if let Some(f) = pending {
             b.add_assign(&mut x, &f)?;
         }
-        let x = self
-            .final_norm
-            .forward(b, &b.gather_rows(&x, logit_rows)?)?;
+        // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
+        let kept = if logit_rows.iter().copied().eq(0..tokens.len()) {
+            x
+        } else {
+            b.gather_rows(&x, logit_rows)?
+        };
+        let x = self.final_norm.forward(b, &kept)?;
         let all = match &self.lm_head {
             Some(head) if self.tp.world() > 1 => {
                 self.tp.comm.all_gather_cols(b, head.forward(b, &x)?)?

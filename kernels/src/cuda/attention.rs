@@ -2,11 +2,13 @@
 //!
 //! [`CudaStep`] is built once per forward step: RoPE angles per new token (computed on the host by
 //! the CPU backend's own function, so both backends rotate by bit-identical angles), each token's
-//! position and cache slot, and the sequences' block tables, uploaded once and read by every
-//! layer. The cache stores keys and values in bf16 with the CPU backend's layout
+//! position and cache slot, and the sequences' block tables, packed into one buffer and uploaded
+//! with one copy, then read by every layer. The cache stores keys and values in bf16 with the CPU backend's layout
 //! `[block][kv_head][slot][dim]`.
 
-use cudarc::driver::{CudaSlice, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
+use std::ops::Range;
+
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
 use super::plan;
@@ -23,19 +25,44 @@ pub struct CudaStep {
     /// Rotary pairs per head (`rot_dim / 2`).
     pub(super) half: usize,
     pub(super) layout: RopeLayout,
-    /// `[tokens, half]` each, already multiplied by the attention scaling.
-    pub(super) cos: CudaSlice<f32>,
-    pub(super) sin: CudaSlice<f32>,
+    /// Every array below, one after the other (f32 arrays as their bit patterns).
+    packed: CudaSlice<u32>,
+    /// `[tokens, half]` f32 each, already multiplied by the attention scaling.
+    cos: Range<usize>,
+    sin: Range<usize>,
     /// Position of each new token.
-    tok_pos: CudaSlice<u32>,
+    tok_pos: Range<usize>,
     /// Offset in `tables` of each new token's block table.
-    tok_table: CudaSlice<u32>,
+    tok_table: Range<usize>,
     /// Every sequence's block table, concatenated.
-    tables: CudaSlice<u32>,
+    tables: Range<usize>,
     /// `block * block_size + slot` where each new token's key and value go.
-    slots: CudaSlice<u32>,
+    slots: Range<usize>,
     /// The largest block any sequence uses for its context (checked against a cache's size).
     max_block: Option<u32>,
+}
+
+impl CudaStep {
+    fn part(&self, r: &Range<usize>) -> CudaView<'_, u32> {
+        self.packed.slice(r.clone())
+    }
+
+    /// The cosines, as f32 bit patterns: kernels declare them `const float*`.
+    pub(super) fn cos(&self) -> CudaView<'_, u32> {
+        self.part(&self.cos)
+    }
+
+    /// The sines, as f32 bit patterns (see [`CudaStep::cos`]).
+    pub(super) fn sin(&self) -> CudaView<'_, u32> {
+        self.part(&self.sin)
+    }
+}
+
+/// Appends `part` to `packed` and returns where it went.
+fn pack(packed: &mut Vec<u32>, part: impl IntoIterator<Item = u32>) -> Range<usize> {
+    let start = packed.len();
+    packed.extend(part);
+    start..packed.len()
 }
 
 /// One layer's paged K and V cache in device memory (bf16 bit patterns); no V storage when the
@@ -116,16 +143,24 @@ impl CudaBackend {
         let positions = meta.positions();
         let (cos, sin) =
             crate::cpu::ops::rope_angles(&positions, &rope.inv_freq, rope.attention_scaling);
+        let mut packed = Vec::new();
+        let cos = pack(&mut packed, cos.iter().map(|v| v.to_bits()));
+        let sin = pack(&mut packed, sin.iter().map(|v| v.to_bits()));
+        let tok_pos = pack(&mut packed, positions);
+        let tok_table = pack(&mut packed, tok_table);
+        let tables = pack(&mut packed, tables);
+        let slots = pack(&mut packed, slots);
         Ok(CudaStep {
             meta: meta.clone(),
             half: rope.inv_freq.len(),
             layout: rope.layout,
-            cos: self.upload(OP, &cos)?,
-            sin: self.upload(OP, &sin)?,
-            tok_pos: self.upload(OP, &positions)?,
-            tok_table: self.upload(OP, &tok_table)?,
-            tables: self.upload(OP, &tables)?,
-            slots: self.upload(OP, &slots)?,
+            packed: self.upload(OP, &packed)?,
+            cos,
+            sin,
+            tok_pos,
+            tok_table,
+            tables,
+            slots,
             max_block,
         })
     }
@@ -195,7 +230,8 @@ impl CudaBackend {
             None => b.arg(kc).arg(&0u64),
         };
         b.arg(&k.data).arg(&v.unwrap_or(k).data);
-        b.arg(&step.slots).arg(&heads).arg(&kd).arg(&vd).arg(&bs);
+        let slots = step.part(&step.slots);
+        b.arg(&slots).arg(&heads).arg(&kd).arg(&vd).arg(&bs);
         // SAFETY: write_kv(u16* kc, u16* vc, const float* k, const float* v, const u32* slots,
         // u32 kv_heads, u32 kd, u32 vd, u32 block_size): one block per token; k holds
         // n*heads*kd floats and v, when the cache stores values, n*heads*vd (check_write);
@@ -304,11 +340,12 @@ impl CudaBackend {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: launch.smem,
         };
+        let views = StepViews::of(step);
         let mut b = self
             .stream
             .launch_builder(self.func(grouping.kernel.names().0)?);
         b.arg(&mut out.data);
-        launch.push_inputs(&mut b);
+        launch.push_inputs(&mut b, &views);
         // SAFETY: paged_attention[_wide](float* out, const float* q, const u16* kc,
         // const u16* vc, const u32* tok_pos, const u32* tok_table, const u32* tables,
         // AttnArgs a): grid (tokens, kv_heads * head_groups), each block serving at most
@@ -343,9 +380,10 @@ impl CudaBackend {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: l.smem,
         };
+        let views = StepViews::of(l.step);
         let mut b = self.stream.launch_builder(self.func(l.kernel.names().1)?);
         b.arg(&mut part_acc).arg(&mut part_ml);
-        l.push_inputs(&mut b);
+        l.push_inputs(&mut b, &views);
         // SAFETY: paged_attention_split[_wide](float* part_acc, float* part_ml, then the inputs
         // of paged_attention[_wide]): grid (tokens, kv_heads * head_groups, splits); part_acc holds
         // rows*splits*v_dim floats
@@ -382,15 +420,32 @@ struct AttnLaunch<'a> {
     smem: u32,
 }
 
+/// The step's arrays the attention kernels read.
+struct StepViews<'a> {
+    tok_pos: CudaView<'a, u32>,
+    tok_table: CudaView<'a, u32>,
+    tables: CudaView<'a, u32>,
+}
+
+impl<'a> StepViews<'a> {
+    fn of(step: &'a CudaStep) -> Self {
+        StepViews {
+            tok_pos: step.part(&step.tok_pos),
+            tok_table: step.part(&step.tok_table),
+            tables: step.part(&step.tables),
+        }
+    }
+}
+
 impl AttnLaunch<'_> {
     /// q, kc, vc, tok_pos, tok_table, tables, args: the parameters after the outputs.
-    fn push_inputs<'b>(&'b self, b: &mut LaunchArgs<'b>) {
+    fn push_inputs<'b>(&'b self, b: &mut LaunchArgs<'b>, views: &'b StepViews<'b>) {
         b.arg(&self.q.data)
             .arg(&self.cache.k)
             .arg(self.cache.values())
-            .arg(&self.step.tok_pos)
-            .arg(&self.step.tok_table)
-            .arg(&self.step.tables)
+            .arg(&views.tok_pos)
+            .arg(&views.tok_table)
+            .arg(&views.tables)
             .arg(&self.args);
     }
 }

@@ -184,7 +184,10 @@ impl CudaBackend {
         let mut counts = self.zeros::<u32>(OP, total)?;
         // One pair count for the launch: routings of one step agree; otherwise the largest,
         // with each routing's own passed in the table's second half.
-        let pairs: Vec<u64> = routings.iter().map(|r| (r.tokens * r.top_k) as u64).collect();
+        let pairs: Vec<u64> = routings
+            .iter()
+            .map(|r| (r.tokens * r.top_k) as u64)
+            .collect();
         let most = pairs.iter().copied().max().unwrap_or(0);
         if routings.len() > 65_535 {
             return Err(BackendError::invalid(

@@ -625,11 +625,13 @@ impl CudaBackend {
             return Ok(());
         }
         let args = RopeArgs::new(OP, x, step, at)?;
+        let (cos, sin) = (step.cos(), step.sin());
         let mut b = self.stream.launch_builder(self.func(OP)?);
-        b.arg(&mut x.data).arg(&step.cos).arg(&step.sin).arg(&args);
+        b.arg(&mut x.data).arg(&cos).arg(&sin).arg(&args);
         // SAFETY: rope(float* x, const float* cos, const float* sin, RopeArgs a): x holds
         // rows*cols floats and every rotated element lies inside a row (`need <= cols`, checked);
-        // cos and sin hold rows*half floats (built by prepare_step for these rows).
+        // cos and sin hold rows*half floats (built by prepare_step for these rows, as f32 bit
+        // patterns: the kernel reads them as the floats they are).
         unsafe { b.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(())
     }
@@ -671,12 +673,13 @@ impl CudaBackend {
             return Ok(out);
         }
         let args = RopeArgs::new(OP, x, step, at)?;
+        let (cos, sin) = (step.cos(), step.sin());
         let mut b = self.stream.launch_builder(self.func(OP)?);
         b.arg(&mut out.data)
             .arg(&x.data)
             .arg(wv)
-            .arg(&step.cos)
-            .arg(&step.sin)
+            .arg(&cos)
+            .arg(&sin)
             .arg(&eps)
             .arg(&args);
         // SAFETY: norm_rope(float* out, const float* x, const float* w, const float* cos,
@@ -684,7 +687,7 @@ impl CudaBackend {
         // block_sum needs) per (token, head); x and out hold rows*num_heads*head_stride floats
         // (heads fill the rows, checked), w holds head_stride, every rotated element lies inside
         // its head (offset + rot_dim <= head_stride, checked); cos and sin hold rows*half floats
-        // (built by prepare_step for these rows, checked).
+        // (built by prepare_step for these rows as f32 bit patterns, checked).
         unsafe { b.launch(grid_rows(groups, 128)) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(out)
     }
