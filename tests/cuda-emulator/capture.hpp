@@ -88,6 +88,24 @@ CUresult record_launch(Function* f, const unsigned* grid, const unsigned* block,
     return CUDA_SUCCESS;
 }
 
+// Records a memset (`value`) or a device-to-device copy (from `src`) of `n` bytes at `dst`, its
+// ranges checked now as the eager call would.
+CUresult record_memory(Node::Kind kind, CUdeviceptr dst, CUdeviceptr src, unsigned char value,
+                       size_t n) {
+    const char* op = kind == Node::Copy ? "cuMemcpyDtoDAsync" : "cuMemsetD8Async";
+    if (CUresult r = check_range(op, dst, n)) return r;
+    if (kind == Node::Copy) {
+        if (CUresult r = check_range(op, src, n)) return r;
+    }
+    Node node{kind};
+    node.dst = dst;
+    node.src = src;
+    node.value = value;
+    node.n = n;
+    capture.data->nodes.push_back(node);
+    return CUDA_SUCCESS;
+}
+
 CUresult run_kernel(Function* f, const unsigned* grid, const unsigned* block, unsigned shared,
                     void** params) {
     char err[512] = {0};

@@ -530,16 +530,7 @@ CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t n) {
 CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t n, Stream* s) {
     {
         std::lock_guard<std::recursive_mutex> g(big_lock);
-        if (capturing(s)) {
-            if (CUresult r = check_range("cuMemcpyDtoDAsync (source)", src, n)) return r;
-            if (CUresult r = check_range("cuMemcpyDtoDAsync (destination)", dst, n)) return r;
-            Node node{Node::Copy};
-            node.dst = dst;
-            node.src = src;
-            node.n = n;
-            capture.data->nodes.push_back(node);
-            return CUDA_SUCCESS;
-        }
+        if (capturing(s)) return record_memory(Node::Copy, dst, src, 0, n);
     }
     return cuMemcpyDtoD_v2(dst, src, n);
 }
@@ -606,15 +597,7 @@ CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) {
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, Stream* s) {
     {
         std::lock_guard<std::recursive_mutex> g(big_lock);
-        if (capturing(s)) {
-            if (CUresult r = check_range("cuMemsetD8Async", dst, n)) return r;
-            Node node{Node::Memset};
-            node.dst = dst;
-            node.value = v;
-            node.n = n;
-            capture.data->nodes.push_back(node);
-            return CUDA_SUCCESS;
-        }
+        if (capturing(s)) return record_memory(Node::Memset, dst, 0, v, n);
     }
     return cuMemsetD8_v2(dst, v, n);
 }
