@@ -1,6 +1,7 @@
-//! Paged decode attention on the CPU at Qwen3-30B-A3B's shape (32 query heads, 4 KV heads of 128)
-//! and Mixtral-8x7B's (32 query heads, 8 KV heads of 128), over contexts of 512 and 2048 positions
-//! scattered over 16-slot blocks.
+//! Paged decode attention on the CPU at Qwen3-30B-A3B's shape (32 query heads, 4 KV heads of 128),
+//! Mixtral-8x7B's (32 query heads, 8 KV heads of 128) and DeepSeek-V3's latent attention at 8-way
+//! tensor parallelism (16 query heads over one latent head of 576 whose first 512 values are the
+//! values), over contexts of 512 and 2048 positions scattered over 16-slot blocks.
 //!
 //! `cargo bench -p tessera-kernels --bench attention`. Throughput is the bytes of keys and values
 //! read per call (f32 cache), to compare with the `roofs` group of the `linear` bench; at these
@@ -18,9 +19,39 @@ use tessera_kernels::{
     AttentionParams, Backend, KvSpec, KvValues, RopeLayout, RopeTable, SeqMeta, StepMeta,
 };
 
-/// (name, query heads, KV heads, head dim).
-const SHAPES: &[(&str, usize, usize, usize)] =
-    &[("qwen3_30b_a3b", 32, 4, 128), ("mixtral_8x7b", 32, 8, 128)];
+/// An attention shape: query heads over KV heads of `k_dim`, values `v_dim` wide.
+struct Shape {
+    name: &'static str,
+    heads: usize,
+    kv_heads: usize,
+    k_dim: usize,
+    v_dim: usize,
+    values: KvValues,
+}
+
+const fn gqa(name: &'static str, heads: usize, kv_heads: usize) -> Shape {
+    Shape {
+        name,
+        heads,
+        kv_heads,
+        k_dim: 128,
+        v_dim: 128,
+        values: KvValues::Separate,
+    }
+}
+
+const SHAPES: &[Shape] = &[
+    gqa("qwen3_30b_a3b", 32, 4),
+    gqa("mixtral_8x7b", 32, 8),
+    Shape {
+        name: "deepseek_v3_latent_tp8",
+        heads: 16,
+        kv_heads: 1,
+        k_dim: 576,
+        v_dim: 512,
+        values: KvValues::KeyPrefix,
+    },
+];
 const CONTEXTS: &[usize] = &[512, 2048];
 const BATCHES: &[usize] = &[1, 16];
 const BLOCK: usize = 16;
@@ -33,7 +64,8 @@ fn attention(c: &mut Criterion) {
         layout: RopeLayout::Half,
     };
     let mut group = c.benchmark_group("attention");
-    for &(name, heads, kv_heads, d) in SHAPES {
+    for shape in SHAPES {
+        let (name, heads, kv_heads, d) = (shape.name, shape.heads, shape.kv_heads, shape.k_dim);
         for &ctx in CONTEXTS {
             for &batch in BATCHES {
                 let per_seq = ctx.div_ceil(BLOCK);
@@ -42,8 +74,8 @@ fn attention(c: &mut Criterion) {
                     block_size: BLOCK,
                     num_kv_heads: kv_heads,
                     k_dim: d,
-                    v_dim: d,
-                    values: KvValues::Separate,
+                    v_dim: shape.v_dim,
+                    values: shape.values,
                 };
                 let mut cache = b.alloc_kv(spec).expect("cache");
                 // Fill the cache through the backend: every sequence's whole context at once.
@@ -60,16 +92,17 @@ fn attention(c: &mut Criterion) {
                     seqs: seqs.clone(),
                     block_size: BLOCK,
                 };
-                let kv = |seed| {
+                let kv = |seed, width| {
                     b.tensor_from_host(
-                        values(batch * ctx * kv_heads * d, seed).collect(),
+                        values(batch * ctx * kv_heads * width, seed).collect(),
                         batch * ctx,
-                        kv_heads * d,
+                        kv_heads * width,
                     )
                     .expect("kv")
                 };
                 let step = b.prepare_step(&fill, &rope).expect("step");
-                b.write_kv(&mut cache, &kv(1), Some(&kv(2)), &step)
+                let v = (shape.values == KvValues::Separate).then(|| kv(2, shape.v_dim));
+                b.write_kv(&mut cache, &kv(1, d), v.as_ref(), &step)
                     .expect("write");
                 // Decode: the last position of every sequence.
                 let decode = StepMeta {
@@ -92,12 +125,17 @@ fn attention(c: &mut Criterion) {
                     num_heads: heads,
                     num_kv_heads: kv_heads,
                     qk_dim: d,
-                    v_dim: d,
+                    v_dim: shape.v_dim,
                     scale: (d as f32).powf(-0.5),
                     sliding_window: None,
                 };
+                // Elements read per position: keys, and values where they are stored apart.
+                let stored = match shape.values {
+                    KvValues::Separate => d + shape.v_dim,
+                    KvValues::KeyPrefix => d,
+                };
                 group.throughput(Throughput::BytesDecimal(
-                    (batch * ctx * kv_heads * d * 2 * 4) as u64,
+                    (batch * ctx * kv_heads * stored * 4) as u64,
                 ));
                 group.bench_function(
                     BenchmarkId::new(format!("{name}/ctx{ctx}"), format!("t{batch}")),

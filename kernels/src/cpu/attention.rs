@@ -150,16 +150,30 @@ pub(crate) fn attention(
         macs += s.num_tokens * s.context_len * p.num_heads * (p.qk_dim + p.v_dim);
     }
     let group = p.num_heads / p.num_kv_heads;
+    let parallel = super::linear::worth_parallel(macs);
+    // Few units and many heads per KV head (MLA's one latent head at decode) would leave
+    // threads idle: a KV head's heads are then cut into `parts` units, each reading the keys
+    // and values again for its share.
+    let parts = if parallel {
+        head_parts(group, n * p.num_kv_heads, rayon::current_num_threads())
+    } else {
+        1
+    };
+    let gs = group / parts;
     let bs = spec.block_size;
     let isa = Isa::best();
-    // One unit of work: token `t`'s query heads that share KV head `kvh` (adjacent in `q` and in
-    // the output).
+    // One unit of work: token `t`'s query heads `part * gs ..` of those that share KV head `kvh`
+    // (adjacent in `q` and in the output).
     let unit = |u: usize, ogroup: &mut [f32]| {
-        let (t, kvh) = (u / p.num_kv_heads, u % p.num_kv_heads);
+        let (t, kvh, part) = (
+            u / (p.num_kv_heads * parts),
+            (u / parts) % p.num_kv_heads,
+            u % parts,
+        );
         let (si, pos) = row_of_token[t];
         let table = &meta.seqs[si].block_table;
         let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let q_group = &q[t * qw + kvh * group * p.qk_dim..][..group * p.qk_dim];
+        let q_group = &q[t * qw + (kvh * group + part * gs) * p.qk_dim..][..gs * p.qk_dim];
         // Runs of consecutive positions in one block: (first position, block, slot, length).
         let runs = (lo / bs..=pos / bs).map(|b| {
             let first = (b * bs).max(lo);
@@ -168,17 +182,17 @@ pub(crate) fn attention(
         });
         let len = pos + 1 - lo;
         // `probs[g · len + i]`: head `g`'s weight for position `lo + i`.
-        scratch::with_zeroed(len * group, |probs| {
-            scratch::with_zeroed(bs * group, |block_scores| {
+        scratch::with_zeroed(len * gs, |probs| {
+            scratch::with_zeroed(bs * gs, |block_scores| {
                 for (first, block, slot, n) in runs.clone() {
                     let keys = Mat {
                         w: WeightView::F32(&cache.k),
                         offset: spec.at(block, kvh, slot, p.qk_dim),
                         stride: p.qk_dim,
                     };
-                    let s = &mut block_scores[..n * group];
+                    let s = &mut block_scores[..n * gs];
                     rows_times_x(isa, keys, 0..n, Acts::rows(q_group, p.qk_dim), s);
-                    for (i, row) in s.chunks_exact(group).enumerate() {
+                    for (i, row) in s.chunks_exact(gs).enumerate() {
                         for (g, v) in row.iter().enumerate() {
                             probs[g * len + first - lo + i] = v * p.scale;
                         }
@@ -198,7 +212,7 @@ pub(crate) fn attention(
                 let pv = Pv {
                     p: &probs[first - lo..],
                     ps: len,
-                    group,
+                    group: gs,
                     v: values,
                     n,
                     vd: p.v_dim,
@@ -209,8 +223,8 @@ pub(crate) fn attention(
         })
     };
     let mut out = super::pool::zeroed(n * ow);
-    let chunk = (group * p.v_dim).max(1);
-    if super::linear::worth_parallel(macs) {
+    let chunk = (gs * p.v_dim).max(1);
+    if parallel {
         out.par_chunks_mut(chunk)
             .enumerate()
             .for_each(|(u, o)| unit(u, o));
@@ -222,10 +236,34 @@ pub(crate) fn attention(
     Ok(out)
 }
 
+/// Into how many units to cut each KV head's `group` query heads when a step has `units` of
+/// (token, KV head) for `threads` threads: the largest divisor of `group` no greater than the
+/// threads each unit would otherwise leave idle (1 when the units already fill the threads).
+fn head_parts(group: usize, units: usize, threads: usize) -> usize {
+    let want = threads.div_ceil(units.max(1));
+    (1..=want.min(group))
+        .rev()
+        .find(|d| group.is_multiple_of(*d))
+        .unwrap_or(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::SeqMeta;
+
+    #[test]
+    fn heads_are_cut_only_when_units_leave_threads_idle() {
+        // MLA at decode: one token, one latent head, 16 heads, 8 threads: 8 parts of 2 heads.
+        assert_eq!(head_parts(16, 1, 8), 8);
+        // Parts divide the group: 12 heads for 8 idle threads -> 6 parts of 2.
+        assert_eq!(head_parts(12, 1, 8), 6);
+        // Enough units already, or one head per KV head: no cut.
+        assert_eq!(head_parts(16, 8, 8), 1);
+        assert_eq!(head_parts(1, 1, 8), 1);
+        // Two tokens on 8 threads: 4 parts each.
+        assert_eq!(head_parts(16, 2, 8), 4);
+    }
 
     fn vals(len: usize, seed: u64) -> Vec<f32> {
         (0..len as u64)
@@ -257,50 +295,102 @@ mod tests {
             .collect()
     }
 
+    /// A cache layout and the step attending over it.
+    struct Case {
+        heads: usize,
+        kv_heads: usize,
+        vd: usize,
+        values: KvValues,
+        seqs: Vec<SeqMeta>,
+    }
+
+    impl Case {
+        /// Two sequences with out-of-order tables: a decode token at position 69 and a two-token
+        /// chunk ending at position 49 (enough work to run in parallel).
+        fn two_sequences(heads: usize, kv_heads: usize, vd: usize, values: KvValues) -> Case {
+            Case {
+                heads,
+                kv_heads,
+                vd,
+                values,
+                seqs: vec![
+                    SeqMeta {
+                        token_start: 0,
+                        num_tokens: 1,
+                        context_len: 70,
+                        block_table: (0..18).rev().map(|b| b * 3 + 1).collect(),
+                    },
+                    SeqMeta {
+                        token_start: 1,
+                        num_tokens: 2,
+                        context_len: 50,
+                        block_table: (60..73).collect(),
+                    },
+                ],
+            }
+        }
+    }
+
     #[test]
     fn gqa_over_scattered_blocks_matches_a_naive_reference() {
-        gqa_against_naive(KvValues::Separate, 64);
+        against_naive(Case::two_sequences(8, 2, 64, KvValues::Separate));
     }
 
     #[test]
     fn values_read_from_the_keys_match_a_naive_reference() {
         // MLA's latent cache: the value is the start of the key row.
-        gqa_against_naive(KvValues::KeyPrefix, 40);
+        against_naive(Case::two_sequences(8, 2, 40, KvValues::KeyPrefix));
     }
 
-    fn gqa_against_naive(values: KvValues, vd: usize) {
-        let (heads, kv_heads, d, bs) = (8, 2, 64, 4);
+    #[test]
+    fn one_decoding_token_over_one_latent_head_spreads_its_heads() {
+        // One unit of (token, KV head) for four threads: the 16 heads go out in 4 parts.
+        let case = Case {
+            heads: 16,
+            kv_heads: 1,
+            vd: 48,
+            values: KvValues::KeyPrefix,
+            seqs: vec![SeqMeta {
+                token_start: 0,
+                num_tokens: 1,
+                context_len: 300,
+                block_table: (0..75).rev().collect(),
+            }],
+        };
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(4)
+            .build()
+            .unwrap();
+        assert_eq!(head_parts(16, 1, 4), 4);
+        pool.install(|| against_naive(case));
+    }
+
+    /// Attention over a random cache against [`naive`], with and without a sliding window.
+    fn against_naive(c: Case) {
+        let (d, bs) = (64, 4);
+        let (heads, kv_heads, vd) = (c.heads, c.kv_heads, c.vd);
         let spec = KvSpec {
             num_blocks: 80,
             block_size: bs,
             num_kv_heads: kv_heads,
             k_dim: d,
             v_dim: vd,
-            values,
+            values: c.values,
         };
         let mut cache = CpuKv::new(spec).unwrap();
         cache.k = vals(cache.k.len(), 1);
         cache.v = vals(cache.v.len(), 2);
-        // Two sequences with out-of-order tables: a decode token at position 69 and a two-token
-        // chunk ending at position 49 (enough work to run in parallel).
         let meta = StepMeta {
-            seqs: vec![
-                SeqMeta {
-                    token_start: 0,
-                    num_tokens: 1,
-                    context_len: 70,
-                    block_table: (0..18).rev().map(|b| b * 3 + 1).collect(),
-                },
-                SeqMeta {
-                    token_start: 1,
-                    num_tokens: 2,
-                    context_len: 50,
-                    block_table: (60..73).collect(),
-                },
-            ],
+            seqs: c.seqs,
             block_size: bs,
         };
-        let q = vals(3 * heads * d, 3);
+        let rows: Vec<(usize, usize)> = meta
+            .seqs
+            .iter()
+            .enumerate()
+            .flat_map(|(si, s)| (s.context_len - s.num_tokens..s.context_len).map(move |p| (si, p)))
+            .collect();
+        let q = vals(rows.len() * heads * d, 3);
         for window in [None, Some(5)] {
             let p = AttentionParams {
                 num_heads: heads,
@@ -311,7 +401,7 @@ mod tests {
                 sliding_window: window,
             };
             let out = attention(&q, &cache, &meta, &p).unwrap();
-            for (t, (si, pos)) in [(0, 69), (1, 48), (1, 49)].into_iter().enumerate() {
+            for (t, &(si, pos)) in rows.iter().enumerate() {
                 let table = &meta.seqs[si].block_table;
                 let lo = window.map_or(0, |w| (pos + 1usize).saturating_sub(w));
                 for h in 0..heads {
@@ -322,7 +412,7 @@ mod tests {
                         c[at..at + width].to_vec()
                     };
                     let keys: Vec<Vec<f32>> = (lo..=pos).map(|x| row(&cache.k, x, d)).collect();
-                    let values: Vec<Vec<f32>> = match values {
+                    let values: Vec<Vec<f32>> = match spec.values {
                         KvValues::Separate => (lo..=pos).map(|x| row(&cache.v, x, vd)).collect(),
                         KvValues::KeyPrefix => keys.iter().map(|k| k[..vd].to_vec()).collect(),
                     };
