@@ -182,8 +182,8 @@ impl CudaBackend {
             return Ok(vec![Vec::new(); routings.len()]);
         }
         let mut counts = self.zeros::<u32>(OP, total)?;
-        // One pair count for the launch: routings of one step agree; otherwise the largest,
-        // with each routing's own passed in the table's second half.
+        // The grid covers the most pairs any routing has; each routing's own count follows the
+        // addresses in the table.
         let pairs: Vec<u64> = routings
             .iter()
             .map(|r| (r.tokens * r.top_k) as u64)
