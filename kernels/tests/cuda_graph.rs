@@ -99,7 +99,19 @@ fn what_a_graph_cannot_hold_fails_the_capture() {
         .err()
         .expect("narrowing past the columns");
     assert!(err.to_string().contains("narrow_cols"), "{err}");
+    // A panic inside the capture (a bug in the caller) does not leave the stream capturing.
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = g.capture(|| panic!("inside a capture"));
+    }));
+    assert!(panicked.is_err());
     // After all that the stream is out of capture mode and works.
     let y = g.narrow_cols(&x, 1, 2).unwrap();
     assert_eq!(g.tensor_to_host(&y).unwrap().len(), 4);
+    let mut out = g.tensor_from_host(vec![0.0; 4], 2, 2).unwrap();
+    let graph = g.capture(|| g.copy_into(&mut out, &y)).unwrap();
+    g.replay(&graph).unwrap();
+    assert_eq!(
+        g.tensor_to_host(&out).unwrap(),
+        g.tensor_to_host(&y).unwrap()
+    );
 }

@@ -34,7 +34,13 @@ impl CudaBackend {
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(|e| BackendError::device(OP, e))?;
+        // Ends the capture if `body` panics, so the stream is not left capturing.
+        let mut guard = EndCapture {
+            backend: self,
+            armed: true,
+        };
         let ran = body();
+        guard.armed = false;
         // A refused free inside the capture is recorded on the context, not returned; taken
         // first, since cudarc refuses every later call (ending the capture too) while it is set.
         let recorded = self.ctx.check_err();
@@ -88,5 +94,21 @@ impl CudaBackend {
         self.stream
             .memcpy_dtod(&src.data.slice(..n), &mut dst.data)
             .map_err(|e| BackendError::device(OP, e))
+    }
+}
+
+/// Ends a capture that unwinding left open.
+struct EndCapture<'a> {
+    backend: &'a CudaBackend,
+    armed: bool,
+}
+
+impl Drop for EndCapture<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = self.backend.ctx.check_err();
+            // The graph of an abandoned capture is dropped at once.
+            let _ = self.backend.stream.end_capture(CUgraphInstantiate_flags(0));
+        }
     }
 }
