@@ -220,10 +220,27 @@ impl CudaBackend {
         result.map_err(|e| BackendError::device(OP, e))
     }
 
-    /// Runs the product of `shape` into `y` with `x` and `w` as its operands: f32 weights take the activations as they are; 16-bit ones take them
+    /// The product of `shape` with `x` and `w` as its operands, into a new `[tokens, heads·n]`
+    /// tensor (zeros for an empty sum; otherwise cuBLAS writes every element, beta = 0): f32 weights take the activations as they are; 16-bit ones take them
     /// rounded to the weight's type on the device (the weights are never converted), since
     /// cuBLAS wants both factors in one type.
     fn product(
+        &self,
+        op: &'static str,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        shape: GemmShape,
+    ) -> Result<CudaTensor> {
+        let cols = shape.heads * shape.n;
+        if shape.tokens == 0 || shape.n == 0 || shape.k == 0 {
+            return self.tensor(op, shape.tokens, cols);
+        }
+        let mut y = self.output(op, shape.tokens, cols)?;
+        self.product_into(x, w, &mut y, shape)?;
+        Ok(y)
+    }
+
+    fn product_into(
         &self,
         x: &CudaTensor,
         w: &CudaWeight,
@@ -289,19 +306,19 @@ impl CudaBackend {
                 format!("bias of {} for {n} outputs", b.shape[0]),
             ));
         }
-        if x.rows == 0 || n == 0 || k == 0 {
-            return self.tensor(OP, x.rows, n); // an empty sum is zero
-        }
-        // cuBLAS writes every element (beta = 0).
-        let mut y = self.output(OP, x.rows, n)?;
         let shape = GemmShape {
             tokens: x.rows,
             n,
             k,
             heads: 1,
         };
-        self.product(x, w, &mut y, shape)?;
-        if let Some((_, bv)) = bias {
+        let mut y = self.product(OP, x, w, shape)?;
+        // As before: an empty product returns its zeros without the bias.
+        if let Some((_, bv)) = bias
+            && x.rows > 0
+            && n > 0
+            && k > 0
+        {
             let (rows, n32) = (to_u32(OP, x.rows)?, to_u32(OP, n)?);
             let mut b = self.stream.launch_builder(self.func("add_bias")?);
             b.arg(&mut y.data).arg(bv).arg(&rows).arg(&n32);
@@ -329,19 +346,13 @@ impl CudaBackend {
                 ),
             ));
         }
-        let n = rows / heads;
-        if x.rows == 0 || n == 0 || k == 0 {
-            return self.tensor(OP, x.rows, rows); // an empty sum is zero
-        }
-        let mut y = self.output(OP, x.rows, rows)?;
         let shape = GemmShape {
             tokens: x.rows,
-            n,
+            n: rows / heads,
             k,
             heads,
         };
-        self.product(x, w, &mut y, shape)?;
-        Ok(y)
+        self.product(OP, x, w, shape)
     }
 
     /// The checks and the output shared by the norms: the weight's f32 values, the group width
