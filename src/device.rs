@@ -16,6 +16,12 @@ pub struct DeviceArgs {
     /// --kv-cache-mib says otherwise. In (0, 1]; ignored on the CPU.
     #[arg(long, default_value_t = DEFAULT_GPU_MEMORY_UTILIZATION, env = "TESSERA_GPU_MEMORY_UTILIZATION")]
     pub gpu_memory_utilization: f32,
+    /// Largest decode batch replayed from a CUDA graph: decode steps are padded to a batch
+    /// bucket (1, 2, 4, 8, then multiples of 8) and replayed with one launch instead of hundreds,
+    /// each shape captured on its second step. 0 runs every step eagerly (vLLM's
+    /// --enforce-eager). Launched workers inherit it; ignored on the CPU.
+    #[arg(long, default_value_t = tessera_worker::graphs::DEFAULT_MAX_BATCH, env = "TESSERA_CUDA_GRAPH_MAX_BATCH")]
+    pub cuda_graph_max_batch: usize,
 }
 
 impl DeviceArgs {
@@ -25,6 +31,7 @@ impl DeviceArgs {
             kind: self.device,
             gpu_memory_utilization: self.gpu_memory_utilization,
             local_rank,
+            cuda_graph_max_batch: self.cuda_graph_max_batch,
         }
     }
 }

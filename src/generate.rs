@@ -150,6 +150,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         kv: KvSize::Blocks(cache.num_blocks),
         block_size: cache.block_size,
         metrics: None,
+        cuda_graph_max_batch: device.cuda_graph_max_batch,
     };
     let runner = load_executor(Device::open(&device)?, plan)?.runner;
     tracing::info!(device = %runner.backend(), "generating");

@@ -284,6 +284,7 @@ fn factory(
             },
             block_size: cache.block_size,
             metrics: None,
+            cuda_graph_max_batch: device.cuda_graph_max_batch,
         };
         Ok(load_executor(Device::open(&device)?, plan)?.runner)
     }))

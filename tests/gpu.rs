@@ -67,6 +67,7 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
             kv: KvSize::Blocks(cache.num_blocks),
             block_size: cache.block_size,
             metrics: None,
+            cuda_graph_max_batch: cuda0().cuda_graph_max_batch,
         };
         let device = Device::open(&cuda0()).expect("the GPU opens");
         let runner = load_executor(device, plan)

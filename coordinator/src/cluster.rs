@@ -150,6 +150,10 @@ async fn start_worker(
             &device.gpu_memory_utilization.to_string(),
         ])
         .args(["--local-rank", &rank.to_string()])
+        .args([
+            "--cuda-graph-max-batch",
+            &device.cuda_graph_max_batch.to_string(),
+        ])
         // The flags above say everything: settings in the environment must not override them.
         .env_remove("TESSERA_CLUSTER_CA")
         .env_remove("TESSERA_CLUSTER_CERT")
@@ -158,6 +162,7 @@ async fn start_worker(
         .env_remove("TESSERA_DEVICE")
         .env_remove("TESSERA_GPU_MEMORY_UTILIZATION")
         .env_remove("TESSERA_LOCAL_RANK")
+        .env_remove("TESSERA_CUDA_GRAPH_MAX_BATCH")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

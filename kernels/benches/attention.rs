@@ -88,10 +88,7 @@ fn attention(c: &mut Criterion) {
                         block_table: (0..per_seq).map(|i| (i * batch + s) as u32).collect(),
                     })
                     .collect();
-                let fill = StepMeta {
-                    seqs: seqs.clone(),
-                    block_size: BLOCK,
-                };
+                let fill = StepMeta::without_ids(seqs.clone(), BLOCK);
                 let kv = |seed, width| {
                     b.tensor_from_host(
                         values(batch * ctx * kv_heads * width, seed).collect(),
@@ -105,9 +102,8 @@ fn attention(c: &mut Criterion) {
                 b.write_kv(&mut cache, &kv(1, d), v.as_ref(), &step)
                     .expect("write");
                 // Decode: the last position of every sequence.
-                let decode = StepMeta {
-                    seqs: seqs
-                        .into_iter()
+                let decode = StepMeta::without_ids(
+                    seqs.into_iter()
                         .enumerate()
                         .map(|(s, m)| SeqMeta {
                             token_start: s,
@@ -115,8 +111,8 @@ fn attention(c: &mut Criterion) {
                             ..m
                         })
                         .collect(),
-                    block_size: BLOCK,
-                };
+                    BLOCK,
+                );
                 let step = b.prepare_step(&decode, &rope).expect("step");
                 let q = b
                     .tensor_from_host(values(batch * heads * d, 3).collect(), batch, heads * d)

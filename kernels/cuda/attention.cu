@@ -4,10 +4,14 @@
 // Stores the step's keys and values. slots[t] = block * block_size + slot of token t.
 // vd = 0 for a cache without value storage (values are a prefix of the keys; vc unused).
 // Grid: one block per token.
+// The slot of a padding row (NO_SLOT of cuda/step.rs).
+#define NO_SLOT 0xffffffffu
+
 extern "C" __global__ void write_kv(u16* kc, u16* vc, const float* k, const float* v,
                                     const u32* slots, u32 kv_heads, u32 kd, u32 vd,
                                     u32 block_size) {
     const u32 t = blockIdx.x;
+    if (slots[t] == NO_SLOT) return;  // a padding row of a graph's step
     const u32 block = slots[t] / block_size, slot = slots[t] % block_size;
     for (u32 i = threadIdx.x; i < kv_heads * kd; i += blockDim.x) {
         const u32 h = i / kd, d = i % kd;

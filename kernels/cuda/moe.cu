@@ -491,15 +491,26 @@ extern "C" __global__ void moe_combine(float* out, const float* y, const u32* sl
     }
 }
 
+// The routings one moe_count launch counts, passed by value (a graph records kernel arguments,
+// so nothing is uploaded); COUNT_ROUTINGS of cuda/moe.rs.
+#define COUNT_ROUTINGS 64
+struct CountTable {
+    u64 ids[COUNT_ROUTINGS];    // address of each routing's [tokens, top_k] expert ids
+    u32 pairs[COUNT_ROUTINGS];  // tokens * top_k of each
+    u32 top_k[COUNT_ROUTINGS];
+};
+
 // Tokens per expert of several routings at once: counts[r * num_experts + e] += the pairs of
-// routing r choosing e (< num_experts). table[r] is the address of routing r's ids and
-// table[gridDim.y + r] its pair count. Grid: (pair blocks, routings); one thread per pair;
-// integer atomics, so the counts are exact whatever the order.
-extern "C" __global__ void moe_count(u32* counts, const u64* table, u32 num_experts) {
+// routing r choosing e (< num_experts), leaving out the pairs of rows at or past live[0] (a
+// graph step's padding; live is null when every row counts). Grid: (pair blocks, routings); one
+// thread per pair. Float atomics on whole numbers below 2^24 are exact whatever the order.
+extern "C" __global__ void moe_count(float* counts, CountTable t, const u32* live,
+                                     u32 num_experts) {
     const u32 r = blockIdx.y;
     const u64 p = (u64)blockIdx.x * blockDim.x + threadIdx.x;
-    if (p < table[gridDim.y + r]) {
-        const u32 e = ((const u32*)table[r])[p];
-        if (e < num_experts) atomicAdd(&counts[(u64)r * num_experts + e], 1u);
+    const u64 limit = live ? min((u64)t.pairs[r], (u64)live[0] * t.top_k[r]) : (u64)t.pairs[r];
+    if (p < limit) {
+        const u32 e = ((const u32*)t.ids[r])[p];
+        if (e < num_experts) atomicAdd(&counts[(u64)r * num_experts + e], 1.0f);
     }
 }

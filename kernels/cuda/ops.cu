@@ -2,11 +2,15 @@
 // Each mirrors a function of kernels/src/cpu/ops.rs or kernels/src/cpu/mod.rs.
 
 // out[t, :] = table[ids[t], :], widened to f32. Grid: one block per token.
+// An id outside the vocabulary (a graph replays ids the host checked only when it wrote them)
+// reads nothing and yields a NaN row, which no sampler mistakes for a token.
 extern "C" __global__ void embedding(float* out, const void* table, const u32* ids, int dtype,
-                                     u32 hidden) {
-    const u64 row = (u64)ids[blockIdx.x] * hidden;
+                                     u32 hidden, u32 vocab) {
+    const u32 id = ids[blockIdx.x];
+    const u64 row = (u64)id * hidden;
     for (u32 c = threadIdx.x; c < hidden; c += blockDim.x) {
-        out[(u64)blockIdx.x * hidden + c] = load_elem(table, dtype, row + c);
+        out[(u64)blockIdx.x * hidden + c] =
+            id < vocab ? load_elem(table, dtype, row + c) : __int_as_float(0x7fc00000);
     }
 }
 

@@ -4,46 +4,7 @@
 //! tables, RoPE angles) is prepared once per step by [`Backend::prepare_step`], so a device backend
 //! uploads it once and every layer reuses it: no host↔device copies hide inside a layer.
 
-use crate::{HostTensor, Result};
-
-/// One sequence's part of a forward step.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SeqMeta {
-    /// Index of this sequence's first new token among the step's tokens.
-    pub token_start: usize,
-    /// New tokens of this sequence in the step (prefill chunk length, or 1 when decoding).
-    pub num_tokens: usize,
-    /// Tokens in the sequence's context after this step, new ones included. The new tokens sit at
-    /// positions `context_len - num_tokens .. context_len`.
-    pub context_len: usize,
-    /// Physical KV-cache blocks holding positions `i*block_size .. (i+1)*block_size`.
-    pub block_table: Vec<u32>,
-}
-
-/// Host-side description of one forward step over a batch of sequences.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct StepMeta {
-    pub seqs: Vec<SeqMeta>,
-    /// Tokens per KV-cache block.
-    pub block_size: usize,
-}
-
-impl StepMeta {
-    /// Total new tokens in the step.
-    pub fn num_tokens(&self) -> usize {
-        self.seqs.iter().map(|s| s.num_tokens).sum()
-    }
-
-    /// The position of every new token, in step order.
-    pub fn positions(&self) -> Vec<u32> {
-        let mut out = Vec::with_capacity(self.num_tokens());
-        for s in &self.seqs {
-            let first = s.context_len - s.num_tokens;
-            out.extend((first..s.context_len).map(|p| p as u32));
-        }
-        out
-    }
-}
+use crate::{BackendError, HostTensor, Result, StepMeta, StepShape};
 
 /// How rotary pairs are laid out inside a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -270,6 +231,9 @@ impl RowSummary {
     }
 }
 
+/// The graph type of a backend that has none: no value of it exists.
+pub enum NoGraph {}
+
 /// A compute device. Activations are `[rows, cols]` f32 matrices ([`Backend::Tensor`]); weights keep
 /// their stored dtype ([`Backend::Weight`]).
 pub trait Backend: Send + Sync + Sized + 'static {
@@ -281,6 +245,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     type KvLayer: Send + Sync;
     /// Router decisions: for each token, `top_k` (expert, weight) pairs.
     type Routing: Send + Sync;
+    /// Captured device work ([`Backend::capture`]); [`NoGraph`] where there is none.
+    type Graph: Send + Sync;
 
     /// Short name for logs ("cpu", "cuda:0").
     fn name(&self) -> String;
@@ -305,11 +271,60 @@ pub trait Backend: Send + Sync + Sized + 'static {
         let host = self.tensor_to_host(x)?;
         Ok(host.chunks(cols).filter_map(RowSummary::of).collect())
     }
+    /// The device's copy of a step's metadata, token ids included, sized to the step.
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<Self::Step>;
+    /// A step padded to `shape` (see [`StepShape`]), whose contents [`Backend::update_step`]
+    /// rewrites in place for the next replay of a graph captured over it. Backends without
+    /// graphs do not support it.
+    fn prepare_step_shaped(
+        &self,
+        _meta: &StepMeta,
+        _rope: &RopeTable,
+        _shape: StepShape,
+    ) -> Result<Self::Step> {
+        Err(BackendError::Unsupported {
+            op: "prepare_step_shaped",
+            backend: "this backend",
+        })
+    }
+    /// Rewrites a shaped step with `meta`, which must fit its shape, without moving it.
+    fn update_step(
+        &self,
+        _step: &mut Self::Step,
+        _meta: &StepMeta,
+        _rope: &RopeTable,
+    ) -> Result<()> {
+        Err(BackendError::Unsupported {
+            op: "update_step",
+            backend: "this backend",
+        })
+    }
+
+    // --- graphs --------------------------------------------------------------------------------
+    /// Captures the device work `body` queues, for [`Backend::replay`]. What a graph cannot hold
+    /// (a copy to or from the host, a synchronisation) fails the capture with an error; so does
+    /// a backend without graphs. Tensors `body` allocates belong to the graph: it must drop them
+    /// before returning, and copy what it keeps into tensors made before the capture
+    /// ([`Backend::copy_into`]).
+    fn capture<F: FnOnce() -> Result<()>>(&self, _body: F) -> Result<Self::Graph> {
+        Err(BackendError::Unsupported {
+            op: "capture",
+            backend: "this backend",
+        })
+    }
+    /// Runs a captured graph again, with whatever its inputs hold now.
+    fn replay(&self, _graph: &Self::Graph) -> Result<()> {
+        Err(BackendError::Unsupported {
+            op: "replay",
+            backend: "this backend",
+        })
+    }
+    /// Copies `src` into `dst` (same shape) without moving `dst`.
+    fn copy_into(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
 
     // --- dense math ----------------------------------------------------------------------------
-    /// Rows of an embedding table `[vocab, hidden]`, one per id.
-    fn embedding(&self, table: &Self::Weight, ids: &[u32]) -> Result<Self::Tensor>;
+    /// Rows of an embedding table `[vocab, hidden]`, one per row of the step (its token ids).
+    fn embedding(&self, table: &Self::Weight, step: &Self::Step) -> Result<Self::Tensor>;
     /// `x · Wᵀ (+ bias)` for `W: [out, in]`.
     fn linear(
         &self,
@@ -437,19 +452,16 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Routing>;
     /// Tokens routed to each expert in this step (length `num_experts`).
     fn expert_counts(&self, routing: &Self::Routing, num_experts: usize) -> Result<Vec<u32>>;
-    /// [`Backend::expert_counts`] of several routings (a step's MoE layers), one vector per
-    /// routing in order, in one call so that a device backend copies them to the host once
-    /// rather than synchronising once per layer. The default counts each routing in turn.
-    fn expert_counts_many(
+    /// Tokens routed to each expert by each of `routings` (a step's MoE layers over `step`),
+    /// written into `counts` (`[routings, num_experts]`, exact up to 2^24 per entry) without
+    /// moving it, so that a device counts inside a graph and copies every layer's counts to the
+    /// host at once. Padding rows of a shaped step count towards no expert.
+    fn expert_counts_into(
         &self,
         routings: &[&Self::Routing],
-        num_experts: usize,
-    ) -> Result<Vec<Vec<u32>>> {
-        routings
-            .iter()
-            .map(|r| self.expert_counts(r, num_experts))
-            .collect()
-    }
+        step: &Self::Step,
+        counts: &mut Self::Tensor,
+    ) -> Result<()>;
     /// `Σ_e weight(t,e) · expert_e(x_t)` over the routed experts present in `experts` (an expert
     /// owned by another rank is `None` and contributes nothing here).
     fn moe(
@@ -458,42 +470,4 @@ pub trait Backend: Send + Sync + Sized + 'static {
         routing: &Self::Routing,
         experts: &[Option<ExpertWeights<'_, Self>>],
     ) -> Result<Self::Tensor>;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::Scoring;
-    use crate::cpu::CpuBackend;
-
-    #[test]
-    fn expert_counts_many_default_counts_each_routing_in_order() {
-        let b = CpuBackend;
-        let p = RouterParams {
-            num_experts: 6,
-            top_k: 2,
-            scoring: Scoring::Softmax,
-            normalize: true,
-            groups: None,
-            scaling: 1.0,
-        };
-        let routings: Vec<_> = (0..3usize)
-            .map(|i| {
-                let tokens = 4 + i;
-                let logits = (0..tokens * 6)
-                    .map(|j| ((j * 7 + i * 3) % 11) as f32 - 5.0)
-                    .collect();
-                let logits = b.tensor_from_host(logits, tokens, 6).unwrap();
-                b.route(&logits, &p, None).unwrap()
-            })
-            .collect();
-        let refs: Vec<_> = routings.iter().collect();
-        let many = b.expert_counts_many(&refs, 6).unwrap();
-        assert_eq!(many.len(), 3);
-        for (i, (r, counts)) in routings.iter().zip(&many).enumerate() {
-            assert_eq!(counts, &b.expert_counts(r, 6).unwrap());
-            assert_eq!(counts.iter().sum::<u32>() as usize, (4 + i) * 2);
-        }
-        assert!(b.expert_counts_many(&[], 6).unwrap().is_empty());
-    }
 }

@@ -17,14 +17,16 @@ pub mod cuda;
 mod dtype;
 mod error;
 mod host;
+mod step;
 
 pub use backend::{
-    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, KvValues, RopeApply,
-    RopeLayout, RopeTable, RouterParams, RowSummary, Scoring, SeqMeta, StepMeta,
+    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, KvValues, NoGraph,
+    RopeApply, RopeLayout, RopeTable, RouterParams, RowSummary, Scoring,
 };
 pub use dtype::DType;
 pub use error::BackendError;
 pub use host::{BlockLayout, HostData, HostTensor, WeightView};
+pub use step::{SeqMeta, StepMeta, StepShape};
 
 /// Result type of backend operations.
 pub type Result<T, E = BackendError> = std::result::Result<T, E>;

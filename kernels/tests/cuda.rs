@@ -19,7 +19,7 @@ use tessera_kernels::cpu::CpuBackend;
 use tessera_kernels::cuda::{CudaBackend, CudaRouting, CudaTensor, plan, probe_libraries};
 use tessera_kernels::{
     AttentionParams, Backend, BackendError, DType, ExpertWeights, GroupScore, KvSpec, KvValues,
-    Result, RopeApply, RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta,
+    Result, RopeApply, RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta, StepShape,
 };
 
 /// Runs `case` on the CPU and on the GPU and compares the outputs.
@@ -74,9 +74,26 @@ fn device_info_and_kernels_load() {
     assert_eq!(again.info().compute_capability, info.compute_capability);
 }
 
+/// One sequence prefilling `ids` (block size 8).
+fn ids_meta(ids: &[u32]) -> StepMeta {
+    let n = ids.len();
+    StepMeta {
+        seqs: vec![SeqMeta {
+            token_start: 0,
+            num_tokens: n,
+            context_len: n,
+            block_table: (0..n.div_ceil(8) as u32).collect(),
+        }],
+        block_size: 8,
+        tokens: ids.to_vec(),
+    }
+}
+
 fn embedding_case<B: Backend>(b: &B, dtype: DType) -> Result<Vec<f32>> {
     let table = b.upload_weight(weight(rand_vec(50 * 24, 1), vec![50, 24], dtype))?;
-    let x = b.embedding(&table, &[3, 0, 49, 3, 17])?;
+    let rope = rope_table(RopeLayout::Half, 2, 1.0);
+    let step = b.prepare_step(&ids_meta(&[3, 0, 49, 3, 17]), &rope)?;
+    let x = b.embedding(&table, &step)?;
     b.tensor_to_host(&x)
 }
 
@@ -234,8 +251,8 @@ fn rope_table(layout: RopeLayout, half: usize, scaling: f32) -> RopeTable {
 
 /// Two sequences: a prefill of 3 new tokens at positions 2..5 and a decode at position 40.
 fn step_meta() -> StepMeta {
-    StepMeta {
-        seqs: vec![
+    StepMeta::without_ids(
+        vec![
             SeqMeta {
                 token_start: 0,
                 num_tokens: 3,
@@ -249,8 +266,8 @@ fn step_meta() -> StepMeta {
                 block_table: vec![0, 2, 4, 5, 6, 7],
             },
         ],
-        block_size: 8,
-    }
+        8,
+    )
 }
 
 fn rope_case<B: Backend>(b: &B, layout: RopeLayout) -> Result<Vec<f32>> {
@@ -391,8 +408,8 @@ fn attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Result<
     let mut cache = b.alloc_kv(h.kv_spec(8, 8))?;
     let rope = rope_table(RopeLayout::Half, 4, 1.0);
     // First fill every earlier position: a prefill of 2 for sequence 0 and 40 for sequence 1.
-    let fill = StepMeta {
-        seqs: vec![
+    let fill = StepMeta::without_ids(
+        vec![
             SeqMeta {
                 token_start: 0,
                 num_tokens: 2,
@@ -406,8 +423,8 @@ fn attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Result<
                 block_table: vec![0, 2, 4, 5, 6, 7],
             },
         ],
-        block_size: 8,
-    };
+        8,
+    );
     for (meta, seed) in [(fill, 20), (step_meta(), 30)] {
         let step = b.prepare_step(&meta, &rope)?;
         h.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
@@ -447,17 +464,17 @@ fn long_attention_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Re
         context_len: context,
         block_table: table.to_vec(),
     };
-    let fill = StepMeta {
-        seqs: vec![
+    let fill = StepMeta::without_ids(
+        vec![
             seq(0, 1299, 1299, &long_table),
             seq(1299, 39, 39, &[82, 83, 84]),
         ],
-        block_size: bs,
-    };
-    let decode = StepMeta {
-        seqs: vec![seq(0, 1, 1300, &long_table), seq(1, 1, 40, &[82, 83, 84])],
-        block_size: bs,
-    };
+        bs,
+    );
+    let decode = StepMeta::without_ids(
+        vec![seq(0, 1, 1300, &long_table), seq(1, 1, 40, &[82, 83, 84])],
+        bs,
+    );
     for (meta, seed) in [(&fill, 60), (&decode, 70)] {
         let step = b.prepare_step(meta, &rope)?;
         h.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
@@ -840,12 +857,12 @@ fn moe_refuses_mixed_dtypes_and_too_many_experts() {
 }
 
 #[test]
-fn expert_counts_many_matches_cpu() {
-    let Some(g) = gpu("expert_counts_many_matches_cpu") else {
+fn expert_counts_into_matches_cpu_and_skips_padding_rows() {
+    let Some(g) = gpu("expert_counts_into_matches_cpu_and_skips_padding_rows") else {
         return;
     };
     let cpu = CpuBackend;
-    let e = 64;
+    let (e, rows, live) = (64, 20, 13);
     let p = RouterParams {
         num_experts: e,
         top_k: 8,
@@ -854,32 +871,60 @@ fn expert_counts_many_matches_cpu() {
         groups: None,
         scaling: 1.0,
     };
-    let (mut want, mut routings) = (Vec::new(), Vec::new());
-    for (i, t) in [1usize, 0, 7, 300].into_iter().enumerate() {
-        let logits = rand_vec(t * e, 200 + i as u64);
-        let r = cpu
-            .route(
-                &cpu.tensor_from_host(logits.clone(), t, e).unwrap(),
-                &p,
-                None,
-            )
-            .unwrap();
-        want.push(cpu.expert_counts(&r, e).unwrap());
+    // 70 routings: more than one launch's table holds.
+    let (mut all, mut lived, mut routings) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..70u64 {
+        let logits = rand_vec(rows * e, 200 + i);
+        let count = |t: usize| {
+            let x = cpu
+                .tensor_from_host(logits[..t * e].to_vec(), t, e)
+                .unwrap();
+            let r = cpu.route(&x, &p, None).unwrap();
+            cpu.expert_counts(&r, e)
+                .unwrap()
+                .into_iter()
+                .map(|c| c as f32)
+                .collect::<Vec<_>>()
+        };
+        all.extend(count(rows));
+        lived.extend(count(live));
         routings.push(
-            g.route(&g.tensor_from_host(logits, t, e).unwrap(), &p, None)
+            g.route(&g.tensor_from_host(logits, rows, e).unwrap(), &p, None)
                 .unwrap(),
         );
     }
     let refs: Vec<_> = routings.iter().collect();
+    let rope = rope_table(RopeLayout::Half, 2, 1.0);
+    let meta = ids_meta(&[1; 13]);
+    let shape = StepShape {
+        rows,
+        table_width: 2,
+        max_span: 16,
+    };
+    let shaped = g.prepare_step_shaped(&meta, &rope, shape).unwrap();
+    let full = g.prepare_step(&ids_meta(&[1; 20]), &rope).unwrap();
+    let mut counts = g.tensor_from_host(vec![7.0; 70 * e], 70, e).unwrap();
     let counter = g.launch_counter();
     let before = counter.load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(g.expert_counts_many(&refs, e).unwrap(), want);
+    g.expert_counts_into(&refs, &shaped, &mut counts).unwrap();
     let launches = counter.load(std::sync::atomic::Ordering::Relaxed) - before;
-    assert_eq!(launches, 1, "one count kernel for every routing of a step");
-    // Again: the counts start from zero.
-    assert_eq!(g.expert_counts_many(&refs, e).unwrap(), want);
-    assert_eq!(g.expert_counts(&routings[3], e).unwrap(), want[3]);
-    assert!(g.expert_counts_many(&[], e).unwrap().is_empty());
+    assert_eq!(launches, 2, "one count kernel per 64 routings");
+    assert_eq!(g.tensor_to_host(&counts).unwrap(), lived);
+    // Again over the unpadded step: every row counts, from zero.
+    g.expert_counts_into(&refs, &full, &mut counts).unwrap();
+    assert_eq!(g.tensor_to_host(&counts).unwrap(), all);
+    assert_eq!(
+        g.expert_counts(&routings[3], e).unwrap(),
+        all[3 * e..4 * e]
+            .iter()
+            .map(|&c| c as u32)
+            .collect::<Vec<_>>()
+    );
+    // Shapes that do not fit are errors.
+    let mut wrong = g.tensor_from_host(vec![0.0; 69 * e], 69, e).unwrap();
+    assert!(g.expert_counts_into(&refs, &full, &mut wrong).is_err());
+    let other = g.prepare_step(&ids_meta(&[1; 5]), &rope).unwrap();
+    assert!(g.expert_counts_into(&refs, &other, &mut counts).is_err());
 }
 
 #[test]
@@ -890,8 +935,10 @@ fn invalid_inputs_are_errors_not_panics() {
     let table = g
         .upload_weight(weight(rand_vec(20, 1), vec![5, 4], DType::BF16))
         .unwrap();
+    let rope = rope_table(RopeLayout::Half, 2, 1.0);
+    let step = g.prepare_step(&ids_meta(&[5]), &rope).unwrap();
     assert!(matches!(
-        g.embedding(&table, &[5]),
+        g.embedding(&table, &step),
         Err(BackendError::Invalid { .. })
     ));
     let x = g.tensor_from_host(rand_vec(12, 2), 3, 4).unwrap();
@@ -901,15 +948,15 @@ fn invalid_inputs_are_errors_not_panics() {
     ));
     let spec = Heads::new(1, 1, 4, 4).kv_spec(2, 8);
     let mut cache = g.alloc_kv(spec).unwrap();
-    let meta = StepMeta {
-        seqs: vec![SeqMeta {
+    let meta = StepMeta::without_ids(
+        vec![SeqMeta {
             token_start: 0,
             num_tokens: 1,
             context_len: 1,
             block_table: vec![7],
         }],
-        block_size: 8,
-    };
+        8,
+    );
     let step = g
         .prepare_step(&meta, &rope_table(RopeLayout::Half, 2, 1.0))
         .unwrap();
@@ -943,13 +990,13 @@ fn invalid_inputs_are_errors_not_panics() {
         ..spec
     };
     let cache = g.alloc_kv(wide).unwrap();
-    let meta = StepMeta {
-        seqs: vec![SeqMeta {
+    let meta = StepMeta::without_ids(
+        vec![SeqMeta {
             block_table: vec![0],
             ..meta.seqs[0].clone()
         }],
-        ..meta
-    };
+        meta.block_size,
+    );
     let step = g
         .prepare_step(&meta, &rope_table(RopeLayout::Half, 2, 1.0))
         .unwrap();

@@ -123,6 +123,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         kv: KvSize::Blocks(num_blocks),
         block_size: BLOCK_SIZE,
         metrics: None,
+        cuda_graph_max_batch: cfg.cuda_graph_max_batch,
     };
     let launches = gpu.launch_counter();
     let mut exec = load_executor(Device::Cuda(gpu), plan)?.runner;

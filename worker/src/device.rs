@@ -91,6 +91,9 @@ pub struct DeviceConfig {
     /// This process's index among the workers of its host, which picks its GPU when
     /// [`DeviceKind::Cuda`] names none (0 for a single process).
     pub local_rank: usize,
+    /// Largest decode batch replayed from a CUDA graph; 0 runs every step eagerly. Default:
+    /// [`crate::graphs::DEFAULT_MAX_BATCH`]. Ignored on the CPU.
+    pub cuda_graph_max_batch: usize,
 }
 
 impl Default for DeviceConfig {
@@ -99,6 +102,7 @@ impl Default for DeviceConfig {
             kind: DeviceKind::Auto,
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             local_rank: 0,
+            cuda_graph_max_batch: crate::graphs::DEFAULT_MAX_BATCH,
         }
     }
 }
@@ -243,6 +247,9 @@ pub struct ExecutorPlan<'a> {
     pub block_size: usize,
     /// Times every collective when given (workers); `None` in a single process.
     pub metrics: Option<&'a WorkerMetrics>,
+    /// Largest decode batch replayed from a CUDA graph ([`crate::graphs`]); 0 runs every step
+    /// eagerly. Ignored on the CPU.
+    pub cuda_graph_max_batch: usize,
 }
 
 /// A loaded executor and what it took.
@@ -269,6 +276,11 @@ pub fn load_executor(
                             .into(),
                     ));
                 }
+            };
+            // Graphs are a device's: the CPU has no launches to save.
+            let plan = ExecutorPlan {
+                cuda_graph_max_batch: 0,
+                ..plan
             };
             build(b, comm, plan)
         }
@@ -315,7 +327,7 @@ fn build<B: Backend>(
         .map(|i| i.shape.iter().product::<usize>() as u64 * i.dtype.size() as u64)
         .sum();
     let block_size = plan.block_size.max(1);
-    let exec = match plan.kv {
+    let mut exec = match plan.kv {
         KvSize::Blocks(n) => Executor::new(model, n, block_size)?,
         KvSize::Bytes(bytes) => Executor::with_kv_budget(model, bytes, block_size)?,
         KvSize::Auto {
@@ -325,8 +337,11 @@ fn build<B: Backend>(
             Executor::with_kv_budget(model, bytes, block_size)?
         }
     };
+    let graph_max_batch = plan.cuda_graph_max_batch;
+    exec.enable_graphs(graph_max_batch);
     tracing::info!(
         backend = %exec.backend(),
+        graph_max_batch,
         weights_mib = weight_bytes >> 20,
         kv_blocks = exec.num_blocks(),
         block_size,

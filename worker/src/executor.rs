@@ -13,6 +13,7 @@ use tessera_common::{ModelSpec, PlacementMap};
 use tessera_kernels::{Backend, SeqMeta, StepMeta};
 
 use crate::WorkerError;
+use crate::graphs::{DecodeGraphs, GraphStats};
 use crate::kv_cache::KvCache;
 use crate::model::{LogitRows, Model};
 use crate::sampling::{History, Sampler, SamplingParams, log_softmax, log_sum_exp, top_logprobs};
@@ -163,6 +164,8 @@ struct SeqState {
 pub struct Executor<B: Backend> {
     model: Model<B>,
     cache: KvCache<B>,
+    /// Decode steps replayed from graphs, once enabled ([`Executor::enable_graphs`]).
+    graphs: Option<DecodeGraphs<B>>,
     seqs: HashMap<u64, SeqState>,
     /// Log-probabilities after the last token of an unfinished prefill, for the next chunk.
     carry: HashMap<u64, Vec<f32>>,
@@ -203,6 +206,7 @@ impl<B: Backend> Executor<B> {
         Ok(Executor {
             model,
             cache,
+            graphs: None,
             seqs: HashMap::new(),
             carry: HashMap::new(),
         })
@@ -220,6 +224,18 @@ impl<B: Backend> Executor<B> {
         self.cache.num_blocks()
     }
 
+    /// Replays decode steps of up to `max_batch` sequences from captured graphs (see
+    /// [`crate::graphs`]); 0 turns graphs off. Only a backend with graphs (CUDA) gains from it:
+    /// elsewhere every capture is refused and steps run eagerly.
+    pub fn enable_graphs(&mut self, max_batch: usize) {
+        self.graphs = (max_batch > 0).then(|| DecodeGraphs::new(max_batch));
+    }
+
+    /// How many steps ran from graphs (all zero while graphs are off).
+    pub fn graph_stats(&self) -> GraphStats {
+        self.graphs.as_ref().map(|g| g.stats()).unwrap_or_default()
+    }
+
     /// Forgets a finished or aborted sequence's state.
     pub fn release(&mut self, seq_id: u64) {
         self.seqs.remove(&seq_id);
@@ -232,8 +248,10 @@ impl<B: Backend> Executor<B> {
         let mut meta = StepMeta {
             seqs: Vec::with_capacity(seqs.len()),
             block_size: self.cache.block_size(),
+            tokens: Vec::new(),
         };
-        let (mut tokens, mut rows, mut full) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut rows, mut full) = (Vec::new(), Vec::new());
+        let tokens = &mut meta.tokens;
         // For each sequence: where its rows start in the logits, and how many it has.
         let mut row_spans = Vec::with_capacity(seqs.len());
         for s in seqs {
@@ -271,9 +289,14 @@ impl<B: Backend> Executor<B> {
             rows: &rows,
             full: &full,
         };
-        let out = self
-            .model
-            .forward(&tokens, &meta, &mut self.cache, logit_rows)?;
+        let replayed = match &mut self.graphs {
+            Some(g) => g.forward(&self.model, &meta, &mut self.cache, logit_rows)?,
+            None => None,
+        };
+        let out = match replayed {
+            Some(out) => out,
+            None => self.model.forward(&meta, &mut self.cache, logit_rows)?,
+        };
         // Where each requested row's logits are in `out.logits` (full rows only).
         let full_at: Vec<Option<usize>> = full
             .iter()

@@ -10,6 +10,7 @@
 //! - [`kv_cache`]: paged KV cache blocks and their allocator.
 //! - [`sampling`]: temperature / top-k / top-p sampling and log-probabilities.
 //! - [`executor`]: one batched step (prefill chunks and decode tokens together) plus sampling.
+//! - [`graphs`]: decode steps replayed from captured graphs (CUDA graphs), padded to a shape.
 //! - [`engine`]: single-process generation (prefill, then cached decode steps).
 //! - [`service`], [`wire`]: the worker's gRPC service and the step types' wire form.
 //! - [`synthetic`]: random-weight checkpoints in a real layout, for benchmarks.
@@ -23,6 +24,7 @@ pub mod engine;
 mod error;
 pub mod executor;
 pub mod footprint;
+pub mod graphs;
 pub mod kv_cache;
 pub mod layers;
 pub mod metrics;

@@ -208,16 +208,37 @@ impl<B: Backend> Model<B> {
             .collect()
     }
 
-    /// Runs one step over `tokens` (laid out as `meta` describes) and returns what `logits`
-    /// asks for.
+    /// Runs one step over `meta`'s tokens and returns what `logits` asks for.
     pub fn forward(
         &self,
-        tokens: &[u32],
         meta: &StepMeta,
         cache: &mut KvCache<B>,
         logits: LogitRows<'_>,
     ) -> Result<StepOutput, WorkerError> {
         let b = &self.backend;
+        self.check_step(meta, cache, logits)?;
+        let step = b.prepare_step(meta, &self.rope)?;
+        // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
+        let keep = (!logits.rows.iter().copied().eq(0..meta.num_tokens())).then_some(logits.rows);
+        let out = self.run(&step, cache, keep)?;
+        let (summaries, host_logits) = self.logits_to_host(&out.logits, logits)?;
+        // After the logits, so the one copy of the counts waits for work that the logits' copy
+        // waited for anyway.
+        let expert_counts = count_experts(b, &out.routings, &step)?;
+        Ok(StepOutput {
+            logits: host_logits,
+            summaries,
+            expert_counts,
+        })
+    }
+
+    /// Checks a step's description against the model, the cache and the rows asked for.
+    pub(crate) fn check_step(
+        &self,
+        meta: &StepMeta,
+        cache: &KvCache<B>,
+        logits: LogitRows<'_>,
+    ) -> Result<(), WorkerError> {
         if logits.full.len() != logits.rows.len() {
             return Err(WorkerError::Request(format!(
                 "{} logits rows with {} full-row flags",
@@ -225,12 +246,22 @@ impl<B: Backend> Model<B> {
                 logits.full.len()
             )));
         }
-        let logit_rows = logits.rows;
-        if tokens.len() != meta.num_tokens() {
+        let n = meta.num_tokens();
+        if meta.tokens.len() != n {
             return Err(WorkerError::Request(format!(
-                "{} tokens for a step describing {}",
-                tokens.len(),
-                meta.num_tokens()
+                "{} tokens for a step describing {n}",
+                meta.tokens.len(),
+            )));
+        }
+        if let Some(&row) = logits.rows.iter().find(|&&r| r >= n) {
+            return Err(WorkerError::Request(format!(
+                "logits row {row} of a step of {n} tokens"
+            )));
+        }
+        let vocab = self.spec.vocab_size;
+        if let Some(&id) = meta.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(WorkerError::Request(format!(
+                "token id {id} outside the vocabulary of {vocab}"
             )));
         }
         if cache.layers.len() != self.layers.len() {
@@ -240,9 +271,21 @@ impl<B: Backend> Model<B> {
                 self.layers.len()
             )));
         }
-        let step = b.prepare_step(meta, &self.rope)?;
-        let mut x = b.embedding(&self.embed, tokens)?;
-        // (layer, experts, routing) of every MoE layer, counted once after the last layer.
+        Ok(())
+    }
+
+    /// The device half of a step over `step`: every layer, then the logits of the rows in
+    /// `keep` (every row when `None`), and each MoE layer's routing for the expert counts. No
+    /// copy to or from the host, so a graph can capture it.
+    pub(crate) fn run(
+        &self,
+        step: &B::Step,
+        cache: &mut KvCache<B>,
+        keep: Option<&[usize]>,
+    ) -> Result<DeviceOutput<B>, WorkerError> {
+        let b = &self.backend;
+        let mut x = b.embedding(&self.embed, step)?;
+        // (layer, experts, routing) of every MoE layer, counted after the last layer.
         let mut routings = Vec::new();
         // The previous layer's FFN output, added to the residual stream together with this
         // layer's input norm (one fused op where the backend has one).
@@ -253,8 +296,8 @@ impl<B: Backend> Model<B> {
                 None => layer.input_norm.forward(b, &x)?,
             };
             let mut a = match &layer.attention {
-                Attention::Gqa(att) => att.forward(b, &h, kv, &step)?,
-                Attention::Mla(att) => att.forward(b, &h, kv, &step)?,
+                Attention::Gqa(att) => att.forward(b, &h, kv, step)?,
+                Attention::Mla(att) => att.forward(b, &h, kv, step)?,
             };
             self.tp.all_reduce(b, &mut a)?;
             let h = layer.post_attention_norm.add_forward(b, &mut x, &a)?;
@@ -272,80 +315,144 @@ impl<B: Backend> Model<B> {
         if let Some(f) = pending {
             b.add_assign(&mut x, &f)?;
         }
-        // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
-        let kept = if logit_rows.iter().copied().eq(0..tokens.len()) {
-            x
-        } else {
-            b.gather_rows(&x, logit_rows)?
+        let kept = match keep {
+            Some(rows) => b.gather_rows(&x, rows)?,
+            None => x,
         };
         let x = self.final_norm.forward(b, &kept)?;
-        let all = match &self.lm_head {
+        let logits = match &self.lm_head {
             Some(head) if self.tp.world() > 1 => {
                 self.tp.comm.all_gather_cols(b, head.forward(b, &x)?)?
             }
             Some(head) => head.forward(b, &x)?,
             None => b.linear(&x, &self.embed, None)?,
         };
-        let full: Vec<usize> = (0..logits.full.len()).filter(|&i| logits.full[i]).collect();
-        let summaries = if full.len() < logit_rows.len() {
-            b.row_summaries(&all)?
+        Ok(DeviceOutput { logits, routings })
+    }
+
+    /// What the host needs of a step's logits (`all`, one row per requested row, in order):
+    /// the summaries when some row is not full, and the full rows' values.
+    pub(crate) fn logits_to_host(
+        &self,
+        all: &B::Tensor,
+        logits: LogitRows<'_>,
+    ) -> Result<(Vec<RowSummary>, Vec<f32>), WorkerError> {
+        let b = &self.backend;
+        let n = logits.rows.len();
+        let full: Vec<usize> = (0..n).filter(|&i| logits.full[i]).collect();
+        let summaries = if full.len() < n {
+            let mut s = b.row_summaries(all)?;
+            s.truncate(n);
+            s
         } else {
             Vec::new()
         };
-        let host_logits = if full.len() == logit_rows.len() {
-            b.tensor_to_host(&all)?
-        } else if full.is_empty() {
+        let host = if full.is_empty() {
             Vec::new()
+        } else if full.len() == n && b.dims(all).0 == n {
+            b.tensor_to_host(all)?
         } else {
-            b.tensor_to_host(&b.gather_rows(&all, &full)?)?
+            b.tensor_to_host(&b.gather_rows(all, &full)?)?
         };
-        // After the logits, so the one copy of the counts waits for work that the logits' copy
-        // waited for anyway.
-        let expert_counts = count_experts(b, &routings)?;
-        Ok(StepOutput {
-            logits: host_logits,
-            summaries,
-            expert_counts,
-        })
+        Ok((summaries, host))
+    }
+
+    /// The RoPE table steps are prepared with.
+    pub(crate) fn rope(&self) -> &RopeTable {
+        &self.rope
+    }
+
+    /// `(layer, experts)` of every MoE layer, in order: what [`Model::run`]'s routings are.
+    pub(crate) fn moe_layers(&self) -> Vec<(usize, usize)> {
+        self.layers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| match &l.ffn {
+                Ffn::Moe(m) => Some((i, m.num_experts())),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
+    }
+
+    /// Ranks the model is split over (tensor parallelism).
+    pub(crate) fn world(&self) -> usize {
+        self.tp.world()
+    }
+}
+
+/// The device half of a step ([`Model::run`]).
+pub(crate) struct DeviceOutput<B: Backend> {
+    /// `[kept rows, vocab]`.
+    pub logits: B::Tensor,
+    /// `(layer, experts, routing)` of every MoE layer, in layer order.
+    pub routings: Vec<(usize, usize, B::Routing)>,
+}
+
+/// MoE layers with the same number of experts, whose counts share one tensor.
+pub(crate) struct CountGroup {
+    pub experts: usize,
+    /// Indices into the step's routings.
+    pub layers: Vec<usize>,
+}
+
+impl CountGroup {
+    /// `(layer, counts)` of the group's layers from their device counts; `layers` holds the
+    /// model layer of each routing index.
+    pub fn to_host<B: Backend>(
+        &self,
+        b: &B,
+        counts: &B::Tensor,
+        layers: &[usize],
+    ) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
+        let host = b.tensor_to_host(counts)?;
+        Ok(self
+            .layers
+            .iter()
+            .zip(host.chunks(self.experts.max(1)))
+            .map(|(&i, c)| (layers[i], c.iter().map(|&v| v as u32).collect()))
+            .collect())
     }
 }
 
 /// Tokens per expert of each MoE layer, `(layer, counts)` in layer order, from the routings a step
-/// kept: one [`Backend::expert_counts_many`] call (one copy to the host on a GPU) per distinct
-/// expert count, which in every supported architecture means one call per step.
+/// kept: one [`Backend::expert_counts_into`] call and one copy to the host per distinct expert
+/// count, which in every supported architecture means one of each per step.
 fn count_experts<B: Backend>(
     b: &B,
     routings: &[(usize, usize, B::Routing)],
+    step: &B::Step,
 ) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
-    let mut counts: Vec<Option<Vec<u32>>> = vec![None; routings.len()];
-    let mut sizes: Vec<usize> = routings.iter().map(|r| r.1).collect();
-    sizes.sort_unstable();
-    sizes.dedup();
-    for n in sizes {
-        let (idx, refs): (Vec<usize>, Vec<&B::Routing>) = routings
-            .iter()
-            .enumerate()
-            .filter(|(_, r)| r.1 == n)
-            .map(|(i, r)| (i, &r.2))
-            .unzip();
-        let got = b.expert_counts_many(&refs, n)?;
-        if got.len() != idx.len() {
-            return Err(WorkerError::Backend(
-                tessera_kernels::BackendError::Device {
-                    op: "expert_counts_many",
-                    detail: format!("{} count vectors for {} routings", got.len(), idx.len()),
-                },
-            ));
-        }
-        for (i, c) in idx.into_iter().zip(got) {
-            counts[i] = Some(c);
+    let mut out = Vec::with_capacity(routings.len());
+    let layers: Vec<usize> = routings.iter().map(|r| r.0).collect();
+    for group in count_groups(routings.iter().map(|r| r.1)) {
+        let refs: Vec<&B::Routing> = group.layers.iter().map(|&i| &routings[i].2).collect();
+        let mut counts = b.tensor_from_host(
+            vec![0.0; refs.len() * group.experts],
+            refs.len(),
+            group.experts,
+        )?;
+        b.expert_counts_into(&refs, step, &mut counts)?;
+        out.extend(group.to_host(b, &counts, &layers)?);
+    }
+    out.sort_by_key(|(layer, _)| *layer);
+    Ok(out)
+}
+
+/// A step's routings (given by their expert counts, in order) grouped by expert count (one group
+/// in every supported architecture), so that each group is counted by one
+/// [`Backend::expert_counts_into`] call.
+pub(crate) fn count_groups(experts: impl IntoIterator<Item = usize>) -> Vec<CountGroup> {
+    let mut groups: Vec<CountGroup> = Vec::new();
+    for (i, e) in experts.into_iter().enumerate() {
+        match groups.iter_mut().find(|g| g.experts == e) {
+            Some(g) => g.layers.push(i),
+            None => groups.push(CountGroup {
+                experts: e,
+                layers: vec![i],
+            }),
         }
     }
-    Ok(routings
-        .iter()
-        .zip(counts)
-        .map(|(r, c)| (r.0, c.unwrap_or_default()))
-        .collect())
+    groups
 }
 
 #[cfg(test)]
@@ -378,13 +485,33 @@ mod tests {
                 (layer, experts, b.route(&t, &p, None).unwrap())
             })
             .collect();
-        let got = count_experts(&b, &routed).unwrap();
+        let meta = StepMeta {
+            seqs: vec![tessera_kernels::SeqMeta {
+                token_start: 0,
+                num_tokens: 1,
+                context_len: 1,
+                block_table: vec![0],
+            }],
+            block_size: 4,
+            tokens: vec![0],
+        };
+        let rope = RopeTable {
+            inv_freq: vec![1.0],
+            attention_scaling: 1.0,
+            layout: tessera_kernels::RopeLayout::Half,
+        };
+        let step = b.prepare_step(&meta, &rope).unwrap();
+        let got = count_experts(&b, &routed, &step).unwrap();
         let want: Vec<_> = routed
             .iter()
             .map(|(l, e, r)| (*l, b.expert_counts(r, *e).unwrap()))
             .collect();
         assert_eq!(got, want);
         assert_eq!(got[1].1.len(), 4);
-        assert!(count_experts::<CpuBackend>(&b, &[]).unwrap().is_empty());
+        assert!(
+            count_experts::<CpuBackend>(&b, &[], &step)
+                .unwrap()
+                .is_empty()
+        );
     }
 }

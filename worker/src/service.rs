@@ -175,6 +175,7 @@ fn load(
             kv,
             block_size: req.block_size.max(1) as usize,
             metrics: Some(metrics),
+            cuda_graph_max_batch: device.cuda_graph_max_batch,
         },
     )
 }

@@ -380,10 +380,7 @@ mod tests {
         let mut cache = CpuKv::new(spec).unwrap();
         cache.k = vals(cache.k.len(), 1);
         cache.v = vals(cache.v.len(), 2);
-        let meta = StepMeta {
-            seqs: c.seqs,
-            block_size: bs,
-        };
+        let meta = StepMeta::without_ids(c.seqs, bs);
         let rows: Vec<(usize, usize)> = meta
             .seqs
             .iter()
@@ -445,15 +442,15 @@ mod tests {
             values: KvValues::Separate,
         };
         let cache = CpuKv::new(spec).unwrap();
-        let meta = StepMeta {
-            seqs: vec![SeqMeta {
+        let meta = StepMeta::without_ids(
+            vec![SeqMeta {
                 token_start: 0,
                 num_tokens: 1,
                 context_len: 6,
                 block_table: vec![0, 5],
             }],
-            block_size: 4,
-        };
+            4,
+        );
         let p = AttentionParams {
             num_heads: 1,
             num_kv_heads: 1,

@@ -118,6 +118,7 @@ impl Backend for CpuBackend {
     type Step = CpuStep;
     type KvLayer = CpuKv;
     type Routing = CpuRouting;
+    type Graph = crate::NoGraph;
 
     fn name(&self) -> String {
         format!("cpu ({} threads)", rayon::current_num_threads())
@@ -153,29 +154,7 @@ impl Backend for CpuBackend {
 
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CpuStep> {
         let _p = profile::scope("prepare_step", String::new);
-        if meta.block_size == 0 {
-            return Err(BackendError::invalid("prepare_step", "block size 0"));
-        }
-        let mut next = 0;
-        for s in &meta.seqs {
-            if s.token_start != next || s.num_tokens == 0 || s.num_tokens > s.context_len {
-                return Err(BackendError::invalid(
-                    "prepare_step",
-                    format!("inconsistent sequence {s:?}"),
-                ));
-            }
-            if s.block_table.len() * meta.block_size < s.context_len {
-                return Err(BackendError::invalid(
-                    "prepare_step",
-                    format!(
-                        "{} blocks cannot hold {} positions",
-                        s.block_table.len(),
-                        s.context_len
-                    ),
-                ));
-            }
-            next += s.num_tokens;
-        }
+        meta.validate("prepare_step")?;
         let (cos, sin) =
             ops::rope_angles(&meta.positions(), &rope.inv_freq, rope.attention_scaling);
         Ok(CpuStep {
@@ -187,8 +166,15 @@ impl Backend for CpuBackend {
         })
     }
 
-    fn embedding(&self, table: &CpuWeight, ids: &[u32]) -> Result<CpuTensor> {
+    fn copy_into(&self, dst: &mut CpuTensor, src: &CpuTensor) -> Result<()> {
+        same_shape("copy_into", dst, src)?;
+        dst.data.copy_from_slice(&src.data);
+        Ok(())
+    }
+
+    fn embedding(&self, table: &CpuWeight, step: &CpuStep) -> Result<CpuTensor> {
         let _p = profile::scope("embedding", String::new);
+        let ids = &step.meta.tokens;
         let (vocab, hidden) = table.matrix("embedding")?;
         let view = table.host.view();
         let mut out = pool::zeroed(ids.len() * hidden);
@@ -466,6 +452,35 @@ impl Backend for CpuBackend {
 
     fn expert_counts(&self, routing: &CpuRouting, num_experts: usize) -> Result<Vec<u32>> {
         Ok(moe::expert_counts(routing, num_experts))
+    }
+
+    fn expert_counts_into(
+        &self,
+        routings: &[&CpuRouting],
+        _step: &CpuStep,
+        counts: &mut CpuTensor,
+    ) -> Result<()> {
+        let experts = counts.cols;
+        if counts.rows != routings.len() {
+            return Err(BackendError::shape(
+                "expert_counts_into",
+                format!(
+                    "{} rows of counts for {} routings",
+                    counts.rows,
+                    routings.len()
+                ),
+            ));
+        }
+        // A CPU step is never padded: every row counts.
+        for (r, row) in routings
+            .iter()
+            .zip(counts.data.chunks_exact_mut(experts.max(1)))
+        {
+            for (c, n) in row.iter_mut().zip(moe::expert_counts(r, experts)) {
+                *c = n as f32;
+            }
+        }
+        Ok(())
     }
 
     fn moe(

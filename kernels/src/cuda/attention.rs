@@ -1,69 +1,18 @@
-//! Per-step metadata on the device, the paged KV cache and paged attention on the GPU.
+//! The paged KV cache and paged attention on the GPU.
 //!
-//! [`CudaStep`] is built once per forward step: RoPE angles per new token (computed on the host by
-//! the CPU backend's own function, so both backends rotate by bit-identical angles), each token's
-//! position and cache slot, and the sequences' block tables, packed into one buffer and uploaded
-//! with one copy, then read by every layer. The cache stores keys and values in bf16 with the CPU backend's layout
-//! `[block][kv_head][slot][dim]`.
-
-use std::ops::Range;
+//! The cache stores keys and values in bf16 with the CPU backend's layout
+//! `[block][kv_head][slot][dim]`; every kernel reads positions, slots and block tables from the
+//! step's metadata ([`CudaStep`], `step.rs`).
 
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
 use super::plan;
-use crate::{
-    AttentionParams, BackendError, KvSpec, KvValues, Result, RopeLayout, RopeTable, StepMeta,
-};
+use super::step::CudaStep;
+use crate::{AttentionParams, BackendError, KvSpec, KvValues, Result};
 
 /// Threads per block of the attention kernels (a multiple of 32, as their reductions need).
 const ATTN_THREADS: u32 = plan::ATTN_THREADS as u32;
-
-/// A forward step's metadata, resident on the device.
-pub struct CudaStep {
-    pub(super) meta: StepMeta,
-    /// Rotary pairs per head (`rot_dim / 2`).
-    pub(super) half: usize,
-    pub(super) layout: RopeLayout,
-    /// Every array below, one after the other (f32 arrays as their bit patterns).
-    packed: CudaSlice<u32>,
-    /// `[tokens, half]` f32 each, already multiplied by the attention scaling.
-    cos: Range<usize>,
-    sin: Range<usize>,
-    /// Position of each new token.
-    tok_pos: Range<usize>,
-    /// Offset in `tables` of each new token's block table.
-    tok_table: Range<usize>,
-    /// Every sequence's block table, concatenated.
-    tables: Range<usize>,
-    /// `block * block_size + slot` where each new token's key and value go.
-    slots: Range<usize>,
-    /// The largest block any sequence uses for its context (checked against a cache's size).
-    max_block: Option<u32>,
-}
-
-impl CudaStep {
-    fn part(&self, r: &Range<usize>) -> CudaView<'_, u32> {
-        self.packed.slice(r.clone())
-    }
-
-    /// The cosines, as f32 bit patterns: kernels declare them `const float*`.
-    pub(super) fn cos(&self) -> CudaView<'_, u32> {
-        self.part(&self.cos)
-    }
-
-    /// The sines, as f32 bit patterns (see [`CudaStep::cos`]).
-    pub(super) fn sin(&self) -> CudaView<'_, u32> {
-        self.part(&self.sin)
-    }
-}
-
-/// Appends `part` to `packed` and returns where it went.
-fn pack(packed: &mut Vec<u32>, part: impl IntoIterator<Item = u32>) -> Range<usize> {
-    let start = packed.len();
-    packed.extend(part);
-    start..packed.len()
-}
 
 /// One layer's paged K and V cache in device memory (bf16 bit patterns); no V storage when the
 /// values are a prefix of the keys ([`KvValues::KeyPrefix`]).
@@ -101,70 +50,6 @@ struct AttnArgs {
 unsafe impl DeviceRepr for AttnArgs {}
 
 impl CudaBackend {
-    pub(super) fn prepare_step_impl(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CudaStep> {
-        const OP: &str = "prepare_step";
-        if meta.block_size == 0 {
-            return Err(BackendError::invalid(OP, "block size 0"));
-        }
-        let bs = meta.block_size;
-        let mut next = 0;
-        let (mut tok_table, mut tables, mut slots) = (Vec::new(), Vec::new(), Vec::new());
-        let mut max_block = None;
-        for s in &meta.seqs {
-            if s.token_start != next || s.num_tokens == 0 || s.num_tokens > s.context_len {
-                return Err(BackendError::invalid(
-                    OP,
-                    format!("inconsistent sequence {s:?}"),
-                ));
-            }
-            if s.block_table.len() * bs < s.context_len {
-                return Err(BackendError::invalid(
-                    OP,
-                    format!(
-                        "{} blocks cannot hold {} positions",
-                        s.block_table.len(),
-                        s.context_len
-                    ),
-                ));
-            }
-            let used = &s.block_table[..s.context_len.div_ceil(bs)];
-            max_block = max_block.max(used.iter().copied().max());
-            let offset = to_u32(OP, tables.len())?;
-            tables.extend_from_slice(&s.block_table);
-            for pos in s.context_len - s.num_tokens..s.context_len {
-                tok_table.push(offset);
-                slots.push(to_u32(
-                    OP,
-                    s.block_table[pos / bs] as usize * bs + pos % bs,
-                )?);
-            }
-            next += s.num_tokens;
-        }
-        let positions = meta.positions();
-        let (cos, sin) =
-            crate::cpu::ops::rope_angles(&positions, &rope.inv_freq, rope.attention_scaling);
-        let mut packed = Vec::new();
-        let cos = pack(&mut packed, cos.iter().map(|v| v.to_bits()));
-        let sin = pack(&mut packed, sin.iter().map(|v| v.to_bits()));
-        let tok_pos = pack(&mut packed, positions);
-        let tok_table = pack(&mut packed, tok_table);
-        let tables = pack(&mut packed, tables);
-        let slots = pack(&mut packed, slots);
-        Ok(CudaStep {
-            meta: meta.clone(),
-            half: rope.inv_freq.len(),
-            layout: rope.layout,
-            packed: self.upload(OP, &packed)?,
-            cos,
-            sin,
-            tok_pos,
-            tok_table,
-            tables,
-            slots,
-            max_block,
-        })
-    }
-
     pub(super) fn alloc_kv_impl(&self, spec: KvSpec) -> Result<CudaKv> {
         const OP: &str = "alloc_kv";
         spec.validate(OP)?;
@@ -191,6 +76,8 @@ impl CudaBackend {
                 ),
             ));
         }
+        step.cache_blocks
+            .fetch_min(spec.num_blocks, std::sync::atomic::Ordering::Relaxed);
         if let Some(b) = step.max_block
             && b as usize >= spec.num_blocks
         {
@@ -211,7 +98,7 @@ impl CudaBackend {
     ) -> Result<()> {
         const OP: &str = "write_kv";
         let spec = cache.spec;
-        let n = step.meta.num_tokens();
+        let n = step.rows;
         spec.check_write(n, (k.rows, k.cols), v.map(|v| (v.rows, v.cols)))?;
         Self::check_blocks(OP, &spec, step)?;
         if n == 0 {
@@ -230,7 +117,7 @@ impl CudaBackend {
             None => b.arg(kc).arg(&0u64),
         };
         b.arg(&k.data).arg(&v.unwrap_or(k).data);
-        let slots = step.part(&step.slots);
+        let slots = step.slots();
         b.arg(&slots).arg(&heads).arg(&kd).arg(&vd).arg(&bs);
         // SAFETY: write_kv(u16* kc, u16* vc, const float* k, const float* v, const u32* slots,
         // u32 kv_heads, u32 kd, u32 vd, u32 block_size): one block per token; k holds
@@ -266,7 +153,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        let n = step.meta.num_tokens();
+        let n = step.rows;
         if (q.rows, q.cols) != (n, p.num_heads * p.qk_dim) {
             return Err(BackendError::shape(
                 OP,
@@ -309,16 +196,7 @@ impl CudaBackend {
             group_heads: to_u32(OP, grouping.group_heads)?,
             scale: p.scale,
         };
-        let max_span = step
-            .meta
-            .seqs
-            .iter()
-            .map(|s| {
-                p.sliding_window
-                    .map_or(s.context_len, |w| s.context_len.min(w.max(1)))
-            })
-            .max()
-            .unwrap_or(0);
+        let max_span = step.max_span(p.sliding_window);
         let head_blocks = p.num_kv_heads * grouping.head_groups;
         let splits = plan::attention_splits(n * head_blocks, max_span, self.info.multiprocessors);
         let launch = AttnLaunch {
@@ -430,9 +308,9 @@ struct StepViews<'a> {
 impl<'a> StepViews<'a> {
     fn of(step: &'a CudaStep) -> Self {
         StepViews {
-            tok_pos: step.part(&step.tok_pos),
-            tok_table: step.part(&step.tok_table),
-            tables: step.part(&step.tables),
+            tok_pos: step.tok_pos(),
+            tok_table: step.tok_table(),
+            tables: step.tables(),
         }
     }
 }

@@ -7,12 +7,14 @@
 //! every allocation's address. So a replayed step reads its inputs from, and writes its outputs
 //! to, tensors that live across launches: the caller fills them ([`CudaBackend::write_into`])
 //! before each launch and copies the captured results into them inside the capture
-//! ([`CudaBackend::copy_into`]). Tensors allocated inside the capture belong to the graph and
+//! ([`crate::Backend::copy_into`]). Tensors allocated inside the capture belong to the graph and
 //! must be dropped inside it too.
 //!
 //! CUDA refuses, and invalidates the capture on, anything a graph cannot hold: copies to or from
 //! the host and synchronisation. So an operation that needs the host (an upload of per-step
 //! metadata, a host round-trip) fails the capture with an error, never a wrong replay.
+
+use std::sync::Mutex;
 
 use cudarc::driver::CudaGraph;
 use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
@@ -20,16 +22,25 @@ use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
 use super::device::{CudaBackend, CudaTensor};
 use crate::{BackendError, Result};
 
-/// Work captured by [`CudaBackend::capture`], replayed by [`CudaBackend::replay`].
+/// Work captured by [`crate::Backend::capture`], replayed by [`crate::Backend::replay`].
 pub struct DeviceGraph {
-    graph: CudaGraph,
+    /// The driver does not synchronise access to a graph: the lock does.
+    graph: Mutex<Owned>,
 }
+
+/// A graph that may move between threads.
+struct Owned(CudaGraph);
+
+// SAFETY: the graph's handles are plain driver objects that any thread may use once the context
+// is bound, which cudarc does before every launch and in drop; the driver forbids only
+// concurrent use of one graph, which `DeviceGraph`'s mutex rules out.
+unsafe impl Send for Owned {}
 
 impl CudaBackend {
     /// Captures the device work `body` queues into a graph, or returns the first error: one of
     /// `body`'s own, or the driver's refusal of something a graph cannot hold. The stream is out
     /// of capture mode again either way.
-    pub fn capture(&self, body: impl FnOnce() -> Result<()>) -> Result<DeviceGraph> {
+    pub(super) fn capture_impl(&self, body: impl FnOnce() -> Result<()>) -> Result<DeviceGraph> {
         const OP: &str = "capture";
         self.stream
             .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
@@ -48,15 +59,19 @@ impl CudaBackend {
         ran?;
         recorded.map_err(|e| BackendError::device(OP, e))?;
         match ended.map_err(|e| BackendError::device(OP, e))? {
-            Some(graph) => Ok(DeviceGraph { graph }),
+            Some(graph) => Ok(DeviceGraph {
+                graph: Mutex::new(Owned(graph)),
+            }),
             None => Err(BackendError::invalid(OP, "the capture recorded no work")),
         }
     }
 
     /// Runs a captured graph on this backend's stream (counted as one launch).
-    pub fn replay(&self, g: &DeviceGraph) -> Result<()> {
+    pub(super) fn replay_impl(&self, g: &DeviceGraph) -> Result<()> {
         self.counted();
-        g.graph
+        let graph = g.graph.lock().unwrap_or_else(|p| p.into_inner());
+        graph
+            .0
             .launch()
             .map_err(|e| BackendError::device("replay", e))
     }
@@ -79,7 +94,7 @@ impl CudaBackend {
     }
 
     /// Copies `src` into `dst` on the device (inside a capture: a graph's outputs).
-    pub fn copy_into(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
+    pub(super) fn copy_into_impl(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
         const OP: &str = "copy_into";
         if (dst.rows, dst.cols) != (src.rows, src.cols) {
             return Err(BackendError::shape(

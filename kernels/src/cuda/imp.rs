@@ -1,12 +1,14 @@
 //! [`Backend`] for [`CudaBackend`]: each operation delegates to the module that implements it
 //! (`ops`, `attention`, `moe`).
 
-use super::attention::{CudaKv, CudaStep};
+use super::attention::CudaKv;
 use super::device::{CudaBackend, CudaTensor, CudaWeight};
+use super::graph::DeviceGraph;
 use super::moe::CudaRouting;
+use super::step::CudaStep;
 use crate::{
     AttentionParams, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor, KvSpec,
-    Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta,
+    Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta, StepShape,
 };
 
 impl Backend for CudaBackend {
@@ -15,6 +17,7 @@ impl Backend for CudaBackend {
     type Step = CudaStep;
     type KvLayer = CudaKv;
     type Routing = CudaRouting;
+    type Graph = DeviceGraph;
 
     fn name(&self) -> String {
         format!("cuda:{} ({})", self.info.ordinal, self.info.name)
@@ -55,11 +58,36 @@ impl Backend for CudaBackend {
     }
 
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CudaStep> {
-        self.prepare_step_impl(meta, rope)
+        self.prepare_step_impl(meta, rope, None)
     }
 
-    fn embedding(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
-        self.embedding_impl(table, ids)
+    fn prepare_step_shaped(
+        &self,
+        meta: &StepMeta,
+        rope: &RopeTable,
+        shape: StepShape,
+    ) -> Result<CudaStep> {
+        self.prepare_step_impl(meta, rope, Some(shape))
+    }
+
+    fn update_step(&self, step: &mut CudaStep, meta: &StepMeta, rope: &RopeTable) -> Result<()> {
+        self.update_step_impl(step, meta, rope)
+    }
+
+    fn capture<F: FnOnce() -> Result<()>>(&self, body: F) -> Result<DeviceGraph> {
+        self.capture_impl(body)
+    }
+
+    fn replay(&self, graph: &DeviceGraph) -> Result<()> {
+        self.replay_impl(graph)
+    }
+
+    fn copy_into(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
+        self.copy_into_impl(dst, src)
+    }
+
+    fn embedding(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
+        self.embedding_impl(table, step)
     }
 
     fn linear(
@@ -191,12 +219,13 @@ impl Backend for CudaBackend {
         self.expert_counts_impl(routing, num_experts)
     }
 
-    fn expert_counts_many(
+    fn expert_counts_into(
         &self,
         routings: &[&CudaRouting],
-        num_experts: usize,
-    ) -> Result<Vec<Vec<u32>>> {
-        self.expert_counts_many_impl(routings, num_experts)
+        step: &CudaStep,
+        counts: &mut CudaTensor,
+    ) -> Result<()> {
+        self.expert_counts_into_impl(routings, step, counts)
     }
 
     fn moe(

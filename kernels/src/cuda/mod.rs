@@ -41,9 +41,11 @@ mod ops;
 pub mod plan;
 #[cfg(feature = "cuda")]
 mod probe;
+#[cfg(feature = "cuda")]
+mod step;
 
 #[cfg(feature = "cuda")]
-pub use attention::{CudaKv, CudaStep};
+pub use attention::CudaKv;
 #[cfg(feature = "cuda")]
 pub use device::{CudaBackend, CudaTensor, CudaWeight, DeviceInfo, compile_kernels};
 #[cfg(feature = "cuda")]
@@ -54,6 +56,8 @@ pub use moe::CudaRouting;
 pub use nccl::NcclComm;
 #[cfg(feature = "cuda")]
 pub use probe::{probe_libraries, probe_nccl, probe_nvrtc};
+#[cfg(feature = "cuda")]
+pub use step::CudaStep;
 
 #[cfg(not(feature = "cuda"))]
 mod stub;

@@ -12,12 +12,31 @@
 //! says where the line is and why.
 //!
 //! Expert counts for metrics are counted on the device too, all MoE layers of a step into one
-//! buffer that is copied to the host once ([`crate::Backend::expert_counts_many`]).
+//! tensor with one launch ([`crate::Backend::expert_counts_into`]), which a graph can hold and
+//! the caller copies to the host once.
 
-use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::device::{CudaBackend, CudaTensor, CudaWeight, grid_1d, to_u32};
+use super::step::CudaStep;
 use crate::{BackendError, GroupScore, Result, RouterParams, Scoring};
+
+/// Routings one `moe_count` launch counts (`COUNT_ROUTINGS` of moe.cu).
+const COUNT_ROUTINGS: usize = 64;
+
+/// The kernel argument of `moe_count`; the same fields in the same order as `CountTable` in
+/// moe.cu.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CountTable {
+    ids: [u64; COUNT_ROUTINGS],
+    pairs: [u32; COUNT_ROUTINGS],
+    top_k: [u32; COUNT_ROUTINGS],
+}
+
+// SAFETY: `repr(C)` with arrays of 8- then 4-byte scalars, matching the C struct field for field
+// (no padding in either); passed by value.
+unsafe impl DeviceRepr for CountTable {}
 
 /// `ROUTE_MAX_K` and `ROUTE_MAX_GROUPS` of moe.cu (sizes of the kernel's local arrays).
 const ROUTE_MAX_K: usize = 32;
@@ -161,63 +180,110 @@ impl CudaBackend {
         r: &CudaRouting,
         num_experts: usize,
     ) -> Result<Vec<u32>> {
-        let mut all = self.expert_counts_many_impl(&[r], num_experts)?;
-        all.pop().ok_or_else(|| {
-            BackendError::device("expert_counts", "no counts for the one routing asked for")
-        })
+        const OP: &str = "expert_counts";
+        let mut counts = self.tensor(OP, 1, num_experts)?;
+        self.count_into(OP, &[r], None, &mut counts)?;
+        let host = self.download(OP, &counts.data, num_experts)?;
+        Ok(host.into_iter().map(|c| c as u32).collect())
     }
 
-    /// Tokens per expert for each routing: one `moe_count` launch over all of them (their id
-    /// buffers' addresses uploaded as a small table: the addresses change from step to step),
-    /// then one copy to the host, so a step's MoE layers share one launch, one upload and one
-    /// synchronisation instead of a launch each.
-    pub(super) fn expert_counts_many_impl(
+    pub(super) fn expert_counts_into_impl(
         &self,
         routings: &[&CudaRouting],
-        num_experts: usize,
-    ) -> Result<Vec<Vec<u32>>> {
-        const OP: &str = "expert_counts";
-        let total = routings.len() * num_experts;
-        if total == 0 {
-            return Ok(vec![Vec::new(); routings.len()]);
-        }
-        let mut counts = self.zeros::<u32>(OP, total)?;
-        // The grid covers the most pairs any routing has; each routing's own count follows the
-        // addresses in the table.
-        let pairs: Vec<u64> = routings
-            .iter()
-            .map(|r| (r.tokens * r.top_k) as u64)
-            .collect();
-        let most = pairs.iter().copied().max().unwrap_or(0);
-        if routings.len() > 65_535 {
-            return Err(BackendError::invalid(
+        step: &CudaStep,
+        counts: &mut CudaTensor,
+    ) -> Result<()> {
+        const OP: &str = "expert_counts_into";
+        if let Some(r) = routings.iter().find(|r| r.tokens != step.rows) {
+            return Err(BackendError::shape(
                 OP,
-                format!("{} routings in one step", routings.len()),
+                format!(
+                    "a routing of {} tokens for a step of {} rows",
+                    r.tokens, step.rows
+                ),
             ));
         }
-        if most > 0 {
-            let mut table: Vec<u64> = routings
-                .iter()
-                .map(|r| r.ids.device_ptr(&self.stream).0)
-                .collect();
-            table.extend(&pairs);
-            let table = self.upload(OP, &table)?;
-            let (n32, e32) = (to_u32(OP, routings.len())?, to_u32(OP, num_experts)?);
+        let live = step.live();
+        self.count_into(OP, routings, Some(&live), counts)
+    }
+
+    /// Zeroes `counts` (`[routings, num_experts]`) and counts each routing's pairs of its rows
+    /// before `live[0]` (every row without `live`) into its row: one `moe_count` launch per
+    /// [`COUNT_ROUTINGS`] routings, their id addresses passed by value, so the work has no copy
+    /// to or from the host and a graph can hold it.
+    fn count_into(
+        &self,
+        op: &'static str,
+        routings: &[&CudaRouting],
+        live: Option<&CudaView<'_, u32>>,
+        counts: &mut CudaTensor,
+    ) -> Result<()> {
+        let experts = counts.cols;
+        if counts.rows != routings.len() {
+            return Err(BackendError::shape(
+                op,
+                format!(
+                    "{} rows of counts for {} routings",
+                    counts.rows,
+                    routings.len()
+                ),
+            ));
+        }
+        if let Some(r) = routings.iter().find(|r| r.num_experts > experts) {
+            return Err(BackendError::shape(
+                op,
+                format!(
+                    "a routing over {} experts counted into {experts}",
+                    r.num_experts
+                ),
+            ));
+        }
+        let total = routings.len() * experts;
+        if total == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memset_zeros(&mut counts.data.slice_mut(..total))
+            .map_err(|e| BackendError::device(op, e))?;
+        let e32 = to_u32(op, experts)?;
+        for (chunk, group) in routings.chunks(COUNT_ROUTINGS).enumerate() {
+            let mut table = CountTable {
+                ids: [0; COUNT_ROUTINGS],
+                pairs: [0; COUNT_ROUTINGS],
+                top_k: [0; COUNT_ROUTINGS],
+            };
+            for (i, r) in group.iter().enumerate() {
+                table.ids[i] = r.ids.device_ptr(&self.stream).0;
+                table.pairs[i] = to_u32(op, r.tokens * r.top_k)?;
+                table.top_k[i] = to_u32(op, r.top_k)?;
+            }
+            let most = table.pairs.iter().copied().max().unwrap_or(0);
+            if most == 0 {
+                continue;
+            }
+            let offset = chunk * COUNT_ROUTINGS * experts;
+            let mut out = counts.data.slice_mut(offset..total);
             let cfg = LaunchConfig {
-                grid_dim: (to_u32(OP, most.div_ceil(256) as usize)?, n32, 1),
+                grid_dim: (most.div_ceil(256), group.len() as u32, 1),
                 block_dim: (256, 1, 1),
                 shared_mem_bytes: 0,
             };
             let mut b = self.stream.launch_builder(self.func("moe_count")?);
-            b.arg(&mut counts).arg(&table).arg(&e32);
-            // SAFETY: moe_count(u32* counts, const u64* table, u32 num_experts): grid
-            // (ceil(max pairs / 256), routings); table holds each routing's ids address (a live
-            // buffer of its tokens*top_k ids: the routings are borrowed for the call) followed by
-            // each one's pair count, and threads past their routing's count return; counts holds
-            // routings*num_experts counters and only ids below num_experts are counted.
-            unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
+            b.arg(&mut out).arg(&table);
+            match live {
+                Some(l) => b.arg(l),
+                None => b.arg(&0u64),
+            };
+            b.arg(&e32);
+            // SAFETY: moe_count(float* counts, CountTable t, const u32* live, u32 num_experts):
+            // grid (ceil(max pairs / 256), routings of this chunk <= COUNT_ROUTINGS); t holds
+            // each routing's ids address (a live buffer of its tokens*top_k ids: the routings are
+            // borrowed for the call, and a graph keeps the buffers it allocated) with its pair
+            // count and top_k, and threads past their routing's count return; counts (from this
+            // chunk's first row) holds a row of num_experts counters per routing, and only ids
+            // below num_experts are counted; live is null or the step's one-entry live count.
+            unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(op, e))?;
         }
-        let flat = self.download(OP, &counts, total)?;
-        Ok(flat.chunks(num_experts).map(<[u32]>::to_vec).collect())
+        Ok(())
     }
 }

@@ -6,8 +6,8 @@ use std::ffi::c_int;
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
 
-use super::attention::CudaStep;
 use super::device::{CudaBackend, CudaTensor, CudaWeight, WeightData, grid_1d, grid_rows, to_u32};
+use super::step::CudaStep;
 use crate::{BackendError, DType, Result, RopeApply, RopeLayout, RowSummary};
 
 /// Scalars of the `rope` kernel; the same fields in the same order as `RopeArgs` in ops.cu.
@@ -86,32 +86,34 @@ impl RopeArgs {
 }
 
 impl CudaBackend {
-    pub(super) fn embedding_impl(&self, table: &CudaWeight, ids: &[u32]) -> Result<CudaTensor> {
+    pub(super) fn embedding_impl(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
         const OP: &str = "embedding";
         let (vocab, hidden) = table.matrix(OP)?;
-        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+        if let Some(&id) = step.meta.tokens.iter().find(|&&id| id as usize >= vocab) {
             return Err(BackendError::invalid(
                 OP,
                 format!("token id {id} outside vocabulary of {vocab}"),
             ));
         }
-        let mut out = self.output(OP, ids.len(), hidden)?;
-        if ids.is_empty() || hidden == 0 {
+        let rows = step.rows;
+        let mut out = self.output(OP, rows, hidden)?;
+        if rows == 0 || hidden == 0 {
             return Ok(out);
         }
-        let dev_ids = self.upload(OP, ids)?;
-        let hidden32 = to_u32(OP, hidden)?;
+        let (hidden32, vocab32) = (to_u32(OP, hidden)?, to_u32(OP, vocab)?);
+        let ids = step.ids();
         let mut b = self.stream.launch_builder(self.func(OP)?);
         match &table.data {
             WeightData::F32(w) => b.arg(&mut out.data).arg(w),
             WeightData::Half { bits, .. } => b.arg(&mut out.data).arg(bits),
         };
         let code = dtype_code(weight_dtype(table));
-        b.arg(&dev_ids).arg(&code).arg(&hidden32);
-        // SAFETY: embedding(float* out, const void* table, const u32* ids, int dtype, u32 hidden):
-        // out holds ids.len()*hidden floats, every id was checked < vocab above, the table holds
-        // vocab*hidden elements of the dtype passed, and one block per id reads one table row.
-        unsafe { b.launch(grid_rows(ids.len(), 256)) }.map_err(|e| BackendError::device(OP, e))?;
+        b.arg(&ids).arg(&code).arg(&hidden32).arg(&vocab32);
+        // SAFETY: embedding(float* out, const void* table, const u32* ids, int dtype, u32 hidden,
+        // u32 vocab): out holds rows*hidden floats and ids the step's rows ids (step.rs); the
+        // table holds vocab*hidden elements of the dtype passed, and the kernel reads a row only
+        // for an id below vocab (the step's own ids were also checked above).
+        unsafe { b.launch(grid_rows(rows, 256)) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(out)
     }
 
@@ -625,7 +627,7 @@ impl CudaBackend {
         const OP: &str = "rope";
         let rot_dim = step.half * 2;
         let need = (at.num_heads.max(1) - 1) * at.head_stride + at.offset + rot_dim;
-        if x.rows != step.meta.num_tokens() || need > x.cols {
+        if x.rows != step.rows || need > x.cols {
             return Err(BackendError::shape(
                 OP,
                 format!("{}x{} for {at:?} and rot_dim {rot_dim}", x.rows, x.cols),
@@ -670,14 +672,10 @@ impl CudaBackend {
             return Ok(y);
         }
         let (wv, _, groups, mut out) = self.norm_setup(OP, x, w)?;
-        if x.rows != step.meta.num_tokens() {
+        if x.rows != step.rows {
             return Err(BackendError::shape(
                 OP,
-                format!(
-                    "{} rows for a step of {} tokens",
-                    x.rows,
-                    step.meta.num_tokens()
-                ),
+                format!("{} rows for a step of {} rows", x.rows, step.rows),
             ));
         }
         if groups == 0 {

@@ -78,6 +78,7 @@ impl Backend for CudaBackend {
     type Step = CudaStep;
     type KvLayer = CudaKv;
     type Routing = CudaRouting;
+    type Graph = crate::NoGraph;
 
     fn name(&self) -> String {
         match self.never {}
@@ -100,7 +101,18 @@ impl Backend for CudaBackend {
     fn prepare_step(&self, _: &StepMeta, _: &RopeTable) -> Result<CudaStep> {
         match self.never {}
     }
-    fn embedding(&self, _: &CudaWeight, _: &[u32]) -> Result<CudaTensor> {
+    fn copy_into(&self, _: &mut CudaTensor, _: &CudaTensor) -> Result<()> {
+        match self.never {}
+    }
+    fn expert_counts_into(
+        &self,
+        _: &[&CudaRouting],
+        _: &CudaStep,
+        _: &mut CudaTensor,
+    ) -> Result<()> {
+        match self.never {}
+    }
+    fn embedding(&self, _: &CudaWeight, _: &CudaStep) -> Result<CudaTensor> {
         match self.never {}
     }
     fn linear(&self, _: &CudaTensor, _: &CudaWeight, _: Option<&CudaWeight>) -> Result<CudaTensor> {

@@ -80,7 +80,7 @@ impl<B: Backend> Moe<B> {
     }
 
     /// The block's output and its routing, which the caller keeps to count tokens per expert
-    /// once per step for all MoE layers (`Backend::expert_counts_many`) rather than copying to
+    /// once per step for all MoE layers (`Backend::expert_counts_into`) rather than copying to
     /// the host, and waiting for the device, once per layer.
     pub fn forward_routed(
         &self,
