@@ -61,8 +61,22 @@ pub struct GpuBatch {
     pub copy_fraction: f64,
     /// Kernels and cuBLAS calls queued per decode step (median). Each costs the host a few
     /// microseconds to launch, so `launches × that ≥ step time` means the step is bound by
-    /// launching (what CUDA graphs would remove), not by the GPU.
+    /// launching (what CUDA graphs remove), not by the GPU. A step replayed from a graph
+    /// counts one launch for the graph.
     pub launches_per_step: u64,
+    /// The same batch with every step launched eagerly (`--cuda-graph-max-batch 0`), measured in
+    /// the same run; `None` when graphs were off anyway.
+    pub eager: Option<EagerBatch>,
+}
+
+/// A batch decoded without graphs, beside the graphed run.
+#[derive(Debug, Serialize)]
+pub struct EagerBatch {
+    pub tok_s: f64,
+    pub step_ms_median: f64,
+    pub launches_per_step: u64,
+    /// Graphed tokens/s ÷ eager tokens/s.
+    pub graph_speedup: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -85,6 +99,7 @@ pub struct GpuRoofline {
 pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
     let cfg = DeviceConfig {
         kind: args.device,
+        cuda_graph_max_batch: args.cuda_graph_max_batch,
         ..DeviceConfig::default()
     };
     let Device::Cuda(gpu) = Device::open(&cfg)? else {
@@ -130,30 +145,37 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
     info.load_seconds = loading.elapsed().as_secs_f64();
     let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
 
-    let mut runs: Vec<(usize, RunOutcome)> = args
+    // Each batch twice per round: with graphs (unless they are off), then every step eager.
+    let graphs = cfg.cuda_graph_max_batch;
+    let modes: &[usize] = if graphs > 0 { &[graphs, 0] } else { &[0] };
+    let mut runs: Vec<(usize, Vec<RunOutcome>)> = args
         .batches
         .iter()
-        .map(|&b| (b, RunOutcome::default()))
+        .map(|&b| (b, modes.iter().map(|_| RunOutcome::default()).collect()))
         .collect();
     for round in 0..args.rounds {
         for (batch, merged) in &mut runs {
-            tracing::info!(
-                round,
-                batch = *batch,
-                steps = args.tokens,
-                "decoding on the GPU"
-            );
-            let plan = RunPlan {
-                batch: *batch,
-                prompt_len: args.prompt_len,
-                warmup: args.warmup,
-                steps: args.tokens,
-                vocab: spec.vocab_size,
-                footprint: &footprint,
-                profile: false,
-                launches: Some(&launches),
-            };
-            merged.merge(run_batch(&mut exec, &mut alloc, &plan)?);
+            for (mode, merged) in modes.iter().zip(merged.iter_mut()) {
+                tracing::info!(
+                    round,
+                    batch = *batch,
+                    steps = args.tokens,
+                    graph_max_batch = *mode,
+                    "decoding on the GPU"
+                );
+                exec.set_graph_max_batch(*mode);
+                let plan = RunPlan {
+                    batch: *batch,
+                    prompt_len: args.prompt_len,
+                    warmup: args.warmup,
+                    steps: args.tokens,
+                    vocab: spec.vocab_size,
+                    footprint: &footprint,
+                    profile: false,
+                    launches: Some(&launches),
+                };
+                merged.merge(run_batch(&mut exec, &mut alloc, &plan)?);
+            }
         }
     }
     let kv_blocks = exec.num_blocks();
@@ -167,8 +189,18 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
 
     let mut batches = Vec::new();
     let mut decode_tok_s = BTreeMap::new();
-    for (batch, o) in runs {
+    for (batch, outcomes) in runs {
+        let o = &outcomes[0];
         let timing = o.timing(batch, args.prompt_len);
+        let eager = (outcomes.len() > 1).then(|| {
+            let e = outcomes[1].timing(batch, args.prompt_len);
+            EagerBatch {
+                tok_s: e.tok_s,
+                step_ms_median: e.step_ms_median,
+                launches_per_step: median_u64(&outcomes[1].step_launches),
+                graph_speedup: timing.tok_s / e.tok_s,
+            }
+        });
         let weight_gb_s = timing.weight_bytes_per_step / (timing.step_ms_median / 1e3) / 1e9;
         decode_tok_s.insert(batch.to_string(), timing.tok_s);
         batches.push(GpuBatch {
@@ -177,6 +209,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
             hbm_fraction: peak.map(|p| weight_gb_s / p),
             copy_fraction: weight_gb_s / copy,
             launches_per_step: median_u64(&o.step_launches),
+            eager,
         });
     }
     let active = footprint.active_bytes_per_token();

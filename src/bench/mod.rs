@@ -45,6 +45,15 @@ pub struct BenchArgs {
     /// `cuda:N` (HBM: the driver's peak and a measured device copy).
     #[arg(long, default_value = "cpu", env = "TESSERA_BENCH_DEVICE")]
     pub device: tessera_worker::device::DeviceKind,
+    /// GPU roofline: largest decode batch replayed from a CUDA graph. Each batch size is then
+    /// measured twice in the same run, with graphs and with every step launched eagerly, and the
+    /// report gives the ratio; 0 measures eager steps only.
+    #[arg(
+        long,
+        default_value_t = tessera_worker::graphs::DEFAULT_MAX_BATCH,
+        env = "TESSERA_BENCH_CUDA_GRAPH_MAX_BATCH"
+    )]
+    pub cuda_graph_max_batch: usize,
     /// Batch sizes to decode at (sequences decoding together), comma-separated.
     #[arg(
         long,
@@ -61,7 +70,8 @@ pub struct BenchArgs {
     /// machine do not decide it.
     #[arg(long, default_value_t = 3, env = "TESSERA_BENCH_ROUNDS")]
     pub rounds: usize,
-    /// Untimed decode steps before the timed ones.
+    /// Untimed decode steps before the timed ones (with CUDA graphs, at least 2: a batch shape
+    /// runs eagerly on its first step and is captured on its second).
     #[arg(long, default_value_t = 2, env = "TESSERA_BENCH_WARMUP")]
     pub warmup: usize,
     /// Prompt tokens prefilled per sequence before decoding.

@@ -200,7 +200,7 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
     );
     let _ = writeln!(
         s,
-        "{:>6} {:>10} {:>10} {:>11} {:>12} {:>10} {:>9} {:>9} {:>9}",
+        "{:>6} {:>10} {:>10} {:>11} {:>12} {:>10} {:>9} {:>9} {:>9} {:>11} {:>8}",
         "batch",
         "tok/s",
         "step ms",
@@ -209,12 +209,18 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
         "GB/s",
         "of peak",
         "of copy",
-        "launches"
+        "launches",
+        "eager tok/s",
+        "graphs×"
     );
     for b in &r.batches {
+        let (eager, speedup) = match &b.eager {
+            Some(e) => (format!("{:.1}", e.tok_s), format!("{:.2}", e.graph_speedup)),
+            None => ("-".into(), "-".into()),
+        };
         let _ = writeln!(
             s,
-            "{:>6} {:>10.1} {:>10.3} {:>11.0} {:>12.3} {:>10.0} {:>9} {:>8.1}% {:>9}",
+            "{:>6} {:>10.1} {:>10.3} {:>11.0} {:>12.3} {:>10.0} {:>9} {:>8.1}% {:>9} {:>11} {:>8}",
             b.timing.batch,
             b.timing.tok_s,
             b.timing.step_ms_median,
@@ -225,6 +231,8 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
                 .map_or("?".into(), |f| format!("{:.1}%", f * 100.0)),
             b.copy_fraction * 100.0,
             b.launches_per_step,
+            eager,
+            speedup,
         );
     }
     let _ = writeln!(

@@ -87,6 +87,13 @@ pub trait StepRunner {
     fn check_health(&mut self) -> Result<(), WorkerError> {
         Ok(())
     }
+    /// Replays decode batches up to `max_batch` from graphs (0: every step eager), where the
+    /// runner has graphs; for benchmarks that compare the two. Others ignore it.
+    fn set_graph_max_batch(&mut self, _max_batch: usize) {}
+    /// How many steps ran from graphs.
+    fn graph_stats(&self) -> GraphStats {
+        GraphStats::default()
+    }
 }
 
 impl<R: StepRunner + ?Sized> StepRunner for Box<R> {
@@ -120,6 +127,12 @@ impl<R: StepRunner + ?Sized> StepRunner for Box<R> {
     fn check_health(&mut self) -> Result<(), WorkerError> {
         (**self).check_health()
     }
+    fn set_graph_max_batch(&mut self, max_batch: usize) {
+        (**self).set_graph_max_batch(max_batch)
+    }
+    fn graph_stats(&self) -> GraphStats {
+        (**self).graph_stats()
+    }
 }
 
 impl<B: Backend> StepRunner for Executor<B> {
@@ -151,6 +164,12 @@ impl<B: Backend> StepRunner for Executor<B> {
             )));
         }
         Ok(())
+    }
+    fn set_graph_max_batch(&mut self, max_batch: usize) {
+        self.enable_graphs(max_batch)
+    }
+    fn graph_stats(&self) -> GraphStats {
+        Executor::graph_stats(self)
     }
 }
 
