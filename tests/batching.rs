@@ -124,3 +124,40 @@ fn staggered_chunked_batches_match_transformers() {
         }
     }
 }
+
+/// A token id past the vocabulary is refused before any work, naming the id, and the executor
+/// goes on serving.
+#[test]
+fn a_token_outside_the_vocabulary_is_refused_and_loses_nothing() {
+    let dir = common::fixtures_dir().join("qwen3_moe");
+    let spec = load_model_spec(&dir).unwrap();
+    let vocab = spec.vocab_size as u32;
+    let model = Model::load(
+        CpuBackend,
+        spec,
+        &Checkpoint::open(&dir).unwrap(),
+        &ShardSpec::whole(),
+    )
+    .unwrap();
+    let mut exec = Executor::new(model, 8, 4).unwrap();
+    let step = |tokens: Vec<u32>| SeqStep {
+        seq_id: 1,
+        context_len: tokens.len(),
+        tokens,
+        block_table: vec![0, 1],
+        sampling: SamplingParams::greedy(),
+        top_logprobs: 0,
+        prompt_logprobs: false,
+        sample: true,
+        prompt_len: 3,
+    };
+    let err = exec.step(&[step(vec![1, vocab, 2])]).unwrap_err();
+    assert!(
+        err.to_string().contains(&format!(
+            "token id {vocab} outside the vocabulary of {vocab}"
+        )),
+        "{err}"
+    );
+    let ok = exec.step(&[step(vec![1, 5, 2])]).unwrap();
+    assert!(ok.results[0].token.is_some());
+}
