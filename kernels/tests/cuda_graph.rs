@@ -9,7 +9,10 @@ mod common;
 
 use common::{assert_close, gpu, rand_vec, weight};
 use tessera_kernels::cpu::CpuBackend;
-use tessera_kernels::{Backend, DType, Result};
+use tessera_kernels::{
+    AttentionParams, Backend, DType, KvSpec, KvValues, Result, RopeLayout, RopeTable, SeqMeta,
+    StepMeta, StepShape,
+};
 
 /// The captured body, run eagerly on any backend: an RMSNorm, a bf16 product, SiLU×mul.
 fn body<B: Backend>(b: &B, x: &B::Tensor, w: &(B::Weight, B::Weight)) -> Result<B::Tensor> {
@@ -113,5 +116,98 @@ fn what_a_graph_cannot_hold_fails_the_capture() {
     assert_eq!(
         g.tensor_to_host(&out).unwrap(),
         g.tensor_to_host(&y).unwrap()
+    );
+}
+
+/// One decode token of a sequence in blocks `blocks` with `context` positions, token `id`.
+fn decode_meta(context: usize, blocks: Vec<u32>, id: u32) -> StepMeta {
+    StepMeta {
+        seqs: vec![SeqMeta {
+            token_start: 0,
+            num_tokens: 1,
+            context_len: context,
+            block_table: blocks,
+        }],
+        block_size: 4,
+        tokens: vec![id],
+    }
+}
+
+#[test]
+fn a_shaped_step_pads_rows_that_write_nothing_and_is_rewritten_in_place() {
+    let Some(g) = gpu("a_shaped_step_pads_rows_that_write_nothing_and_is_rewritten_in_place")
+    else {
+        return;
+    };
+    let rope = RopeTable {
+        inv_freq: vec![1.0, 0.1],
+        attention_scaling: 1.0,
+        layout: RopeLayout::Half,
+    };
+    let spec = KvSpec {
+        num_blocks: 4,
+        block_size: 4,
+        num_kv_heads: 1,
+        k_dim: 4,
+        v_dim: 4,
+        values: KvValues::Separate,
+    };
+    let mut cache = g.alloc_kv(spec).unwrap();
+    let shape = StepShape {
+        rows: 4,
+        table_width: 2,
+        max_span: 8,
+    };
+    let mut step = g
+        .prepare_step_shaped(&decode_meta(6, vec![2, 3], 7), &rope, shape)
+        .unwrap();
+    // Four rows, three of them padding: only the live row is written (block 3, slot 1); the
+    // padding rows' sentinel slot is skipped, not written out of bounds.
+    let k = g.tensor_from_host(vec![1.0; 16], 4, 4).unwrap();
+    let v = g.tensor_from_host(vec![2.0; 16], 4, 4).unwrap();
+    g.write_kv(&mut cache, &k, Some(&v), &step).unwrap();
+    // Block 0, where the padding rows read, is still zero: a query there sees a zero value.
+    let read0 = g.prepare_step(&decode_meta(1, vec![0], 0), &rope).unwrap();
+    let q = g.tensor_from_host(vec![1.0; 4], 1, 4).unwrap();
+    let params = AttentionParams {
+        num_heads: 1,
+        num_kv_heads: 1,
+        qk_dim: 4,
+        v_dim: 4,
+        scale: 0.5,
+        sliding_window: None,
+    };
+    let out = g.attention(&q, &cache, &read0, &params).unwrap();
+    assert_eq!(g.tensor_to_host(&out).unwrap(), vec![0.0; 4]);
+    // Rewritten in place: the embedding reads the new id in the live row, id 0 in the padding.
+    let table = weight(rand_vec(10 * 3, 5), vec![10, 3], DType::F32);
+    let rows = table.to_f32_vec();
+    let table = g.upload_weight(table).unwrap();
+    g.update_step(&mut step, &decode_meta(7, vec![2, 3], 9), &rope)
+        .unwrap();
+    let x = g
+        .tensor_to_host(&g.embedding(&table, &step).unwrap())
+        .unwrap();
+    let want: Vec<f32> = [9, 0, 0, 0]
+        .iter()
+        .flat_map(|&id| rows[id * 3..id * 3 + 3].to_vec())
+        .collect();
+    assert_eq!(x, want);
+    // What does not fit the shape, or the cache the step was checked against, is refused.
+    let mut err = |m: StepMeta| {
+        let mut s = g
+            .prepare_step_shaped(&decode_meta(6, vec![2, 3], 7), &rope, shape)
+            .unwrap();
+        g.write_kv(&mut cache, &k, Some(&v), &s).unwrap();
+        g.update_step(&mut s, &m, &rope).unwrap_err().to_string()
+    };
+    assert!(err(decode_meta(9, vec![1, 2, 3], 1)).contains("9 positions"));
+    assert!(err(decode_meta(6, vec![2, 5], 1)).contains("block 5"));
+    let mut plain = g
+        .prepare_step(&decode_meta(6, vec![2, 3], 7), &rope)
+        .unwrap();
+    assert!(
+        g.update_step(&mut plain, &decode_meta(6, vec![2, 3], 7), &rope)
+            .is_err()
     );
 }
