@@ -1,5 +1,5 @@
-//! The `--device` and `--gpu-memory-utilization` flags, shared by every command that runs the
-//! model (`generate`, `serve`, `coordinator`, `worker`, `bench`).
+//! The `--device`, `--gpu-memory-utilization` and CUDA graph flags, shared by every command that
+//! runs the model (`generate`, `serve`, `coordinator`, `worker`).
 
 use clap::Args;
 use tessera_worker::device::{DEFAULT_GPU_MEMORY_UTILIZATION, DeviceConfig, DeviceKind};
@@ -18,10 +18,14 @@ pub struct DeviceArgs {
     pub gpu_memory_utilization: f32,
     /// Largest decode batch replayed from a CUDA graph: decode steps are padded to a batch
     /// bucket (1, 2, 4, 8, then multiples of 8) and replayed with one launch instead of hundreds,
-    /// each shape captured on its second step. 0 runs every step eagerly (vLLM's
-    /// --enforce-eager). Launched workers inherit it; ignored on the CPU.
+    /// each shape captured on its second step. 0 runs every step eagerly, as --enforce-eager
+    /// does. Launched workers inherit it; ignored on the CPU.
     #[arg(long, default_value_t = tessera_worker::graphs::DEFAULT_MAX_BATCH, env = "TESSERA_CUDA_GRAPH_MAX_BATCH")]
     pub cuda_graph_max_batch: usize,
+    /// Launch every step's kernels one by one, never from a CUDA graph (vLLM's flag of the same
+    /// name; the same as --cuda-graph-max-batch 0).
+    #[arg(long, env = "TESSERA_ENFORCE_EAGER")]
+    pub enforce_eager: bool,
 }
 
 impl DeviceArgs {
@@ -31,7 +35,41 @@ impl DeviceArgs {
             kind: self.device,
             gpu_memory_utilization: self.gpu_memory_utilization,
             local_rank,
-            cuda_graph_max_batch: self.cuda_graph_max_batch,
+            cuda_graph_max_batch: if self.enforce_eager {
+                0
+            } else {
+                self.cuda_graph_max_batch
+            },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use tessera_worker::graphs::DEFAULT_MAX_BATCH;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        device: DeviceArgs,
+    }
+
+    fn graphs(args: &[&str]) -> usize {
+        let argv = std::iter::once("tessera").chain(args.iter().copied());
+        Cli::parse_from(argv).device.config(0).cuda_graph_max_batch
+    }
+
+    #[test]
+    fn enforce_eager_turns_decode_graphs_off() {
+        assert_eq!(graphs(&[]), DEFAULT_MAX_BATCH);
+        assert_eq!(graphs(&["--cuda-graph-max-batch", "16"]), 16);
+        assert_eq!(
+            graphs(&["--cuda-graph-max-batch", "16", "--enforce-eager"]),
+            0
+        );
+        assert_eq!(graphs(&["--cuda-graph-max-batch", "0"]), 0);
     }
 }

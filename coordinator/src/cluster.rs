@@ -163,6 +163,7 @@ async fn start_worker(
         .env_remove("TESSERA_GPU_MEMORY_UTILIZATION")
         .env_remove("TESSERA_LOCAL_RANK")
         .env_remove("TESSERA_CUDA_GRAPH_MAX_BATCH")
+        .env_remove("TESSERA_ENFORCE_EAGER")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
