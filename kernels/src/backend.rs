@@ -231,6 +231,41 @@ impl RowSummary {
     }
 }
 
+/// The per-head widths of [`Backend::concat_heads`] of a `[rows, a_cols]` and a `[rows, b_cols]`
+/// activation in `heads` heads: `(a per head, b per head)`, or the shape error both backends give.
+pub fn concat_heads_widths(
+    a: (usize, usize),
+    b: (usize, usize),
+    heads: usize,
+) -> Result<(usize, usize)> {
+    if heads == 0 || a.0 != b.0 || !a.1.is_multiple_of(heads) || !b.1.is_multiple_of(heads) {
+        return Err(BackendError::shape(
+            "concat_heads",
+            format!("{}x{} and {}x{} in {heads} heads", a.0, a.1, b.0, b.1),
+        ));
+    }
+    Ok((a.1 / heads, b.1 / heads))
+}
+
+/// The output width per head of [`Backend::head_linear`] with a `[rows, k]` weight over `x_cols`
+/// input columns in `heads` heads, or the shape error both backends give.
+pub fn head_linear_width(x_cols: usize, w_shape: &[usize], heads: usize) -> Result<usize> {
+    const OP: &str = "head_linear";
+    let [rows, k] = *w_shape else {
+        return Err(BackendError::shape(
+            OP,
+            format!("expected a 2-D weight, got {w_shape:?}"),
+        ));
+    };
+    if heads == 0 || !rows.is_multiple_of(heads) || x_cols != heads * k {
+        return Err(BackendError::shape(
+            OP,
+            format!("x has {x_cols} columns for {heads} heads of weight {w_shape:?}"),
+        ));
+    }
+    Ok(rows / heads)
+}
+
 /// The graph type of a backend that has none: no value of it exists.
 pub enum NoGraph {}
 
@@ -470,4 +505,36 @@ pub trait Backend: Send + Sync + Sized + 'static {
         routing: &Self::Routing,
         experts: &[Option<ExpertWeights<'_, Self>>],
     ) -> Result<Self::Tensor>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn head_shapes_are_checked_once_for_every_backend() {
+        assert_eq!(concat_heads_widths((3, 8), (3, 4), 4).unwrap(), (2, 1));
+        for (a, b, heads) in [
+            ((3, 8), (2, 4), 4),
+            ((3, 8), (3, 5), 4),
+            ((3, 8), (3, 4), 0),
+        ] {
+            let e = concat_heads_widths(a, b, heads).unwrap_err().to_string();
+            assert!(e.contains("concat_heads") && e.contains("heads"), "{e}");
+        }
+        // 4 heads of 16 inputs, 3 outputs each: a [12, 16] weight over 64 columns.
+        assert_eq!(head_linear_width(64, &[12, 16], 4).unwrap(), 3);
+        for (cols, shape, heads) in [
+            (60, &[12, 16][..], 4),
+            (64, &[13, 16], 4),
+            (64, &[12, 16], 0),
+        ] {
+            let e = head_linear_width(cols, shape, heads)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(&format!("{cols} columns")), "{e}");
+        }
+        let e = head_linear_width(64, &[12], 4).unwrap_err().to_string();
+        assert!(e.contains("2-D"), "{e}");
+    }
 }

@@ -338,20 +338,8 @@ impl Backend for CpuBackend {
     }
 
     fn concat_heads(&self, a: &CpuTensor, b: &CpuTensor, heads: usize) -> Result<CpuTensor> {
-        if heads == 0
-            || a.rows != b.rows
-            || !a.cols.is_multiple_of(heads)
-            || !b.cols.is_multiple_of(heads)
-        {
-            return Err(BackendError::shape(
-                "concat_heads",
-                format!(
-                    "{}x{} and {}x{} in {heads} heads",
-                    a.rows, a.cols, b.rows, b.cols
-                ),
-            ));
-        }
-        let (da, db) = (a.cols / heads, b.cols / heads);
+        let (da, db) =
+            crate::backend::concat_heads_widths((a.rows, a.cols), (b.rows, b.cols), heads)?;
         let data = ops::concat_heads(&a.data, da, &b.data, db);
         Ok(tensor(data, a.rows, a.cols + b.cols))
     }
@@ -360,18 +348,8 @@ impl Backend for CpuBackend {
         let _p = profile::scope("head_linear", || {
             format!("{:?} t{}", w.host.shape(), x.rows)
         });
-        let (rows, k) = w.matrix("head_linear")?;
-        if heads == 0 || !rows.is_multiple_of(heads) || x.cols != heads * k {
-            return Err(BackendError::shape(
-                "head_linear",
-                format!(
-                    "x has {} columns for {heads} heads of weight {:?}",
-                    x.cols,
-                    w.host.shape()
-                ),
-            ));
-        }
-        let n = rows / heads;
+        let n = crate::backend::head_linear_width(x.cols, w.host.shape(), heads)?;
+        let k = x.cols / heads;
         let y =
             head_linear::head_linear(&x.data, w.host.view(), head_linear::Heads { heads, k, n });
         Ok(tensor(y, x.rows, heads * n))

@@ -338,20 +338,11 @@ impl CudaBackend {
         heads: usize,
     ) -> Result<CudaTensor> {
         const OP: &str = "head_linear";
-        let (rows, k) = w.matrix(OP)?;
-        if heads == 0 || !rows.is_multiple_of(heads) || x.cols != heads * k {
-            return Err(BackendError::shape(
-                OP,
-                format!(
-                    "x has {} columns for {heads} heads of weight {:?}",
-                    x.cols, w.shape
-                ),
-            ));
-        }
+        let n = crate::backend::head_linear_width(x.cols, &w.shape, heads)?;
         let shape = GemmShape {
             tokens: x.rows,
-            n: rows / heads,
-            k,
+            n,
+            k: x.cols / heads,
             heads,
         };
         self.product(OP, x, w, shape)
@@ -551,20 +542,8 @@ impl CudaBackend {
         heads: usize,
     ) -> Result<CudaTensor> {
         const OP: &str = "concat_heads";
-        if heads == 0
-            || a.rows != b.rows
-            || !a.cols.is_multiple_of(heads)
-            || !b.cols.is_multiple_of(heads)
-        {
-            return Err(BackendError::shape(
-                OP,
-                format!(
-                    "{}x{} and {}x{} in {heads} heads",
-                    a.rows, a.cols, b.rows, b.cols
-                ),
-            ));
-        }
-        let (da, db) = (a.cols / heads, b.cols / heads);
+        let (da, db) =
+            crate::backend::concat_heads_widths((a.rows, a.cols), (b.rows, b.cols), heads)?;
         let mut out = self.output(OP, a.rows, a.cols + b.cols)?;
         let n = a.rows * (a.cols + b.cols);
         if n == 0 {
