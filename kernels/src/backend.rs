@@ -266,6 +266,28 @@ pub fn head_linear_width(x_cols: usize, w_shape: &[usize], heads: usize) -> Resu
     Ok(rows / heads)
 }
 
+/// Checks a [`Backend::row_summaries`] request for `rows` rows of a `(rows, cols)` tensor.
+pub fn check_summary_rows(rows: usize, dims: (usize, usize)) -> Result<()> {
+    if dims.1 == 0 || rows > dims.0 {
+        return Err(BackendError::shape(
+            "row_summaries",
+            format!("{rows} rows of a {}x{} tensor", dims.0, dims.1),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a [`Backend::copy_into`] of a `src` tensor into the first rows of `dst`.
+pub fn check_copy_into(dst: (usize, usize), src: (usize, usize)) -> Result<()> {
+    if dst.1 != src.1 || dst.0 < src.0 {
+        return Err(BackendError::shape(
+            "copy_into",
+            format!("{}x{} into {}x{}", src.0, src.1, dst.0, dst.1),
+        ));
+    }
+    Ok(())
+}
+
 /// The graph type of a backend that has none: no value of it exists.
 pub enum NoGraph {}
 
@@ -293,18 +315,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn tensor_to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
     /// `(rows, cols)` of an activation.
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
-    /// [`RowSummary`] of every row of `x` (logits), without copying the rows to the host where
-    /// the backend can help it (a GPU copies three numbers per row instead of the vocabulary).
-    fn row_summaries(&self, x: &Self::Tensor) -> Result<Vec<RowSummary>> {
-        let (rows, cols) = self.dims(x);
-        if cols == 0 {
-            return Err(crate::BackendError::shape(
-                "row_summaries",
-                format!("{rows} rows of 0 columns"),
-            ));
-        }
+    /// [`RowSummary`] of the first `rows` rows of `x` (logits; a graph's output may hold more
+    /// rows than the step has), without copying the rows to the host where the backend can help
+    /// it (a GPU copies three numbers per row instead of the vocabulary).
+    fn row_summaries(&self, x: &Self::Tensor, rows: usize) -> Result<Vec<RowSummary>> {
+        let (have, cols) = self.dims(x);
+        check_summary_rows(rows, (have, cols))?;
         let host = self.tensor_to_host(x)?;
-        Ok(host.chunks(cols).filter_map(RowSummary::of).collect())
+        Ok(host
+            .chunks(cols)
+            .take(rows)
+            .filter_map(RowSummary::of)
+            .collect())
     }
     /// The device's copy of a step's metadata, token ids included, sized to the step.
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<Self::Step>;
@@ -354,7 +376,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
             backend: "this backend",
         })
     }
-    /// Copies `src` into `dst` (same shape) without moving `dst`.
+    /// Copies `src` into the first rows of `dst` (same columns, `dst` at least as tall) without
+    /// moving `dst`.
     fn copy_into(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
 
     // --- dense math ----------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 //! are padded to a [`StepShape`]: the batch rounded up to a bucket (1, 2, 4, 8, then multiples of
 //! 8), block tables to the width of the longest context rounded up to a power of two (at least
 //! [`MIN_SPAN`] positions). Each shape gets a graph and a step whose metadata is rewritten in
-//! place before each replay ([`Backend::update_step`]); graphs of the same batch bucket share
-//! their output tensors (logits and expert counts), since only one runs at a time.
+//! place before each replay ([`Backend::update_step`]). Every graph copies its results into the
+//! same output tensors (logits for the largest bucket, expert counts), since only one runs at a
+//! time: one `[largest bucket, vocab]` buffer rather than one per bucket.
 //!
 //! A shape is captured the second time it is seen, so the first step of a shape runs eagerly and
 //! makes the one-time uploads (expert tables) that a capture refuses. Anything else a capture
@@ -16,7 +17,6 @@
 //! steps, tensor-parallel ranks (whose collectives are not captured) and batches past the
 //! largest bucket always run eagerly.
 
-use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 
 use tessera_kernels::{Backend, BackendError, StepMeta, StepShape};
@@ -46,9 +46,9 @@ struct Captured<B: Backend> {
     step: B::Step,
 }
 
-/// Tensors a batch bucket's graphs copy their results into.
+/// Tensors every graph copies its results into.
 struct Outputs<B: Backend> {
-    /// `[rows, vocab]`.
+    /// `[largest bucket, vocab]`: a graph fills its bucket's first rows.
     logits: B::Tensor,
     /// One tensor per group of MoE layers with the same expert count.
     counts: Vec<(CountGroup, B::Tensor)>,
@@ -73,7 +73,8 @@ impl<B: Backend> Outputs<B> {
 pub struct DecodeGraphs<B: Backend> {
     max_batch: usize,
     graphs: HashMap<StepShape, Captured<B>>,
-    outputs: HashMap<usize, Outputs<B>>,
+    /// Made with the first capture.
+    outputs: Option<Outputs<B>>,
     /// Shapes run once eagerly (the next step of the shape is captured).
     seen: HashSet<StepShape>,
     refused: HashSet<StepShape>,
@@ -87,6 +88,11 @@ pub fn bucket(n: usize) -> usize {
         3..=4 => 4,
         _ => n.next_multiple_of(8),
     }
+}
+
+/// The largest bucket of at most `max_batch` sequences (at least 1).
+pub fn largest_bucket(max_batch: usize) -> usize {
+    (1..=max_batch).rev().find(|&n| bucket(n) == n).unwrap_or(1)
 }
 
 /// The shape a decode step of `meta` replays in, or `None` if it is not a decode step (a
@@ -110,7 +116,7 @@ impl<B: Backend> DecodeGraphs<B> {
         DecodeGraphs {
             max_batch,
             graphs: HashMap::new(),
-            outputs: HashMap::new(),
+            outputs: None,
             seen: HashSet::new(),
             refused: HashSet::new(),
             stats: GraphStats::default(),
@@ -161,10 +167,10 @@ impl<B: Backend> DecodeGraphs<B> {
         let graph = &self.graphs[&shape].graph;
         b.replay(graph)?;
         self.stats.replays += 1;
-        let out = self.outputs.get(&shape.rows).ok_or_else(|| {
+        let out = self.outputs.as_ref().ok_or_else(|| {
             WorkerError::Backend(BackendError::Device {
                 op: "decode graph",
-                detail: format!("no outputs for {} rows", shape.rows),
+                detail: "a graph without outputs".into(),
             })
         })?;
         let n = meta.num_tokens();
@@ -196,9 +202,11 @@ impl<B: Backend> DecodeGraphs<B> {
     ) -> Result<Captured<B>, WorkerError> {
         let b = model.backend();
         let step = b.prepare_step_shaped(meta, model.rope(), shape)?;
-        let out = match self.outputs.entry(shape.rows) {
-            Entry::Occupied(o) => o.into_mut(),
-            Entry::Vacant(v) => v.insert(Outputs::new(model, shape.rows)?),
+        let out = match &mut self.outputs {
+            Some(out) => out,
+            None => self
+                .outputs
+                .insert(Outputs::new(model, largest_bucket(self.max_batch))?),
         };
         // The model's own errors cannot travel through the backend's capture: kept aside.
         let mut failure = None;
@@ -257,6 +265,8 @@ mod tests {
     fn batches_round_up_to_buckets() {
         let got: Vec<usize> = [0, 1, 2, 3, 4, 5, 8, 9, 17, 64, 65].map(bucket).to_vec();
         assert_eq!(got, [1, 1, 2, 4, 4, 8, 8, 16, 24, 64, 72]);
+        let largest: Vec<usize> = [0, 1, 3, 7, 8, 10, 128].map(largest_bucket).to_vec();
+        assert_eq!(largest, [1, 1, 2, 4, 8, 8, 128]);
     }
 
     #[test]

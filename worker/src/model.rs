@@ -330,8 +330,9 @@ impl<B: Backend> Model<B> {
         Ok(DeviceOutput { logits, routings })
     }
 
-    /// What the host needs of a step's logits (`all`, one row per requested row, in order):
-    /// the summaries when some row is not full, and the full rows' values.
+    /// What the host needs of a step's logits (`all`: one row per requested row, in order, then
+    /// possibly rows of no interest, a graph's padding): the summaries when some row is not
+    /// full, and the full rows' values.
     pub(crate) fn logits_to_host(
         &self,
         all: &B::Tensor,
@@ -341,9 +342,7 @@ impl<B: Backend> Model<B> {
         let n = logits.rows.len();
         let full: Vec<usize> = (0..n).filter(|&i| logits.full[i]).collect();
         let summaries = if full.len() < n {
-            let mut s = b.row_summaries(all)?;
-            s.truncate(n);
-            s
+            b.row_summaries(all, n)?
         } else {
             Vec::new()
         };

@@ -93,15 +93,11 @@ impl CudaBackend {
             .map_err(|e| BackendError::device(OP, e))
     }
 
-    /// Copies `src` into `dst` on the device (inside a capture: a graph's outputs).
+    /// Copies `src` into the first rows of `dst` on the device (inside a capture: a graph's
+    /// outputs).
     pub(super) fn copy_into_impl(&self, dst: &mut CudaTensor, src: &CudaTensor) -> Result<()> {
         const OP: &str = "copy_into";
-        if (dst.rows, dst.cols) != (src.rows, src.cols) {
-            return Err(BackendError::shape(
-                OP,
-                format!("{}x{} into {}x{}", src.rows, src.cols, dst.rows, dst.cols),
-            ));
-        }
+        crate::backend::check_copy_into((dst.rows, dst.cols), (src.rows, src.cols))?;
         let n = src.rows * src.cols;
         if n == 0 {
             return Ok(());

@@ -53,8 +53,8 @@ impl Backend for CudaBackend {
         (t.rows, t.cols)
     }
 
-    fn row_summaries(&self, x: &CudaTensor) -> Result<Vec<RowSummary>> {
-        self.row_summaries_impl(x)
+    fn row_summaries(&self, x: &CudaTensor, rows: usize) -> Result<Vec<RowSummary>> {
+        self.row_summaries_impl(x, rows)
     }
 
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<CudaStep> {

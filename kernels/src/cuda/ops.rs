@@ -680,25 +680,25 @@ impl CudaBackend {
         Ok(out)
     }
 
-    pub(super) fn row_summaries_impl(&self, x: &CudaTensor) -> Result<Vec<RowSummary>> {
+    pub(super) fn row_summaries_impl(
+        &self,
+        x: &CudaTensor,
+        rows: usize,
+    ) -> Result<Vec<RowSummary>> {
         const OP: &str = "row_summaries";
-        if x.cols == 0 {
-            return Err(BackendError::shape(
-                OP,
-                format!("{} rows of 0 columns", x.rows),
-            ));
-        }
-        if x.rows == 0 {
+        crate::backend::check_summary_rows(rows, (x.rows, x.cols))?;
+        if rows == 0 {
             return Ok(Vec::new());
         }
-        let mut out = self.uninit::<f32>(OP, 3 * x.rows)?;
+        let mut out = self.uninit::<f32>(OP, 3 * rows)?;
         let cols = to_u32(OP, x.cols)?;
         let mut b = self.stream.launch_builder(self.func("row_argmax_lse")?);
         b.arg(&mut out).arg(&x.data).arg(&cols);
         // SAFETY: row_argmax_lse(float* out, const float* x, u32 cols): one block of 256 threads
-        // (a multiple of 32) per row; x holds rows*cols floats and out 3*rows.
-        unsafe { b.launch(grid_rows(x.rows, 256)) }.map_err(|e| BackendError::device(OP, e))?;
-        let host = self.download(OP, &out, 3 * x.rows)?;
+        // (a multiple of 32) per row for the first rows rows; x holds at least rows*cols floats
+        // (rows <= x.rows, checked) and out 3*rows.
+        unsafe { b.launch(grid_rows(rows, 256)) }.map_err(|e| BackendError::device(OP, e))?;
+        let host = self.download(OP, &out, 3 * rows)?;
         Ok(host
             .chunks(3)
             .map(|r| RowSummary {
