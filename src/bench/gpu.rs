@@ -94,6 +94,17 @@ pub struct GpuRoofline {
     pub prompt_len: usize,
     pub timed_steps: usize,
     pub rounds: usize,
+    /// Decode graphs over the graphed runs: a refused capture (the driver would not hold some
+    /// step) leaves its shape eager, which the graphed column then measures.
+    pub graphs: GraphCounts,
+}
+
+/// [`tessera_worker::graphs::GraphStats`] summed over the graphed runs.
+#[derive(Debug, Default, Serialize)]
+pub struct GraphCounts {
+    pub captures: u64,
+    pub replays: u64,
+    pub refused: u64,
 }
 
 pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
@@ -153,6 +164,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         .iter()
         .map(|&b| (b, modes.iter().map(|_| RunOutcome::default()).collect()))
         .collect();
+    let mut graph_counts = GraphCounts::default();
     for round in 0..args.rounds {
         for (batch, merged) in &mut runs {
             for (mode, merged) in modes.iter().zip(merged.iter_mut()) {
@@ -175,6 +187,11 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
                     launches: Some(&launches),
                 };
                 merged.merge(run_batch(&mut exec, &mut alloc, &plan)?);
+                // Read before the next mode drops this run's graphs.
+                let st = exec.graph_stats();
+                graph_counts.captures += st.captures;
+                graph_counts.replays += st.replays;
+                graph_counts.refused += st.refused;
             }
         }
     }
@@ -230,6 +247,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         prompt_len: args.prompt_len,
         timed_steps: args.tokens,
         rounds: args.rounds,
+        graphs: graph_counts,
     })
 }
 

@@ -240,5 +240,11 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
         "{} timed steps per batch and round, {} rounds, prompt {} tokens, {} KV blocks",
         r.timed_steps, r.rounds, r.prompt_len, r.kv_blocks
     );
+    let g = &r.graphs;
+    let _ = writeln!(
+        s,
+        "decode graphs: {} captured, {} steps replayed, {} captures refused",
+        g.captures, g.replays, g.refused
+    );
     s
 }
