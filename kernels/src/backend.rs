@@ -277,6 +277,17 @@ pub fn check_summary_rows(rows: usize, dims: (usize, usize)) -> Result<()> {
     Ok(())
 }
 
+/// Checks the `[routings, experts]` tensor [`Backend::expert_counts_into`] counts into.
+pub fn check_counts_rows(op: &'static str, routings: usize, counts: (usize, usize)) -> Result<()> {
+    if counts.0 != routings {
+        return Err(BackendError::shape(
+            op,
+            format!("{} rows of counts for {routings} routings", counts.0),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks a [`Backend::copy_into`] of a `src` tensor into the first rows of `dst`.
 pub fn check_copy_into(dst: (usize, usize), src: (usize, usize)) -> Result<()> {
     if dst.1 != src.1 || dst.0 < src.0 {

@@ -23,7 +23,7 @@ use tessera_kernels::{Backend, BackendError, StepMeta, StepShape};
 
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
-use crate::model::{CountGroup, LogitRows, Model, StepOutput, count_groups};
+use crate::model::{CountGroup, LogitRows, Model, StepOutput, count_groups, counts_to_host};
 
 /// Shortest context span a shape is sized for: shorter contexts share one graph.
 pub const MIN_SPAN: usize = 256;
@@ -174,17 +174,13 @@ impl<B: Backend> DecodeGraphs<B> {
             })
         })?;
         let n = meta.num_tokens();
-        let (summaries, host_logits) = if logits.rows.iter().copied().eq(0..n) {
+        let (summaries, host_logits) = if logits.is_every_row(n) {
             model.logits_to_host(&out.logits, logits)?
         } else {
             model.logits_to_host(&b.gather_rows(&out.logits, logits.rows)?, logits)?
         };
-        let mut expert_counts = Vec::new();
         let layers: Vec<usize> = model.moe_layers().iter().map(|l| l.0).collect();
-        for (group, counts) in &out.counts {
-            expert_counts.extend(group.to_host(b, counts, &layers)?);
-        }
-        expert_counts.sort_by_key(|(layer, _)| *layer);
+        let expert_counts = counts_to_host(b, &out.counts, &layers)?;
         Ok(Some(StepOutput {
             logits: host_logits,
             summaries,

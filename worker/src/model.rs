@@ -40,6 +40,14 @@ pub struct LogitRows<'a> {
     pub full: &'a [bool],
 }
 
+impl LogitRows<'_> {
+    /// Whether the rows are every one of a step's `n` tokens, in order (decode): the logits need
+    /// no gather.
+    pub fn is_every_row(&self, n: usize) -> bool {
+        self.rows.iter().copied().eq(0..n)
+    }
+}
+
 /// What one step produces.
 #[derive(Clone, Debug, Default)]
 pub struct StepOutput {
@@ -219,7 +227,7 @@ impl<B: Backend> Model<B> {
         self.check_step(meta, cache, logits)?;
         let step = b.prepare_step(meta, &self.rope)?;
         // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
-        let keep = (!logits.rows.iter().copied().eq(0..meta.num_tokens())).then_some(logits.rows);
+        let keep = (!logits.is_every_row(meta.num_tokens())).then_some(logits.rows);
         let out = self.run(&step, cache, keep)?;
         let (summaries, host_logits) = self.logits_to_host(&out.logits, logits)?;
         // After the logits, so the one copy of the counts waits for work that the logits' copy
@@ -421,8 +429,7 @@ fn count_experts<B: Backend>(
     routings: &[(usize, usize, B::Routing)],
     step: &B::Step,
 ) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
-    let mut out = Vec::with_capacity(routings.len());
-    let layers: Vec<usize> = routings.iter().map(|r| r.0).collect();
+    let mut counted = Vec::new();
     for group in count_groups(routings.iter().map(|r| r.1)) {
         let refs: Vec<&B::Routing> = group.layers.iter().map(|&i| &routings[i].2).collect();
         let mut counts = b.tensor_from_host(
@@ -431,7 +438,22 @@ fn count_experts<B: Backend>(
             group.experts,
         )?;
         b.expert_counts_into(&refs, step, &mut counts)?;
-        out.extend(group.to_host(b, &counts, &layers)?);
+        counted.push((group, counts));
+    }
+    let layers: Vec<usize> = routings.iter().map(|r| r.0).collect();
+    counts_to_host(b, &counted, &layers)
+}
+
+/// `(layer, counts)` in layer order from each group's device counts; `layers` holds the model
+/// layer of each routing index.
+pub(crate) fn counts_to_host<B: Backend>(
+    b: &B,
+    counted: &[(CountGroup, B::Tensor)],
+    layers: &[usize],
+) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
+    let mut out = Vec::with_capacity(layers.len());
+    for (group, counts) in counted {
+        out.extend(group.to_host(b, counts, layers)?);
     }
     out.sort_by_key(|(layer, _)| *layer);
     Ok(out)

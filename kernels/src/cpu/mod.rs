@@ -439,16 +439,11 @@ impl Backend for CpuBackend {
         counts: &mut CpuTensor,
     ) -> Result<()> {
         let experts = counts.cols;
-        if counts.rows != routings.len() {
-            return Err(BackendError::shape(
-                "expert_counts_into",
-                format!(
-                    "{} rows of counts for {} routings",
-                    counts.rows,
-                    routings.len()
-                ),
-            ));
-        }
+        crate::backend::check_counts_rows(
+            "expert_counts_into",
+            routings.len(),
+            (counts.rows, counts.cols),
+        )?;
         // A CPU step is never padded: every row counts.
         for (r, row) in routings
             .iter()

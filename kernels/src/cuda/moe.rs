@@ -219,16 +219,7 @@ impl CudaBackend {
         counts: &mut CudaTensor,
     ) -> Result<()> {
         let experts = counts.cols;
-        if counts.rows != routings.len() {
-            return Err(BackendError::shape(
-                op,
-                format!(
-                    "{} rows of counts for {} routings",
-                    counts.rows,
-                    routings.len()
-                ),
-            ));
-        }
+        crate::backend::check_counts_rows(op, routings.len(), (counts.rows, counts.cols))?;
         if let Some(r) = routings.iter().find(|r| r.num_experts > experts) {
             return Err(BackendError::shape(
                 op,
