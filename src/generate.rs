@@ -14,6 +14,7 @@ use tessera_coordinator::tokenizer::{IncrementalDecoder, Tokenizer};
 use tessera_worker::device::{Device, ExecutorPlan, GroupLink, KvSize, load_executor};
 use tessera_worker::engine::{Engine, EngineConfig, GenerateOutput, GenerateRequest};
 use tessera_worker::executor::StepRunner;
+use tessera_worker::profile::StepLimits;
 use tessera_worker::sampling::SamplingParams;
 
 #[derive(Args, Debug)]
@@ -124,6 +125,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     }
     if args.tp > 1 {
         let launch = LaunchOptions {
+            limits: Default::default(),
             exe: std::env::current_exe().context("locating the tessera executable")?,
             model_dir: dir.clone(),
             world_size: args.tp,
@@ -151,6 +153,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         block_size: cache.block_size,
         metrics: None,
         cuda_graph_max_batch: device.cuda_graph_max_batch,
+        // One request: its prompt is one step.
+        limits: StepLimits {
+            max_step_tokens: request.prompt.len(),
+            max_seqs: 1,
+        },
     };
     let runner = load_executor(Device::open(&device)?, plan)?.runner;
     tracing::info!(device = %runner.backend(), "generating");

@@ -31,6 +31,7 @@ use tessera_worker::WorkerError;
 use tessera_worker::device::{Device, ExecutorPlan, GroupLink, KvSize, load_executor};
 use tessera_worker::engine::EngineConfig;
 use tessera_worker::executor::StepRunner;
+use tessera_worker::profile::StepLimits;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
@@ -61,14 +62,17 @@ pub struct ServeArgs {
     /// Default: 256 on the CPU; on a GPU, what --gpu-memory-utilization leaves after the weights.
     #[arg(long, env = "TESSERA_KV_CACHE_MIB")]
     pub kv_cache_mib: Option<u64>,
-    /// Most sequences in one step.
-    #[arg(long, default_value_t = 64, env = "TESSERA_MAX_RUNNING")]
+    /// Most sequences in one step. Workers capture no CUDA graph for more, and a worker that
+    /// sizes its KV cache from GPU memory profiles a step of this many sequences first.
+    #[arg(long, default_value_t = tessera_worker::profile::DEFAULT_MAX_SEQS, env = "TESSERA_MAX_RUNNING")]
     pub max_running: usize,
     /// Most requests waiting to start; more are refused with HTTP 429 / RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = 256, env = "TESSERA_MAX_WAITING")]
     pub max_waiting: usize,
-    /// Most tokens in one step (decode tokens plus prefill chunks).
-    #[arg(long, default_value_t = 512, env = "TESSERA_MAX_STEP_TOKENS")]
+    /// Most tokens in one step (decode tokens plus prefill chunks). A worker that sizes its KV
+    /// cache from GPU memory first runs a step this large, with every row's logits, and keeps
+    /// the memory it took out of the cache: a larger value prefills faster but leaves less cache.
+    #[arg(long, default_value_t = tessera_worker::profile::DEFAULT_MAX_STEP_TOKENS, env = "TESSERA_MAX_STEP_TOKENS")]
     pub max_step_tokens: usize,
     /// Require this API key (`Authorization: Bearer KEY`) on every HTTP route and gRPC method
     /// except those in --api-key-exempt. Prefer the environment variable to keep the key out of
@@ -251,12 +255,17 @@ fn factory(
     // 0: each worker sizes its cache for its device (KvSize::Auto).
     let kv_bytes = args.kv_cache_mib.map_or(0, |mib| mib << 20);
     let dir = crate::demo::model_or_default(args.model.clone())?;
+    let limits = StepLimits {
+        max_step_tokens: args.max_step_tokens,
+        max_seqs: args.max_running,
+    };
     let launch = LaunchOptions {
         exe: std::env::current_exe().context("locating the tessera executable")?,
         model_dir: dir.clone(),
         world_size: args.tp,
         cache,
         kv_cache_bytes: Some(kv_bytes),
+        limits,
         placement: None,
         step_timeout: std::time::Duration::from_secs(args.step_timeout_secs.max(1)),
         cluster_tls,
@@ -285,6 +294,7 @@ fn factory(
             block_size: cache.block_size,
             metrics: None,
             cuda_graph_max_batch: device.cuda_graph_max_batch,
+            limits,
         };
         Ok(load_executor(Device::open(&device)?, plan)?.runner)
     }))

@@ -36,6 +36,7 @@ fn a_killed_worker_fails_the_next_step_quickly_and_processes_are_reaped() {
         step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
         cluster_tls: None,
         device: Default::default(),
+        limits: Default::default(),
     };
     let cluster = LocalCluster::launch(&opts).unwrap();
     let pids: Vec<u32> = cluster.worker_pids().into_iter().flatten().collect();
@@ -107,6 +108,7 @@ fn an_explicit_placement_with_an_idle_rank_gives_the_same_tokens() {
         step_timeout: tessera_coordinator::cluster::DEFAULT_STEP_TIMEOUT,
         cluster_tls: None,
         device: Default::default(),
+        limits: Default::default(),
     };
     let mut engine = Engine::with_runner(LocalCluster::launch(&opts).unwrap(), cache);
     let reference = common::reference(&dir);

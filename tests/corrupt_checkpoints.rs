@@ -512,6 +512,7 @@ mod standalone_worker {
             kv_cache_bytes: 0,
             collective_timeout_ms: 0,
             nccl_id: Vec::new(),
+            ..Default::default()
         }
     }
 

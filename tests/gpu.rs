@@ -65,6 +65,7 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
             shard: ShardSpec::whole(),
             link: GroupLink::Single,
             kv: KvSize::Blocks(cache.num_blocks),
+            limits: Default::default(),
             block_size: cache.block_size,
             metrics: None,
             cuda_graph_max_batch: cuda0().cuda_graph_max_batch,

@@ -605,6 +605,7 @@ async fn workers_and_coordinators_refuse_peers_without_a_cluster_certificate() {
         step_timeout: Duration::from_secs(10),
         cluster_tls: tls,
         device: Default::default(),
+        limits: Default::default(),
     };
     let endpoint = tessera_coordinator::cluster::WorkerEndpoint {
         grpc,

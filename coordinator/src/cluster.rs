@@ -18,6 +18,7 @@ use tessera_worker::WorkerError;
 use tessera_worker::device::DeviceConfig;
 use tessera_worker::engine::EngineConfig;
 use tessera_worker::executor::{SeqStep, StepResult, StepRunner};
+use tessera_worker::profile::StepLimits;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -57,6 +58,9 @@ pub struct LaunchOptions {
     /// The device launched workers run on; worker `i` is local rank `i` (its GPU, when the
     /// device names none). Connected workers use their own `--device`.
     pub device: DeviceConfig,
+    /// The largest step the scheduler sends, told to every worker: the step each profiles
+    /// before sizing its KV cache from GPU memory.
+    pub limits: StepLimits,
 }
 
 /// A worker's addresses, as it announces them.
@@ -347,6 +351,8 @@ async fn load_shards(
             collective_timeout_ms: opts.step_timeout.as_millis().clamp(1, u128::from(u32::MAX))
                 as u32,
             nccl_id: nccl_id.clone(),
+            max_step_tokens: u32::try_from(opts.limits.max_step_tokens).unwrap_or(u32::MAX),
+            max_seqs: u32::try_from(opts.limits.max_seqs).unwrap_or(u32::MAX),
         };
         loads.spawn(async move { (rank, client.load_shard(req).await) });
     }

@@ -40,9 +40,9 @@ impl Default for SchedulerConfig {
         SchedulerConfig {
             block_size: 16,
             num_blocks: 1024,
-            max_running: 64,
+            max_running: tessera_worker::profile::DEFAULT_MAX_SEQS,
             max_waiting: 256,
-            max_step_tokens: 512,
+            max_step_tokens: tessera_worker::profile::DEFAULT_MAX_STEP_TOKENS,
         }
     }
 }

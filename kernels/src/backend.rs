@@ -150,6 +150,20 @@ pub struct DeviceMemory {
     pub total: u64,
 }
 
+/// Device memory this process's allocators hold ([`Backend::memory_use`]): what a step takes
+/// from the device, measured rather than guessed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryUse {
+    /// Bytes the stream-ordered pool (weights, KV cache, eager activations) reserves now.
+    pub pool: u64,
+    /// The most it reserved since the last [`Backend::trim_memory`].
+    pub pool_peak: u64,
+    /// Bytes the memory of graphs (allocations made while capturing) reserves now.
+    pub graphs: u64,
+    /// The most it reserved since the last [`Backend::trim_memory`].
+    pub graphs_peak: u64,
+}
+
 /// Attention over the paged cache for a step (causal within each sequence).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AttentionParams {
@@ -492,6 +506,18 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// the weights; `None` for host memory.
     fn device_memory(&self) -> Option<DeviceMemory> {
         None
+    }
+    /// Waits for queued work, hands memory the allocators cache but no allocation uses back to
+    /// the device, and starts [`Backend::memory_use`]'s high-water marks again from what is held
+    /// now. Nothing to do on the CPU.
+    fn trim_memory(&self) -> Result<()> {
+        Ok(())
+    }
+    /// What this process's allocators hold on the device, and at most since the last
+    /// [`Backend::trim_memory`]; `None` where the backend cannot tell (host memory, a GPU without
+    /// memory pools).
+    fn memory_use(&self) -> Result<Option<MemoryUse>> {
+        Ok(None)
     }
     /// Stores the step's new keys and values into their slots; `v` is `None` exactly when the
     /// cache takes its values from the keys ([`KvValues::KeyPrefix`]).

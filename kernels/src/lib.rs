@@ -20,8 +20,8 @@ mod host;
 mod step;
 
 pub use backend::{
-    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, KvValues, NoGraph,
-    RopeApply, RopeLayout, RopeTable, RouterParams, RowSummary, Scoring,
+    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, KvValues, MemoryUse,
+    NoGraph, RopeApply, RopeLayout, RopeTable, RouterParams, RowSummary, Scoring,
 };
 pub use dtype::DType;
 pub use error::BackendError;

@@ -211,3 +211,73 @@ fn a_shaped_step_pads_rows_that_write_nothing_and_is_rewritten_in_place() {
             .is_err()
     );
 }
+
+/// `memory_use` follows the stream-ordered pool and graph memory: the pool keeps what is freed
+/// (the backend sets its release threshold so) until `trim_memory` hands it back, and a capture's
+/// allocations are graph memory for as long as the graph lives. The profile that sizes the KV
+/// cache (`tessera_worker::profile`) reads exactly these numbers.
+#[test]
+fn memory_use_follows_the_pool_and_graph_memory() {
+    let Some(g) = gpu("memory_use_follows_the_pool_and_graph_memory") else {
+        return;
+    };
+    let Some(start) = g.memory_use().unwrap() else {
+        eprintln!("SKIPPED: memory_use_follows_the_pool_and_graph_memory: no memory pools");
+        return;
+    };
+    g.trim_memory().unwrap();
+    let start = g.memory_use().unwrap().unwrap_or(start);
+    let (rows, cols) = (64, 1024);
+    let bytes = (rows * cols * 4) as u64;
+    let t = g
+        .tensor_from_host(vec![1.0; rows * cols], rows, cols)
+        .unwrap();
+    let held = g.memory_use().unwrap().unwrap();
+    assert!(held.pool >= start.pool + bytes, "{start:?} then {held:?}");
+    drop(t);
+    g.synchronize().unwrap();
+    let freed = g.memory_use().unwrap().unwrap();
+    assert!(
+        freed.pool >= start.pool + bytes,
+        "the pool keeps freed memory: {freed:?}"
+    );
+    assert!(freed.pool_peak >= start.pool + bytes, "{freed:?}");
+    g.trim_memory().unwrap();
+    let trimmed = g.memory_use().unwrap().unwrap();
+    assert!(
+        trimmed.pool < start.pool + bytes,
+        "a trim hands it back: {trimmed:?}"
+    );
+    assert_eq!(
+        trimmed.pool_peak, trimmed.pool,
+        "a trim restarts the high-water mark"
+    );
+
+    let gw = weights(&g).unwrap();
+    let input = g.tensor_from_host(vec![0.5; rows * 32], rows, 32).unwrap();
+    let mut output = g.tensor_from_host(vec![0.0; rows * 32], rows, 32).unwrap();
+    let before = g.memory_use().unwrap().unwrap();
+    let graph = g
+        .capture(|| {
+            let y = body(&g, &input, &gw)?;
+            g.copy_into(&mut output, &y)
+        })
+        .unwrap();
+    g.replay(&graph).unwrap();
+    g.synchronize().unwrap();
+    let captured = g.memory_use().unwrap().unwrap();
+    // The body's intermediates (norm, product, SiLU×mul) are graph memory, not the pool's.
+    let intermediates = (rows * 32 * 4) as u64;
+    assert!(
+        captured.graphs_peak >= before.graphs + intermediates,
+        "{before:?} then {captured:?}"
+    );
+    assert_eq!(captured.pool_peak, before.pool_peak, "{captured:?}");
+    drop(graph);
+    g.trim_memory().unwrap();
+    let after = g.memory_use().unwrap().unwrap();
+    assert_eq!(
+        after.graphs, before.graphs,
+        "a dropped graph's memory goes back: {after:?}"
+    );
+}

@@ -26,6 +26,7 @@ use tessera_worker::device::{
 };
 use tessera_worker::footprint::WeightFootprint;
 use tessera_worker::kv_cache::BlockAllocator;
+use tessera_worker::profile::StepLimits;
 
 use super::BenchArgs;
 use super::roofline::{
@@ -150,6 +151,11 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         block_size: BLOCK_SIZE,
         metrics: None,
         cuda_graph_max_batch: cfg.cuda_graph_max_batch,
+        // Every batch prefills its prompts in one step.
+        limits: StepLimits {
+            max_step_tokens: max_batch * args.prompt_len.max(1),
+            max_seqs: max_batch,
+        },
     };
     let launches = gpu.launch_counter();
     let mut exec = load_executor(Device::Cuda(gpu), plan)?.runner;

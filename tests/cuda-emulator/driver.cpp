@@ -153,10 +153,44 @@ CUresult check_range(const char* op, CUdeviceptr p, size_t n) {
     return fail(CUDA_ERROR_INVALID_VALUE, op, buf);
 }
 
-CUresult alloc(CUdeviceptr* out, size_t bytes) {
+// Device memory as a GPU accounts it. A synchronous allocation (cuMemAlloc) takes its bytes from
+// the device; a stream-ordered one (cuMemAllocAsync) from the device's default pool, which grows
+// by what it lacks and, on a free, keeps what its release threshold allows (the CUDA backend
+// keeps everything); memory allocated during a capture belongs to the graph until the graph is
+// destroyed. `allocated`, what cuMemGetInfo counts as used, is the sum of the three. Unlike a
+// GPU's pool this one never fragments: a freed range serves any later size.
+enum class Owner { Plain, Pool, Graph };
+
+struct Held {
+    size_t used = 0, reserved = 0, used_high = 0, reserved_high = 0;
+    void note_highs() {
+        used_high = std::max(used_high, used);
+        reserved_high = std::max(reserved_high, reserved);
+    }
+};
+
+Held pool, graph_memory;
+unsigned long long release_threshold = 0;
+std::map<CUdeviceptr, Owner> owners;
+
+// Bytes the pool keeps past what its allocations use.
+void pool_release_to(size_t keep) {
+    const size_t target = std::max(pool.used, keep);
+    if (pool.reserved > target) {
+        allocated -= pool.reserved - target;
+        pool.reserved = target;
+    }
+}
+
+CUresult alloc(CUdeviceptr* out, size_t bytes, Owner owner) {
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (bytes == 0) return fail(CUDA_ERROR_INVALID_VALUE, "cuMemAlloc", "0 bytes");
-    if (allocated + bytes > total_bytes()) {
+    size_t need = bytes;
+    if (owner == Owner::Pool) {
+        const size_t spare = pool.reserved - pool.used;
+        need = bytes > spare ? bytes - spare : 0;
+    }
+    if (allocated + need > total_bytes()) {
         return fail(CUDA_ERROR_OUT_OF_MEMORY, "cuMemAlloc",
                     std::to_string(bytes) + " bytes with " + std::to_string(allocated) + " of " +
                         std::to_string(total_bytes()) + " in use");
@@ -168,7 +202,14 @@ CUresult alloc(CUdeviceptr* out, size_t bytes) {
     memset(p, 0xff, bytes);
     *out = (CUdeviceptr)p;
     allocations[*out] = bytes;
-    allocated += bytes;
+    owners[*out] = owner;
+    allocated += need;
+    if (owner != Owner::Plain) {
+        Held& h = owner == Owner::Pool ? pool : graph_memory;
+        h.used += bytes;
+        h.reserved += need;
+        h.note_highs();
+    }
     return CUDA_SUCCESS;
 }
 
@@ -180,7 +221,23 @@ CUresult release(CUdeviceptr p) {
         snprintf(buf, sizeof buf, "0x%llx was not allocated (or was freed already)", p);
         return fail(CUDA_ERROR_INVALID_VALUE, "cuMemFree", buf);
     }
-    allocated -= it->second;
+    const size_t bytes = it->second;
+    const Owner owner = owners[p];
+    switch (owner) {
+        case Owner::Plain:
+            allocated -= bytes;
+            break;
+        case Owner::Pool:
+            pool.used -= bytes;
+            if (pool.reserved > release_threshold) pool_release_to(release_threshold);
+            break;
+        case Owner::Graph:
+            graph_memory.used -= bytes;
+            graph_memory.reserved -= bytes;
+            allocated -= bytes;
+            break;
+    }
+    owners.erase(p);
     allocations.erase(it);
     free((void*)p);
     return CUDA_SUCCESS;
@@ -428,18 +485,97 @@ CUresult cuMemGetInfo_v2(size_t* free_bytes, size_t* total) {
     return CUDA_SUCCESS;
 }
 
-// One stand-in pool per device; only the release threshold is looked at, and counted when set
-// to keep everything (what the CUDA backend asks for).
-CUresult cuDeviceGetDefaultMemPool(void** pool, int dev) {
+// One stand-in pool per device (all of them share the accounting above): its release threshold
+// (counted when set to keep everything, what the CUDA backend asks for) and its usage attributes.
+CUresult cuDeviceGetDefaultMemPool(void** pool_out, int dev) {
     static char pools[64];
     if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
-    *pool = &pools[dev];
+    *pool_out = &pools[dev];
     return CUDA_SUCCESS;
 }
 
-CUresult cuMemPoolSetAttribute(void* pool, int attribute, void* value) {
-    if (!pool || !value) return CUDA_ERROR_INVALID_VALUE;
-    if (attribute == 4 && *(unsigned long long*)value == ~0ull) count("mempool_keeps_freed_memory");
+CUresult cuMemPoolSetAttribute(void* p, int attribute, void* value) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (!p || !value) return CUDA_ERROR_INVALID_VALUE;
+    const unsigned long long v = *(unsigned long long*)value;
+    switch (attribute) {
+        case 4:  // CU_MEMPOOL_ATTR_RELEASE_THRESHOLD
+            release_threshold = v;
+            if (v == ~0ull) count("mempool_keeps_freed_memory");
+            return CUDA_SUCCESS;
+        case 6:  // RESERVED_MEM_HIGH: only a reset to 0 (to the current value) is allowed
+        case 8:  // USED_MEM_HIGH
+            if (v != 0) {
+                return fail(CUDA_ERROR_INVALID_VALUE, "cuMemPoolSetAttribute",
+                            "high-water marks reset only to 0");
+            }
+            if (attribute == 6) pool.reserved_high = pool.reserved;
+            else pool.used_high = pool.used;
+            return CUDA_SUCCESS;
+        default:
+            return CUDA_SUCCESS;
+    }
+}
+
+CUresult cuMemPoolGetAttribute(void* p, int attribute, void* value) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (!p || !value) return CUDA_ERROR_INVALID_VALUE;
+    unsigned long long* out = (unsigned long long*)value;
+    switch (attribute) {
+        case 4: *out = release_threshold; break;
+        case 5: *out = pool.reserved; break;
+        case 6: *out = pool.reserved_high; break;
+        case 7: *out = pool.used; break;
+        case 8: *out = pool.used_high; break;
+        default:
+            return fail(CUDA_ERROR_INVALID_VALUE, "cuMemPoolGetAttribute",
+                        "attribute " + std::to_string(attribute));
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuMemPoolTrimTo(void* p, size_t keep) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (!p) return CUDA_ERROR_INVALID_VALUE;
+    count("mempool_trim");
+    pool_release_to(keep);
+    return CUDA_SUCCESS;
+}
+
+// Graph memory: the CU_GRAPH_MEM_ATTR_* usage of graphs' allocations. A graph's memory is freed
+// with the graph here, so there is never any cached to trim.
+CUresult cuDeviceGetGraphMemAttribute(int dev, int attribute, void* value) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    if (!value) return CUDA_ERROR_INVALID_VALUE;
+    unsigned long long* out = (unsigned long long*)value;
+    switch (attribute) {
+        case 0: *out = graph_memory.used; break;
+        case 1: *out = graph_memory.used_high; break;
+        case 2: *out = graph_memory.reserved; break;
+        case 3: *out = graph_memory.reserved_high; break;
+        default:
+            return fail(CUDA_ERROR_INVALID_VALUE, "cuDeviceGetGraphMemAttribute",
+                        "attribute " + std::to_string(attribute));
+    }
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceSetGraphMemAttribute(int dev, int attribute, void* value) {
+    std::lock_guard<std::recursive_mutex> g(big_lock);
+    if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    if (!value || *(unsigned long long*)value != 0 || (attribute != 1 && attribute != 3)) {
+        return fail(CUDA_ERROR_INVALID_VALUE, "cuDeviceSetGraphMemAttribute",
+                    "only the high-water marks reset, to 0");
+    }
+    if (attribute == 1) graph_memory.used_high = graph_memory.used;
+    else graph_memory.reserved_high = graph_memory.reserved;
+    return CUDA_SUCCESS;
+}
+
+CUresult cuDeviceGraphMemTrim(int dev) {
+    if (dev < 0 || dev >= device_count()) return CUDA_ERROR_INVALID_DEVICE;
+    count("graph_memory_trim");
     return CUDA_SUCCESS;
 }
 
@@ -447,12 +583,12 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) {
     std::lock_guard<std::recursive_mutex> g(big_lock);
     if (capturing_any()) return refuse_in_capture("cuMemAlloc", "a synchronous allocation");
     count("alloc");
-    return alloc(p, bytes);
+    return alloc(p, bytes, Owner::Plain);
 }
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, Stream* s) {
     std::lock_guard<std::recursive_mutex> g(big_lock);
     count("alloc");
-    if (CUresult r = alloc(p, bytes)) return r;
+    if (CUresult r = alloc(p, bytes, capturing(s) ? Owner::Graph : Owner::Pool)) return r;
     if (capturing(s)) {
         Node node{Node::Alloc};
         node.dst = *p;

@@ -34,10 +34,10 @@ strip -o .gpubin/tessera target/release/tessera
 tests=(--test cuda --test cuda_graph)
 [ -f kernels/tests/nccl.rs ] && tests+=(--test nccl)
 cargo test --release --locked --no-run -p tessera-kernels --features cuda "${tests[@]}"
-cargo test --release --locked --no-run --features cuda --test gpu --test gpu_graphs
+cargo test --release --locked --no-run --features cuda --test gpu --test gpu_graphs --test gpu_memory
 while read -r name path; do
     strip -o ".gpubin/test-$name" "$path"
-done < <(executables -p tessera-kernels --features cuda "${tests[@]}"; executables --features cuda --test gpu --test gpu_graphs)
+done < <(executables -p tessera-kernels --features cuda "${tests[@]}"; executables --features cuda --test gpu --test gpu_graphs --test gpu_memory)
 git rev-parse --short=12 HEAD > .gpubin/COMMIT
 git status --porcelain --untracked-files=no | grep -q . && echo "(dirty)" >> .gpubin/COMMIT
 ls -la .gpubin

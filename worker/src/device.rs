@@ -30,6 +30,7 @@ use crate::executor::{Executor, StepRunner};
 use crate::layers::TpContext;
 use crate::metrics::{TimedCollective, WorkerMetrics};
 use crate::model::Model;
+use crate::profile::{ActivationProfile, StepLimits, profile_activations};
 
 /// KV-cache memory on the CPU when nobody says how much.
 pub const DEFAULT_CPU_KV_BYTES: u64 = 256 << 20;
@@ -250,6 +251,9 @@ pub struct ExecutorPlan<'a> {
     /// Largest decode batch replayed from a CUDA graph ([`crate::graphs`]); 0 runs every step
     /// eagerly. Ignored on the CPU.
     pub cuda_graph_max_batch: usize,
+    /// The largest step the scheduler sends: profiled before an automatic KV cache is sized
+    /// ([`crate::profile`]), and no graph is captured for more sequences than it allows.
+    pub limits: StepLimits,
 }
 
 /// A loaded executor and what it took.
@@ -257,6 +261,8 @@ pub struct LoadedExecutor {
     pub runner: Box<dyn StepRunner + Send>,
     /// Bytes of the checkpoint tensors this rank loaded.
     pub weight_bytes: u64,
+    /// What the largest step took, when the KV cache was sized from it.
+    pub profile: Option<ActivationProfile>,
 }
 
 /// Loads `plan`'s shard of the model onto `device` and sizes its KV cache.
@@ -327,17 +333,26 @@ fn build<B: Backend>(
         .map(|i| i.shape.iter().product::<usize>() as u64 * i.dtype.size() as u64)
         .sum();
     let block_size = plan.block_size.max(1);
+    plan.limits.validate()?;
+    // A graph for more sequences than a step may have would never replay.
+    let graph_max_batch = plan.cuda_graph_max_batch.min(plan.limits.max_seqs);
+    let mut profile = None;
     let mut exec = match plan.kv {
         KvSize::Blocks(n) => Executor::new(model, n, block_size)?,
         KvSize::Bytes(bytes) => Executor::with_kv_budget(model, bytes, block_size)?,
         KvSize::Auto {
             gpu_memory_utilization,
         } => {
-            let bytes = auto_kv_bytes(model.backend(), gpu_memory_utilization, weight_bytes)?;
+            profile = profile_activations(&model, plan.limits, block_size, graph_max_batch)?;
+            let budget = KvBudget {
+                utilization: gpu_memory_utilization,
+                weight_bytes,
+                reserve_bytes: profile.map_or(ACTIVATION_RESERVE_BYTES, |p| p.reserve_bytes()),
+            };
+            let bytes = auto_kv_bytes(model.backend(), budget)?;
             Executor::with_kv_budget(model, bytes, block_size)?
         }
     };
-    let graph_max_batch = plan.cuda_graph_max_batch;
     exec.enable_graphs(graph_max_batch);
     tracing::info!(
         backend = %exec.backend(),
@@ -350,41 +365,56 @@ fn build<B: Backend>(
     Ok(LoadedExecutor {
         runner: Box::new(exec),
         weight_bytes,
+        profile,
     })
 }
 
 /// Device memory kept back from the KV cache for activations, cuBLAS workspaces and the driver's
-/// own allocations.
+/// own allocations where the largest step was not profiled ([`crate::profile`]).
 pub const ACTIVATION_RESERVE_BYTES: u64 = 1 << 30;
 
-/// The KV budget of [`KvSize::Auto`]. On a GPU: `utilization` of the whole device, less the
-/// `weight_bytes` this process loaded and [`ACTIVATION_RESERVE_BYTES`], and never more than is
-/// free now less that reserve. Counting this process's own use (rather than taking what is free)
-/// lets processes that share a GPU, each with its share of `utilization`, size their caches at
-/// the same time without racing. On the CPU: [`DEFAULT_CPU_KV_BYTES`].
-pub fn auto_kv_bytes<B: Backend>(
-    backend: &B,
-    utilization: f32,
-    weight_bytes: u64,
-) -> Result<u64, WorkerError> {
+/// What an automatic KV cache is sized from.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct KvBudget {
+    /// `--gpu-memory-utilization`: the share of the device this process may fill.
+    pub utilization: f32,
+    /// Bytes of the weights this process loaded.
+    pub weight_bytes: u64,
+    /// Bytes kept for everything else: the profiled activations, or
+    /// [`ACTIVATION_RESERVE_BYTES`].
+    pub reserve_bytes: u64,
+}
+
+/// The KV budget of [`KvSize::Auto`]. On a GPU: the `utilization` share of the whole device, less
+/// the weights and the reserve, and never more than is free now less the reserve. Counting this
+/// process's own use (rather than taking what is free) lets processes that share a GPU, each with
+/// its share of `utilization`, size their caches at the same time without racing. On the CPU:
+/// [`DEFAULT_CPU_KV_BYTES`].
+pub fn auto_kv_bytes<B: Backend>(backend: &B, budget: KvBudget) -> Result<u64, WorkerError> {
     let Some(mem) = backend.device_memory() else {
         return Ok(DEFAULT_CPU_KV_BYTES);
     };
+    let KvBudget {
+        utilization,
+        weight_bytes,
+        reserve_bytes,
+    } = budget;
     let share = (f64::from(utilization) * mem.total as f64) as u64;
     let budget = share
         .saturating_sub(weight_bytes)
-        .saturating_sub(ACTIVATION_RESERVE_BYTES)
-        .min(mem.free.saturating_sub(ACTIVATION_RESERVE_BYTES));
+        .saturating_sub(reserve_bytes)
+        .min(mem.free.saturating_sub(reserve_bytes));
     let mib = |b: u64| b >> 20;
     if budget == 0 {
         return Err(WorkerError::KvCacheTooLarge(format!(
             "no GPU memory left for the KV cache: --gpu-memory-utilization {utilization} allows \
              {} MiB of {} MiB, the weights take {} MiB, {} MiB is kept for activations, and {} \
-             MiB is free; raise the utilization, or spread the model over more GPUs",
+             MiB is free; raise the utilization, lower --max-step-tokens, or spread the model \
+             over more GPUs",
             mib(share),
             mib(mem.total),
             mib(weight_bytes),
-            mib(ACTIVATION_RESERVE_BYTES),
+            mib(reserve_bytes),
             mib(mem.free)
         )));
     }
@@ -392,6 +422,7 @@ pub fn auto_kv_bytes<B: Backend>(
         free_mib = mib(mem.free),
         total_mib = mib(mem.total),
         weights_mib = mib(weight_bytes),
+        reserve_mib = mib(reserve_bytes),
         kv_mib = mib(budget),
         utilization,
         "sizing the KV cache from GPU memory"
@@ -457,7 +488,15 @@ mod tests {
     #[test]
     fn the_cpu_kv_budget_is_the_default() {
         assert_eq!(
-            auto_kv_bytes(&CpuBackend, 0.9, 1 << 30).unwrap(),
+            auto_kv_bytes(
+                &CpuBackend,
+                KvBudget {
+                    utilization: 0.9,
+                    weight_bytes: 1 << 30,
+                    reserve_bytes: ACTIVATION_RESERVE_BYTES
+                }
+            )
+            .unwrap(),
             DEFAULT_CPU_KV_BYTES
         );
     }

@@ -29,6 +29,7 @@ pub mod kv_cache;
 pub mod layers;
 pub mod metrics;
 pub mod model;
+pub mod profile;
 pub mod sampling;
 pub mod service;
 pub mod synthetic;

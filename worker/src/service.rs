@@ -23,6 +23,7 @@ use crate::device::{
 };
 use crate::executor::{SeqStep, StepRunner};
 use crate::metrics::WorkerMetrics;
+use crate::profile::StepLimits;
 use crate::wire::step_response;
 
 /// How long a rank waits for its peers, at bootstrap and in every collective, unless the
@@ -117,6 +118,19 @@ fn shard_of(req: &pb::LoadShardRequest) -> Result<ShardSpec, WorkerError> {
     })
 }
 
+/// The step limits the coordinator sent; 0 leaves a limit at its default.
+fn limits_of(req: &pb::LoadShardRequest) -> StepLimits {
+    let or = |v: u32, default: usize| match v {
+        0 => default,
+        v => v as usize,
+    };
+    let d = StepLimits::default();
+    StepLimits {
+        max_step_tokens: or(req.max_step_tokens, d.max_step_tokens),
+        max_seqs: or(req.max_seqs, d.max_seqs),
+    }
+}
+
 fn load(
     req: pb::LoadShardRequest,
     listener: Option<TcpListener>,
@@ -176,6 +190,7 @@ fn load(
             block_size: req.block_size.max(1) as usize,
             metrics: Some(metrics),
             cuda_graph_max_batch: device.cuda_graph_max_batch,
+            limits: limits_of(&req),
         },
     )
 }
@@ -208,6 +223,7 @@ impl pb::worker_server::Worker for WorkerService {
         let LoadedExecutor {
             runner: executor,
             weight_bytes,
+            ..
         } = blocking(move || load(req, listener, &metrics, &device).map_err(status)).await?;
         self.rank.store(rank, Ordering::Relaxed);
         self.metrics.loaded(rank, executor.num_blocks());

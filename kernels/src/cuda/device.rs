@@ -147,27 +147,6 @@ impl std::fmt::Debug for CudaBackend {
     }
 }
 
-/// Tells the device's default memory pool (where cudarc's stream-ordered allocations come from)
-/// to keep freed memory. By default it returns it to the OS at every synchronisation, and every
-/// decode step ends in one (the copy of its results), so each step would map its activations
-/// afresh; a serving process wants the pool to stay at its high-water mark.
-fn keep_pool_memory(ctx: &CudaContext) -> Result<()> {
-    use cudarc::driver::{result, sys};
-    let err = |e| BackendError::device("CudaBackend::new memory pool", e);
-    let mut threshold: u64 = u64::MAX;
-    // SAFETY: `cu_device()` is the context's device, from cuDeviceGet; the release threshold is
-    // a cuuint64_t passed by pointer, and `threshold` is one that outlives the call.
-    unsafe {
-        let pool = result::device::get_default_mem_pool(ctx.cu_device()).map_err(err)?;
-        result::mem_pool::set_attribute(
-            pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-            (&mut threshold as *mut u64).cast(),
-        )
-        .map_err(err)
-    }
-}
-
 fn not_available(ordinal: usize, what: &str, e: impl std::fmt::Debug) -> BackendError {
     BackendError::CudaNotAvailable(format!("device {ordinal}: {what}: {e:?}"))
 }
@@ -232,7 +211,7 @@ impl CudaBackend {
             .new_stream()
             .map_err(|e| BackendError::device("CudaBackend::new stream", e))?;
         if ctx.has_async_alloc() {
-            keep_pool_memory(&ctx)?;
+            super::memory::keep_pool_memory(&ctx)?;
         }
         let dev = |e| BackendError::device("CudaBackend::new device query", e);
         let name = ctx.name().map_err(dev)?;

@@ -8,7 +8,7 @@ use super::moe::CudaRouting;
 use super::step::CudaStep;
 use crate::{
     AttentionParams, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor, KvSpec,
-    Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta, StepShape,
+    MemoryUse, Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta, StepShape,
 };
 
 impl Backend for CudaBackend {
@@ -184,6 +184,14 @@ impl Backend for CudaBackend {
             free: free as u64,
             total: total as u64,
         })
+    }
+
+    fn trim_memory(&self) -> Result<()> {
+        self.trim_memory_impl()
+    }
+
+    fn memory_use(&self) -> Result<Option<MemoryUse>> {
+        self.memory_use_impl()
     }
 
     fn write_kv(

@@ -28,6 +28,8 @@ mod graph;
 #[cfg(feature = "cuda")]
 mod imp;
 #[cfg(feature = "cuda")]
+mod memory;
+#[cfg(feature = "cuda")]
 mod moe;
 #[cfg(feature = "cuda")]
 mod moe_experts;

@@ -1,0 +1,166 @@
+//! Sizing the KV cache from GPU memory (`--gpu-memory-utilization`) after profiling the largest
+//! step (`tessera_worker::profile`): the cache takes what the weights and the measured activations
+//! leave, and the largest step the limits allow, with every row's logits, then runs beside a full
+//! cache within what the profile measured, as do the decode graphs.
+//!
+//! Skipped with a visible message where there is no GPU. CI runs it on the CPU emulator of the
+//! CUDA libraries (`tests/cuda-emulator`), which accounts device memory as a GPU with memory
+//! pools does, on a device of [`EMULATED_MIB`] so that the cache it fills stays small.
+
+mod common;
+
+use tessera_common::{ShardSpec, load_model_spec};
+use tessera_kernels::Backend;
+use tessera_kernels::cuda::CudaBackend;
+use tessera_worker::device::{
+    Device, DeviceConfig, DeviceKind, ExecutorPlan, GroupLink, KvSize, LoadedExecutor,
+    load_executor,
+};
+use tessera_worker::executor::SeqStep;
+use tessera_worker::kv_cache::BlockAllocator;
+use tessera_worker::profile::{PROFILE_MARGIN_BYTES, StepLimits};
+use tessera_worker::sampling::SamplingParams;
+
+/// The emulated device's memory: room for the weights, the margin and a small cache.
+const EMULATED_MIB: &str = "512";
+
+const BLOCK_SIZE: usize = 4;
+
+/// 96 tokens over 8 sequences: 12 each, inside the fixtures' 128 positions.
+const LIMITS: StepLimits = StepLimits {
+    max_step_tokens: 96,
+    max_seqs: 8,
+};
+
+fn load(dir: &std::path::Path, graphs: usize) -> LoadedExecutor {
+    let cfg = DeviceConfig {
+        kind: DeviceKind::Cuda { ordinal: Some(0) },
+        ..DeviceConfig::default()
+    };
+    let plan = ExecutorPlan {
+        dir,
+        shard: ShardSpec::whole(),
+        link: GroupLink::Single,
+        kv: KvSize::Auto {
+            gpu_memory_utilization: 1.0,
+        },
+        block_size: BLOCK_SIZE,
+        metrics: None,
+        cuda_graph_max_batch: graphs,
+        limits: LIMITS,
+    };
+    load_executor(Device::open(&cfg).expect("the GPU opens"), plan).expect("the model loads")
+}
+
+/// The largest step `LIMITS` allow, as a scheduler would send it: 8 prompts of 12 tokens, each
+/// with prompt logprobs (every row's logits to the host).
+fn largest(alloc: &mut BlockAllocator, vocab: u32) -> Vec<SeqStep> {
+    let per = LIMITS.max_step_tokens / LIMITS.max_seqs;
+    (0..LIMITS.max_seqs as u64)
+        .map(|id| SeqStep {
+            seq_id: id,
+            tokens: (0..per as u32)
+                .map(|t| (t * 7 + id as u32) % vocab)
+                .collect(),
+            context_len: per,
+            block_table: alloc.allocate(alloc.blocks_for(per + 4)).unwrap(),
+            sampling: SamplingParams::default(),
+            top_logprobs: 0,
+            prompt_logprobs: true,
+            sample: true,
+            prompt_len: per,
+        })
+        .collect()
+}
+
+#[test]
+fn the_kv_cache_leaves_room_for_the_largest_step_it_measured() {
+    // SAFETY: the only test of this binary, run before any other thread exists; the emulator
+    // reads its device size on every query, and a real driver ignores the variable.
+    unsafe { std::env::set_var("TESSERA_EMU_MEMORY_MIB", EMULATED_MIB) };
+    let probe = match CudaBackend::new(0) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("SKIPPED: the_kv_cache_leaves_room_for_the_largest_step_it_measured: {e}");
+            return;
+        }
+    };
+    if probe.memory_use().unwrap().is_none() {
+        eprintln!("SKIPPED: the device has no memory pools: the flat reserve applies");
+        return;
+    }
+    let dir = common::fixtures_dir().join("qwen3_moe");
+    let vocab = load_model_spec(&dir).unwrap().vocab_size;
+
+    let loaded = load(&dir, 8);
+    let p = loaded.profile.expect("a GPU with memory pools is profiled");
+    assert_eq!((p.tokens, p.seqs), (96, 8), "{p:?}");
+    // Every row's f32 logits are alive at once: the measurement cannot be less.
+    let logits = (96 * vocab * 4) as u64;
+    assert!(p.pool_bytes >= logits, "{p:?} < {logits} bytes of logits");
+    assert_eq!(
+        p.graph_batch, 8,
+        "the largest graphed batch is the most sequences"
+    );
+    assert!(p.graph_bytes > 0, "{p:?}");
+
+    // The cache took the rest: what is free now is the reserve, give or take a block.
+    let mem = probe.device_memory().unwrap();
+    let reserve = p.reserve_bytes();
+    assert!(
+        mem.free >= reserve && mem.free < reserve + (4 << 20),
+        "free {} bytes after the cache, reserve {reserve} ({p:?})",
+        mem.free
+    );
+    let mut runner = loaded.runner;
+    let blocks = runner.num_blocks();
+    assert!(
+        blocks * BLOCK_SIZE > 10_000,
+        "{blocks} blocks: the cache should fill the emulated device"
+    );
+
+    // The largest step and graphed decode steps grow the allocators by no more than measured.
+    probe.trim_memory().unwrap();
+    let before = probe.memory_use().unwrap().unwrap();
+    let mut alloc = BlockAllocator::new(blocks, BLOCK_SIZE);
+    let mut steps = largest(&mut alloc, vocab as u32);
+    let mut out = runner
+        .step(&steps)
+        .expect("the largest step runs beside the full cache");
+    for _ in 0..3 {
+        for (s, r) in steps.iter_mut().zip(&out.results) {
+            s.tokens = vec![r.token.expect("a sampled token")];
+            s.context_len += 1;
+            s.prompt_logprobs = false;
+        }
+        out = runner.step(&steps).expect("a decode step runs");
+    }
+    assert_eq!(
+        runner.graph_stats().replays,
+        2,
+        "{:?}",
+        runner.graph_stats()
+    );
+    let after = probe.memory_use().unwrap().unwrap();
+    assert!(
+        after.pool_peak - before.pool <= p.pool_bytes,
+        "the pool grew {} bytes, the profile measured {} ({before:?} then {after:?})",
+        after.pool_peak - before.pool,
+        p.pool_bytes
+    );
+    assert!(
+        after.graphs_peak - before.graphs <= p.graph_bytes,
+        "graphs took {} bytes, the profile measured {}",
+        after.graphs_peak - before.graphs,
+        p.graph_bytes
+    );
+    drop(runner);
+
+    // Without graphs nothing is captured, and the margin alone stands for them.
+    let eager = load(&dir, 0).profile.unwrap();
+    assert_eq!((eager.graph_bytes, eager.graph_batch), (0, 0), "{eager:?}");
+    assert_eq!(
+        eager.reserve_bytes(),
+        eager.pool_bytes + PROFILE_MARGIN_BYTES
+    );
+}
