@@ -243,6 +243,27 @@ impl RowSummary {
     pub fn logprob(&self) -> f32 {
         self.max - self.log_sum_exp
     }
+
+    /// Floats per summary in [`Backend::summarize_rows`]' layout.
+    pub const PACKED: usize = 3;
+
+    /// The summary in [`Backend::summarize_rows`]' layout: the argmax's bits, the max, the
+    /// log-sum-exp.
+    pub fn packed(&self) -> [f32; 3] {
+        [f32::from_bits(self.argmax), self.max, self.log_sum_exp]
+    }
+
+    /// Summaries from floats in [`Backend::summarize_rows`]' layout.
+    pub fn unpack(packed: &[f32]) -> Vec<RowSummary> {
+        packed
+            .chunks_exact(Self::PACKED)
+            .map(|r| RowSummary {
+                argmax: r[0].to_bits(),
+                max: r[1],
+                log_sum_exp: r[2],
+            })
+            .collect()
+    }
 }
 
 /// The per-head widths of [`Backend::concat_heads`] of a `[rows, a_cols]` and a `[rows, b_cols]`
@@ -313,6 +334,17 @@ pub fn check_copy_into(dst: (usize, usize), src: (usize, usize)) -> Result<()> {
     Ok(())
 }
 
+/// Checks [`Backend::pack_into`]'s `src_len` elements at `offset` of a `dst_len`-element tensor.
+pub fn check_pack_into(dst_len: usize, offset: usize, src_len: usize) -> Result<()> {
+    if offset.checked_add(src_len).is_none_or(|end| end > dst_len) {
+        return Err(BackendError::shape(
+            "pack_into",
+            format!("{src_len} elements at {offset} of {dst_len}"),
+        ));
+    }
+    Ok(())
+}
+
 /// The graph type of a backend that has none: no value of it exists.
 pub enum NoGraph {}
 
@@ -352,6 +384,17 @@ pub trait Backend: Send + Sync + Sized + 'static {
             .take(rows)
             .filter_map(RowSummary::of)
             .collect())
+    }
+    /// [`Backend::row_summaries`] left on the device as a `[rows, RowSummary::PACKED]` tensor
+    /// ([`RowSummary::unpack`] reads it), so that a graph can bring them to the host together
+    /// with its other results ([`Backend::pack_into`]) in one copy.
+    fn summarize_rows(&self, x: &Self::Tensor, rows: usize) -> Result<Self::Tensor> {
+        let packed: Vec<f32> = self
+            .row_summaries(x, rows)?
+            .iter()
+            .flat_map(RowSummary::packed)
+            .collect();
+        self.tensor_from_host(packed, rows, RowSummary::PACKED)
     }
     /// The device's copy of a step's metadata, token ids included, sized to the step.
     fn prepare_step(&self, meta: &StepMeta, rope: &RopeTable) -> Result<Self::Step>;
@@ -404,6 +447,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     /// Copies `src` into the first rows of `dst` (same columns, `dst` at least as tall) without
     /// moving `dst`.
     fn copy_into(&self, dst: &mut Self::Tensor, src: &Self::Tensor) -> Result<()>;
+    /// Copies every element of `src` (row-major) into `dst`'s elements from `offset` on, whatever
+    /// the shapes: results of different widths gathered into one buffer for one copy to the host.
+    fn pack_into(&self, dst: &mut Self::Tensor, offset: usize, src: &Self::Tensor) -> Result<()>;
 
     // --- dense math ----------------------------------------------------------------------------
     /// Rows of an embedding table `[vocab, hidden]`, one per row of the step (its token ids).

@@ -19,7 +19,8 @@ use tessera_kernels::cpu::CpuBackend;
 use tessera_kernels::cuda::{CudaBackend, CudaRouting, CudaTensor, plan, probe_libraries};
 use tessera_kernels::{
     AttentionParams, Backend, BackendError, DType, ExpertWeights, GroupScore, KvSpec, KvValues,
-    Result, RopeApply, RopeLayout, RopeTable, RouterParams, Scoring, SeqMeta, StepMeta, StepShape,
+    Result, RopeApply, RopeLayout, RopeTable, RouterParams, RowSummary, Scoring, SeqMeta, StepMeta,
+    StepShape,
 };
 
 /// Runs `case` on the CPU and on the GPU and compares the outputs.
@@ -526,6 +527,22 @@ fn row_summaries_match_the_host() {
         g.row_summaries(&g.tensor_from_host(vec![], 3, 0).unwrap(), 3)
             .is_err()
     );
+    // Left on the device and packed behind other results, as a graph gathers them for one copy
+    // to the host: the same summaries, the other values untouched around them.
+    let packed = g.summarize_rows(&gx, 4).unwrap();
+    assert_eq!(g.dims(&packed), (4, RowSummary::PACKED));
+    let counts = g.tensor_from_host(vec![7.0, 8.0], 1, 2).unwrap();
+    let len = 1 + 4 * RowSummary::PACKED + 2;
+    let mut results = g.tensor_from_host(vec![-1.0; len + 1], 1, len + 1).unwrap();
+    g.pack_into(&mut results, 1, &packed).unwrap();
+    g.pack_into(&mut results, 1 + 4 * RowSummary::PACKED, &counts)
+        .unwrap();
+    let host = g.tensor_to_host(&results).unwrap();
+    assert_eq!((host[0], host[len]), (-1.0, -1.0), "{host:?}");
+    assert_eq!(RowSummary::unpack(&host[1..1 + 12]), got);
+    assert_eq!(host[len - 2..len], [7.0, 8.0]);
+    let err = g.pack_into(&mut results, len, &counts).unwrap_err();
+    assert!(err.to_string().contains("2 elements at"), "{err}");
 }
 
 #[test]

@@ -19,11 +19,11 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tessera_kernels::{Backend, BackendError, StepMeta, StepShape};
+use tessera_kernels::{Backend, BackendError, RowSummary, StepMeta, StepShape};
 
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
-use crate::model::{CountGroup, LogitRows, Model, StepOutput, count_groups, counts_to_host};
+use crate::model::{CountGroup, LogitRows, Model, StepOutput, count_groups, counts_from_packed};
 
 /// Shortest context span a shape is sized for: shorter contexts share one graph.
 pub const MIN_SPAN: usize = 256;
@@ -48,10 +48,15 @@ struct Captured<B: Backend> {
 
 /// Tensors every graph copies its results into.
 struct Outputs<B: Backend> {
-    /// `[largest bucket, vocab]`: a graph fills its bucket's first rows.
+    /// The largest bucket.
+    rows: usize,
+    /// `[rows, vocab]`: a graph fills its bucket's first rows.
     logits: B::Tensor,
     /// One tensor per group of MoE layers with the same expert count.
     counts: Vec<(CountGroup, B::Tensor)>,
+    /// What a greedy step needs on the host, for one copy: the row summaries of `rows` rows
+    /// (a graph fills its bucket's), then each group's counts in turn.
+    results: B::Tensor,
 }
 
 impl<B: Backend> Outputs<B> {
@@ -65,7 +70,19 @@ impl<B: Backend> Outputs<B> {
             let t = b.tensor_from_host(vec![0.0; n * g.experts], n, g.experts)?;
             counts.push((g, t));
         }
-        Ok(Outputs { logits, counts })
+        let len = rows * RowSummary::PACKED + counts.iter().map(|c| c.0.len()).sum::<usize>();
+        let results = b.tensor_from_host(vec![0.0; len], 1, len)?;
+        Ok(Outputs {
+            rows,
+            logits,
+            counts,
+            results,
+        })
+    }
+
+    /// Where the counts start in `results`.
+    fn counts_at(&self) -> usize {
+        self.rows * RowSummary::PACKED
     }
 }
 
@@ -173,14 +190,25 @@ impl<B: Backend> DecodeGraphs<B> {
                 detail: "a graph without outputs".into(),
             })
         })?;
-        let n = meta.num_tokens();
-        let (summaries, host_logits) = if logits.is_every_row(n) {
-            model.logits_to_host(&out.logits, logits)?
+        // One copy for a greedy step: the summaries and counts the graph packed.
+        let results = b.tensor_to_host(&out.results)?;
+        let (packed, counted) = results.split_at(out.counts_at());
+        let summaries = if logits.full.iter().any(|f| !f) {
+            let all = RowSummary::unpack(packed);
+            logits.rows.iter().map(|&r| all[r]).collect()
         } else {
-            model.logits_to_host(&b.gather_rows(&out.logits, logits.rows)?, logits)?
+            Vec::new()
+        };
+        let n = meta.num_tokens();
+        let host_logits = if !logits.full.iter().any(|&f| f) {
+            Vec::new()
+        } else if logits.is_every_row(n) {
+            model.full_rows_to_host(&out.logits, logits)?
+        } else {
+            model.full_rows_to_host(&b.gather_rows(&out.logits, logits.rows)?, logits)?
         };
         let layers: Vec<usize> = model.moe_layers().iter().map(|l| l.0).collect();
-        let expert_counts = counts_to_host(b, &out.counts, &layers)?;
+        let expert_counts = counts_from_packed(out.counts.iter().map(|c| &c.0), counted, &layers);
         Ok(Some(StepOutput {
             logits: host_logits,
             summaries,
@@ -210,10 +238,15 @@ impl<B: Backend> DecodeGraphs<B> {
             let mut run = || -> Result<(), WorkerError> {
                 let ran = model.run(&step, cache, None)?;
                 b.copy_into(&mut out.logits, &ran.logits)?;
+                let summaries = b.summarize_rows(&ran.logits, shape.rows)?;
+                b.pack_into(&mut out.results, 0, &summaries)?;
+                let mut at = out.rows * RowSummary::PACKED;
                 for (group, counts) in &mut out.counts {
                     let refs: Vec<&B::Routing> =
                         group.layers.iter().map(|&i| &ran.routings[i].2).collect();
                     b.expert_counts_into(&refs, &step, counts)?;
+                    b.pack_into(&mut out.results, at, counts)?;
+                    at += group.len();
                 }
                 Ok(())
             };

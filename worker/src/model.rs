@@ -346,22 +346,31 @@ impl<B: Backend> Model<B> {
         all: &B::Tensor,
         logits: LogitRows<'_>,
     ) -> Result<(Vec<RowSummary>, Vec<f32>), WorkerError> {
-        let b = &self.backend;
         let n = logits.rows.len();
-        let full: Vec<usize> = (0..n).filter(|&i| logits.full[i]).collect();
-        let summaries = if full.len() < n {
-            b.row_summaries(all, n)?
+        let summaries = if logits.full.iter().any(|f| !f) {
+            self.backend.row_summaries(all, n)?
         } else {
             Vec::new()
         };
-        let host = if full.is_empty() {
+        Ok((summaries, self.full_rows_to_host(all, logits)?))
+    }
+
+    /// The values of the rows of `all` (as in [`Model::logits_to_host`]) marked full, in order.
+    pub(crate) fn full_rows_to_host(
+        &self,
+        all: &B::Tensor,
+        logits: LogitRows<'_>,
+    ) -> Result<Vec<f32>, WorkerError> {
+        let b = &self.backend;
+        let n = logits.rows.len();
+        let full: Vec<usize> = (0..n).filter(|&i| logits.full[i]).collect();
+        Ok(if full.is_empty() {
             Vec::new()
         } else if full.len() == n && b.dims(all).0 == n {
             b.tensor_to_host(all)?
         } else {
             b.tensor_to_host(&b.gather_rows(all, &full)?)?
-        };
-        Ok((summaries, host))
+        })
     }
 
     /// The RoPE table steps are prepared with.
@@ -403,21 +412,18 @@ pub(crate) struct CountGroup {
 }
 
 impl CountGroup {
-    /// `(layer, counts)` of the group's layers from their device counts; `layers` holds the
-    /// model layer of each routing index.
-    pub fn to_host<B: Backend>(
-        &self,
-        b: &B,
-        counts: &B::Tensor,
-        layers: &[usize],
-    ) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
-        let host = b.tensor_to_host(counts)?;
-        Ok(self
-            .layers
+    /// `(layer, counts)` of the group's layers from their counts copied to the host.
+    pub fn unpack(&self, host: &[f32], layers: &[usize]) -> Vec<(usize, Vec<u32>)> {
+        self.layers
             .iter()
             .zip(host.chunks(self.experts.max(1)))
             .map(|(&i, c)| (layers[i], c.iter().map(|&v| v as u32).collect()))
-            .collect())
+            .collect()
+    }
+
+    /// Elements of the group's counts tensor.
+    pub fn len(&self) -> usize {
+        self.layers.len() * self.experts
     }
 }
 
@@ -446,17 +452,37 @@ fn count_experts<B: Backend>(
 
 /// `(layer, counts)` in layer order from each group's device counts; `layers` holds the model
 /// layer of each routing index.
-pub(crate) fn counts_to_host<B: Backend>(
+fn counts_to_host<B: Backend>(
     b: &B,
     counted: &[(CountGroup, B::Tensor)],
     layers: &[usize],
 ) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
-    let mut out = Vec::with_capacity(layers.len());
-    for (group, counts) in counted {
-        out.extend(group.to_host(b, counts, layers)?);
+    let mut host = Vec::new();
+    for (_, counts) in counted {
+        host.extend(b.tensor_to_host(counts)?);
+    }
+    Ok(counts_from_packed(
+        counted.iter().map(|c| &c.0),
+        &host,
+        layers,
+    ))
+}
+
+/// `(layer, counts)` in layer order from `groups`' counts packed one after the other in `host`;
+/// `layers` holds the model layer of each routing index.
+pub(crate) fn counts_from_packed<'a>(
+    groups: impl IntoIterator<Item = &'a CountGroup>,
+    host: &[f32],
+    layers: &[usize],
+) -> Vec<(usize, Vec<u32>)> {
+    let (mut out, mut at) = (Vec::with_capacity(layers.len()), 0);
+    for group in groups {
+        let end = (at + group.len()).min(host.len());
+        out.extend(group.unpack(&host[at..end], layers));
+        at = end;
     }
     out.sort_by_key(|(layer, _)| *layer);
-    Ok(out)
+    out
 }
 
 /// A step's routings (given by their expert counts, in order) grouped by expert count (one group

@@ -172,6 +172,12 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn pack_into(&self, dst: &mut CpuTensor, offset: usize, src: &CpuTensor) -> Result<()> {
+        crate::backend::check_pack_into(dst.data.len(), offset, src.data.len())?;
+        dst.data[offset..offset + src.data.len()].copy_from_slice(&src.data);
+        Ok(())
+    }
+
     fn embedding(&self, table: &CpuWeight, step: &CpuStep) -> Result<CpuTensor> {
         let _p = profile::scope("embedding", String::new);
         let ids = &step.meta.tokens;

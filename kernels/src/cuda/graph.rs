@@ -108,6 +108,29 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// Copies all of `src` into `dst`'s elements from `offset` on, on the device.
+    pub(super) fn pack_into_impl(
+        &self,
+        dst: &mut CudaTensor,
+        offset: usize,
+        src: &CudaTensor,
+    ) -> Result<()> {
+        const OP: &str = "pack_into";
+        let n = src.rows * src.cols;
+        crate::backend::check_pack_into(dst.rows * dst.cols, offset, n)?;
+        if n == 0 {
+            return Ok(());
+        }
+        self.stream
+            .memcpy_dtod(
+                &src.data.slice(..n),
+                &mut dst.data.slice_mut(offset..offset + n),
+            )
+            .map_err(|e| BackendError::device(OP, e))
+    }
+}
+
 /// Ends a capture that unwinding left open.
 struct EndCapture<'a> {
     backend: &'a CudaBackend,

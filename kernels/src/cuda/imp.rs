@@ -86,6 +86,14 @@ impl Backend for CudaBackend {
         self.copy_into_impl(dst, src)
     }
 
+    fn pack_into(&self, dst: &mut CudaTensor, offset: usize, src: &CudaTensor) -> Result<()> {
+        self.pack_into_impl(dst, offset, src)
+    }
+
+    fn summarize_rows(&self, x: &CudaTensor, rows: usize) -> Result<CudaTensor> {
+        self.summarize_rows_impl(x, rows)
+    }
+
     fn embedding(&self, table: &CudaWeight, step: &CudaStep) -> Result<CudaTensor> {
         self.embedding_impl(table, step)
     }

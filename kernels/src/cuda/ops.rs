@@ -685,28 +685,31 @@ impl CudaBackend {
         x: &CudaTensor,
         rows: usize,
     ) -> Result<Vec<RowSummary>> {
+        let out = self.summarize_rows_impl(x, rows)?;
+        let host = self.download("row_summaries", &out.data, out.rows * out.cols)?;
+        Ok(RowSummary::unpack(&host))
+    }
+
+    /// `[rows, RowSummary::PACKED]` summaries of `x`'s first `rows` rows, on the device.
+    pub(super) fn summarize_rows_impl(&self, x: &CudaTensor, rows: usize) -> Result<CudaTensor> {
         const OP: &str = "row_summaries";
         crate::backend::check_summary_rows(rows, (x.rows, x.cols))?;
-        if rows == 0 {
-            return Ok(Vec::new());
+        let width = RowSummary::PACKED;
+        let mut out = self.uninit::<f32>(OP, width * rows)?;
+        if rows > 0 {
+            let cols = to_u32(OP, x.cols)?;
+            let mut b = self.stream.launch_builder(self.func("row_argmax_lse")?);
+            b.arg(&mut out).arg(&x.data).arg(&cols);
+            // SAFETY: row_argmax_lse(float* out, const float* x, u32 cols): one block of 256
+            // threads (a multiple of 32) per row for the first rows rows; x holds at least
+            // rows*cols floats (rows <= x.rows, checked) and out 3*rows (RowSummary::PACKED = 3).
+            unsafe { b.launch(grid_rows(rows, 256)) }.map_err(|e| BackendError::device(OP, e))?;
         }
-        let mut out = self.uninit::<f32>(OP, 3 * rows)?;
-        let cols = to_u32(OP, x.cols)?;
-        let mut b = self.stream.launch_builder(self.func("row_argmax_lse")?);
-        b.arg(&mut out).arg(&x.data).arg(&cols);
-        // SAFETY: row_argmax_lse(float* out, const float* x, u32 cols): one block of 256 threads
-        // (a multiple of 32) per row for the first rows rows; x holds at least rows*cols floats
-        // (rows <= x.rows, checked) and out 3*rows.
-        unsafe { b.launch(grid_rows(rows, 256)) }.map_err(|e| BackendError::device(OP, e))?;
-        let host = self.download(OP, &out, 3 * rows)?;
-        Ok(host
-            .chunks(3)
-            .map(|r| RowSummary {
-                argmax: r[0].to_bits(),
-                max: r[1],
-                log_sum_exp: r[2],
-            })
-            .collect())
+        Ok(CudaTensor {
+            data: out,
+            rows,
+            cols: width,
+        })
     }
 }
 

@@ -104,6 +104,9 @@ impl Backend for CudaBackend {
     fn copy_into(&self, _: &mut CudaTensor, _: &CudaTensor) -> Result<()> {
         match self.never {}
     }
+    fn pack_into(&self, _: &mut CudaTensor, _: usize, _: &CudaTensor) -> Result<()> {
+        match self.never {}
+    }
     fn expert_counts_into(
         &self,
         _: &[&CudaRouting],
