@@ -1,7 +1,8 @@
 //! Sizing the KV cache from GPU memory (`--gpu-memory-utilization`) after profiling the largest
 //! step (`tessera_worker::profile`): the cache takes what the weights and the measured activations
 //! leave, and the largest step the limits allow, with every row's logits, then runs beside a full
-//! cache within what the profile measured, as do the decode graphs.
+//! cache within what the profile measured, as do the decode graphs. A tensor-parallel rank
+//! profiles without waiting for its peers.
 //!
 //! Skipped with a visible message where there is no GPU. CI runs it on the CPU emulator of the
 //! CUDA libraries (`tests/cuda-emulator`), which accounts device memory as a GPU with memory
@@ -9,9 +10,14 @@
 
 mod common;
 
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
 use tessera_common::{ShardSpec, load_model_spec};
 use tessera_kernels::Backend;
 use tessera_kernels::cuda::CudaBackend;
+use tessera_worker::collective::TcpRank;
 use tessera_worker::device::{
     Device, DeviceConfig, DeviceKind, ExecutorPlan, GroupLink, KvSize, LoadedExecutor,
     load_executor,
@@ -33,14 +39,23 @@ const LIMITS: StepLimits = StepLimits {
 };
 
 fn load(dir: &std::path::Path, graphs: usize) -> LoadedExecutor {
+    load_rank(dir, graphs, ShardSpec::whole(), GroupLink::Single).expect("the model loads")
+}
+
+fn load_rank(
+    dir: &std::path::Path,
+    graphs: usize,
+    shard: ShardSpec,
+    link: GroupLink,
+) -> Result<LoadedExecutor, tessera_worker::WorkerError> {
     let cfg = DeviceConfig {
         kind: DeviceKind::Cuda { ordinal: Some(0) },
         ..DeviceConfig::default()
     };
     let plan = ExecutorPlan {
         dir,
-        shard: ShardSpec::whole(),
-        link: GroupLink::Single,
+        shard,
+        link,
         kv: KvSize::Auto {
             gpu_memory_utilization: 1.0,
         },
@@ -49,7 +64,41 @@ fn load(dir: &std::path::Path, graphs: usize) -> LoadedExecutor {
         cuda_graph_max_batch: graphs,
         limits: LIMITS,
     };
-    load_executor(Device::open(&cfg).expect("the GPU opens"), plan).expect("the model loads")
+    load_executor(Device::open(&cfg).expect("the GPU opens"), plan)
+}
+
+/// Rank 0 of two profiles while rank 1, joined over TCP, is still loading (it never calls a
+/// collective): the profile rehearses the group's collectives instead of waiting for the peer,
+/// which would fail the load after the 2 s collective timeout.
+fn a_tensor_parallel_rank_profiles_alone(dir: &std::path::Path, vocab: usize) {
+    let timeout = Duration::from_secs(2);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (loaded_tx, loaded_rx) = std::sync::mpsc::channel::<()>();
+    let peer = std::thread::spawn(move || {
+        let rank = TcpRank::join(1, 2, addr, timeout).expect("rank 1 joins");
+        // "Loading" until rank 0 is done.
+        let _ = loaded_rx.recv();
+        drop(rank);
+    });
+    let root = TcpRank::root(listener, 2, timeout).expect("rank 0 forms the group");
+    let shard = ShardSpec {
+        rank: 0,
+        world_size: 2,
+        experts: None,
+    };
+    let loaded = load_rank(dir, 8, shard, GroupLink::Host(Arc::new(root)));
+    drop(loaded_tx);
+    peer.join().unwrap();
+    let p = loaded
+        .expect("a rank loads without waiting for its peer")
+        .profile
+        .expect("profiled");
+    assert_eq!((p.tokens, p.seqs), (96, 8), "{p:?}");
+    // Its decode steps run eagerly: no graph.
+    assert_eq!((p.graph_batch, p.graph_bytes), (0, 0), "{p:?}");
+    // The logits are gathered to the whole vocabulary, as the group's all-gather gives.
+    assert!(p.pool_bytes >= (96 * vocab * 4) as u64, "{p:?}");
 }
 
 /// The largest step `LIMITS` allow, as a scheduler would send it: 8 prompts of 12 tokens, each
@@ -163,4 +212,6 @@ fn the_kv_cache_leaves_room_for_the_largest_step_it_measured() {
         eager.reserve_bytes(),
         eager.pool_bytes + PROFILE_MARGIN_BYTES
     );
+
+    a_tensor_parallel_rank_profiles_alone(&dir, vocab);
 }

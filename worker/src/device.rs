@@ -325,7 +325,7 @@ fn build<B: Backend>(
         shard: plan.shard,
         comm,
     };
-    let model = Model::load_rank(backend, spec, &ckpt, tp)?;
+    let mut model = Model::load_rank(backend, spec, &ckpt, tp)?;
     let weight_bytes = ckpt
         .touched()
         .iter()
@@ -343,7 +343,7 @@ fn build<B: Backend>(
         KvSize::Auto {
             gpu_memory_utilization,
         } => {
-            profile = profile_activations(&model, plan.limits, block_size, graph_max_batch)?;
+            profile = profile_activations(&mut model, plan.limits, block_size, graph_max_batch)?;
             let budget = KvBudget {
                 utilization: gpu_memory_utilization,
                 weight_bytes,

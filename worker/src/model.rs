@@ -2,6 +2,7 @@
 //! output projection. One forward step runs any mix of prefill chunks and decode tokens of several
 //! sequences, writing their keys and values into the paged cache.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tessera_common::{AttentionSpec, FfnSpec, ModelSpec, ShardSpec};
@@ -10,6 +11,7 @@ use tessera_kernels::{AttentionParams, Backend, KvSpec, RopeTable, RowSummary, S
 use crate::WorkerError;
 use crate::checkpoint::Checkpoint;
 use crate::checkpoint::Slice;
+use crate::collective::Collective;
 use crate::kv_cache::KvCache;
 use crate::layers::{Gqa, Linear, Mla, Mlp, Moe, RmsNorm, TpContext, WeightLoader};
 
@@ -393,6 +395,17 @@ impl<B: Backend> Model<B> {
     /// Ranks the model is split over (tensor parallelism).
     pub(crate) fn world(&self) -> usize {
         self.tp.world()
+    }
+
+    /// This rank's index among them.
+    pub(crate) fn rank(&self) -> usize {
+        self.tp.shard.rank
+    }
+
+    /// Puts `comm` in the place of the collective the model joins its ranks with, and returns
+    /// the one it replaced.
+    pub(crate) fn replace_comm(&mut self, comm: Arc<dyn Collective<B>>) -> Arc<dyn Collective<B>> {
+        std::mem::replace(&mut self.tp.comm, comm)
     }
 }
 

@@ -10,15 +10,19 @@
 //! far the device's allocators grew ([`Backend::memory_use`]). What it measured, plus
 //! [`PROFILE_MARGIN_BYTES`], is kept out of the cache ([`ActivationProfile::reserve_bytes`]).
 //!
-//! Tensor-parallel ranks are not profiled: the step's collectives would make the first rank to
-//! finish loading wait for the slowest with the step timeout, which a slow disk can exceed. They
-//! keep the flat [`crate::device::ACTIVATION_RESERVE_BYTES`], as does a device that cannot report
-//! its allocators' use (the CPU).
+//! A tensor-parallel rank profiles alone, its collectives rehearsed ([`Rehearsal`]: results of
+//! the group's shapes, nobody waited for), so the first rank to finish loading does not wait for
+//! the slowest with the step timeout; its decode steps run eagerly, so it has no graph to
+//! measure. A device that cannot report its allocators' use (the CPU) is not profiled, and keeps
+//! the flat [`crate::device::ACTIVATION_RESERVE_BYTES`].
+
+use std::sync::Arc;
 
 use serde::Serialize;
 use tessera_kernels::{Backend, SeqMeta, StepMeta};
 
 use crate::WorkerError;
+use crate::collective::Rehearsal;
 use crate::graphs::{DecodeGraphs, largest_bucket};
 use crate::kv_cache::KvCache;
 use crate::model::{LogitRows, Model};
@@ -155,15 +159,34 @@ fn fresh_sequences(lengths: &[usize], tokens: Vec<u32>, block_size: usize) -> Pr
 /// measured (see the module docs). Unused memory goes back to the device before and after, so
 /// what it reports free afterwards is free.
 pub fn profile_activations<B: Backend>(
+    model: &mut Model<B>,
+    limits: StepLimits,
+    block_size: usize,
+    graph_max_batch: usize,
+) -> Result<Option<ActivationProfile>, WorkerError> {
+    if model.backend().memory_use()?.is_none() {
+        return Ok(None);
+    }
+    if model.world() == 1 {
+        return profile(model, limits, block_size, graph_max_batch);
+    }
+    let alone = Rehearsal {
+        rank: model.rank(),
+        world: model.world(),
+    };
+    let group = model.replace_comm(Arc::new(alone));
+    let profiled = profile(model, limits, block_size, 0);
+    model.replace_comm(group);
+    profiled
+}
+
+fn profile<B: Backend>(
     model: &Model<B>,
     limits: StepLimits,
     block_size: usize,
     graph_max_batch: usize,
 ) -> Result<Option<ActivationProfile>, WorkerError> {
     let b = model.backend();
-    if model.world() > 1 || b.memory_use()?.is_none() {
-        return Ok(None);
-    }
     let spec = model.spec();
     let largest = largest_step(
         limits,

@@ -12,9 +12,11 @@
 //! joins worker processes over TCP; [`NcclRank`] joins GPU ranks through NCCL (its module says how
 //! a group forms from NCCL's unique id). [`HostStaged`] lets a device backend use any host
 //! collective by copying through host memory (GPU ranks without NCCL, or sharing one GPU).
+//! [`Rehearsal`] stands in for a group while one rank profiles a step alone.
 
 mod in_process;
 mod nccl;
+mod rehearsal;
 mod staged;
 mod tcp;
 
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 pub use in_process::{InProcessGroup, InProcessRank};
 pub use nccl::NcclRank;
+pub use rehearsal::Rehearsal;
 pub use staged::HostStaged;
 pub use tcp::TcpRank;
 use tessera_kernels::Backend;
