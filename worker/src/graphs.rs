@@ -240,7 +240,7 @@ impl<B: Backend> DecodeGraphs<B> {
                 b.copy_into(&mut out.logits, &ran.logits)?;
                 let summaries = b.summarize_rows(&ran.logits, shape.rows)?;
                 b.pack_into(&mut out.results, 0, &summaries)?;
-                let mut at = out.rows * RowSummary::PACKED;
+                let mut at = out.counts_at();
                 for (group, counts) in &mut out.counts {
                     let refs: Vec<&B::Routing> =
                         group.layers.iter().map(|&i| &ran.routings[i].2).collect();
