@@ -153,11 +153,13 @@ fn the_kv_cache_leaves_room_for_the_largest_step_it_measured() {
     );
     assert!(p.graph_bytes > 0, "{p:?}");
 
-    // The cache took the rest: what is free now is the reserve, give or take a block.
+    // The cache took the rest: what is free now is the reserve, give or take a block (exactly,
+    // on the emulator) or the pool's rounding of each layer's allocation (on a GPU).
     let mem = probe.device_memory().unwrap();
     let reserve = p.reserve_bytes();
+    let slack = 64 << 20;
     assert!(
-        mem.free >= reserve && mem.free < reserve + (4 << 20),
+        mem.free + slack >= reserve && mem.free < reserve + slack,
         "free {} bytes after the cache, reserve {reserve} ({p:?})",
         mem.free
     );
