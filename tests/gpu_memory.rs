@@ -157,7 +157,8 @@ fn the_kv_cache_leaves_room_for_the_largest_step_it_measured() {
     // on the emulator) or the pool's rounding of each layer's allocation (on a GPU).
     let mem = probe.device_memory().unwrap();
     let reserve = p.reserve_bytes();
-    let slack = 64 << 20;
+    let emulated = probe.name().contains("Tessera CUDA emulator");
+    let slack = if emulated { 4 << 20 } else { 64 << 20 };
     assert!(
         mem.free + slack >= reserve && mem.free < reserve + slack,
         "free {} bytes after the cache, reserve {reserve} ({p:?})",
