@@ -50,7 +50,7 @@ fi
 echo "== CUDA backend tests (GPU tests skipped without a GPU)"
 eval "$(bash tests/cuda-tools/fetch.sh)"
 export TESSERA_PTXAS
-cuda_tests=(-p tessera-kernels --features cuda --locked --no-fail-fast --test cuda --test cuda_graph --test nvrtc --test nccl)
+cuda_tests=(-p tessera-kernels --features cuda --locked --no-fail-fast --test cuda --test cuda_moe --test cuda_graph --test nvrtc --test nccl)
 if cargo nextest --version >/dev/null 2>&1; then
     LD_LIBRARY_PATH="$TESSERA_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo nextest run "${cuda_tests[@]}"
 else
@@ -59,7 +59,7 @@ fi
 # The CUDA backend for real, on the CPU: tests/cuda-emulator provides libcuda, libnvrtc and
 # libcublas that run the kernels as host code with CUDA's thread model (barriers, warp shuffles,
 # shared memory) and check every copy and GEMM operand against the allocations. Every op against
-# the CPU backend (kernels/tests/cuda.rs) and every fixture end to end against transformers'
+# the CPU backend (kernels/tests/cuda.rs, cuda_moe.rs) and every fixture end to end against transformers'
 # tokens (tests/gpu.rs) run the unchanged backend code; this is no GPU evidence (no PTX, no
 # timing), but a kernel or launch bug fails here instead of on a rented GPU. The test binaries run
 # under AddressSanitizer (asan-runner.sh), kernels included: an access outside a device allocation
@@ -78,7 +78,7 @@ emu_run() { # TESSERA_EMU_DEVICES, then cargo arguments
         TESSERA_EMU_DEVICES="$devices" LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo test "$@"
     fi
 }
-emu_run 1 -p tessera-kernels -p tessera --features cuda --locked --no-fail-fast --test cuda --test cuda_graph --test gpu --test gpu_graphs --test gpu_memory
+emu_run 1 -p tessera-kernels -p tessera --features cuda --locked --no-fail-fast --test cuda --test cuda_moe --test cuda_graph --test gpu --test gpu_graphs --test gpu_memory
 emu_run 2 -p tessera-kernels --features cuda --locked --no-fail-fast --test nccl
 unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER
 # Kubernetes manifests, Grafana dashboard and Dockerfile under deploy/: rendered with kustomize and

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (the device tool's `run`, with carry [".gpubin"]), after
-# tests/gpu/build.sh here. Writes its logs and results under $OUT (at most 8 files come back).
+# tests/gpu/build.sh here. Writes its logs and results under $OUT (at most 8 files come back:
+# the tests share one log).
 #   bash tests/gpu/device.sh tests   every CUDA test binary, one test at a time (~ a few minutes)
 #   bash tests/gpu/device.sh bench-qwen3     the GPU roofline on a Qwen3-30B-A3B shape (24 of 48
 #                                            layers), batch 1 and 64
@@ -35,11 +36,12 @@ export LD_LIBRARY_PATH="$libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 } > "$out/env.txt" 2>&1
 case "$mode" in
 tests)
+    # One log for every binary: only 8 files come back from a call.
     status=0
     for t in .gpubin/test-*; do
         name=$(basename "$t")
-        echo "== $name"
-        RUST_BACKTRACE=1 "$t" --test-threads=1 2>&1 | tee "$out/$name.log" | grep -E '^test |SKIPPED|test result|panicked' || true
+        echo "== $name" | tee -a "$out/tests.log"
+        RUST_BACKTRACE=1 "$t" --test-threads=1 2>&1 | tee -a "$out/tests.log" | grep -E '^test |SKIPPED|test result|panicked' || true
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     done
     exit $status

@@ -4,7 +4,7 @@
 
 use half::{bf16, f16};
 use tessera_kernels::cuda::CudaBackend;
-use tessera_kernels::{BackendError, DType, HostTensor};
+use tessera_kernels::{BackendError, DType, HostTensor, RopeLayout, RopeTable, SeqMeta, StepMeta};
 
 /// Device 0, or `None` after printing why the test is skipped.
 pub fn gpu(test: &str) -> Option<CudaBackend> {
@@ -72,4 +72,30 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
         got[i],
         want[i]
     );
+}
+
+/// One sequence prefilling `ids` (block size 8).
+pub fn ids_meta(ids: &[u32]) -> StepMeta {
+    let n = ids.len();
+    StepMeta {
+        seqs: vec![SeqMeta {
+            token_start: 0,
+            num_tokens: n,
+            context_len: n,
+            block_table: (0..n.div_ceil(8) as u32).collect(),
+        }],
+        block_size: 8,
+        tokens: ids.to_vec(),
+    }
+}
+
+/// A RoPE table of `half` frequencies with base 10000.
+pub fn rope_table(layout: RopeLayout, half: usize, scaling: f32) -> RopeTable {
+    RopeTable {
+        inv_freq: (0..half)
+            .map(|i| 10000f32.powf(-(2.0 * i as f32) / (2 * half) as f32))
+            .collect(),
+        attention_scaling: scaling,
+        layout,
+    }
 }
