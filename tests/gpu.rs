@@ -237,7 +237,11 @@ async fn serve_names_the_gpu_and_sizes_the_kv_cache_from_utilization() {
 /// The device counters of the CPU emulator (`tests/cuda-emulator`, which writes them to the file
 /// `TESSERA_EMU_STATS` names when the process exits) for one `tessera generate --device cuda` of
 /// `tokens` greedy tokens.
-fn emulator_counters(model: &std::path::Path, tokens: usize) -> HashMap<String, f64> {
+fn emulator_counters(
+    model: &std::path::Path,
+    tokens: usize,
+    extra: &[&str],
+) -> HashMap<String, f64> {
     let stats = tempfile::NamedTempFile::new().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .arg("generate")
@@ -246,6 +250,7 @@ fn emulator_counters(model: &std::path::Path, tokens: usize) -> HashMap<String, 
         .args(["--device", "cuda", "--json", "--temperature", "0"])
         .args(["--prompt-ids", "1,2,3,4,5"])
         .args(["--max-tokens", &tokens.to_string()])
+        .args(extra)
         .env("TESSERA_EMU_STATS", stats.path())
         .output()
         .expect("tessera generate runs");
@@ -267,9 +272,12 @@ fn emulator_counters(model: &std::path::Path, tokens: usize) -> HashMap<String, 
 }
 
 /// What one decode step asks of the device: the difference between generating 11 and 3 tokens,
-/// over the 8 steps between them.
-fn per_decode_step(model: &std::path::Path) -> HashMap<String, f64> {
-    let (short, long) = (emulator_counters(model, 3), emulator_counters(model, 11));
+/// over the 8 steps between them; `extra` flags for `tessera generate`.
+fn per_decode_step(model: &std::path::Path, extra: &[&str]) -> HashMap<String, f64> {
+    let (short, long) = (
+        emulator_counters(model, 3, extra),
+        emulator_counters(model, 11, extra),
+    );
     long.iter()
         .map(|(k, v)| (k.clone(), (v - short.get(k).unwrap_or(&0.0)) / 8.0))
         .collect()
@@ -309,13 +317,17 @@ fn a_decode_step_copies_the_same_whatever_the_layer_count() {
     std::fs::write(two.path().join("config.json"), config.to_string()).unwrap();
 
     // Per process, not per step: the backend told the memory pool to keep freed memory.
-    let opened = emulator_counters(&four, 3);
+    let opened = emulator_counters(&four, 3, &[]);
     assert_eq!(
         opened.get("mempool_keeps_freed_memory"),
         Some(&1.0),
         "{opened:?}"
     );
-    let (four, two) = (per_decode_step(&four), per_decode_step(two.path()));
+    let eager = per_decode_step(&four, &["--enforce-eager"]);
+    let (four, two) = (
+        per_decode_step(&four, &[]),
+        per_decode_step(two.path(), &[]),
+    );
     let get = |m: &HashMap<String, f64>, k: &str| m.get(k).copied().unwrap_or(0.0);
     let launches = |m: &HashMap<String, f64>| {
         m.iter()
@@ -352,6 +364,11 @@ fn a_decode_step_copies_the_same_whatever_the_layer_count() {
     assert_eq!(get(&four, "launch:gather_rows"), 0.0, "{four:?}");
     assert_eq!(get(&four, "launch:moe_count"), 1.0, "{four:?}");
     assert_eq!(get(&four, "copy_to_host"), 1.0, "{four:?}");
+    // Run eagerly, the same: the step's metadata up; the summary and counts packed on the
+    // device, down in one copy.
+    assert_eq!(get(&eager, "graph_launch"), 0.0, "{eager:?}");
+    assert_eq!(get(&eager, "copy_to_device"), 1.0, "{eager:?}");
+    assert_eq!(get(&eager, "copy_to_host"), 1.0, "{eager:?}");
     assert!(
         launches(&four) > launches(&two) + 2.0 * 10.0,
         "{four:?} vs {two:?}"

@@ -370,6 +370,10 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn weight_shape<'a>(&self, w: &'a Self::Weight) -> &'a [usize];
     fn tensor_from_host(&self, data: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Tensor>;
     fn tensor_to_host(&self, t: &Self::Tensor) -> Result<Vec<f32>>;
+    /// A zeroed `[rows, cols]` tensor made on the device (a memset, not a copy from the host).
+    fn zeros(&self, rows: usize, cols: usize) -> Result<Self::Tensor> {
+        self.tensor_from_host(vec![0.0; rows * cols], rows, cols)
+    }
     /// `(rows, cols)` of an activation.
     fn dims(&self, t: &Self::Tensor) -> (usize, usize);
     /// [`RowSummary`] of the first `rows` rows of `x` (logits; a graph's output may hold more

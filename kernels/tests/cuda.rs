@@ -517,6 +517,11 @@ fn row_summaries_match_the_host() {
     assert_eq!(host[len - 2..len], [7.0, 8.0]);
     let err = g.pack_into(&mut results, len, &counts).unwrap_err();
     assert!(err.to_string().contains("2 elements at"), "{err}");
+    // A results buffer made on the device starts at zero (the emulator fills fresh memory with
+    // 0xff, so a missing memset shows).
+    let zeros = g.zeros(3, 5).unwrap();
+    assert_eq!(g.dims(&zeros), (3, 5));
+    assert_eq!(g.tensor_to_host(&zeros).unwrap(), vec![0.0; 15]);
 }
 
 #[test]

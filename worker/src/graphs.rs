@@ -19,11 +19,12 @@
 
 use std::collections::{HashMap, HashSet};
 
-use tessera_kernels::{Backend, BackendError, RowSummary, StepMeta, StepShape};
+use tessera_kernels::{Backend, BackendError, StepMeta, StepShape};
 
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
-use crate::model::{CountGroup, LogitRows, Model, StepOutput, count_groups, counts_from_packed};
+use crate::model::{LogitRows, Model, StepOutput};
+use crate::results::StepResults;
 
 /// Shortest context span a shape is sized for: shorter contexts share one graph.
 pub const MIN_SPAN: usize = 256;
@@ -48,41 +49,20 @@ struct Captured<B: Backend> {
 
 /// Tensors every graph copies its results into.
 struct Outputs<B: Backend> {
-    /// The largest bucket.
-    rows: usize,
-    /// `[rows, vocab]`: a graph fills its bucket's first rows.
+    /// `[largest bucket, vocab]`: a graph fills its bucket's first rows.
     logits: B::Tensor,
-    /// One tensor per group of MoE layers with the same expert count.
-    counts: Vec<(CountGroup, B::Tensor)>,
-    /// What a greedy step needs on the host, for one copy: the row summaries of `rows` rows
-    /// (a graph fills its bucket's), then each group's counts in turn.
-    results: B::Tensor,
+    /// The summaries of the largest bucket's rows (a graph fills its bucket's) and the counts.
+    results: StepResults<B>,
 }
 
 impl<B: Backend> Outputs<B> {
     fn new(model: &Model<B>, rows: usize) -> Result<Self, WorkerError> {
         let b = model.backend();
         let vocab = model.spec().vocab_size;
-        let logits = b.tensor_from_host(vec![0.0; rows * vocab], rows, vocab)?;
-        let mut counts = Vec::new();
-        for g in count_groups(model.moe_layers().iter().map(|l| l.1)) {
-            let n = g.layers.len();
-            let t = b.tensor_from_host(vec![0.0; n * g.experts], n, g.experts)?;
-            counts.push((g, t));
-        }
-        let len = rows * RowSummary::PACKED + counts.iter().map(|c| c.0.len()).sum::<usize>();
-        let results = b.tensor_from_host(vec![0.0; len], 1, len)?;
         Ok(Outputs {
-            rows,
-            logits,
-            counts,
-            results,
+            logits: b.zeros(rows, vocab)?,
+            results: StepResults::new(b, &model.moe_layers(), rows)?,
         })
-    }
-
-    /// Where the counts start in `results`.
-    fn counts_at(&self) -> usize {
-        self.rows * RowSummary::PACKED
     }
 }
 
@@ -191,14 +171,12 @@ impl<B: Backend> DecodeGraphs<B> {
             })
         })?;
         // One copy for a greedy step: the summaries and counts the graph packed.
-        let results = b.tensor_to_host(&out.results)?;
-        let (packed, counted) = results.split_at(out.counts_at());
-        let summaries = if logits.full.iter().any(|f| !f) {
-            let all = RowSummary::unpack(packed);
-            logits.rows.iter().map(|&r| all[r]).collect()
+        let wanted = if logits.full.iter().all(|&f| f) {
+            &[][..]
         } else {
-            Vec::new()
+            logits.rows
         };
+        let back = out.results.to_host(b, wanted.iter().copied())?;
         let n = meta.num_tokens();
         let host_logits = if !logits.full.iter().any(|&f| f) {
             Vec::new()
@@ -207,12 +185,10 @@ impl<B: Backend> DecodeGraphs<B> {
         } else {
             model.full_rows_to_host(&b.gather_rows(&out.logits, logits.rows)?, logits)?
         };
-        let layers: Vec<usize> = model.moe_layers().iter().map(|l| l.0).collect();
-        let expert_counts = counts_from_packed(out.counts.iter().map(|c| &c.0), counted, &layers);
         Ok(Some(StepOutput {
             logits: host_logits,
-            summaries,
-            expert_counts,
+            summaries: back.summaries,
+            expert_counts: back.expert_counts,
         }))
     }
 
@@ -238,16 +214,8 @@ impl<B: Backend> DecodeGraphs<B> {
             let mut run = || -> Result<(), WorkerError> {
                 let ran = model.run(&step, cache, None)?;
                 b.copy_into(&mut out.logits, &ran.logits)?;
-                let summaries = b.summarize_rows(&ran.logits, shape.rows)?;
-                b.pack_into(&mut out.results, 0, &summaries)?;
-                let mut at = out.counts_at();
-                for (group, counts) in &mut out.counts {
-                    let refs: Vec<&B::Routing> =
-                        group.layers.iter().map(|&i| &ran.routings[i].2).collect();
-                    b.expert_counts_into(&refs, &step, counts)?;
-                    b.pack_into(&mut out.results, at, counts)?;
-                    at += group.len();
-                }
+                out.results
+                    .fill(b, &ran.logits, shape.rows, &ran.routings, &step)?;
                 Ok(())
             };
             run().map_err(|e| match e {

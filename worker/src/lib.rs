@@ -30,6 +30,7 @@ pub mod layers;
 pub mod metrics;
 pub mod model;
 pub mod profile;
+mod results;
 pub mod sampling;
 pub mod service;
 pub mod synthetic;

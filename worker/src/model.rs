@@ -14,6 +14,7 @@ use crate::checkpoint::Slice;
 use crate::collective::Collective;
 use crate::kv_cache::KvCache;
 use crate::layers::{Gqa, Linear, Mla, Mlp, Moe, RmsNorm, TpContext, WeightLoader};
+use crate::results::StepResults;
 
 enum Attention<B: Backend> {
     Gqa(Gqa<B>),
@@ -231,14 +232,18 @@ impl<B: Backend> Model<B> {
         // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
         let keep = (!logits.is_every_row(meta.num_tokens())).then_some(logits.rows);
         let out = self.run(&step, cache, keep)?;
-        let (summaries, host_logits) = self.logits_to_host(&out.logits, logits)?;
-        // After the logits, so the one copy of the counts waits for work that the logits' copy
-        // waited for anyway.
-        let expert_counts = count_experts(b, &out.routings, &step)?;
+        let host_logits = self.full_rows_to_host(&out.logits, logits)?;
+        // The summaries (when some row is sampled on the host's behalf) and the expert counts
+        // come back in one copy.
+        let n = logits.rows.len();
+        let summary_rows = if logits.full.iter().all(|&f| f) { 0 } else { n };
+        let mut results = StepResults::new(b, &self.moe_layers(), summary_rows)?;
+        results.fill(b, &out.logits, summary_rows, &out.routings, &step)?;
+        let back = results.to_host(b, 0..summary_rows)?;
         Ok(StepOutput {
             logits: host_logits,
-            summaries,
-            expert_counts,
+            summaries: back.summaries,
+            expert_counts: back.expert_counts,
         })
     }
 
@@ -340,24 +345,8 @@ impl<B: Backend> Model<B> {
         Ok(DeviceOutput { logits, routings })
     }
 
-    /// What the host needs of a step's logits (`all`: one row per requested row, in order, then
-    /// possibly rows of no interest, a graph's padding): the summaries when some row is not
-    /// full, and the full rows' values.
-    pub(crate) fn logits_to_host(
-        &self,
-        all: &B::Tensor,
-        logits: LogitRows<'_>,
-    ) -> Result<(Vec<RowSummary>, Vec<f32>), WorkerError> {
-        let n = logits.rows.len();
-        let summaries = if logits.full.iter().any(|f| !f) {
-            self.backend.row_summaries(all, n)?
-        } else {
-            Vec::new()
-        };
-        Ok((summaries, self.full_rows_to_host(all, logits)?))
-    }
-
-    /// The values of the rows of `all` (as in [`Model::logits_to_host`]) marked full, in order.
+    /// The values of the rows of `all` marked full, in order (`all`: one row per requested row,
+    /// in order, then possibly rows of no interest, a graph's padding).
     pub(crate) fn full_rows_to_host(
         &self,
         all: &B::Tensor,
@@ -415,163 +404,4 @@ pub(crate) struct DeviceOutput<B: Backend> {
     pub logits: B::Tensor,
     /// `(layer, experts, routing)` of every MoE layer, in layer order.
     pub routings: Vec<(usize, usize, B::Routing)>,
-}
-
-/// MoE layers with the same number of experts, whose counts share one tensor.
-pub(crate) struct CountGroup {
-    pub experts: usize,
-    /// Indices into the step's routings.
-    pub layers: Vec<usize>,
-}
-
-impl CountGroup {
-    /// `(layer, counts)` of the group's layers from their counts copied to the host.
-    pub fn unpack(&self, host: &[f32], layers: &[usize]) -> Vec<(usize, Vec<u32>)> {
-        self.layers
-            .iter()
-            .zip(host.chunks(self.experts.max(1)))
-            .map(|(&i, c)| (layers[i], c.iter().map(|&v| v as u32).collect()))
-            .collect()
-    }
-
-    /// Elements of the group's counts tensor.
-    pub fn len(&self) -> usize {
-        self.layers.len() * self.experts
-    }
-}
-
-/// Tokens per expert of each MoE layer, `(layer, counts)` in layer order, from the routings a step
-/// kept: one [`Backend::expert_counts_into`] call and one copy to the host per distinct expert
-/// count, which in every supported architecture means one of each per step.
-fn count_experts<B: Backend>(
-    b: &B,
-    routings: &[(usize, usize, B::Routing)],
-    step: &B::Step,
-) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
-    let mut counted = Vec::new();
-    for group in count_groups(routings.iter().map(|r| r.1)) {
-        let refs: Vec<&B::Routing> = group.layers.iter().map(|&i| &routings[i].2).collect();
-        let mut counts = b.tensor_from_host(
-            vec![0.0; refs.len() * group.experts],
-            refs.len(),
-            group.experts,
-        )?;
-        b.expert_counts_into(&refs, step, &mut counts)?;
-        counted.push((group, counts));
-    }
-    let layers: Vec<usize> = routings.iter().map(|r| r.0).collect();
-    counts_to_host(b, &counted, &layers)
-}
-
-/// `(layer, counts)` in layer order from each group's device counts; `layers` holds the model
-/// layer of each routing index.
-fn counts_to_host<B: Backend>(
-    b: &B,
-    counted: &[(CountGroup, B::Tensor)],
-    layers: &[usize],
-) -> Result<Vec<(usize, Vec<u32>)>, WorkerError> {
-    let mut host = Vec::new();
-    for (_, counts) in counted {
-        host.extend(b.tensor_to_host(counts)?);
-    }
-    Ok(counts_from_packed(
-        counted.iter().map(|c| &c.0),
-        &host,
-        layers,
-    ))
-}
-
-/// `(layer, counts)` in layer order from `groups`' counts packed one after the other in `host`;
-/// `layers` holds the model layer of each routing index.
-pub(crate) fn counts_from_packed<'a>(
-    groups: impl IntoIterator<Item = &'a CountGroup>,
-    host: &[f32],
-    layers: &[usize],
-) -> Vec<(usize, Vec<u32>)> {
-    let (mut out, mut at) = (Vec::with_capacity(layers.len()), 0);
-    for group in groups {
-        let end = (at + group.len()).min(host.len());
-        out.extend(group.unpack(&host[at..end], layers));
-        at = end;
-    }
-    out.sort_by_key(|(layer, _)| *layer);
-    out
-}
-
-/// A step's routings (given by their expert counts, in order) grouped by expert count (one group
-/// in every supported architecture), so that each group is counted by one
-/// [`Backend::expert_counts_into`] call.
-pub(crate) fn count_groups(experts: impl IntoIterator<Item = usize>) -> Vec<CountGroup> {
-    let mut groups: Vec<CountGroup> = Vec::new();
-    for (i, e) in experts.into_iter().enumerate() {
-        match groups.iter_mut().find(|g| g.experts == e) {
-            Some(g) => g.layers.push(i),
-            None => groups.push(CountGroup {
-                experts: e,
-                layers: vec![i],
-            }),
-        }
-    }
-    groups
-}
-
-#[cfg(test)]
-mod tests {
-    use tessera_kernels::cpu::CpuBackend;
-    use tessera_kernels::{RouterParams, Scoring};
-
-    use super::*;
-
-    #[test]
-    fn counts_come_back_in_layer_order_whatever_the_expert_counts() {
-        let b = CpuBackend;
-        // Layers 1, 2 and 4 are MoE; layer 2 has a different number of experts.
-        let layers = [(1, 8, 5), (2, 4, 3), (4, 8, 6)];
-        let routed: Vec<_> = layers
-            .iter()
-            .map(|&(layer, experts, tokens)| {
-                let logits: Vec<f32> = (0..tokens * experts)
-                    .map(|i| ((i * 7 + layer * 5) % 13) as f32)
-                    .collect();
-                let p = RouterParams {
-                    num_experts: experts,
-                    top_k: 2,
-                    scoring: Scoring::Softmax,
-                    normalize: true,
-                    groups: None,
-                    scaling: 1.0,
-                };
-                let t = b.tensor_from_host(logits, tokens, experts).unwrap();
-                (layer, experts, b.route(&t, &p, None).unwrap())
-            })
-            .collect();
-        let meta = StepMeta {
-            seqs: vec![tessera_kernels::SeqMeta {
-                token_start: 0,
-                num_tokens: 1,
-                context_len: 1,
-                block_table: vec![0],
-            }],
-            block_size: 4,
-            tokens: vec![0],
-        };
-        let rope = RopeTable {
-            inv_freq: vec![1.0],
-            attention_scaling: 1.0,
-            layout: tessera_kernels::RopeLayout::Half,
-        };
-        let step = b.prepare_step(&meta, &rope).unwrap();
-        let got = count_experts(&b, &routed, &step).unwrap();
-        let want: Vec<_> = routed
-            .iter()
-            .map(|(l, e, r)| (*l, b.expert_counts(r, *e).unwrap()))
-            .collect();
-        assert_eq!(got, want);
-        assert_eq!(got[1].1.len(), 4);
-        assert!(
-            count_experts::<CpuBackend>(&b, &[], &step)
-                .unwrap()
-                .is_empty()
-        );
-    }
 }

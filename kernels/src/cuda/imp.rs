@@ -49,6 +49,10 @@ impl Backend for CudaBackend {
         self.download("tensor_to_host", &t.data, t.rows * t.cols)
     }
 
+    fn zeros(&self, rows: usize, cols: usize) -> Result<CudaTensor> {
+        self.tensor("zeros", rows, cols)
+    }
+
     fn dims(&self, t: &CudaTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
