@@ -190,6 +190,25 @@ mod tests {
 
     use super::*;
 
+    /// The CPU's step over one sequence prefilling `tokens` tokens.
+    fn prefill_step(b: &CpuBackend, tokens: usize) -> <CpuBackend as Backend>::Step {
+        let meta = StepMeta::without_ids(
+            vec![tessera_kernels::SeqMeta {
+                token_start: 0,
+                num_tokens: tokens,
+                context_len: tokens,
+                block_table: vec![0],
+            }],
+            4,
+        );
+        let rope = RopeTable {
+            inv_freq: vec![1.0],
+            attention_scaling: 1.0,
+            layout: tessera_kernels::RopeLayout::Half,
+        };
+        b.prepare_step(&meta, &rope).unwrap()
+    }
+
     #[test]
     fn layers_group_by_expert_count_and_unpack_in_layer_order() {
         // Routings of layers 1, 3 and 4 with 4, 2 and 4 experts.
@@ -233,22 +252,7 @@ mod tests {
                 (layer, experts, b.route(&t, &p, None).unwrap())
             })
             .collect();
-        let meta = StepMeta {
-            seqs: vec![tessera_kernels::SeqMeta {
-                token_start: 0,
-                num_tokens: 1,
-                context_len: 1,
-                block_table: vec![0],
-            }],
-            block_size: 4,
-            tokens: vec![0],
-        };
-        let rope = RopeTable {
-            inv_freq: vec![1.0],
-            attention_scaling: 1.0,
-            layout: tessera_kernels::RopeLayout::Half,
-        };
-        let step = b.prepare_step(&meta, &rope).unwrap();
+        let step = prefill_step(&b, 1);
         let moe: Vec<(usize, usize)> = routed.iter().map(|r| (r.0, r.1)).collect();
         let mut results = StepResults::new(&b, &moe, 0).unwrap();
         let logits = b.tensor_from_host(vec![0.0; 4], 1, 4).unwrap();
@@ -273,21 +277,7 @@ mod tests {
         let rows = [[0.0, 3.0, 1.0], [2.0, -1.0, 0.5], [0.0, 0.0, 9.0]];
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
         let logits = b.tensor_from_host(flat, 3, 3).unwrap();
-        let meta = StepMeta::without_ids(
-            vec![tessera_kernels::SeqMeta {
-                token_start: 0,
-                num_tokens: 3,
-                context_len: 3,
-                block_table: vec![0],
-            }],
-            4,
-        );
-        let rope = RopeTable {
-            inv_freq: vec![1.0],
-            attention_scaling: 1.0,
-            layout: tessera_kernels::RopeLayout::Half,
-        };
-        let step = b.prepare_step(&meta, &rope).unwrap();
+        let step = prefill_step(&b, 3);
         // Room for four rows; the step summarises its three.
         let mut results = StepResults::<CpuBackend>::new(&b, &[], 4).unwrap();
         results.fill(&b, &logits, 3, &[], &step).unwrap();
