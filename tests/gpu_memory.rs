@@ -2,7 +2,8 @@
 //! step (`tessera_worker::profile`): the cache takes what the weights and the measured activations
 //! leave, and the largest step the limits allow, with every row's logits, then runs beside a full
 //! cache within what the profile measured, as do the decode graphs. A tensor-parallel rank
-//! profiles without waiting for its peers.
+//! profiles without waiting for its peers. A step the device cannot hold fails the load with the
+//! flags that shrink it named.
 //!
 //! Skipped with a visible message where there is no GPU. CI runs it on the CPU emulator of the
 //! CUDA libraries (`tests/cuda-emulator`), which accounts device memory as a GPU with memory
@@ -48,6 +49,16 @@ fn load_rank(
     shard: ShardSpec,
     link: GroupLink,
 ) -> Result<LoadedExecutor, tessera_worker::WorkerError> {
+    load_limited(dir, graphs, shard, link, LIMITS)
+}
+
+fn load_limited(
+    dir: &std::path::Path,
+    graphs: usize,
+    shard: ShardSpec,
+    link: GroupLink,
+    limits: StepLimits,
+) -> Result<LoadedExecutor, tessera_worker::WorkerError> {
     let cfg = DeviceConfig {
         kind: DeviceKind::Cuda { ordinal: Some(0) },
         ..DeviceConfig::default()
@@ -62,7 +73,7 @@ fn load_rank(
         block_size: BLOCK_SIZE,
         metrics: None,
         cuda_graph_max_batch: graphs,
-        limits: LIMITS,
+        limits,
     };
     load_executor(Device::open(&cfg).expect("the GPU opens"), plan)
 }
@@ -217,4 +228,32 @@ fn the_kv_cache_leaves_room_for_the_largest_step_it_measured() {
     );
 
     a_tensor_parallel_rank_profiles_alone(&dir, vocab);
+    if emulated {
+        a_step_larger_than_the_device_is_a_clear_error(&probe, &dir);
+    }
+}
+
+/// On a device with room for the weights but not for the largest step the limits allow, the
+/// load fails with the step and the flags that shrink it named, before any cache is allocated.
+fn a_step_larger_than_the_device_is_a_clear_error(probe: &CudaBackend, dir: &std::path::Path) {
+    let huge = StepLimits {
+        max_step_tokens: 8192,
+        max_seqs: 64,
+    };
+    let weights = load(dir, 0).weight_bytes;
+    // What this process still holds (the probe's context) stays in use: room beside it for the
+    // weights and 4 MiB.
+    probe.trim_memory().unwrap();
+    let mem = probe.device_memory().unwrap();
+    let mib = (mem.total - mem.free + weights).div_ceil(1 << 20) + 4;
+    // SAFETY: as above; the tensor-parallel peer thread has been joined.
+    unsafe { std::env::set_var("TESSERA_EMU_MEMORY_MIB", mib.to_string()) };
+    let err = load_limited(dir, 8, ShardSpec::whole(), GroupLink::Single, huge)
+        .err()
+        .expect("the largest step does not fit");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("8192 tokens over 64 sequences") && msg.contains("--max-step-tokens"),
+        "{msg}"
+    );
 }

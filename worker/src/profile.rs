@@ -199,11 +199,19 @@ fn profile<B: Backend>(
     let blocks = largest.blocks.max(decode.as_ref().map_or(0, |d| d.blocks));
     let mut cache = KvCache::new(b, model.kv_specs(blocks, block_size))?;
     let (tokens, seqs) = (largest.meta.num_tokens(), largest.meta.seqs.len());
+    // Each names the step that failed and the flags that shrink it.
     let failed = |e: WorkerError| {
         WorkerError::Device(format!(
             "the largest step a worker may be sent ({tokens} tokens over {seqs} sequences) \
              failed before the KV cache was allocated: {e}; lower --max-step-tokens or \
              --max-running, or spread the model over more GPUs"
+        ))
+    };
+    let decode_failed = |e: WorkerError| {
+        WorkerError::Device(format!(
+            "the largest decode step replayed from a CUDA graph ({graph_batch} sequences) \
+             failed before the KV cache was allocated: {e}; lower --cuda-graph-max-batch (0 \
+             or --enforce-eager for none) or --max-running"
         ))
     };
     b.trim_memory()?;
@@ -229,11 +237,13 @@ fn profile<B: Backend>(
         let mut graphs = DecodeGraphs::new(graph_max_batch);
         // The first step of a shape runs eagerly; the second captures its graph and replays it.
         for _ in 0..2 {
-            if graphs
-                .forward(model, &d.meta, &mut cache, logits)?
-                .is_none()
-            {
-                model.forward(&d.meta, &mut cache, logits).map_err(failed)?;
+            let replayed = graphs
+                .forward(model, &d.meta, &mut cache, logits)
+                .map_err(decode_failed)?;
+            if replayed.is_none() {
+                model
+                    .forward(&d.meta, &mut cache, logits)
+                    .map_err(decode_failed)?;
             }
         }
         captured = graphs.stats().captures;
