@@ -214,8 +214,7 @@ impl<B: Backend> DecodeGraphs<B> {
             let mut run = || -> Result<(), WorkerError> {
                 let ran = model.run(&step, cache, None)?;
                 b.copy_into(&mut out.logits, &ran.logits)?;
-                out.results
-                    .fill(b, &ran.logits, shape.rows, &ran.routings, &step)?;
+                out.results.fill(b, &ran, shape.rows, &step)?;
                 Ok(())
             };
             run().map_err(|e| match e {

@@ -238,7 +238,7 @@ impl<B: Backend> Model<B> {
         let n = logits.rows.len();
         let summary_rows = if logits.full.iter().all(|&f| f) { 0 } else { n };
         let mut results = StepResults::new(b, &self.moe_layers(), summary_rows)?;
-        results.fill(b, &out.logits, summary_rows, &out.routings, &step)?;
+        results.fill(b, &out, summary_rows, &step)?;
         let back = results.to_host(b, 0..summary_rows)?;
         Ok(StepOutput {
             logits: host_logits,

@@ -11,6 +11,7 @@
 use tessera_kernels::{Backend, RowSummary};
 
 use crate::WorkerError;
+use crate::model::DeviceOutput;
 #[cfg(doc)]
 use crate::model::Model;
 
@@ -114,16 +115,16 @@ impl<B: Backend> StepResults<B> {
     }
 
     /// Queues, on the device only (a graph can capture it), the summaries of the first
-    /// `summary_rows` rows of `logits` (at most the rows there is room for; 0 for none) and the
-    /// counts of `routings` (a step's MoE layers, as [`Model::run`] returns them) over `step`.
+    /// `summary_rows` rows of `ran`'s logits (at most the rows there is room for; 0 for none)
+    /// and the expert counts of its MoE layers over `step`.
     pub fn fill(
         &mut self,
         b: &B,
-        logits: &B::Tensor,
+        ran: &DeviceOutput<B>,
         summary_rows: usize,
-        routings: &[(usize, usize, B::Routing)],
         step: &B::Step,
     ) -> Result<(), WorkerError> {
+        let (logits, routings) = (&ran.logits, &ran.routings);
         let at = self.counts_at();
         let Some(packed) = &mut self.packed else {
             return Ok(());
@@ -255,10 +256,14 @@ mod tests {
         let step = prefill_step(&b, 1);
         let moe: Vec<(usize, usize)> = routed.iter().map(|r| (r.0, r.1)).collect();
         let mut results = StepResults::new(&b, &moe, 0).unwrap();
-        let logits = b.tensor_from_host(vec![0.0; 4], 1, 4).unwrap();
-        results.fill(&b, &logits, 0, &routed, &step).unwrap();
+        let ran = DeviceOutput {
+            logits: b.tensor_from_host(vec![0.0; 4], 1, 4).unwrap(),
+            routings: routed,
+        };
+        results.fill(&b, &ran, 0, &step).unwrap();
         let got = results.to_host(&b, []).unwrap().expert_counts;
-        let want: Vec<_> = routed
+        let want: Vec<_> = ran
+            .routings
             .iter()
             .map(|(l, e, r)| (*l, b.expert_counts(r, *e).unwrap()))
             .collect();
@@ -266,7 +271,11 @@ mod tests {
         assert_eq!(got[1].1.len(), 4);
         // No MoE layer and no summaries: nothing to copy, nothing back.
         let mut none = StepResults::<CpuBackend>::new(&b, &[], 0).unwrap();
-        none.fill(&b, &logits, 0, &[], &step).unwrap();
+        let bare = DeviceOutput {
+            routings: Vec::new(),
+            ..ran
+        };
+        none.fill(&b, &bare, 0, &step).unwrap();
         let back = none.to_host(&b, []).unwrap();
         assert!(back.expert_counts.is_empty() && back.summaries.is_empty());
     }
@@ -276,11 +285,14 @@ mod tests {
         let b = CpuBackend;
         let rows = [[0.0, 3.0, 1.0], [2.0, -1.0, 0.5], [0.0, 0.0, 9.0]];
         let flat: Vec<f32> = rows.iter().flatten().copied().collect();
-        let logits = b.tensor_from_host(flat, 3, 3).unwrap();
+        let ran = DeviceOutput::<CpuBackend> {
+            logits: b.tensor_from_host(flat, 3, 3).unwrap(),
+            routings: Vec::new(),
+        };
         let step = prefill_step(&b, 3);
         // Room for four rows; the step summarises its three.
         let mut results = StepResults::<CpuBackend>::new(&b, &[], 4).unwrap();
-        results.fill(&b, &logits, 3, &[], &step).unwrap();
+        results.fill(&b, &ran, 3, &step).unwrap();
         let back = results.to_host(&b, [2, 0]).unwrap();
         let want: Vec<RowSummary> = [2, 0]
             .iter()
