@@ -106,6 +106,10 @@ pub enum ModelSize {
     /// bf16; use --layers to keep fewer).
     #[value(name = "mixtral-8x7b")]
     Mixtral8x7b,
+    /// DeepSeek-V2-Lite's shape: 27 layers, hidden 2048, MLA (latent 512, 16 heads), 64 experts
+    /// of width 1408 top-6 plus 2 shared, a dense first layer (31 GB bf16).
+    #[value(name = "deepseek-v2-lite")]
+    DeepseekV2Lite,
 }
 
 impl ModelSize {
@@ -116,6 +120,7 @@ impl ModelSize {
             ModelSize::Tiny => "tiny",
             ModelSize::Qwen3_30bA3b => "qwen3-30b-a3b",
             ModelSize::Mixtral8x7b => "mixtral-8x7b",
+            ModelSize::DeepseekV2Lite => "deepseek-v2-lite",
         }
     }
 }

@@ -8,7 +8,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tessera_common::arch::model_spec_from_value;
-use tessera_common::{AttentionSpec, FfnSpec, MlpSpec, ModelSpec, QkNorm};
+use tessera_common::{AttentionSpec, FfnSpec, GqaSpec, MlaSpec, MlpSpec, ModelSpec, QkNorm};
 
 use crate::WorkerError;
 /// The Hugging Face layout a synthetic model is written in.
@@ -19,9 +19,25 @@ pub enum Family {
     Qwen3Moe,
     /// `MixtralForCausalLM`: `block_sparse_moe` experts, no q/k norms.
     Mixtral,
+    /// `DeepseekV2ForCausalLM`: latent attention (MLA), shared experts, dense first layers.
+    DeepseekV2(DeepseekShape),
 }
 
-/// The shape of a synthetic MoE model (every layer sparse).
+/// What the DeepSeek-V2 layout adds to a [`SyntheticModel`]: MLA's widths and the expert layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeepseekShape {
+    pub kv_lora_rank: usize,
+    pub qk_nope_head_dim: usize,
+    pub qk_rope_head_dim: usize,
+    pub v_head_dim: usize,
+    pub n_shared_experts: usize,
+    /// Leading layers with a dense MLP instead of experts.
+    pub first_k_dense_replace: usize,
+    /// The dense layers' MLP width.
+    pub intermediate_size: usize,
+}
+
+/// The shape of a synthetic MoE model (every layer sparse, but DeepSeek's first dense ones).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SyntheticModel {
     /// Absent in markers written before there was a choice: those are Qwen3-MoE.
@@ -112,6 +128,33 @@ impl SyntheticModel {
         }
     }
 
+    /// DeepSeek-V2-Lite's shape (27 layers, MLA with a 512-wide latent, 64 experts of width
+    /// 1408 top-6 plus 2 shared, a dense first layer; 31 GB in bf16): the latent KV cache's
+    /// benchmark. `num_kv_heads` and `head_dim` do not apply (MLA has its own widths).
+    pub fn deepseek_v2_lite() -> Self {
+        SyntheticModel {
+            family: Family::DeepseekV2(DeepseekShape {
+                kv_lora_rank: 512,
+                qk_nope_head_dim: 128,
+                qk_rope_head_dim: 64,
+                v_head_dim: 128,
+                n_shared_experts: 2,
+                first_k_dense_replace: 1,
+                intermediate_size: 10_944,
+            }),
+            vocab_size: 102_400,
+            hidden_size: 2048,
+            num_layers: 27,
+            num_heads: 16,
+            num_kv_heads: 16,
+            head_dim: 192,
+            num_experts: 64,
+            top_k: 6,
+            moe_intermediate_size: 1408,
+            max_position_embeddings: 4096,
+        }
+    }
+
     /// The same shape with `layers` decoder layers.
     pub fn with_layers(self, layers: usize) -> Self {
         SyntheticModel {
@@ -127,6 +170,7 @@ impl SyntheticModel {
             "tiny" => Some(Self::tiny()),
             "qwen3-30b-a3b" => Some(Self::qwen3_30b_a3b()),
             "mixtral-8x7b" => Some(Self::mixtral_8x7b()),
+            "deepseek-v2-lite" => Some(Self::deepseek_v2_lite()),
             _ => None,
         }
     }
@@ -136,7 +180,44 @@ impl SyntheticModel {
         match self.family {
             Family::Qwen3Moe => self.qwen3_moe_config(),
             Family::Mixtral => self.mixtral_config(),
+            Family::DeepseekV2(d) => self.deepseek_v2_config(&d),
         }
+    }
+
+    fn deepseek_v2_config(&self, d: &DeepseekShape) -> Value {
+        json!({
+            "architectures": ["DeepseekV2ForCausalLM"],
+            "model_type": "deepseek_v2",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": d.intermediate_size,
+            "moe_intermediate_size": self.moe_intermediate_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_heads,
+            "n_routed_experts": self.num_experts,
+            "num_experts_per_tok": self.top_k,
+            "n_shared_experts": d.n_shared_experts,
+            "first_k_dense_replace": d.first_k_dense_replace,
+            "moe_layer_freq": 1,
+            "routed_scaling_factor": 1.0,
+            "topk_method": "greedy",
+            "norm_topk_prob": false,
+            "q_lora_rank": null,
+            "kv_lora_rank": d.kv_lora_rank,
+            "qk_nope_head_dim": d.qk_nope_head_dim,
+            "qk_rope_head_dim": d.qk_rope_head_dim,
+            "v_head_dim": d.v_head_dim,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 10_000.0,
+            "max_position_embeddings": self.max_position_embeddings,
+            "tie_word_embeddings": false,
+            "attention_bias": false,
+            "hidden_act": "silu",
+            "bos_token_id": 0,
+            "eos_token_id": 1,
+            "torch_dtype": "bfloat16",
+        })
     }
 
     fn mixtral_config(&self) -> Value {
@@ -242,8 +323,7 @@ fn mlp_tensors(out: &mut Vec<TensorPlan>, m: &MlpSpec, hidden: usize) {
     out.push(TensorPlan::new(down, &[hidden, i], Fill::Random));
 }
 
-/// Every tensor a model of `spec` loads, with its full shape. Only grouped-query attention is
-/// supported (the synthetic layouts are Qwen3-MoE and Mixtral).
+/// Every tensor a model of `spec` loads, with its full shape.
 pub fn tensor_plan(spec: &ModelSpec) -> Result<Vec<TensorPlan>, WorkerError> {
     let h = spec.hidden_size;
     let mut out = vec![TensorPlan::new(
@@ -258,48 +338,9 @@ pub fn tensor_plan(spec: &ModelSpec) -> Result<Vec<TensorPlan>, WorkerError> {
             &[h],
             Fill::Ones,
         ));
-        let AttentionSpec::Gqa(a) = &layer.attention else {
-            return Err(WorkerError::Request(
-                "synthetic checkpoints support grouped-query attention only".into(),
-            ));
-        };
-        let (q, kv) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
-        let p = &a.prefix;
-        for (name, shape) in [
-            ("q_proj", [q, h]),
-            ("k_proj", [kv, h]),
-            ("v_proj", [kv, h]),
-            ("o_proj", [h, q]),
-        ] {
-            out.push(TensorPlan::new(
-                format!("{p}.{name}.weight"),
-                &shape,
-                Fill::Random,
-            ));
-            if a.qkv_bias && name != "o_proj" || a.o_bias && name == "o_proj" {
-                out.push(TensorPlan::new(
-                    format!("{p}.{name}.bias"),
-                    &shape[..1],
-                    Fill::Random,
-                ));
-            }
-        }
-        let norm_len = match a.qk_norm {
-            QkNorm::None => None,
-            QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
-            QkNorm::Whole => Some((q, kv)),
-        };
-        if let Some((qn, kn)) = norm_len {
-            out.push(TensorPlan::new(
-                format!("{p}.q_norm.weight"),
-                &[qn],
-                Fill::Ones,
-            ));
-            out.push(TensorPlan::new(
-                format!("{p}.k_norm.weight"),
-                &[kn],
-                Fill::Ones,
-            ));
+        match &layer.attention {
+            AttentionSpec::Gqa(a) => gqa_tensors(&mut out, a, h),
+            AttentionSpec::Mla(a) => mla_tensors(&mut out, a, h),
         }
         match &layer.ffn {
             FfnSpec::Dense(m) => mlp_tensors(&mut out, m, h),
@@ -309,6 +350,9 @@ pub fn tensor_plan(spec: &ModelSpec) -> Result<Vec<TensorPlan>, WorkerError> {
                     &[m.num_experts, h],
                     Fill::Random,
                 ));
+                if let Some(bias) = &m.router_bias {
+                    out.push(TensorPlan::new(bias, &[m.num_experts], Fill::Random));
+                }
                 for e in 0..m.num_experts {
                     mlp_tensors(&mut out, &m.expert(e), h);
                 }
@@ -327,4 +371,91 @@ pub fn tensor_plan(spec: &ModelSpec) -> Result<Vec<TensorPlan>, WorkerError> {
         ));
     }
     Ok(out)
+}
+
+/// Grouped-query attention's projections, biases and q/k norms.
+fn gqa_tensors(out: &mut Vec<TensorPlan>, a: &GqaSpec, h: usize) {
+    let (q, kv) = (a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim);
+    let p = &a.prefix;
+    for (name, shape) in [
+        ("q_proj", [q, h]),
+        ("k_proj", [kv, h]),
+        ("v_proj", [kv, h]),
+        ("o_proj", [h, q]),
+    ] {
+        out.push(TensorPlan::new(
+            format!("{p}.{name}.weight"),
+            &shape,
+            Fill::Random,
+        ));
+        if a.qkv_bias && name != "o_proj" || a.o_bias && name == "o_proj" {
+            out.push(TensorPlan::new(
+                format!("{p}.{name}.bias"),
+                &shape[..1],
+                Fill::Random,
+            ));
+        }
+    }
+    let norm_len = match a.qk_norm {
+        QkNorm::None => None,
+        QkNorm::PerHead => Some((a.head_dim, a.head_dim)),
+        QkNorm::Whole => Some((q, kv)),
+    };
+    if let Some((qn, kn)) = norm_len {
+        out.push(TensorPlan::new(
+            format!("{p}.q_norm.weight"),
+            &[qn],
+            Fill::Ones,
+        ));
+        out.push(TensorPlan::new(
+            format!("{p}.k_norm.weight"),
+            &[kn],
+            Fill::Ones,
+        ));
+    }
+}
+
+/// MLA's projections: the query (plain or low-rank), the latent KV with its norm, its per-head
+/// up-projection and the output.
+fn mla_tensors(out: &mut Vec<TensorPlan>, a: &MlaSpec, h: usize) {
+    let qk = a.qk_nope_head_dim + a.qk_rope_head_dim;
+    let heads = a.num_heads;
+    let mut push = |name: &str, shape: &[usize], fill| {
+        out.push(TensorPlan::new(format!("{}.{name}", a.prefix), shape, fill));
+    };
+    let bias = a.attention_bias;
+    match a.q_lora_rank {
+        None => push("q_proj.weight", &[heads * qk, h], Fill::Random),
+        Some(r) => {
+            push("q_a_proj.weight", &[r, h], Fill::Random);
+            if bias {
+                push("q_a_proj.bias", &[r], Fill::Random);
+            }
+            push("q_a_layernorm.weight", &[r], Fill::Ones);
+            push("q_b_proj.weight", &[heads * qk, r], Fill::Random);
+        }
+    }
+    let latent = a.kv_lora_rank;
+    push(
+        "kv_a_proj_with_mqa.weight",
+        &[latent + a.qk_rope_head_dim, h],
+        Fill::Random,
+    );
+    if bias {
+        push(
+            "kv_a_proj_with_mqa.bias",
+            &[latent + a.qk_rope_head_dim],
+            Fill::Random,
+        );
+    }
+    push("kv_a_layernorm.weight", &[latent], Fill::Ones);
+    push(
+        "kv_b_proj.weight",
+        &[heads * (a.qk_nope_head_dim + a.v_head_dim), latent],
+        Fill::Random,
+    );
+    push("o_proj.weight", &[h, heads * a.v_head_dim], Fill::Random);
+    if bias {
+        push("o_proj.bias", &[h], Fill::Random);
+    }
 }
