@@ -6,10 +6,12 @@
 #   bash tests/gpu/device.sh bench-qwen3     the GPU roofline on a Qwen3-30B-A3B shape (24 of 48
 #                                            layers), batch 1 and 64
 #   bash tests/gpu/device.sh bench-mixtral   the same on a Mixtral-8x7B shape (8 of 32 layers)
-#   bash tests/gpu/device.sh all     the three above in turn, in one call: a machine goes back
-#                                    after 30 s idle and each start costs minutes of the
-#                                    session's 15, so one call is the cheapest; what finished
-#                                    comes back even if the call runs out of time
+#   bash tests/gpu/device.sh bench-deepseek  the same on DeepSeek-V2-Lite's shape (all 27 layers,
+#                                            31 GB): MLA's latent KV cache, if time is left
+#   bash tests/gpu/device.sh all     tests, bench-qwen3 and bench-mixtral in turn, in one call:
+#                                    a machine goes back after 30 s idle and each start costs
+#                                    minutes of the session's 15, so one call is the cheapest;
+#                                    what finished comes back even if the call runs out of time
 #   bash tests/gpu/device.sh profile-qwen3   Nsight Systems over a short batch-1 run of the
 #                                            Qwen3 shape (8 layers), if the machine has nsys:
 #                                            per-kernel GPU time and the host's CUDA API time,
@@ -77,15 +79,15 @@ tests)
         tee -a "$out/tests.log"
     exit $status
     ;;
-bench-qwen3 | bench-mixtral)
+bench-qwen3 | bench-mixtral | bench-deepseek)
     # One model per call: generating, loading and decoding one takes a few minutes, and each
     # device call has ten.
     # bytes: the checkpoint's size in bf16 with some room to spare.
-    if [ "$mode" = bench-qwen3 ]; then
-        shape=(--model-size qwen3-30b-a3b --layers 24) name=qwen3-30b-a3b-24l bytes=34000000000
-    else
-        shape=(--model-size mixtral-8x7b --layers 8) name=mixtral-8x7b-8l bytes=26000000000
-    fi
+    case "$mode" in
+    bench-qwen3) shape=(--model-size qwen3-30b-a3b --layers 24) name=qwen3-30b-a3b-24l bytes=34000000000 ;;
+    bench-mixtral) shape=(--model-size mixtral-8x7b --layers 8) name=mixtral-8x7b-8l bytes=26000000000 ;;
+    *) shape=(--model-size deepseek-v2-lite) name=deepseek-v2-lite bytes=34000000000 ;;
+    esac
     dir="$(scratch $bytes)/$name"
     echo "checkpoint: $dir" >> "$out/env.txt"
     target/release/tessera bench --roofline --device cuda --batches 1,64 --tokens 32 --rounds 3 \
@@ -116,7 +118,7 @@ profile-qwen3)
     exit $status
     ;;
 *)
-    echo "usage: device.sh all|tests|bench-qwen3|bench-mixtral|profile-qwen3" >&2
+    echo "usage: device.sh all|tests|bench-qwen3|bench-mixtral|bench-deepseek|profile-qwen3" >&2
     exit 2
     ;;
 esac
