@@ -175,6 +175,7 @@ fn the_kv_cache_leaves_room_for_the_largest_step_it_measured() {
         "free {} bytes after the cache, reserve {reserve} ({p:?})",
         mem.free
     );
+    let weights = loaded.weight_bytes;
     let mut runner = loaded.runner;
     let blocks = runner.num_blocks();
     assert!(
@@ -229,18 +230,21 @@ fn the_kv_cache_leaves_room_for_the_largest_step_it_measured() {
 
     a_tensor_parallel_rank_profiles_alone(&dir, vocab);
     if emulated {
-        a_step_larger_than_the_device_is_a_clear_error(&probe, &dir);
+        a_step_larger_than_the_device_is_a_clear_error(&probe, &dir, weights);
     }
 }
 
 /// On a device with room for the weights but not for the largest step the limits allow, the
 /// load fails with the step and the flags that shrink it named, before any cache is allocated.
-fn a_step_larger_than_the_device_is_a_clear_error(probe: &CudaBackend, dir: &std::path::Path) {
+fn a_step_larger_than_the_device_is_a_clear_error(
+    probe: &CudaBackend,
+    dir: &std::path::Path,
+    weights: u64,
+) {
     let huge = StepLimits {
         max_step_tokens: 8192,
         max_seqs: 64,
     };
-    let weights = load(dir, 0).weight_bytes;
     // What this process still holds (the probe's context) stays in use: room beside it for the
     // weights and 4 MiB.
     probe.trim_memory().unwrap();

@@ -171,12 +171,9 @@ impl<B: Backend> DecodeGraphs<B> {
             })
         })?;
         // One copy for a greedy step: the summaries and counts the graph packed.
-        let wanted = if logits.full.iter().all(|&f| f) {
-            &[][..]
-        } else {
-            logits.rows
-        };
-        let back = out.results.to_host(b, wanted.iter().copied())?;
+        let back = out
+            .results
+            .to_host(b, logits.summarised().iter().copied())?;
         let n = meta.num_tokens();
         let host_logits = if !logits.full.iter().any(|&f| f) {
             Vec::new()

@@ -49,6 +49,16 @@ impl LogitRows<'_> {
     pub fn is_every_row(&self, n: usize) -> bool {
         self.rows.iter().copied().eq(0..n)
     }
+
+    /// The rows whose [`RowSummary`] the host needs: every row when some row is not full
+    /// (summaries are made for a step's rows together), none otherwise.
+    pub fn summarised(&self) -> &[usize] {
+        if self.full.iter().all(|&f| f) {
+            &[]
+        } else {
+            self.rows
+        }
+    }
 }
 
 /// What one step produces.
@@ -235,8 +245,7 @@ impl<B: Backend> Model<B> {
         let host_logits = self.full_rows_to_host(&out.logits, logits)?;
         // The summaries (when some row is sampled on the host's behalf) and the expert counts
         // come back in one copy.
-        let n = logits.rows.len();
-        let summary_rows = if logits.full.iter().all(|&f| f) { 0 } else { n };
+        let summary_rows = logits.summarised().len();
         let mut results = StepResults::new(b, &self.moe_layers(), summary_rows)?;
         results.fill(b, &out, summary_rows, &step)?;
         let back = results.to_host(b, 0..summary_rows)?;
