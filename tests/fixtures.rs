@@ -8,6 +8,7 @@ use tessera_kernels::cpu::CpuBackend;
 use tessera_worker::checkpoint::Checkpoint;
 use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
 use tessera_worker::executor::Executor;
+use tessera_worker::layers::{MlaPolicy, MlaPrefill};
 use tessera_worker::model::Model;
 
 fn model(dir: &std::path::Path) -> Model<CpuBackend> {
@@ -29,11 +30,57 @@ fn greedy_tokens_and_logprobs_match_transformers() {
         "expected the generated fixtures, found {}",
         fixtures.len()
     );
+    let failures = mismatches(&fixtures, MlaPrefill::Auto);
+    assert!(
+        failures.is_empty(),
+        "mismatches against transformers:\n{}",
+        failures.join("\n")
+    );
+}
+
+/// MLA attends in the absorbed form (queries projected into the latent space) or the expanded
+/// one (context rows expanded into per-head keys and values); by default a fresh prompt expands
+/// and decode stays absorbed. Forced, each form runs every step, decode over cached prefixes
+/// included, and each must match transformers alone.
+#[test]
+fn each_mla_form_alone_matches_transformers() {
+    let mla: Vec<_> = common::fixtures()
+        .into_iter()
+        .filter(|(_, dir)| {
+            let spec = load_model_spec(dir).unwrap();
+            spec.layers
+                .iter()
+                .any(|l| matches!(l.attention, tessera_common::AttentionSpec::Mla(_)))
+        })
+        .collect();
+    assert!(
+        mla.len() >= 3,
+        "expected the MLA fixtures, found {}",
+        mla.len()
+    );
+    for form in [MlaPrefill::Absorbed, MlaPrefill::Expanded] {
+        let failures = mismatches(&mla, form);
+        assert!(
+            failures.is_empty(),
+            "{form:?} MLA against transformers:\n{}",
+            failures.join("\n")
+        );
+    }
+}
+
+/// Every case of every fixture through an engine whose MLA layers follow `prefill`: what
+/// differs from transformers' greedy tokens, log-probabilities and top alternatives.
+fn mismatches(fixtures: &[(String, std::path::PathBuf)], prefill: MlaPrefill) -> Vec<String> {
     let mut failures = Vec::new();
-    for (name, dir) in &fixtures {
+    for (name, dir) in fixtures {
         let reference = common::reference(dir);
         let tol = common::tolerance(&reference.dtype);
-        let mut engine = engine(dir);
+        let mut m = model(dir);
+        m.set_mla_policy(MlaPolicy {
+            prefill,
+            ..MlaPolicy::default()
+        });
+        let mut engine = Engine::new(m, EngineConfig::default()).unwrap();
         assert_eq!(engine.spec().architecture, reference.architecture, "{name}");
         for (ci, case) in reference.cases.iter().enumerate() {
             let req = GenerateRequest {
@@ -81,11 +128,7 @@ fn greedy_tokens_and_logprobs_match_transformers() {
             }
         }
     }
-    assert!(
-        failures.is_empty(),
-        "mismatches against transformers:\n{}",
-        failures.join("\n")
-    );
+    failures
 }
 
 #[test]
@@ -114,8 +157,8 @@ fn generation_stops_at_eos_like_transformers() {
 }
 
 /// DeepSeek's latent attention caches one `[latent | rotary key]` row per position, read as one
-/// KV head whose values are the latent, instead of every head's expanded key and value; the
-/// greedy test above shows the absorbed attention still matches transformers.
+/// KV head whose values are the latent, instead of every head's expanded key and value, whichever
+/// form attends over it.
 #[test]
 fn mla_caches_hold_only_the_latent_row() {
     use tessera_common::AttentionSpec;

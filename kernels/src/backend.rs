@@ -282,6 +282,70 @@ pub fn concat_heads_widths(
     Ok((a.1 / heads, b.1 / heads))
 }
 
+/// The per-head width of `a` and the shared width in [`Backend::concat_heads_shared`] of a
+/// `[rows, a_cols]` and a `[rows, shared_cols]` activation, or the shape error both backends give.
+pub fn concat_shared_widths(
+    a: (usize, usize),
+    shared: (usize, usize),
+    heads: usize,
+) -> Result<(usize, usize)> {
+    if heads == 0 || a.0 != shared.0 || !a.1.is_multiple_of(heads) {
+        return Err(BackendError::shape(
+            "concat_heads_shared",
+            format!(
+                "{}x{} in {heads} heads and {}x{} shared",
+                a.0, a.1, shared.0, shared.1
+            ),
+        ));
+    }
+    Ok((a.1 / heads, shared.1))
+}
+
+/// Keys and values given as rows ([`Backend::attention_rows`]).
+pub struct KvRows<'a, B: Backend> {
+    /// `[context rows, kv_heads · qk_dim]`.
+    pub k: &'a B::Tensor,
+    /// `[context rows, kv_heads · v_dim]`.
+    pub v: &'a B::Tensor,
+}
+
+/// Checks [`Backend::attention_rows`]' inputs, `(rows, cols)` each, against `params` for a step
+/// of `tokens` tokens and `context_rows` context rows.
+pub fn check_attention_rows(
+    q: (usize, usize),
+    kv: ((usize, usize), (usize, usize)),
+    shape: (usize, usize),
+    p: &AttentionParams,
+) -> Result<()> {
+    const OP: &str = "attention_rows";
+    let (tokens, context_rows) = shape;
+    if p.num_kv_heads == 0 || !p.num_heads.is_multiple_of(p.num_kv_heads) {
+        return Err(BackendError::shape(
+            OP,
+            format!(
+                "{} query heads over {} kv heads",
+                p.num_heads, p.num_kv_heads
+            ),
+        ));
+    }
+    let want = (
+        (tokens, p.num_heads * p.qk_dim),
+        (context_rows, p.num_kv_heads * p.qk_dim),
+        (context_rows, p.num_kv_heads * p.v_dim),
+    );
+    if (q, kv.0, kv.1) != want {
+        return Err(BackendError::shape(
+            OP,
+            format!(
+                "q {q:?}, k {:?}, v {:?} for {tokens} tokens over {context_rows} context rows \
+                 (want {want:?})",
+                kv.0, kv.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The output width per head of [`Backend::head_linear`] with a `[rows, k]` weight over `x_cols`
 /// input columns in `heads` heads, or the shape error both backends give.
 pub fn head_linear_width(x_cols: usize, w_shape: &[usize], heads: usize) -> Result<usize> {
@@ -533,6 +597,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
         b: &Self::Tensor,
         heads: usize,
     ) -> Result<Self::Tensor>;
+    /// Joins head `h` of `a: [T, heads*da]` with all of `shared: [T, ds]` into head `h` of
+    /// `[T, heads*(da+ds)]`: one part every head has (MLA's rotary key, shared by all heads).
+    fn concat_heads_shared(
+        &self,
+        a: &Self::Tensor,
+        shared: &Self::Tensor,
+        heads: usize,
+    ) -> Result<Self::Tensor>;
     /// A product per head: `x: [T, heads*k]` and `w: [heads*n, k]` (head `h`'s `[n, k]` block)
     /// give `[T, heads*n]` with head `h` = `x_h · w_hᵀ` (MLA's absorbed up-projections).
     fn head_linear(&self, x: &Self::Tensor, w: &Self::Weight, heads: usize)
@@ -582,6 +654,25 @@ pub trait Backend: Send + Sync + Sized + 'static {
         &self,
         q: &Self::Tensor,
         cache: &Self::KvLayer,
+        step: &Self::Step,
+        params: &AttentionParams,
+    ) -> Result<Self::Tensor>;
+
+    /// Makes `step` ready for [`Backend::gather_context`] and [`Backend::attention_rows`]:
+    /// the step's [`crate::ContextLayout`], which a device backend uploads here, once per
+    /// step, rather than inside a layer. Those two fail on a step not prepared this way.
+    fn prepare_context(&self, step: &mut Self::Step) -> Result<()>;
+    /// Every cached position `0 .. context_len` of the step's sequences, one sequence after
+    /// another: `[context rows, kv_heads · k_dim]`, the keys (for a [`KvValues::KeyPrefix`]
+    /// cache, whose values are their prefix, everything it holds).
+    fn gather_context(&self, cache: &Self::KvLayer, step: &Self::Step) -> Result<Self::Tensor>;
+    /// Causal attention of the step's queries (`[T, num_heads · qk_dim]`) over keys and values
+    /// given as rows laid out as [`Backend::gather_context`] returns them, `num_kv_heads` heads
+    /// each: what [`Backend::attention`] computes over a cache holding them.
+    fn attention_rows(
+        &self,
+        q: &Self::Tensor,
+        kv: KvRows<'_, Self>,
         step: &Self::Step,
         params: &AttentionParams,
     ) -> Result<Self::Tensor>;

@@ -12,6 +12,7 @@
 //! - a linear layer computes `x · Wᵀ` with `W` stored `[out_features, in_features]`, as PyTorch does.
 
 pub mod backend;
+mod context;
 pub mod cpu;
 pub mod cuda;
 mod dtype;
@@ -20,9 +21,10 @@ mod host;
 mod step;
 
 pub use backend::{
-    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, KvValues, MemoryUse,
-    NoGraph, RopeApply, RopeLayout, RopeTable, RouterParams, RowSummary, Scoring,
+    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvRows, KvSpec, KvValues,
+    MemoryUse, NoGraph, RopeApply, RopeLayout, RopeTable, RouterParams, RowSummary, Scoring,
 };
+pub use context::ContextLayout;
 pub use dtype::DType;
 pub use error::BackendError;
 pub use host::{BlockLayout, HostData, HostTensor, WeightView};

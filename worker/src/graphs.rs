@@ -23,6 +23,7 @@ use tessera_kernels::{Backend, BackendError, StepMeta, StepShape};
 
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
+use crate::layers::MlaForm;
 use crate::model::{LogitRows, Model, StepOutput};
 use crate::results::StepResults;
 
@@ -209,7 +210,8 @@ impl<B: Backend> DecodeGraphs<B> {
         let mut failure = None;
         let graph = b.capture(|| {
             let mut run = || -> Result<(), WorkerError> {
-                let ran = model.run(&step, cache, None)?;
+                // Decode: the absorbed form (the expanded one reads every context row).
+                let ran = model.run(&step, cache, None, MlaForm::Absorbed)?;
                 b.copy_into(&mut out.logits, &ran.logits)?;
                 out.results.fill(b, &ran, shape.rows, &step)?;
                 Ok(())

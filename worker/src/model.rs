@@ -13,7 +13,9 @@ use crate::checkpoint::Checkpoint;
 use crate::checkpoint::Slice;
 use crate::collective::Collective;
 use crate::kv_cache::KvCache;
-use crate::layers::{Gqa, Linear, Mla, Mlp, Moe, RmsNorm, TpContext, WeightLoader};
+use crate::layers::{
+    Gqa, Linear, Mla, MlaForm, MlaPolicy, Mlp, Moe, RmsNorm, TpContext, WeightLoader,
+};
 use crate::results::StepResults;
 
 enum Attention<B: Backend> {
@@ -82,6 +84,7 @@ pub struct Model<B: Backend> {
     layers: Vec<DecoderLayer<B>>,
     rope: RopeTable,
     tp: TpContext<B>,
+    mla: MlaPolicy,
 }
 
 /// Bytes of the tensors `shard` will not read (experts owned elsewhere), for the progress total.
@@ -197,7 +200,26 @@ impl<B: Backend> Model<B> {
             layers,
             rope,
             tp,
+            mla: MlaPolicy::default(),
         })
+    }
+
+    /// Sets when MLA layers attend in the expanded form (no effect on other attention).
+    pub fn set_mla_policy(&mut self, policy: MlaPolicy) {
+        self.mla = policy;
+    }
+
+    pub fn mla_policy(&self) -> MlaPolicy {
+        self.mla
+    }
+
+    /// The form MLA layers take in an eagerly run step over `meta` (absorbed without MLA).
+    pub(crate) fn mla_form(&self, meta: &StepMeta) -> MlaForm {
+        let mla = self.spec.layers.iter().find_map(|l| match &l.attention {
+            AttentionSpec::Mla(s) => Some(s),
+            AttentionSpec::Gqa(_) => None,
+        });
+        mla.map_or(MlaForm::Absorbed, |s| self.mla.form(s, meta))
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -238,10 +260,14 @@ impl<B: Backend> Model<B> {
     ) -> Result<StepOutput, WorkerError> {
         let b = &self.backend;
         self.check_step(meta, cache, logits)?;
-        let step = b.prepare_step(meta, &self.rope)?;
+        let mut step = b.prepare_step(meta, &self.rope)?;
+        let form = self.mla_form(meta);
+        if form == MlaForm::Expanded {
+            b.prepare_context(&mut step)?;
+        }
         // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
         let keep = (!logits.is_every_row(meta.num_tokens())).then_some(logits.rows);
-        let out = self.run(&step, cache, keep)?;
+        let out = self.run(&step, cache, keep, form)?;
         let host_logits = self.full_rows_to_host(&out.logits, logits)?;
         // The summaries (when some row is sampled on the host's behalf) and the expert counts
         // come back in one copy.
@@ -300,12 +326,14 @@ impl<B: Backend> Model<B> {
 
     /// The device half of a step over `step`: every layer, then the logits of the rows in
     /// `keep` (every row when `None`), and each MoE layer's routing for the expert counts. No
-    /// copy to or from the host, so a graph can capture it.
+    /// copy to or from the host, so a graph can capture it. MLA layers attend in `form` (the
+    /// expanded form needs a step made ready by [`Backend::prepare_context`]).
     pub(crate) fn run(
         &self,
         step: &B::Step,
         cache: &mut KvCache<B>,
         keep: Option<&[usize]>,
+        form: MlaForm,
     ) -> Result<DeviceOutput<B>, WorkerError> {
         let b = &self.backend;
         let mut x = b.embedding(&self.embed, step)?;
@@ -321,7 +349,7 @@ impl<B: Backend> Model<B> {
             };
             let mut a = match &layer.attention {
                 Attention::Gqa(att) => att.forward(b, &h, kv, step)?,
-                Attention::Mla(att) => att.forward(b, &h, kv, step)?,
+                Attention::Mla(att) => att.forward(b, &h, kv, step, form)?,
             };
             self.tp.all_reduce(b, &mut a)?;
             let h = layer.post_attention_norm.add_forward(b, &mut x, &a)?;

@@ -49,7 +49,7 @@ impl CpuKv {
 
 impl KvSpec {
     /// Index of the first element of `(block, kv_head, slot)` in a cache of rows `dim` wide.
-    fn at(&self, block: usize, head: usize, slot: usize, dim: usize) -> usize {
+    pub(super) fn at(&self, block: usize, head: usize, slot: usize, dim: usize) -> usize {
         ((block * self.num_kv_heads + head) * self.block_size + slot) * dim
     }
 }

@@ -4,6 +4,7 @@
 //! from the memory-mapped checkpoint) and are widened row by row inside the kernels.
 
 mod attention;
+mod context;
 mod head_linear;
 mod linear;
 pub mod memory;
@@ -19,8 +20,8 @@ pub use attention::CpuKv;
 pub use moe::CpuRouting;
 
 use crate::{
-    AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvSpec, Result, RopeApply,
-    RopeLayout, RopeTable, RouterParams, StepMeta,
+    AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvRows, KvSpec, Result,
+    RopeApply, RopeLayout, RopeTable, RouterParams, StepMeta,
 };
 
 /// The matrix kernels this process runs (chosen once, at first use).
@@ -92,6 +93,19 @@ pub struct CpuStep {
     sin: Vec<f32>,
     layout: RopeLayout,
     rot_dim: usize,
+    /// Set by [`Backend::prepare_context`].
+    context: Option<crate::ContextLayout>,
+}
+
+impl CpuStep {
+    fn context(&self, op: &'static str) -> Result<&crate::ContextLayout> {
+        self.context.as_ref().ok_or_else(|| {
+            BackendError::invalid(
+                op,
+                "the step's context rows were not prepared (prepare_context)",
+            )
+        })
+    }
 }
 
 /// The CPU backend. Threads come from rayon's global pool (sized to the cores).
@@ -163,6 +177,7 @@ impl Backend for CpuBackend {
             sin,
             layout: rope.layout,
             rot_dim: rope.rot_dim(),
+            context: None,
         })
     }
 
@@ -350,6 +365,21 @@ impl Backend for CpuBackend {
         Ok(tensor(data, a.rows, a.cols + b.cols))
     }
 
+    fn concat_heads_shared(
+        &self,
+        a: &CpuTensor,
+        shared: &CpuTensor,
+        heads: usize,
+    ) -> Result<CpuTensor> {
+        let (da, ds) = crate::backend::concat_shared_widths(
+            (a.rows, a.cols),
+            (shared.rows, shared.cols),
+            heads,
+        )?;
+        let data = ops::concat_shared(&a.data, &shared.data, a.rows, (heads, da, ds));
+        Ok(tensor(data, a.rows, a.cols + heads * ds))
+    }
+
     fn head_linear(&self, x: &CpuTensor, w: &CpuWeight, heads: usize) -> Result<CpuTensor> {
         let _p = profile::scope("head_linear", || {
             format!("{:?} t{}", w.host.shape(), x.rows)
@@ -420,6 +450,35 @@ impl Backend for CpuBackend {
     ) -> Result<CpuTensor> {
         let _p = profile::scope("attention", String::new);
         let out = attention::attention(&q.data, cache, &step.meta, params)?;
+        Ok(tensor(out, q.rows, params.num_heads * params.v_dim))
+    }
+
+    fn prepare_context(&self, step: &mut CpuStep) -> Result<()> {
+        step.context = Some(step.meta.context_layout("prepare_context")?);
+        Ok(())
+    }
+
+    fn gather_context(&self, cache: &CpuKv, step: &CpuStep) -> Result<CpuTensor> {
+        let _p = profile::scope("gather_context", String::new);
+        context::gather(cache, step.context("gather_context")?)
+    }
+
+    fn attention_rows(
+        &self,
+        q: &CpuTensor,
+        kv: KvRows<'_, Self>,
+        step: &CpuStep,
+        params: &AttentionParams,
+    ) -> Result<CpuTensor> {
+        let _p = profile::scope("attention_rows", String::new);
+        let layout = step.context("attention_rows")?;
+        crate::backend::check_attention_rows(
+            (q.rows, q.cols),
+            ((kv.k.rows, kv.k.cols), (kv.v.rows, kv.v.cols)),
+            (step.meta.num_tokens(), layout.rows),
+            params,
+        )?;
+        let out = context::attend_rows(q, (kv.k, kv.v), layout, params)?;
         Ok(tensor(out, q.rows, params.num_heads * params.v_dim))
     }
 

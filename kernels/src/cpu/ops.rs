@@ -113,6 +113,24 @@ pub(crate) fn concat_heads(a: &[f32], da: usize, b: &[f32], db: usize) -> Vec<f3
     out
 }
 
+/// Joins each `da`-wide head of `a` (`heads` per row, `rows` rows) with its row's `ds`-wide
+/// `shared` part.
+pub(crate) fn concat_shared(
+    a: &[f32],
+    shared: &[f32],
+    rows: usize,
+    (heads, da, ds): (usize, usize, usize),
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(rows * heads * (da + ds));
+    for r in 0..rows {
+        for h in 0..heads {
+            out.extend_from_slice(&a[(r * heads + h) * da..][..da]);
+            out.extend_from_slice(&shared[r * ds..][..ds]);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,5 +185,18 @@ mod tests {
         assert_eq!(concat_heads(&a, 2, &b, 1), x);
         assert_eq!(concat_heads(&a, 2, &[], 0), a);
         assert_eq!(concat_heads(&[], 0, &b, 1), b);
+    }
+
+    #[test]
+    fn concat_shared_gives_every_head_the_rows_shared_part() {
+        // 2 rows, 2 heads of 2, a shared part of 1.
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let shared = [10.0, 20.0];
+        assert_eq!(
+            concat_shared(&a, &shared, 2, (2, 2, 1)),
+            vec![
+                1.0, 2.0, 10.0, 3.0, 4.0, 10.0, 5.0, 6.0, 20.0, 7.0, 8.0, 20.0
+            ]
+        );
     }
 }

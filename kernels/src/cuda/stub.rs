@@ -7,8 +7,8 @@
 //! cannot exist, so none of them can run.
 
 use crate::{
-    AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvSpec, Result, RopeApply,
-    RopeTable, RouterParams, StepMeta,
+    AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvRows, KvSpec, Result,
+    RopeApply, RopeTable, RouterParams, StepMeta,
 };
 
 /// A value that cannot exist.
@@ -142,6 +142,9 @@ impl Backend for CudaBackend {
     fn concat_heads(&self, _: &CudaTensor, _: &CudaTensor, _: usize) -> Result<CudaTensor> {
         match self.never {}
     }
+    fn concat_heads_shared(&self, _: &CudaTensor, _: &CudaTensor, _: usize) -> Result<CudaTensor> {
+        match self.never {}
+    }
     fn head_linear(&self, _: &CudaTensor, _: &CudaWeight, _: usize) -> Result<CudaTensor> {
         match self.never {}
     }
@@ -167,6 +170,21 @@ impl Backend for CudaBackend {
         &self,
         _: &CudaTensor,
         _: &CudaKv,
+        _: &CudaStep,
+        _: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn prepare_context(&self, _: &mut CudaStep) -> Result<()> {
+        match self.never {}
+    }
+    fn gather_context(&self, _: &CudaKv, _: &CudaStep) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn attention_rows(
+        &self,
+        _: &CudaTensor,
+        _: KvRows<'_, Self>,
         _: &CudaStep,
         _: &AttentionParams,
     ) -> Result<CudaTensor> {

@@ -16,10 +16,17 @@
 //! `v_dim = latent`). This costs more arithmetic per attended position than the expanded form,
 //! which matters for long prefills, but reads a fraction of the cache bytes, which is what
 //! bounds decode.
+//!
+//! So a step with long prompts may run the expanded form instead ([`MlaForm::Expanded`], chosen
+//! per step by [`MlaPolicy`]): the step's contexts are read out of the latent cache as rows,
+//! expanded by `kv_b_proj` into per-head keys (plus the shared rotary key) and values, and
+//! attended as ordinary multi-head attention ([`Backend::attention_rows`]), as transformers
+//! computes it. The cache is the same in both forms.
 
 use tessera_common::MlaSpec;
-use tessera_kernels::{AttentionParams, Backend, BlockLayout, KvValues, RopeApply};
+use tessera_kernels::{AttentionParams, Backend, BlockLayout, KvRows, KvValues, RopeApply};
 
+use super::mla_policy::MlaForm;
 use super::tp::cols;
 use super::{Linear, LinearSpec, RmsNorm, Split, TpContext, WeightLoader};
 use crate::WorkerError;
@@ -45,9 +52,15 @@ pub struct Mla<B: Backend> {
     uk_t: B::Weight,
     /// `W_UV` per local head: `[heads·v, latent]`.
     uv: B::Weight,
+    /// This rank's heads of `kv_b_proj`, `[heads·(nope + v), latent]`: the expanded form's
+    /// up-projection of the context rows.
+    kv_b: Linear<B>,
     o: Linear<B>,
     spec: MlaSpec,
+    /// The absorbed form: every head over the one latent KV head.
     params: AttentionParams,
+    /// The expanded form: a KV head per head, keys `nope + rope` wide, values `v`.
+    expanded: AttentionParams,
 }
 
 impl<B: Backend> Mla<B> {
@@ -89,6 +102,11 @@ impl<B: Backend> Mla<B> {
         let latent = s.kv_lora_rank;
         let (nope, v) = (s.qk_nope_head_dim, s.v_head_dim);
         let kv_width = nope + v;
+        let kv_b_linear = load(
+            "kv_b_proj",
+            (h * kv_width, latent, false),
+            Split::Out(cols(&heads, kv_width)),
+        )?;
         // This rank's heads of kv_b_proj, each `[nope + v, latent]`: key rows, then value rows.
         let kv_b = w.host(
             &name("kv_b_proj.weight"),
@@ -109,6 +127,7 @@ impl<B: Backend> Mla<B> {
             kv_norm: RmsNorm::load(w, &name("kv_a_layernorm.weight"), latent, LATENT_NORM_EPS)?,
             uk_t,
             uv,
+            kv_b: kv_b_linear,
             o: load(
                 "o_proj",
                 (hidden, h * v, s.attention_bias),
@@ -122,6 +141,14 @@ impl<B: Backend> Mla<B> {
                 num_kv_heads: 1,
                 qk_dim: latent + s.qk_rope_head_dim,
                 v_dim: latent,
+                scale: s.softmax_scale,
+                sliding_window: None,
+            },
+            expanded: AttentionParams {
+                num_heads: heads.len(),
+                num_kv_heads: heads.len(),
+                qk_dim: qk,
+                v_dim: v,
                 scale: s.softmax_scale,
                 sliding_window: None,
             },
@@ -144,6 +171,7 @@ impl<B: Backend> Mla<B> {
         x: &B::Tensor,
         cache: &mut B::KvLayer,
         step: &B::Step,
+        form: MlaForm,
     ) -> Result<B::Tensor, WorkerError> {
         let s = &self.spec;
         let (h, nope, rope) = (
@@ -181,11 +209,34 @@ impl<B: Backend> Mla<B> {
             },
         )?;
         b.write_kv(cache, &b.concat_heads(&latent, &k_rot, 1)?, None, step)?;
+        if form == MlaForm::Expanded {
+            return self.expanded(b, &q, cache, step);
+        }
         let (q_nope, q_rot) = b.split_heads(&q, h, nope)?;
         let q_latent = b.head_linear(&q_nope, &self.uk_t, h)?;
         let q = b.concat_heads(&q_latent, &q_rot, h)?;
         let o_latent = b.attention(&q, cache, step, &self.params)?;
         let o = b.head_linear(&o_latent, &self.uv, h)?;
+        self.o.forward(b, &o)
+    }
+
+    /// The expanded form's attention, from the queries (`[nope | rope]` per head, rotated) over
+    /// the step's contexts in the cache (this step's rows already written).
+    fn expanded(
+        &self,
+        b: &B,
+        q: &B::Tensor,
+        cache: &B::KvLayer,
+        step: &B::Step,
+    ) -> Result<B::Tensor, WorkerError> {
+        let (h, latent) = (self.expanded.num_heads, self.spec.kv_lora_rank);
+        let rows = b.gather_context(cache, step)?;
+        let c_latent = b.narrow_cols(&rows, 0, latent)?;
+        let c_rot = b.narrow_cols(&rows, latent, self.spec.qk_rope_head_dim)?;
+        let kv = self.kv_b.forward(b, &c_latent)?;
+        let (k_nope, v) = b.split_heads(&kv, h, self.spec.qk_nope_head_dim)?;
+        let k = b.concat_heads_shared(&k_nope, &c_rot, h)?;
+        let o = b.attention_rows(q, KvRows { k: &k, v: &v }, step, &self.expanded)?;
         self.o.forward(b, &o)
     }
 }

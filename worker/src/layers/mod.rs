@@ -7,6 +7,7 @@
 mod attention;
 mod loader;
 mod mla;
+mod mla_policy;
 mod mlp;
 mod moe;
 mod tp;
@@ -14,6 +15,7 @@ mod tp;
 pub use attention::Gqa;
 pub use loader::WeightLoader;
 pub use mla::Mla;
+pub use mla_policy::{MlaForm, MlaPolicy, MlaPrefill};
 pub use mlp::Mlp;
 pub use moe::Moe;
 pub use tp::TpContext;
