@@ -14,6 +14,7 @@ use tessera_coordinator::tokenizer::{IncrementalDecoder, Tokenizer};
 use tessera_worker::device::{Device, ExecutorPlan, GroupLink, KvSize, load_executor};
 use tessera_worker::engine::{Engine, EngineConfig, GenerateOutput, GenerateRequest};
 use tessera_worker::executor::StepRunner;
+use tessera_worker::layers::MlaPrefill;
 use tessera_worker::profile::StepLimits;
 use tessera_worker::sampling::SamplingParams;
 
@@ -158,6 +159,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             max_step_tokens: request.prompt.len(),
             max_seqs: 1,
         },
+        mla_prefill: MlaPrefill::Auto,
     };
     let runner = load_executor(Device::open(&device)?, plan)?.runner;
     tracing::info!(device = %runner.backend(), "generating");

@@ -31,6 +31,7 @@ use tessera_worker::WorkerError;
 use tessera_worker::device::{Device, ExecutorPlan, GroupLink, KvSize, load_executor};
 use tessera_worker::engine::EngineConfig;
 use tessera_worker::executor::StepRunner;
+use tessera_worker::layers::MlaPrefill;
 use tessera_worker::profile::StepLimits;
 
 #[derive(Args, Debug)]
@@ -295,6 +296,7 @@ fn factory(
             metrics: None,
             cuda_graph_max_batch: device.cuda_graph_max_batch,
             limits,
+            mla_prefill: MlaPrefill::Auto,
         };
         Ok(load_executor(Device::open(&device)?, plan)?.runner)
     }))

@@ -14,12 +14,13 @@ mod common;
 use std::collections::HashMap;
 use std::process::Command;
 
-use tessera_common::ShardSpec;
+use tessera_common::{ShardSpec, load_model_spec};
 use tessera_kernels::cuda::CudaBackend;
 use tessera_worker::device::{
     Device, DeviceConfig, DeviceKind, ExecutorPlan, GroupLink, KvSize, load_executor,
 };
 use tessera_worker::engine::{Engine, EngineConfig, GenerateRequest};
+use tessera_worker::layers::MlaPrefill;
 
 /// Whether a GPU is here; prints why a test is skipped when not.
 fn gpu_present(test: &str) -> bool {
@@ -58,7 +59,24 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
     }
     let cache = EngineConfig::default();
     let mut failures = Vec::new();
-    for (name, dir) in common::fixtures() {
+    // MLA fixtures also in each form alone (by default a fresh prompt expands, decode stays
+    // absorbed; a step replayed from a graph is always absorbed).
+    let runs = common::fixtures().into_iter().flat_map(|(name, dir)| {
+        let mla = load_model_spec(&dir)
+            .unwrap()
+            .layers
+            .iter()
+            .any(|l| matches!(l.attention, tessera_common::AttentionSpec::Mla(_)));
+        let forms: &[MlaPrefill] = if mla {
+            &[MlaPrefill::Auto, MlaPrefill::Absorbed, MlaPrefill::Expanded]
+        } else {
+            &[MlaPrefill::Auto]
+        };
+        forms
+            .iter()
+            .map(move |&f| (format!("{name} ({f:?})"), dir.clone(), f))
+    });
+    for (name, dir, mla_prefill) in runs {
         let reference = common::reference(&dir);
         let plan = ExecutorPlan {
             dir: &dir,
@@ -69,6 +87,7 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
             block_size: cache.block_size,
             metrics: None,
             cuda_graph_max_batch: cuda0().cuda_graph_max_batch,
+            mla_prefill,
         };
         let device = Device::open(&cuda0()).expect("the GPU opens");
         let runner = load_executor(device, plan)

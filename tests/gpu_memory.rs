@@ -25,6 +25,7 @@ use tessera_worker::device::{
 };
 use tessera_worker::executor::SeqStep;
 use tessera_worker::kv_cache::BlockAllocator;
+use tessera_worker::layers::MlaPrefill;
 use tessera_worker::profile::{PROFILE_MARGIN_BYTES, StepLimits};
 use tessera_worker::sampling::SamplingParams;
 
@@ -74,6 +75,7 @@ fn load_limited(
         metrics: None,
         cuda_graph_max_batch: graphs,
         limits,
+        mla_prefill: MlaPrefill::Auto,
     };
     load_executor(Device::open(&cfg).expect("the GPU opens"), plan)
 }

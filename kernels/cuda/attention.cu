@@ -25,6 +25,19 @@ extern "C" __global__ void write_kv(u16* kc, u16* vc, const float* k, const floa
     }
 }
 
+// Reads cached key rows out, widened to f32: out[r, h * kd + d] = key of KV head h at slots[r]
+// (block * block_size + slot). Grid: one block per row (a step's context rows, in order).
+extern "C" __global__ void gather_kv_rows(float* out, const u16* kc, const u32* slots,
+                                          u32 kv_heads, u32 kd, u32 block_size) {
+    const u32 r = blockIdx.x;
+    const u32 block = slots[r] / block_size, slot = slots[r] % block_size;
+    for (u32 i = threadIdx.x; i < kv_heads * kd; i += blockDim.x) {
+        const u32 h = i / kd, d = i % kd;
+        out[(u64)r * kv_heads * kd + i] =
+            bf16_to_f32(kc[(((u64)block * kv_heads + h) * block_size + slot) * kd + d]);
+    }
+}
+
 // Scalars of the attention kernels; the layout of `AttnArgs` in cuda/attention.rs.
 struct AttnArgs {
     u32 num_heads, num_kv_heads, qk_dim, v_dim, block_size;

@@ -109,6 +109,18 @@ extern "C" __global__ void concat_heads(float* out, const float* a, const float*
     out[i] = c < da ? a[u * da + c] : b[u * db + c - da];
 }
 
+// out[r, h, :] = concat(a[r, h, :da], s[r, :ds]): a part every head shares (MLA's rotary key).
+// `units` = rows * heads.
+extern "C" __global__ void concat_heads_shared(float* out, const float* a, const float* s,
+                                               u32 units, u32 heads, u32 da, u32 ds) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    const u32 w = da + ds;
+    if (i >= (u64)units * w) return;
+    const u64 u = i / w;
+    const u32 c = i % w;
+    out[i] = c < da ? a[u * da + c] : s[(u / heads) * ds + c - da];
+}
+
 // out[i, :] = x[rows[i], :]. Grid: one block per output row.
 extern "C" __global__ void gather_rows(float* out, const float* x, const u32* rows, u32 cols) {
     const u64 src = (u64)rows[blockIdx.x] * cols;

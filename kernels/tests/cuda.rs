@@ -18,7 +18,7 @@ use common::{assert_close, bf16_round, gpu, ids_meta, rand_vec, rope_table, weig
 use tessera_kernels::cpu::CpuBackend;
 use tessera_kernels::cuda::{CudaBackend, plan, probe_libraries};
 use tessera_kernels::{
-    AttentionParams, Backend, BackendError, DType, ExpertWeights, KvSpec, KvValues, Result,
+    AttentionParams, Backend, BackendError, DType, ExpertWeights, KvRows, KvSpec, KvValues, Result,
     RopeApply, RopeLayout, RowSummary, SeqMeta, StepMeta,
 };
 
@@ -422,6 +422,75 @@ fn paged_attention_matches_cpu() {
             Some(6)
         );
     }
+}
+
+/// MLA's expanded form over a latent cache filled as in `attention_case`: the step's context rows
+/// read out (46 over scattered blocks: a prefill over a cached prefix, and a decode), per-head
+/// keys made from them with the rotary part every head shares, and attention over the rows for
+/// both multi-head and grouped layouts.
+fn context_rows_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
+    let latent = Heads::latent(4, 24, 16);
+    let mut cache = b.alloc_kv(latent.kv_spec(8, 8))?;
+    let rope = rope_table(RopeLayout::Half, 4, 1.0);
+    let meta = step_meta();
+    // Every position of both contexts first, as one prefill each.
+    let mut start = 0;
+    let seqs = meta.seqs.iter().map(|s| {
+        start += s.context_len;
+        SeqMeta {
+            token_start: start - s.context_len,
+            num_tokens: s.context_len,
+            ..s.clone()
+        }
+    });
+    let fill = StepMeta::without_ids(seqs.collect(), 8);
+    let mut out = Vec::new();
+    let step = b.prepare_step(&fill, &rope)?;
+    latent.write(b, &mut cache, &step, (fill.num_tokens(), 50))?;
+    let mut step = b.prepare_step(&meta, &rope)?;
+    b.prepare_context(&mut step)?;
+    let rows = b.gather_context(&cache, &step)?;
+    let c = meta.context_rows();
+    out.extend(b.tensor_to_host(&rows)?);
+    let shared = b.narrow_cols(&rows, 16, 8)?;
+    for (heads, kv_heads) in [(4, 4), (6, 2)] {
+        let nope =
+            b.tensor_from_host(bf16_round(&rand_vec(c * kv_heads * 8, 51)), c, kv_heads * 8)?;
+        let k = b.concat_heads_shared(&nope, &shared, kv_heads)?;
+        out.extend(b.tensor_to_host(&k)?);
+        let v = b.tensor_from_host(
+            bf16_round(&rand_vec(c * kv_heads * 12, 52)),
+            c,
+            kv_heads * 12,
+        )?;
+        let q = b.tensor_from_host(rand_vec(4 * heads * 16, 53), 4, heads * 16)?;
+        let p = AttentionParams {
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            qk_dim: 16,
+            v_dim: 12,
+            scale: 0.25,
+            sliding_window: window,
+        };
+        out.extend(b.tensor_to_host(&b.attention_rows(
+            &q,
+            KvRows { k: &k, v: &v },
+            &step,
+            &p,
+        )?)?);
+    }
+    Ok(out)
+}
+
+#[test]
+fn context_rows_match_cpu() {
+    same_case!("context rows", 1e-4, context_rows_case, None);
+    same_case!(
+        "context rows, sliding window",
+        1e-4,
+        context_rows_case,
+        Some(6)
+    );
 }
 
 /// Decode of two sequences, one with a long context (1300 positions over 82 blocks in reverse

@@ -93,6 +93,8 @@ pub struct GpuRoofline {
     pub batches: Vec<GpuBatch>,
     pub kv_blocks: usize,
     pub prompt_len: usize,
+    /// `--mla-prefill`: the form latent attention took (ignored without it).
+    pub mla_prefill: super::MlaPrefillArg,
     pub timed_steps: usize,
     pub rounds: usize,
     /// Decode graphs over the graphed runs: a refused capture (the driver would not hold some
@@ -156,6 +158,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
             max_step_tokens: max_batch * args.prompt_len.max(1),
             max_seqs: max_batch,
         },
+        mla_prefill: args.mla_prefill.into(),
     };
     let launches = gpu.launch_counter();
     let mut exec = load_executor(Device::Cuda(gpu), plan)?.runner;
@@ -251,6 +254,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         batches,
         kv_blocks,
         prompt_len: args.prompt_len,
+        mla_prefill: args.mla_prefill,
         timed_steps: args.tokens,
         rounds: args.rounds,
         graphs: graph_counts,

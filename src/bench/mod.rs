@@ -83,10 +83,35 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = 0, env = "TESSERA_BENCH_SEED")]
     pub seed: u64,
+    /// How latent attention (MLA, DeepSeek shapes) attends: `auto` picks per step (a fresh
+    /// prompt is expanded into per-head keys and values, decode stays absorbed in the latent
+    /// space); `absorbed` or `expanded` forces one form, to compare prefill/s in each. Ignored
+    /// by other attention.
+    #[arg(long, value_enum, default_value_t = MlaPrefillArg::Auto, env = "TESSERA_BENCH_MLA_PREFILL")]
+    pub mla_prefill: MlaPrefillArg,
     /// Also time each backend operation during extra decode steps at this batch size (1 if given
     /// without a value) and report where the time goes.
     #[arg(long, env = "TESSERA_BENCH_PROFILE", num_args = 0..=1, default_missing_value = "1")]
     pub profile: Option<usize>,
+}
+
+/// `--mla-prefill`'s values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MlaPrefillArg {
+    Auto,
+    Absorbed,
+    Expanded,
+}
+
+impl From<MlaPrefillArg> for tessera_worker::layers::MlaPrefill {
+    fn from(a: MlaPrefillArg) -> Self {
+        match a {
+            MlaPrefillArg::Auto => Self::Auto,
+            MlaPrefillArg::Absorbed => Self::Absorbed,
+            MlaPrefillArg::Expanded => Self::Expanded,
+        }
+    }
 }
 
 /// Synthetic model shapes.

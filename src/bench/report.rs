@@ -124,9 +124,10 @@ pub fn table(r: &Roofline) -> String {
     if let Some(f) = r.roofline_fraction_batch1 {
         let _ = writeln!(
             s,
-            "\nbatch-1 decode: {:.1}% of the bandwidth roofline ({} prompt tokens, {} rounds of {} timed steps; by round: {})",
+            "\nbatch-1 decode: {:.1}% of the bandwidth roofline ({} prompt tokens{}, {} rounds of {} timed steps; by round: {})",
             100.0 * f,
             r.prompt_len,
+            mla_note(r.mla_prefill),
             r.rounds,
             r.timed_steps,
             r.roofline_fraction_batch1_by_round
@@ -237,8 +238,12 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
     }
     let _ = writeln!(
         s,
-        "{} timed steps per batch and round, {} rounds, prompt {} tokens, {} KV blocks",
-        r.timed_steps, r.rounds, r.prompt_len, r.kv_blocks
+        "{} timed steps per batch and round, {} rounds, prompt {} tokens{}, {} KV blocks",
+        r.timed_steps,
+        r.rounds,
+        r.prompt_len,
+        mla_note(r.mla_prefill),
+        r.kv_blocks
     );
     let g = &r.graphs;
     let _ = writeln!(
@@ -247,4 +252,12 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
         g.captures, g.replays, g.refused
     );
     s
+}
+
+/// A forced MLA form, named beside the prompt length (nothing for the default).
+fn mla_note(m: super::MlaPrefillArg) -> String {
+    match m {
+        super::MlaPrefillArg::Auto => String::new(),
+        forced => format!(", MLA forced {}", format!("{forced:?}").to_lowercase()),
+    }
 }

@@ -31,6 +31,7 @@ use tessera_worker::checkpoint::Checkpoint;
 use tessera_worker::executor::{Executor, SeqStep, StepRunner};
 use tessera_worker::footprint::WeightFootprint;
 use tessera_worker::kv_cache::BlockAllocator;
+use tessera_worker::layers::MlaPolicy;
 use tessera_worker::model::Model;
 use tessera_worker::sampling::SamplingParams;
 
@@ -153,6 +154,8 @@ pub struct Roofline {
     pub roofline_fraction_batch1_by_round: Vec<f64>,
     pub batches: Vec<BatchResult>,
     pub prompt_len: usize,
+    /// `--mla-prefill`: the form latent attention took (ignored without it).
+    pub mla_prefill: super::MlaPrefillArg,
     /// Timed steps per batch size and round.
     pub timed_steps: usize,
     pub rounds: usize,
@@ -380,7 +383,7 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         .with_context(|| format!("reading the model config in {}", dir.display()))?;
     let ckpt = Checkpoint::open(&dir)?;
     let loading = Instant::now();
-    let model = Model::load(CpuBackend, spec.clone(), &ckpt, &ShardSpec::whole())?;
+    let mut model = Model::load(CpuBackend, spec.clone(), &ckpt, &ShardSpec::whole())?;
     let mut info = model_info(&spec, &ckpt, &dir, generated);
     info.load_seconds = loading.elapsed().as_secs_f64();
     let footprint = WeightFootprint::of_loaded(&spec, &ckpt)?;
@@ -395,6 +398,12 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
     }
     let per_seq = positions.div_ceil(BLOCK_SIZE);
     let num_blocks = max_batch * per_seq;
+    // Every batch prefills its prompts in one step, expanded (where it is cheaper) whatever
+    // the batch.
+    model.set_mla_policy(MlaPolicy {
+        prefill: args.mla_prefill.into(),
+        max_context_rows: max_batch * args.prompt_len,
+    });
     let mut exec = Executor::new(model, num_blocks, BLOCK_SIZE)?;
     let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
     let kernels = cpu::kernels_name().to_string();
@@ -512,6 +521,7 @@ pub fn run(args: &BenchArgs) -> Result<Roofline> {
         roofline_fraction_batch1_by_round: batch1_by_round.iter().map(|t| t / roof1).collect(),
         batches,
         prompt_len: args.prompt_len,
+        mla_prefill: args.mla_prefill,
         timed_steps: args.tokens,
         rounds: args.rounds,
         profile,

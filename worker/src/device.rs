@@ -27,7 +27,7 @@ use crate::WorkerError;
 use crate::checkpoint::Checkpoint;
 use crate::collective::{Collective, HostStaged, NcclRank, SingleRank};
 use crate::executor::{Executor, StepRunner};
-use crate::layers::TpContext;
+use crate::layers::{MlaPolicy, MlaPrefill, TpContext};
 use crate::metrics::{TimedCollective, WorkerMetrics};
 use crate::model::Model;
 use crate::profile::{ActivationProfile, StepLimits, profile_activations};
@@ -254,6 +254,9 @@ pub struct ExecutorPlan<'a> {
     /// The largest step the scheduler sends: profiled before an automatic KV cache is sized
     /// ([`crate::profile`]), and no graph is captured for more sequences than it allows.
     pub limits: StepLimits,
+    /// Which form MLA layers attend in ([`MlaPrefill::Auto`]: by step, within
+    /// `limits.max_step_tokens` context rows). Ignored by other attention.
+    pub mla_prefill: MlaPrefill,
 }
 
 /// A loaded executor and what it took.
@@ -326,6 +329,12 @@ fn build<B: Backend>(
         comm,
     };
     let mut model = Model::load_rank(backend, spec, &ckpt, tp)?;
+    // The expanded MLA form holds a step's context rows at once: no more than the largest step
+    // the profile measures.
+    model.set_mla_policy(MlaPolicy {
+        prefill: plan.mla_prefill,
+        max_context_rows: plan.limits.max_step_tokens,
+    });
     let weight_bytes = ckpt
         .touched()
         .iter()

@@ -213,13 +213,22 @@ impl<B: Backend> Model<B> {
         self.mla
     }
 
-    /// The form MLA layers take in an eagerly run step over `meta` (absorbed without MLA).
-    pub(crate) fn mla_form(&self, meta: &StepMeta) -> MlaForm {
-        let mla = self.spec.layers.iter().find_map(|l| match &l.attention {
+    /// The first MLA layer's shape, if the model has latent attention.
+    fn mla_spec(&self) -> Option<&tessera_common::MlaSpec> {
+        self.spec.layers.iter().find_map(|l| match &l.attention {
             AttentionSpec::Mla(s) => Some(s),
             AttentionSpec::Gqa(_) => None,
-        });
-        mla.map_or(MlaForm::Absorbed, |s| self.mla.form(s, meta))
+        })
+    }
+
+    pub(crate) fn has_mla(&self) -> bool {
+        self.mla_spec().is_some()
+    }
+
+    /// The form MLA layers take in an eagerly run step over `meta` (absorbed without MLA).
+    pub(crate) fn mla_form(&self, meta: &StepMeta) -> MlaForm {
+        self.mla_spec()
+            .map_or(MlaForm::Absorbed, |s| self.mla.form(s, meta))
     }
 
     pub fn spec(&self) -> &ModelSpec {

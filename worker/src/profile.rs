@@ -5,7 +5,8 @@
 //! guess too small fails the first long prompt with an out-of-memory error, one too large wastes
 //! cache. So after loading, a worker runs the largest step the scheduler may send it
 //! ([`StepLimits`]: `--max-step-tokens` tokens over `--max-running` fresh sequences, with every
-//! row's logits, as prompt logprobs ask) on a small throwaway cache, then a decode step of the
+//! row's logits, as prompt logprobs ask; for latent attention in both of MLA's forms, see
+//! [`crate::layers::MlaPolicy`]) on a small throwaway cache, then a decode step of the
 //! largest batch that replays from a CUDA graph (captured, as the executor will), and reads how
 //! far the device's allocators grew ([`Backend::memory_use`]). What it measured, plus
 //! [`PROFILE_MARGIN_BYTES`], is kept out of the cache ([`ActivationProfile::reserve_bytes`]).
@@ -25,6 +26,7 @@ use crate::WorkerError;
 use crate::collective::Rehearsal;
 use crate::graphs::{DecodeGraphs, largest_bucket};
 use crate::kv_cache::KvCache;
+use crate::layers::{MlaPolicy, MlaPrefill};
 use crate::model::{LogitRows, Model};
 
 /// Most tokens in one step by default (the scheduler's `max_step_tokens`).
@@ -181,7 +183,7 @@ pub fn profile_activations<B: Backend>(
 }
 
 fn profile<B: Backend>(
-    model: &Model<B>,
+    model: &mut Model<B>,
     limits: StepLimits,
     block_size: usize,
     graph_max_batch: usize,
@@ -222,9 +224,21 @@ fn profile<B: Backend>(
         rows: &rows,
         full: &full,
     };
-    model
-        .forward(&largest.meta, &mut cache, every_row)
-        .map_err(failed)?;
+    // An MLA model's largest step in both forms: the expanded one holds every context row's
+    // keys and values, the absorbed one every query head's latent projection.
+    let policy = model.mla_policy();
+    let forms = if model.has_mla() {
+        vec![MlaPrefill::Expanded, MlaPrefill::Absorbed]
+    } else {
+        vec![policy.prefill]
+    };
+    for prefill in forms {
+        model.set_mla_policy(MlaPolicy { prefill, ..policy });
+        let ran = model.forward(&largest.meta, &mut cache, every_row);
+        model.set_mla_policy(policy);
+        ran.map_err(failed)?;
+    }
+    let b = model.backend();
     let mut captured = 0;
     if let Some(d) = decode {
         let n = d.meta.num_tokens();

@@ -22,6 +22,7 @@ use crate::device::{
     load_executor,
 };
 use crate::executor::{SeqStep, StepRunner};
+use crate::layers::MlaPrefill;
 use crate::metrics::WorkerMetrics;
 use crate::profile::StepLimits;
 use crate::wire::step_response;
@@ -191,6 +192,7 @@ fn load(
             metrics: Some(metrics),
             cuda_graph_max_batch: device.cuda_graph_max_batch,
             limits: limits_of(&req),
+            mla_prefill: MlaPrefill::Auto,
         },
     )
 }

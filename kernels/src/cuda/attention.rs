@@ -17,8 +17,8 @@ const ATTN_THREADS: u32 = plan::ATTN_THREADS as u32;
 /// One layer's paged K and V cache in device memory (bf16 bit patterns); no V storage when the
 /// values are a prefix of the keys ([`KvValues::KeyPrefix`]).
 pub struct CudaKv {
-    spec: KvSpec,
-    k: CudaSlice<u16>,
+    pub(super) spec: KvSpec,
+    pub(super) k: CudaSlice<u16>,
     v: Option<CudaSlice<u16>>,
 }
 
@@ -101,6 +101,21 @@ impl CudaBackend {
         let n = step.rows;
         spec.check_write(n, (k.rows, k.cols), v.map(|v| (v.rows, v.cols)))?;
         Self::check_blocks(OP, &spec, step)?;
+        self.write_kv_rows(cache, (k, v), &step.slots(), n)
+    }
+
+    /// Writes `n` rows of keys (and values) into the slots `slots` lists: the step's own rows,
+    /// or context rows into a scratch cache. The caller checked the shapes and that every slot's
+    /// block is inside the cache.
+    pub(super) fn write_kv_rows(
+        &self,
+        cache: &mut CudaKv,
+        (k, v): (&CudaTensor, Option<&CudaTensor>),
+        slots: &CudaView<'_, u32>,
+        n: usize,
+    ) -> Result<()> {
+        const OP: &str = "write_kv";
+        let spec = cache.spec;
         if n == 0 {
             return Ok(());
         }
@@ -117,8 +132,7 @@ impl CudaBackend {
             None => b.arg(kc).arg(&0u64),
         };
         b.arg(&k.data).arg(&v.unwrap_or(k).data);
-        let slots = step.slots();
-        b.arg(&slots).arg(&heads).arg(&kd).arg(&vd).arg(&bs);
+        b.arg(slots).arg(&heads).arg(&kd).arg(&vd).arg(&bs);
         // SAFETY: write_kv(u16* kc, u16* vc, const float* k, const float* v, const u32* slots,
         // u32 kv_heads, u32 kd, u32 vd, u32 block_size): one block per token; k holds
         // n*heads*kd floats and v, when the cache stores values, n*heads*vd (check_write);
@@ -144,6 +158,26 @@ impl CudaBackend {
                 format!("cache {spec:?} does not fit {p:?}"),
             ));
         }
+        Self::check_blocks(OP, spec, step)?;
+        let over = Attended {
+            views: StepViews::of(step),
+            rows: step.rows,
+            max_span: step.max_span(p.sliding_window),
+        };
+        self.attend(q, cache, over, p)
+    }
+
+    /// Attention of `q`'s rows over `cache` through the tables in `over`, whose blocks the
+    /// caller checked against the cache (which fits `p`).
+    pub(super) fn attend(
+        &self,
+        q: &CudaTensor,
+        cache: &CudaKv,
+        over: Attended<'_>,
+        p: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "attention";
+        let spec = &cache.spec;
         if p.num_kv_heads == 0 || !p.num_heads.is_multiple_of(p.num_kv_heads) {
             return Err(BackendError::shape(
                 OP,
@@ -153,7 +187,7 @@ impl CudaBackend {
                 ),
             ));
         }
-        let n = step.rows;
+        let n = over.rows;
         if (q.rows, q.cols) != (n, p.num_heads * p.qk_dim) {
             return Err(BackendError::shape(
                 OP,
@@ -179,7 +213,6 @@ impl CudaBackend {
                 backend: "cuda",
             });
         };
-        Self::check_blocks(OP, spec, step)?;
         let mut out = self.output(OP, n, p.num_heads * p.v_dim)?;
         if n == 0 || p.num_heads == 0 {
             return Ok(out);
@@ -196,13 +229,13 @@ impl CudaBackend {
             group_heads: to_u32(OP, grouping.group_heads)?,
             scale: p.scale,
         };
-        let max_span = step.max_span(p.sliding_window);
+        let max_span = over.max_span;
         let head_blocks = p.num_kv_heads * grouping.head_groups;
         let splits = plan::attention_splits(n * head_blocks, max_span, self.info.multiprocessors);
         let launch = AttnLaunch {
             q,
             cache,
-            step,
+            views: &over.views,
             args,
             kernel: grouping.kernel,
             tokens: to_u32(OP, n)?,
@@ -218,19 +251,19 @@ impl CudaBackend {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: launch.smem,
         };
-        let views = StepViews::of(step);
         let mut b = self
             .stream
             .launch_builder(self.func(grouping.kernel.names().0)?);
         b.arg(&mut out.data);
-        launch.push_inputs(&mut b, &views);
+        launch.push_inputs(&mut b);
         // SAFETY: paged_attention[_wide](float* out, const float* q, const u16* kc,
         // const u16* vc, const u32* tok_pos, const u32* tok_table, const u32* tables,
         // AttnArgs a): grid (tokens, kv_heads * head_groups), each block serving at most
         // group_heads query heads of its KV head (at most the kernel's HEADS); q holds
         // tokens*heads*qk_dim floats and out tokens*heads*v_dim (checked); each token reads
         // positions <= its own, whose blocks were checked by prepare_step (table long enough) and
-        // check_blocks (< num_blocks); value rows are v_stride apart in vc (the keys when the
+        // check_blocks (< num_blocks), or for a scratch cache laid out by the step's
+        // ContextLayout, whose tables cover each context with blocks < its size; value rows are v_stride apart in vc (the keys when the
         // cache has no values, v_dim <= qk_dim by KvSpec::validate); dynamic shared memory is the
         // `AttnShared` size for group_heads (plan::attention_grouping); v_dim <= DIMS * blockDim
         // for the kernel plan::AttnKernel::for_v_dim chose.
@@ -258,10 +291,9 @@ impl CudaBackend {
             block_dim: (ATTN_THREADS, 1, 1),
             shared_mem_bytes: l.smem,
         };
-        let views = StepViews::of(l.step);
         let mut b = self.stream.launch_builder(self.func(l.kernel.names().1)?);
         b.arg(&mut part_acc).arg(&mut part_ml);
-        l.push_inputs(&mut b, &views);
+        l.push_inputs(&mut b);
         // SAFETY: paged_attention_split[_wide](float* part_acc, float* part_ml, then the inputs
         // of paged_attention[_wide]): grid (tokens, kv_heads * head_groups, splits); part_acc holds
         // rows*splits*v_dim floats
@@ -288,7 +320,7 @@ impl CudaBackend {
 struct AttnLaunch<'a> {
     q: &'a CudaTensor,
     cache: &'a CudaKv,
-    step: &'a CudaStep,
+    views: &'a StepViews<'a>,
     args: AttnArgs,
     kernel: plan::AttnKernel,
     tokens: u32,
@@ -298,11 +330,19 @@ struct AttnLaunch<'a> {
     smem: u32,
 }
 
-/// The step's arrays the attention kernels read.
-struct StepViews<'a> {
-    tok_pos: CudaView<'a, u32>,
-    tok_table: CudaView<'a, u32>,
-    tables: CudaView<'a, u32>,
+/// The step's arrays the attention kernels read: the step's own, or a scratch cache's tables.
+pub(super) struct StepViews<'a> {
+    pub(super) tok_pos: CudaView<'a, u32>,
+    pub(super) tok_table: CudaView<'a, u32>,
+    pub(super) tables: CudaView<'a, u32>,
+}
+
+/// What [`CudaBackend::attend`] reads through: the tables, the query rows, and the longest span
+/// a row attends (which sizes split-K).
+pub(super) struct Attended<'a> {
+    pub(super) views: StepViews<'a>,
+    pub(super) rows: usize,
+    pub(super) max_span: usize,
 }
 
 impl<'a> StepViews<'a> {
@@ -317,13 +357,13 @@ impl<'a> StepViews<'a> {
 
 impl AttnLaunch<'_> {
     /// q, kc, vc, tok_pos, tok_table, tables, args: the parameters after the outputs.
-    fn push_inputs<'b>(&'b self, b: &mut LaunchArgs<'b>, views: &'b StepViews<'b>) {
+    fn push_inputs<'b>(&'b self, b: &mut LaunchArgs<'b>) {
         b.arg(&self.q.data)
             .arg(&self.cache.k)
             .arg(self.cache.values())
-            .arg(&views.tok_pos)
-            .arg(&views.tok_table)
-            .arg(&views.tables)
+            .arg(&self.views.tok_pos)
+            .arg(&self.views.tok_table)
+            .arg(&self.views.tables)
             .arg(&self.args);
     }
 }

@@ -26,7 +26,7 @@ const SOURCES: [(&str, &str); 4] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 28] = [
+const KERNELS: [&str; 30] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -38,12 +38,14 @@ const KERNELS: [&str; 28] = [
     "narrow_cols",
     "split_heads",
     "concat_heads",
+    "concat_heads_shared",
     "gather_rows",
     "row_argmax_lse",
     "scatter_add_rows",
     "rope",
     "norm_rope",
     "write_kv",
+    "gather_kv_rows",
     "paged_attention",
     "paged_attention_split",
     "paged_attention_wide",

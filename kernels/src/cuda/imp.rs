@@ -7,8 +7,8 @@ use super::graph::DeviceGraph;
 use super::moe::CudaRouting;
 use super::step::CudaStep;
 use crate::{
-    AttentionParams, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor, KvSpec,
-    MemoryUse, Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta, StepShape,
+    AttentionParams, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor, KvRows,
+    KvSpec, MemoryUse, Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta, StepShape,
 };
 
 impl Backend for CudaBackend {
@@ -165,6 +165,15 @@ impl Backend for CudaBackend {
         self.concat_heads_impl(a, b, heads)
     }
 
+    fn concat_heads_shared(
+        &self,
+        a: &CudaTensor,
+        shared: &CudaTensor,
+        heads: usize,
+    ) -> Result<CudaTensor> {
+        self.concat_heads_shared_impl(a, shared, heads)
+    }
+
     fn head_linear(&self, x: &CudaTensor, w: &CudaWeight, heads: usize) -> Result<CudaTensor> {
         self.head_linear_impl(x, w, heads)
     }
@@ -224,6 +233,24 @@ impl Backend for CudaBackend {
         params: &AttentionParams,
     ) -> Result<CudaTensor> {
         self.attention_impl(q, cache, step, params)
+    }
+
+    fn prepare_context(&self, step: &mut CudaStep) -> Result<()> {
+        self.prepare_context_impl(step)
+    }
+
+    fn gather_context(&self, cache: &CudaKv, step: &CudaStep) -> Result<CudaTensor> {
+        self.gather_context_impl(cache, step)
+    }
+
+    fn attention_rows(
+        &self,
+        q: &CudaTensor,
+        kv: KvRows<'_, Self>,
+        step: &CudaStep,
+        params: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        self.attention_rows_impl(q, kv, step, params)
     }
 
     fn route(

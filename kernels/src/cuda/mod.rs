@@ -22,6 +22,8 @@ mod attention;
 #[cfg(feature = "cuda")]
 mod bandwidth;
 #[cfg(feature = "cuda")]
+mod context;
+#[cfg(feature = "cuda")]
 mod device;
 #[cfg(feature = "cuda")]
 mod graph;

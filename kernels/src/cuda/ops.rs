@@ -565,6 +565,37 @@ impl CudaBackend {
         Ok(out)
     }
 
+    pub(super) fn concat_heads_shared_impl(
+        &self,
+        a: &CudaTensor,
+        shared: &CudaTensor,
+        heads: usize,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "concat_heads_shared";
+        let (da, ds) = crate::backend::concat_shared_widths(
+            (a.rows, a.cols),
+            (shared.rows, shared.cols),
+            heads,
+        )?;
+        let mut out = self.output(OP, a.rows, heads * (da + ds))?;
+        let n = a.rows * heads * (da + ds);
+        if n == 0 {
+            return Ok(out);
+        }
+        to_u32(OP, n)?;
+        let units = to_u32(OP, a.rows * heads)?;
+        let [heads32, da32, ds32] = [heads, da, ds].map(|d| d as u32);
+        let mut l = self.stream.launch_builder(self.func(OP)?);
+        l.arg(&mut out.data).arg(&a.data).arg(&shared.data);
+        l.arg(&units).arg(&heads32).arg(&da32).arg(&ds32);
+        // SAFETY: concat_heads_shared(float* out, const float* a, const float* s, u32 units,
+        // u32 heads, u32 da, u32 ds): out holds units*(da+ds) floats, a units*da and s
+        // (units/heads)*ds (the shapes checked above; n fits u32, so each factor does); threads
+        // past units*(da+ds) return.
+        unsafe { l.launch(grid_1d(n)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
     /// Rows `rows` of `x` (already on the device and checked against `x.rows`).
     pub(super) fn gather_dev(
         &self,

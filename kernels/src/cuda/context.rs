@@ -1,0 +1,170 @@
+//! Context rows on the GPU ([`crate::ContextLayout`]): the step's cached contexts read out as
+//! rows, and attention over keys and values given as rows.
+//!
+//! `prepare_context` uploads the layout once per step, in one copy: each context row's slot in
+//! the cache and in the dense scratch cache, the dense block tables, and each token's offset
+//! into them. Attention over rows then writes the rows into a scratch cache with `write_kv`
+//! and runs the paged kernels over it, so keys and values are rounded to bf16 as a cache's are
+//! and the kernels are the ones the rest of attention already exercises.
+
+use std::ops::Range;
+
+use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
+
+use super::attention::{Attended, StepViews};
+use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
+use super::step::CudaStep;
+use crate::{AttentionParams, BackendError, ContextLayout, KvRows, KvSpec, KvValues, Result};
+
+/// A step's context layout, on the host and packed on the device.
+pub struct CudaContext {
+    layout: ContextLayout,
+    packed: CudaSlice<u32>,
+    cache_slots: Range<usize>,
+    dense_slots: Range<usize>,
+    dense_tok_table: Range<usize>,
+    dense_tables: Range<usize>,
+}
+
+impl CudaContext {
+    fn part(&self, r: &Range<usize>) -> CudaView<'_, u32> {
+        self.packed.slice(r.clone())
+    }
+}
+
+/// Appends `part` to `packed` and returns where it went.
+fn push(packed: &mut Vec<u32>, part: impl IntoIterator<Item = u32>) -> Range<usize> {
+    let start = packed.len();
+    packed.extend(part);
+    start..packed.len()
+}
+
+impl CudaStep {
+    fn context(&self, op: &'static str) -> Result<&CudaContext> {
+        self.context.as_ref().ok_or_else(|| {
+            BackendError::invalid(
+                op,
+                "the step's context rows were not prepared (prepare_context)",
+            )
+        })
+    }
+}
+
+impl CudaBackend {
+    pub(super) fn prepare_context_impl(&self, step: &mut CudaStep) -> Result<()> {
+        const OP: &str = "prepare_context";
+        if step.rows != step.meta.num_tokens() {
+            return Err(BackendError::invalid(
+                OP,
+                "a graph's padded step has no context rows",
+            ));
+        }
+        let layout = step.meta.context_layout(OP)?;
+        let mut data = Vec::new();
+        let cache_slots = push(&mut data, layout.cache_slots.iter().copied());
+        let dense_slots = push(&mut data, layout.dense_slots.iter().copied());
+        // Each token's offset into the dense tables: its sequence's first entry.
+        let mut tok_table = Vec::with_capacity(step.rows);
+        let mut offset = 0;
+        for s in &layout.dense.seqs {
+            tok_table.extend(std::iter::repeat_n(to_u32(OP, offset)?, s.num_tokens));
+            offset += s.block_table.len();
+        }
+        let dense_tok_table = push(&mut data, tok_table);
+        let tables = layout.dense.seqs.iter().flat_map(|s| s.block_table.iter());
+        let dense_tables = push(&mut data, tables.copied());
+        step.context = Some(CudaContext {
+            packed: self.upload(OP, &data)?,
+            layout,
+            cache_slots,
+            dense_slots,
+            dense_tok_table,
+            dense_tables,
+        });
+        Ok(())
+    }
+
+    pub(super) fn gather_context_impl(
+        &self,
+        cache: &super::attention::CudaKv,
+        step: &CudaStep,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "gather_context";
+        let ctx = step.context(OP)?;
+        let spec = cache.spec;
+        if step.meta.block_size != spec.block_size {
+            return Err(BackendError::invalid(
+                OP,
+                format!(
+                    "step block size {} for a cache of block size {}",
+                    step.meta.block_size, spec.block_size
+                ),
+            ));
+        }
+        if let Some(b) = step.max_block
+            && b as usize >= spec.num_blocks
+        {
+            return Err(BackendError::invalid(
+                OP,
+                format!("block {b} beyond a cache of {} blocks", spec.num_blocks),
+            ));
+        }
+        let rows = ctx.layout.rows;
+        let cols = spec.num_kv_heads * spec.k_dim;
+        let mut out = self.output(OP, rows, cols)?;
+        if rows == 0 || cols == 0 {
+            return Ok(out);
+        }
+        let dims = [spec.num_kv_heads, spec.k_dim, spec.block_size];
+        let [heads, kd, bs] = dims.map(|d| d as u32);
+        to_u32(OP, cols)?;
+        let slots = ctx.part(&ctx.cache_slots);
+        let mut b = self.stream.launch_builder(self.func("gather_kv_rows")?);
+        b.arg(&mut out.data).arg(&cache.k).arg(&slots);
+        b.arg(&heads).arg(&kd).arg(&bs);
+        // SAFETY: gather_kv_rows(float* out, const u16* kc, const u32* slots, u32 kv_heads,
+        // u32 kd, u32 block_size): one block per row; slots holds `rows` entries, each a slot of
+        // a block the step's tables list (prepare_step checked them against the contexts, and
+        // every block is < num_blocks, checked above), so every read is inside the cache; out
+        // holds rows*kv_heads*kd floats.
+        unsafe { b.launch(grid_rows(rows, 128)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
+
+    pub(super) fn attention_rows_impl(
+        &self,
+        q: &CudaTensor,
+        kv: KvRows<'_, Self>,
+        step: &CudaStep,
+        p: &AttentionParams,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "attention_rows";
+        let ctx = step.context(OP)?;
+        crate::backend::check_attention_rows(
+            (q.rows, q.cols),
+            ((kv.k.rows, kv.k.cols), (kv.v.rows, kv.v.cols)),
+            (step.rows, ctx.layout.rows),
+            p,
+        )?;
+        let mut dense = self.alloc_kv_impl(KvSpec {
+            num_blocks: ctx.layout.dense_blocks,
+            block_size: ctx.layout.dense.block_size,
+            num_kv_heads: p.num_kv_heads,
+            k_dim: p.qk_dim,
+            v_dim: p.v_dim,
+            values: KvValues::Separate,
+        })?;
+        let slots = ctx.part(&ctx.dense_slots);
+        self.write_kv_rows(&mut dense, (kv.k, Some(kv.v)), &slots, ctx.layout.rows)?;
+        let over = Attended {
+            views: StepViews {
+                tok_pos: step.tok_pos(),
+                tok_table: ctx.part(&ctx.dense_tok_table),
+                tables: ctx.part(&ctx.dense_tables),
+            },
+            rows: step.rows,
+            max_span: step.meta.max_span(p.sliding_window),
+        };
+        self.attend(q, &dense, over, p)
+    }
+}
