@@ -7,7 +7,8 @@
 #                                            layers), batch 1 and 64
 #   bash tests/gpu/device.sh bench-mixtral   the same on a Mixtral-8x7B shape (8 of 32 layers)
 #   bash tests/gpu/device.sh bench-deepseek  the same on DeepSeek-V2-Lite's shape (all 27 layers,
-#                                            31 GB): MLA's latent KV cache, if time is left
+#                                            31 GB): MLA's latent KV cache, then a 2048-token
+#                                            prefill in each MLA form, if time is left
 #   bash tests/gpu/device.sh all     tests, bench-qwen3 and bench-mixtral in turn, in one call:
 #                                    a machine goes back after 30 s idle and each start costs
 #                                    minutes of the session's 15, so one call is the cheapest;
@@ -94,6 +95,15 @@ bench-qwen3 | bench-mixtral | bench-deepseek)
         --json "${shape[@]}" --checkpoint-dir "$dir" \
         > "$out/bench-$name.json" 2> "$out/bench-$name.log"
     status=$?
+    if [ "$mode" = bench-deepseek ]; then
+        # MLA's two forms on one 2048-token prompt: prefill/s absorbed against expanded.
+        for form in absorbed expanded; do
+            target/release/tessera bench --roofline --device cuda --batches 1 --tokens 2 \
+                --rounds 1 --warmup 1 --prompt-len 2048 --mla-prefill $form --json \
+                "${shape[@]}" --checkpoint-dir "$dir" \
+                > "$out/prefill-$form.json" 2>> "$out/bench-$name.log" || status=$?
+        done
+    fi
     rm -rf "$dir"
     tail -5 "$out/bench-$name.log"
     exit $status

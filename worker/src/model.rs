@@ -227,8 +227,10 @@ impl<B: Backend> Model<B> {
 
     /// The form MLA layers take in an eagerly run step over `meta` (absorbed without MLA).
     pub(crate) fn mla_form(&self, meta: &StepMeta) -> MlaForm {
-        self.mla_spec()
-            .map_or(MlaForm::Absorbed, |s| self.mla.form(s, meta))
+        let Some(spec) = self.mla_spec() else {
+            return MlaForm::Absorbed;
+        };
+        self.mla.form(spec, meta)
     }
 
     pub fn spec(&self) -> &ModelSpec {

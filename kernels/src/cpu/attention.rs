@@ -6,11 +6,14 @@
 //! maps its positions to blocks; attention reads keys and values straight from the blocks (no
 //! per-step copy of the cache).
 //!
-//! Query heads are grouped onto KV heads (GQA), and the unit of work is one token's group of query
-//! heads that share a KV head: every key and value row is read once for the whole group. Scores of
-//! a block are one small matrix product (the SIMD `linear` kernel, keys as weight rows and the
-//! group's queries as tokens), the softmax exponentials are vectorised, and `P·V` accumulates the
-//! group's outputs in registers. Units run in parallel when the context makes it worth it, so a
+//! Query heads are grouped onto KV heads (GQA), and the unit of work is the group of query heads
+//! that share a KV head, for one decoding token or for up to 32 query rows' worth of a prefill
+//! chunk's consecutive tokens: every key and value row is read once for the whole unit (without
+//! the tiling, a prefill with one head per KV head, MLA's expanded form, would read every row
+//! once per token). Scores of a block are one small matrix product (the SIMD `linear` kernel,
+//! keys as weight rows and the unit's queries as tokens; each token's positions past its own are
+//! then dropped), the softmax exponentials are vectorised, and `P·V` accumulates the unit's
+//! outputs. Units run in parallel when the context makes it worth it, so a
 //! single decoding token still spreads over the threads.
 
 use rayon::prelude::*;
@@ -53,6 +56,10 @@ impl KvSpec {
         ((block * self.num_kv_heads + head) * self.block_size + slot) * dim
     }
 }
+
+/// Query rows one unit of attention serves at most: a prefill chunk's consecutive tokens share a
+/// unit until their heads of one KV head reach this many.
+const TILE_ROWS: usize = 32;
 
 /// The cache block of `pos` for a sequence, checked against the table and the cache size.
 fn block_of(table: &[u32], pos: usize, spec: &KvSpec) -> Result<usize> {
@@ -162,77 +169,131 @@ pub(crate) fn attention(
     let gs = group / parts;
     let bs = spec.block_size;
     let isa = Isa::best();
-    // One unit of work: token `t`'s query heads `part * gs ..` of those that share KV head `kvh`
-    // (adjacent in `q` and in the output).
-    let unit = |u: usize, ogroup: &mut [f32]| {
-        let (t, kvh, part) = (
-            u / (p.num_kv_heads * parts),
-            (u / parts) % p.num_kv_heads,
-            u % parts,
+    // Consecutive tokens of one sequence (a prefill chunk) share a unit, up to `TILE_ROWS` query
+    // rows in all, so that every key and value row read serves all of them; a decode token is
+    // a unit of its own.
+    let per_tile = (TILE_ROWS / gs).max(1);
+    let mut tiles = Vec::new();
+    for s in &meta.seqs {
+        let end = s.token_start + s.num_tokens;
+        tiles.extend(
+            (s.token_start..end)
+                .step_by(per_tile)
+                .map(|t| (t, per_tile.min(end - t))),
         );
-        let (si, pos) = row_of_token[t];
+    }
+    let head_groups = p.num_kv_heads * parts;
+    let window_start = |pos: usize| p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    // One unit of work: tile `(t0, m)`'s tokens, their query heads `part * gs ..` of those that
+    // share KV head `kvh`; the output rows `[token][head]` of the tile, in that order.
+    let unit = |u: usize, out: &mut [f32]| {
+        let (ti, kvh, part) = (u / head_groups, (u / parts) % p.num_kv_heads, u % parts);
+        let (t0, m) = tiles[ti];
+        let rows = m * gs;
+        let (si, last) = row_of_token[t0 + m - 1];
+        let first_pos = last + 1 - m;
         let table = &meta.seqs[si].block_table;
-        let lo = p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let q_group = &q[t * qw + (kvh * group + part * gs) * p.qk_dim..][..gs * p.qk_dim];
+        let lo = window_start(first_pos);
+        let len = last + 1 - lo;
+        let head0 = (kvh * group + part * gs) * p.qk_dim;
         // Runs of consecutive positions in one block: (first position, block, slot, length).
-        let runs = (lo / bs..=pos / bs).map(|b| {
+        let runs = (lo / bs..=last / bs).map(|b| {
             let first = (b * bs).max(lo);
-            let end = ((b + 1) * bs).min(pos + 1);
+            let end = ((b + 1) * bs).min(last + 1);
             (first, table[b] as usize, first % bs, end - first)
         });
-        let len = pos + 1 - lo;
-        // `probs[g · len + i]`: head `g`'s weight for position `lo + i`.
-        scratch::with_zeroed(len * gs, |probs| {
-            scratch::with_zeroed(bs * gs, |block_scores| {
-                for (first, block, slot, n) in runs.clone() {
-                    let keys = Mat {
-                        w: WeightView::F32(&cache.k),
-                        offset: spec.at(block, kvh, slot, p.qk_dim),
-                        stride: p.qk_dim,
-                    };
-                    let s = &mut block_scores[..n * gs];
-                    rows_times_x(isa, keys, 0..n, Acts::rows(q_group, p.qk_dim), s);
-                    for (i, row) in s.chunks_exact(gs).enumerate() {
-                        for (g, v) in row.iter().enumerate() {
-                            probs[g * len + first - lo + i] = v * p.scale;
+        scratch::with_buf(|gathered| {
+            // The tile's query rows, adjacent: `[token][head]`.
+            let queries: &[f32] = if m == 1 {
+                &q[t0 * qw + head0..][..gs * p.qk_dim]
+            } else {
+                for t in t0..t0 + m {
+                    gathered.extend_from_slice(&q[t * qw + head0..][..gs * p.qk_dim]);
+                }
+                gathered
+            };
+            // `probs[r · len + i]`: query row `r`'s weight for position `lo + i`.
+            scratch::with_zeroed(len * rows, |probs| {
+                scratch::with_zeroed(bs * rows, |block_scores| {
+                    for (first, block, slot, n) in runs.clone() {
+                        let keys = Mat {
+                            w: WeightView::F32(&cache.k),
+                            offset: spec.at(block, kvh, slot, p.qk_dim),
+                            stride: p.qk_dim,
+                        };
+                        let s = &mut block_scores[..n * rows];
+                        rows_times_x(isa, keys, 0..n, Acts::rows(queries, p.qk_dim), s);
+                        for (i, row) in s.chunks_exact(rows).enumerate() {
+                            for (r, v) in row.iter().enumerate() {
+                                probs[r * len + first - lo + i] = v * p.scale;
+                            }
                         }
                     }
+                });
+                // Each token attends its own window of the tile's span: the rest weighs 0.
+                for (r, row) in probs.chunks_exact_mut(len).enumerate() {
+                    let pos = first_pos + r / gs;
+                    let (from, to) = (window_start(pos) - lo, pos + 1 - lo);
+                    row[..from].fill(0.0);
+                    row[to..].fill(0.0);
+                    softmax_in_place(isa, &mut row[from..to]);
                 }
-            });
-            for head in probs.chunks_exact_mut(len) {
-                softmax_in_place(isa, head);
-            }
-            ogroup.fill(0.0);
-            let (store, vs) = match spec.values {
-                KvValues::Separate => (&cache.v, p.v_dim),
-                KvValues::KeyPrefix => (&cache.k, p.qk_dim),
-            };
-            for (first, block, slot, n) in runs {
-                let values = &store[spec.at(block, kvh, slot, vs)..][..(n - 1) * vs + p.v_dim];
-                let pv = Pv {
-                    p: &probs[first - lo..],
-                    ps: len,
-                    group: gs,
-                    v: values,
-                    n,
-                    vd: p.v_dim,
-                    vs,
+                out.fill(0.0);
+                let (store, vs) = match spec.values {
+                    KvValues::Separate => (&cache.v, p.v_dim),
+                    KvValues::KeyPrefix => (&cache.k, p.qk_dim),
                 };
-                pv_accumulate(isa, pv, ogroup);
-            }
+                for (first, block, slot, n) in runs {
+                    let values = &store[spec.at(block, kvh, slot, vs)..][..(n - 1) * vs + p.v_dim];
+                    let pv = Pv {
+                        p: &probs[first - lo..],
+                        ps: len,
+                        group: rows,
+                        v: values,
+                        n,
+                        vd: p.v_dim,
+                        vs,
+                    };
+                    pv_accumulate(isa, pv, out);
+                }
+            })
         })
     };
-    let mut out = super::pool::zeroed(n * ow);
-    let chunk = (gs * p.v_dim).max(1);
+    // Units write tile by tile: `[tile][head group][token][head]`, which is the output's own
+    // `[token][head]` order when every tile is one token (decode).
+    let (mut staged, mut slices) = (super::pool::zeroed(n * ow), Vec::new());
+    let mut rest = &mut staged[..];
+    for &(_, m) in &tiles {
+        for _ in 0..head_groups {
+            let (unit_out, tail) = rest.split_at_mut(m * gs * p.v_dim);
+            slices.push(unit_out);
+            rest = tail;
+        }
+    }
     if parallel {
-        out.par_chunks_mut(chunk)
+        slices
+            .into_par_iter()
             .enumerate()
             .for_each(|(u, o)| unit(u, o));
     } else {
-        out.chunks_mut(chunk)
-            .enumerate()
-            .for_each(|(u, o)| unit(u, o));
+        for (u, o) in slices.into_iter().enumerate() {
+            unit(u, o);
+        }
     }
+    if tiles.len() == n || ow == 0 {
+        return Ok(staged);
+    }
+    let mut out = super::pool::zeroed(n * ow);
+    let hw = gs * p.v_dim;
+    for &(t0, m) in &tiles {
+        let tile = &staged[t0 * ow..][..m * ow];
+        for (hg, unit_out) in tile.chunks_exact(m * hw).enumerate() {
+            for (i, token_out) in unit_out.chunks_exact(hw).enumerate() {
+                out[(t0 + i) * ow + hg * hw..][..hw].copy_from_slice(token_out);
+            }
+        }
+    }
+    super::pool::give(staged);
     Ok(out)
 }
 
@@ -340,6 +401,43 @@ mod tests {
     fn values_read_from_the_keys_match_a_naive_reference() {
         // MLA's latent cache: the value is the start of the key row.
         against_naive(Case::two_sequences(8, 2, 40, KvValues::KeyPrefix));
+    }
+
+    /// Prefill chunks share units 32 query rows at a time: 37 tokens after a cached prefix of
+    /// 20 (a whole tile and a short one with one head per KV head; four whole tiles and a short
+    /// one with four), beside a decode token and a 3-token chunk.
+    #[test]
+    fn prefill_chunks_tiled_over_tokens_match_a_naive_reference() {
+        for (heads, kv_heads) in [(6, 6), (8, 2)] {
+            let seqs = vec![
+                SeqMeta {
+                    token_start: 0,
+                    num_tokens: 37,
+                    context_len: 57,
+                    block_table: (0..15).rev().map(|b| b * 2 + 1).collect(),
+                },
+                SeqMeta {
+                    token_start: 37,
+                    num_tokens: 1,
+                    context_len: 9,
+                    block_table: vec![40, 42, 44],
+                },
+                SeqMeta {
+                    token_start: 38,
+                    num_tokens: 3,
+                    context_len: 3,
+                    block_table: vec![50],
+                },
+            ];
+            let case = Case {
+                heads,
+                kv_heads,
+                vd: 24,
+                values: KvValues::Separate,
+                seqs,
+            };
+            against_naive(case);
+        }
     }
 
     #[test]

@@ -51,7 +51,19 @@ pub(crate) fn attend_rows(
         v_dim: p.v_dim,
         values: KvValues::Separate,
     };
-    let mut dense = CpuKv::new(spec)?;
+    // From the buffer pool, and back to it afterwards: a fresh allocation of this size each
+    // layer would fault in every page again.
+    let (kn, vn) = spec.elements().ok_or_else(|| {
+        BackendError::invalid(
+            "attention_rows",
+            format!("{} blocks overflow", spec.num_blocks),
+        )
+    })?;
+    let mut dense = CpuKv {
+        spec,
+        k: pool::zeroed(kn),
+        v: pool::zeroed(vn),
+    };
     let bs = spec.block_size;
     for (r, &slot) in layout.dense_slots.iter().enumerate() {
         let (block, slot) = (slot as usize / bs, slot as usize % bs);
@@ -64,7 +76,10 @@ pub(crate) fn attend_rows(
                 .copy_from_slice(&v.data[r * v.cols + h * p.v_dim..][..p.v_dim]);
         }
     }
-    attention(&q.data, &dense, &layout.dense, p)
+    let out = attention(&q.data, &dense, &layout.dense, p);
+    pool::give(dense.k);
+    pool::give(dense.v);
+    out
 }
 
 #[cfg(test)]
