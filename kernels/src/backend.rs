@@ -177,6 +177,22 @@ pub struct AttentionParams {
     pub sliding_window: Option<usize>,
 }
 
+impl AttentionParams {
+    /// Query heads must split evenly over at least one KV head.
+    pub fn check_heads(&self, op: &'static str) -> Result<()> {
+        if self.num_kv_heads == 0 || !self.num_heads.is_multiple_of(self.num_kv_heads) {
+            return Err(BackendError::shape(
+                op,
+                format!(
+                    "{} query heads over {} kv heads",
+                    self.num_heads, self.num_kv_heads
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// How router logits become per-expert scores.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Scoring {
@@ -319,15 +335,7 @@ pub fn check_attention_rows(
 ) -> Result<()> {
     const OP: &str = "attention_rows";
     let (tokens, context_rows) = shape;
-    if p.num_kv_heads == 0 || !p.num_heads.is_multiple_of(p.num_kv_heads) {
-        return Err(BackendError::shape(
-            OP,
-            format!(
-                "{} query heads over {} kv heads",
-                p.num_heads, p.num_kv_heads
-            ),
-        ));
-    }
+    p.check_heads(OP)?;
     let want = (
         (tokens, p.num_heads * p.qk_dim),
         (context_rows, p.num_kv_heads * p.qk_dim),

@@ -128,15 +128,7 @@ pub(crate) fn attention(
             format!("cache {spec:?} does not fit {p:?}"),
         ));
     }
-    if p.num_kv_heads == 0 || !p.num_heads.is_multiple_of(p.num_kv_heads) {
-        return Err(BackendError::shape(
-            "attention",
-            format!(
-                "{} query heads over {} kv heads",
-                p.num_heads, p.num_kv_heads
-            ),
-        ));
-    }
+    p.check_heads("attention")?;
     let (qw, ow) = (p.num_heads * p.qk_dim, p.num_heads * p.v_dim);
     let n = meta.num_tokens();
     if q.len() != n * qw {

@@ -66,7 +66,7 @@ impl CudaBackend {
     }
 
     /// Checks that a step's block tables fit a cache.
-    fn check_blocks(op: &'static str, spec: &KvSpec, step: &CudaStep) -> Result<()> {
+    pub(super) fn check_blocks(op: &'static str, spec: &KvSpec, step: &CudaStep) -> Result<()> {
         if step.meta.block_size != spec.block_size {
             return Err(BackendError::invalid(
                 op,
@@ -178,15 +178,7 @@ impl CudaBackend {
     ) -> Result<CudaTensor> {
         const OP: &str = "attention";
         let spec = &cache.spec;
-        if p.num_kv_heads == 0 || !p.num_heads.is_multiple_of(p.num_kv_heads) {
-            return Err(BackendError::shape(
-                OP,
-                format!(
-                    "{} query heads over {} kv heads",
-                    p.num_heads, p.num_kv_heads
-                ),
-            ));
-        }
+        p.check_heads(OP)?;
         let n = over.rows;
         if (q.rows, q.cols) != (n, p.num_heads * p.qk_dim) {
             return Err(BackendError::shape(

@@ -92,23 +92,7 @@ impl CudaBackend {
         const OP: &str = "gather_context";
         let ctx = step.context(OP)?;
         let spec = cache.spec;
-        if step.meta.block_size != spec.block_size {
-            return Err(BackendError::invalid(
-                OP,
-                format!(
-                    "step block size {} for a cache of block size {}",
-                    step.meta.block_size, spec.block_size
-                ),
-            ));
-        }
-        if let Some(b) = step.max_block
-            && b as usize >= spec.num_blocks
-        {
-            return Err(BackendError::invalid(
-                OP,
-                format!("block {b} beyond a cache of {} blocks", spec.num_blocks),
-            ));
-        }
+        Self::check_blocks(OP, &spec, step)?;
         let rows = ctx.layout.rows;
         let cols = spec.num_kv_heads * spec.k_dim;
         let mut out = self.output(OP, rows, cols)?;
