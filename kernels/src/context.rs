@@ -35,7 +35,7 @@ impl StepMeta {
     /// The context rows of this (validated) step; `op` names the caller in errors.
     pub fn context_layout(&self, op: &'static str) -> Result<ContextLayout> {
         let bs = self.block_size;
-        let rows = self.seqs.iter().map(|s| s.context_len).sum();
+        let rows = self.context_rows();
         let (mut cache_slots, mut dense_slots) =
             (Vec::with_capacity(rows), Vec::with_capacity(rows));
         let mut seqs = Vec::with_capacity(self.seqs.len());

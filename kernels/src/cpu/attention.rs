@@ -93,26 +93,35 @@ pub(crate) fn write_kv(
         (k.rows, k.cols),
         v.map(|v| (v.rows, v.cols)),
     )?;
-    let (k, v) = (&k.data, v.map(|v| &v.data));
-    let (kd, vd) = (spec.k_dim, spec.v_dim);
-    let (kw, vw) = (spec.num_kv_heads * kd, spec.num_kv_heads * vd);
     for s in &meta.seqs {
         let first = s.context_len - s.num_tokens;
         for j in 0..s.num_tokens {
             let pos = first + j;
-            let (block, slot) = (block_of(&s.block_table, pos, &spec)?, pos % spec.block_size);
-            let t = s.token_start + j;
-            for h in 0..spec.num_kv_heads {
-                let at = spec.at(block, h, slot, kd);
-                cache.k[at..at + kd].copy_from_slice(&k[t * kw + h * kd..][..kd]);
-                if let Some(v) = v {
-                    let at = spec.at(block, h, slot, vd);
-                    cache.v[at..at + vd].copy_from_slice(&v[t * vw + h * vd..][..vd]);
-                }
-            }
+            let at = (block_of(&s.block_table, pos, &spec)?, pos % spec.block_size);
+            store_row(cache, at, (k, v), s.token_start + j);
         }
     }
     Ok(())
+}
+
+/// Stores row `row` of `k` (and of `v`, where given) at `(block, slot)`: every KV head's key
+/// and value (shapes and the block checked by the caller).
+pub(super) fn store_row(
+    cache: &mut CpuKv,
+    (block, slot): (usize, usize),
+    (k, v): (&CpuTensor, Option<&CpuTensor>),
+    row: usize,
+) {
+    let spec = cache.spec;
+    let (kd, vd) = (spec.k_dim, spec.v_dim);
+    for h in 0..spec.num_kv_heads {
+        let at = spec.at(block, h, slot, kd);
+        cache.k[at..at + kd].copy_from_slice(&k.data[row * k.cols + h * kd..][..kd]);
+        if let Some(v) = v {
+            let at = spec.at(block, h, slot, vd);
+            cache.v[at..at + vd].copy_from_slice(&v.data[row * v.cols + h * vd..][..vd]);
+        }
+    }
 }
 
 pub(crate) fn attention(

@@ -6,7 +6,7 @@
 //! exactly as cached keys and values would be. The copy is one pass over the rows, small next to
 //! the product that made them.
 
-use super::attention::{CpuKv, attention};
+use super::attention::{CpuKv, attention, store_row};
 use super::{CpuTensor, pool};
 use crate::{AttentionParams, BackendError, ContextLayout, KvSpec, KvValues, Result};
 
@@ -66,15 +66,8 @@ pub(crate) fn attend_rows(
     };
     let bs = spec.block_size;
     for (r, &slot) in layout.dense_slots.iter().enumerate() {
-        let (block, slot) = (slot as usize / bs, slot as usize % bs);
-        for h in 0..p.num_kv_heads {
-            let at = spec.at(block, h, slot, p.qk_dim);
-            dense.k[at..at + p.qk_dim]
-                .copy_from_slice(&k.data[r * k.cols + h * p.qk_dim..][..p.qk_dim]);
-            let at = spec.at(block, h, slot, p.v_dim);
-            dense.v[at..at + p.v_dim]
-                .copy_from_slice(&v.data[r * v.cols + h * p.v_dim..][..p.v_dim]);
-        }
+        let at = (slot as usize / bs, slot as usize % bs);
+        store_row(&mut dense, at, (k, Some(v)), r);
     }
     let out = attention(&q.data, &dense, &layout.dense, p);
     pool::give(dense.k);

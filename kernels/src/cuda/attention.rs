@@ -255,8 +255,9 @@ impl CudaBackend {
         // tokens*heads*qk_dim floats and out tokens*heads*v_dim (checked); each token reads
         // positions <= its own, whose blocks were checked by prepare_step (table long enough) and
         // check_blocks (< num_blocks), or for a scratch cache laid out by the step's
-        // ContextLayout, whose tables cover each context with blocks < its size; value rows are v_stride apart in vc (the keys when the
-        // cache has no values, v_dim <= qk_dim by KvSpec::validate); dynamic shared memory is the
+        // ContextLayout, whose tables cover each context with blocks < its size; value rows are
+        // v_stride apart in vc (the keys when the cache has no values, v_dim <= qk_dim by
+        // KvSpec::validate); dynamic shared memory is the
         // `AttnShared` size for group_heads (plan::attention_grouping); v_dim <= DIMS * blockDim
         // for the kernel plan::AttnKernel::for_v_dim chose.
         unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;

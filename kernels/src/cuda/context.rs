@@ -13,7 +13,7 @@ use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 
 use super::attention::{Attended, StepViews};
 use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
-use super::step::CudaStep;
+use super::step::{CudaStep, push};
 use crate::{AttentionParams, BackendError, ContextLayout, KvRows, KvSpec, KvValues, Result};
 
 /// A step's context layout, on the host and packed on the device.
@@ -30,13 +30,6 @@ impl CudaContext {
     fn part(&self, r: &Range<usize>) -> CudaView<'_, u32> {
         self.packed.slice(r.clone())
     }
-}
-
-/// Appends `part` to `packed` and returns where it went.
-fn push(packed: &mut Vec<u32>, part: impl IntoIterator<Item = u32>) -> Range<usize> {
-    let start = packed.len();
-    packed.extend(part);
-    start..packed.len()
 }
 
 impl CudaStep {

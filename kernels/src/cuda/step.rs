@@ -51,7 +51,7 @@ struct Packed {
 }
 
 /// Appends `part` to `packed` and returns where it went.
-fn push(packed: &mut Vec<u32>, part: impl IntoIterator<Item = u32>) -> Range<usize> {
+pub(super) fn push(packed: &mut Vec<u32>, part: impl IntoIterator<Item = u32>) -> Range<usize> {
     let start = packed.len();
     packed.extend(part);
     start..packed.len()

@@ -102,11 +102,6 @@ impl<B: Backend> Mla<B> {
         let latent = s.kv_lora_rank;
         let (nope, v) = (s.qk_nope_head_dim, s.v_head_dim);
         let kv_width = nope + v;
-        let kv_b_linear = load(
-            "kv_b_proj",
-            (h * kv_width, latent, false),
-            Split::Out(cols(&heads, kv_width)),
-        )?;
         // This rank's heads of kv_b_proj, each `[nope + v, latent]`: key rows, then value rows.
         let kv_b = w.host(
             &name("kv_b_proj.weight"),
@@ -117,6 +112,11 @@ impl<B: Backend> Mla<B> {
         let uk_t = kv_b.block_rows(heads.len(), 0..nope, BlockLayout::Transposed)?;
         let uv = kv_b.block_rows(heads.len(), nope..kv_width, BlockLayout::AsStored)?;
         let (uk_t, uv) = (w.backend.upload_weight(uk_t)?, w.backend.upload_weight(uv)?);
+        // Read once: the expanded form multiplies by it whole.
+        let kv_b = Linear {
+            weight: w.backend.upload_weight(kv_b)?,
+            bias: None,
+        };
         Ok(Mla {
             query,
             kv_a: load(
@@ -127,7 +127,7 @@ impl<B: Backend> Mla<B> {
             kv_norm: RmsNorm::load(w, &name("kv_a_layernorm.weight"), latent, LATENT_NORM_EPS)?,
             uk_t,
             uv,
-            kv_b: kv_b_linear,
+            kv_b,
             o: load(
                 "o_proj",
                 (hidden, h * v, s.attention_bias),
