@@ -50,7 +50,7 @@ fi
 echo "== CUDA backend tests (GPU tests skipped without a GPU)"
 eval "$(bash tests/cuda-tools/fetch.sh)"
 export TESSERA_PTXAS
-cuda_tests=(-p tessera-kernels --features cuda --locked --no-fail-fast --test cuda --test cuda_moe --test cuda_graph --test nvrtc --test nccl)
+cuda_tests=(-p tessera-kernels --features cuda --locked --no-fail-fast --test cuda --test cuda_moe --test cuda_prefill --test cuda_graph --test nvrtc --test nccl)
 if cargo nextest --version >/dev/null 2>&1; then
     LD_LIBRARY_PATH="$TESSERA_NVRTC_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" cargo nextest run "${cuda_tests[@]}"
 else
@@ -78,7 +78,7 @@ emu_run() { # TESSERA_EMU_DEVICES, then cargo arguments
         TESSERA_EMU_DEVICES="$devices" LD_LIBRARY_PATH="$TESSERA_CUDA_EMULATOR_LIB" cargo test "$@"
     fi
 }
-emu_run 1 -p tessera-kernels -p tessera --features cuda --locked --no-fail-fast --test cuda --test cuda_moe --test cuda_graph --test gpu --test gpu_graphs --test gpu_memory
+emu_run 1 -p tessera-kernels -p tessera --features cuda --locked --no-fail-fast --test cuda --test cuda_moe --test cuda_prefill --test cuda_graph --test gpu --test gpu_graphs --test gpu_memory
 emu_run 2 -p tessera-kernels --features cuda --locked --no-fail-fast --test nccl
 unset CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER
 # Kubernetes manifests, Grafana dashboard and Dockerfile under deploy/: rendered with kustomize and

@@ -50,6 +50,47 @@ __device__ __forceinline__ float f16_to_f32(u16 h) { return emu_f16_to_f32(h); }
 __device__ __forceinline__ u16 f32_to_f16(float f) { return emu_f32_to_f16(f); }
 #endif
 
+// Tensor-core matrix multiply-accumulate of one warp (PTX `mma.sync.m16n8k8`, tf32 inputs, f32
+// accumulators): d[16x8] += a[16x8] * b[8x8]. With g = lane / 4 and t = lane % 4, a lane holds
+// a = {A[g][t], A[g+8][t], A[g][t+4], A[g+8][t+4]}, b = {B[t][g], B[t+4][g]} and
+// d = {D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]}. Operands are f32 bit patterns of which the
+// tensor cores read the top 19 bits (tf32), so values with more precision are rounded first
+// (`to_tf32`); bf16 values are tf32 values as they are. Every lane of the warp must call it.
+// Needs sm_80 (Ampere) or later: the host picks the kernels that use it only there
+// (cuda/plan.rs), and for an older target it compiles to a trap.
+#ifndef TESSERA_EMULATOR
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    __trap();
+#endif
+}
+
+// `f` rounded to tf32 (nearest, ties away from zero), as the bit pattern `mma_tf32` takes.
+__device__ __forceinline__ u32 to_tf32(float f) {
+#if __CUDA_ARCH__ >= 800
+    u32 r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(f));
+    return r;
+#else
+    return __float_as_uint(f);
+#endif
+}
+#else
+// The emulator (tests/cuda-emulator/device.hpp) gathers the warp's fragments and multiplies
+// them with the same lane layout, reading only the top 19 bits of each operand as the tensor
+// cores do.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+    emu_mma_tf32(d, a, b);
+}
+__device__ __forceinline__ u32 to_tf32(float f) { return emu_to_tf32(f); }
+#endif
+
 // Element `i` of a weight stored as `dtype`, widened to f32.
 __device__ __forceinline__ float load_elem(const void* w, int dtype, u64 i) {
     if (dtype == DT_F32) return ((const float*)w)[i];

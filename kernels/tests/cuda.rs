@@ -14,11 +14,12 @@
 
 mod common;
 
+use common::heads::Heads;
 use common::{assert_close, bf16_round, gpu, ids_meta, rand_vec, rope_table, weight};
 use tessera_kernels::cpu::CpuBackend;
 use tessera_kernels::cuda::{CudaBackend, plan, probe_libraries};
 use tessera_kernels::{
-    AttentionParams, Backend, BackendError, DType, ExpertWeights, KvRows, KvSpec, KvValues, Result,
+    AttentionParams, Backend, BackendError, DType, ExpertWeights, KvRows, KvSpec, Result,
     RopeApply, RopeLayout, RowSummary, SeqMeta, StepMeta,
 };
 
@@ -286,78 +287,6 @@ fn norm_rope_matches_cpu() {
 fn rope_matches_cpu() {
     same_case!("rope half", 1e-5, rope_case, RopeLayout::Half);
     same_case!("rope interleaved", 1e-5, rope_case, RopeLayout::Interleaved);
-}
-
-/// Head layout of an attention case.
-#[derive(Clone, Copy, Debug)]
-struct Heads {
-    heads: usize,
-    kv_heads: usize,
-    qk: usize,
-    vd: usize,
-    values: KvValues,
-}
-
-impl Heads {
-    const fn new(heads: usize, kv_heads: usize, qk: usize, vd: usize) -> Self {
-        Heads {
-            heads,
-            kv_heads,
-            qk,
-            vd,
-            values: KvValues::Separate,
-        }
-    }
-
-    /// MLA's latent cache: every query head on one KV head whose values are the first `vd`
-    /// elements of its keys.
-    const fn latent(heads: usize, qk: usize, vd: usize) -> Self {
-        Heads {
-            heads,
-            kv_heads: 1,
-            qk,
-            vd,
-            values: KvValues::KeyPrefix,
-        }
-    }
-
-    fn kv_spec(self, num_blocks: usize, block_size: usize) -> KvSpec {
-        KvSpec {
-            num_blocks,
-            block_size,
-            num_kv_heads: self.kv_heads,
-            k_dim: self.qk,
-            v_dim: self.vd,
-            values: self.values,
-        }
-    }
-
-    /// Random keys and values for `n` tokens (bf16-representable, so that the GPU's bf16 cache
-    /// holds them exactly), written into `cache`; no values for a latent cache.
-    fn write<B: Backend>(
-        self,
-        b: &B,
-        cache: &mut B::KvLayer,
-        step: &B::Step,
-        (n, seed): (usize, u64),
-    ) -> Result<()> {
-        let (kw, vw) = (self.kv_heads * self.qk, self.kv_heads * self.vd);
-        let k = b.tensor_from_host(bf16_round(&rand_vec(n * kw, seed)), n, kw)?;
-        let v = b.tensor_from_host(bf16_round(&rand_vec(n * vw, seed + 1)), n, vw)?;
-        let v = (self.values == KvValues::Separate).then_some(&v);
-        b.write_kv(cache, &k, v, step)
-    }
-
-    fn params(self, window: Option<usize>) -> AttentionParams {
-        AttentionParams {
-            num_heads: self.heads,
-            num_kv_heads: self.kv_heads,
-            qk_dim: self.qk,
-            v_dim: self.vd,
-            scale: 1.0 / (self.qk as f32).sqrt(),
-            sliding_window: window,
-        }
-    }
 }
 
 /// Head layouts the GPU's grouping must get right: 2 query heads per KV head; 8 (one block

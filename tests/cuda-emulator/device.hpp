@@ -89,6 +89,7 @@ struct Launch {
     Barrier block_barrier{"__syncthreads"};
     std::vector<Barrier> warp_barriers;
     std::vector<unsigned long long> lanes;  // shuffle exchange, one slot per thread
+    std::vector<unsigned> mma;              // mma_tf32 exchange, MMA_SLOTS per thread
     std::vector<char> dynamic_shared;
     Fiber* current = nullptr;
     std::deque<Fiber*> ready;  // fibers to run, in order
@@ -317,6 +318,49 @@ inline T max(T a, T b) {
     return a < b ? b : a;
 }
 
+// tf32 for prelude.cu's tensor-core helpers (the GPU uses PTX there). The tensor cores read the
+// top 19 bits of each f32 operand, so the emulated product does too: a kernel that forgets to
+// round its operands with to_tf32 gets the truncation a GPU would give it.
+inline float emu_tf32_bits(unsigned u) { return emu::from_bits<float>(u & 0xffffe000u); }
+
+// Round to nearest, ties away from zero (PTX cvt.rna.tf32.f32); NaN and infinity unchanged.
+inline unsigned emu_to_tf32(float f) {
+    const unsigned u = (unsigned)emu::to_bits(f);
+    if ((u & 0x7f800000u) == 0x7f800000u) return u;
+    return (u + 0x1000u) & 0xffffe000u;
+}
+
+namespace emu {
+constexpr unsigned MMA_SLOTS = 6;  // a[4], b[2]
+}
+
+// One warp's m16n8k8 tf32 product (prelude.cu's mma_tf32 documents the lane layout): every lane
+// publishes its fragments, then computes its own four outputs from the whole warp's.
+inline void emu_mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+    emu::Launch* l = emu::launch;
+    const unsigned me = l->current->linear, base = me - me % emu::WARP;
+    unsigned* mine = &l->mma[me * emu::MMA_SLOTS];
+    for (int i = 0; i < 4; i++) mine[i] = a[i];
+    for (int i = 0; i < 2; i++) mine[4 + i] = b[i];
+    emu::Barrier& bar = emu::warp_barrier();
+    emu::arrive(bar);  // every lane has published
+    auto at = [&](unsigned lane, unsigned slot) {
+        return emu_tf32_bits(l->mma[(base + lane) * emu::MMA_SLOTS + slot]);
+    };
+    // A[r][k] is on lane (r % 8) * 4 + k % 4, register (r / 8) + 2 * (k / 4);
+    // B[k][n] on lane n * 4 + k % 4, register 4 + k / 4.
+    const unsigned g = (me % emu::WARP) / 4, t = me % 4;
+    for (unsigned e = 0; e < 4; e++) {
+        const unsigned r = g + 8 * (e / 2), n = 2 * t + e % 2;
+        float sum = 0.0f;
+        for (unsigned k = 0; k < 8; k++) {
+            sum += at((r % 8) * 4 + k % 4, r / 8 + 2 * (k / 4)) * at(n * 4 + k % 4, 4 + k / 4);
+        }
+        d[e] += sum;
+    }
+    emu::arrive(bar);  // every lane has read before anyone publishes again
+}
+
 // f16 conversions: prelude.cu uses inline PTX on the GPU and these under TESSERA_EMULATOR.
 inline float emu_f16_to_f32(unsigned short h) { return (float)emu::from_bits<_Float16>(h); }
 inline unsigned short emu_f32_to_f16(float f) {
@@ -383,6 +427,7 @@ extern "C" int tessera_emu_launch(void (*entry)(void**), const unsigned* grid, c
     l.fibers.resize(n);
     l.warp_barriers.resize(warps);
     l.lanes.assign(warps * emu::WARP, 0);
+    l.mma.assign(warps * emu::WARP * emu::MMA_SLOTS, 0);
     // Uninitialised on a GPU: filled with 0xff bytes (NaN as floats), so a kernel that reads
     // dynamic shared memory before writing it gets visibly wrong results.
     l.dynamic_shared.assign(shared_bytes + 16, (char)0xff);

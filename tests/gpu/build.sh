@@ -5,6 +5,7 @@
 #   test-gpu       tests/gpu.rs: every fixture on the GPU, --tp 2 on one GPU, serve's model info
 #   test-cuda      kernels/tests/cuda.rs: every backend operation against the CPU backend
 #   test-cuda_moe  kernels/tests/cuda_moe.rs: routing and the MoE path against the CPU backend
+#   test-cuda_prefill kernels/tests/cuda_prefill.rs: the tensor-core prompt attention against the CPU
 #   test-nccl      kernels/tests/nccl.rs (when it exists): NCCL collectives
 # Binaries are stripped so that all of them fit the 64 MiB the device call carries. Then, on the
 # device: `bash tests/gpu/device.sh tests`, `... bench-qwen3`, `... bench-mixtral` (see there).
@@ -32,7 +33,7 @@ for line in sys.stdin:
 
 cargo build --release --locked --features cuda --bin tessera
 strip -o .gpubin/tessera target/release/tessera
-tests=(--test cuda --test cuda_moe --test cuda_graph)
+tests=(--test cuda --test cuda_moe --test cuda_prefill --test cuda_graph)
 [ -f kernels/tests/nccl.rs ] && tests+=(--test nccl)
 cargo test --release --locked --no-run -p tessera-kernels --features cuda "${tests[@]}"
 cargo test --release --locked --no-run --features cuda --test gpu --test gpu_graphs --test gpu_memory

@@ -24,7 +24,7 @@ pub struct CudaKv {
 
 impl CudaKv {
     /// Where values are read from: their own storage, or the keys.
-    fn values(&self) -> &CudaSlice<u16> {
+    pub(super) fn values(&self) -> &CudaSlice<u16> {
         self.v.as_ref().unwrap_or(&self.k)
     }
 }
@@ -32,9 +32,9 @@ impl CudaKv {
 /// Scalars of the attention kernels; the same fields in the same order as `AttnArgs` in attention.cu.
 #[repr(C)]
 #[derive(Clone, Copy)]
-struct AttnArgs {
+pub(super) struct AttnArgs {
     num_heads: u32,
-    num_kv_heads: u32,
+    pub(super) num_kv_heads: u32,
     qk_dim: u32,
     v_dim: u32,
     block_size: u32,
@@ -48,6 +48,30 @@ struct AttnArgs {
 // SAFETY: `repr(C)` with only 4-byte scalar fields, matching the C struct field for field; passed
 // by value.
 unsafe impl DeviceRepr for AttnArgs {}
+
+impl AttnArgs {
+    /// The scalars for `p` over `spec`'s cache, with each KV head's query heads served by
+    /// `head_groups` blocks of at most `group_heads`.
+    fn new(
+        op: &'static str,
+        p: &AttentionParams,
+        spec: &KvSpec,
+        (head_groups, group_heads): (usize, usize),
+    ) -> Result<AttnArgs> {
+        Ok(AttnArgs {
+            num_heads: to_u32(op, p.num_heads)?,
+            num_kv_heads: to_u32(op, p.num_kv_heads)?,
+            qk_dim: to_u32(op, p.qk_dim)?,
+            v_dim: to_u32(op, p.v_dim)?,
+            block_size: to_u32(op, spec.block_size)?,
+            v_stride: to_u32(op, spec.v_stride())?,
+            window: p.sliding_window.map_or(Ok(0), |w| to_u32(op, w.max(1)))?,
+            head_groups: to_u32(op, head_groups)?,
+            group_heads: to_u32(op, group_heads)?,
+            scale: p.scale,
+        })
+    }
+}
 
 impl CudaBackend {
     pub(super) fn alloc_kv_impl(&self, spec: KvSpec) -> Result<CudaKv> {
@@ -163,6 +187,7 @@ impl CudaBackend {
             views: StepViews::of(step),
             rows: step.rows,
             max_span: step.max_span(p.sliding_window),
+            tiles: (step.tiles(), step.num_tiles),
         };
         self.attend(q, cache, over, p)
     }
@@ -209,18 +234,29 @@ impl CudaBackend {
         if n == 0 || p.num_heads == 0 {
             return Ok(out);
         }
-        let args = AttnArgs {
-            num_heads: to_u32(OP, p.num_heads)?,
-            num_kv_heads: to_u32(OP, p.num_kv_heads)?,
-            qk_dim: to_u32(OP, p.qk_dim)?,
-            v_dim: to_u32(OP, p.v_dim)?,
-            block_size: to_u32(OP, spec.block_size)?,
-            v_stride: to_u32(OP, spec.v_stride())?,
-            window: p.sliding_window.map_or(Ok(0), |w| to_u32(OP, w.max(1)))?,
-            head_groups: to_u32(OP, grouping.head_groups)?,
-            group_heads: to_u32(OP, grouping.group_heads)?,
-            scale: p.scale,
-        };
+        let tiled = plan::prefill_plan(plan::PrefillShape {
+            group: p.num_heads / p.num_kv_heads,
+            qk_dim: p.qk_dim,
+            v_dim: p.v_dim,
+            v_stride: spec.v_stride(),
+            compute_capability: self.info.compute_capability,
+            tokens: n,
+            tiles: over.tiles.1,
+        });
+        if let Some(tiled) = tiled {
+            let args = AttnArgs::new(OP, p, spec, (tiled.head_blocks, tiled.heads_per_block))?;
+            let launch = super::prefill::PrefillLaunch {
+                q,
+                cache,
+                over: &over,
+                args,
+                plan: tiled,
+            };
+            self.prefill_attention(&mut out, &launch)?;
+            return Ok(out);
+        }
+        let grouping_blocks = (grouping.head_groups, grouping.group_heads);
+        let args = AttnArgs::new(OP, p, spec, grouping_blocks)?;
         let max_span = over.max_span;
         let head_blocks = p.num_kv_heads * grouping.head_groups;
         let splits = plan::attention_splits(n * head_blocks, max_span, self.info.multiprocessors);
@@ -330,12 +366,14 @@ pub(super) struct StepViews<'a> {
     pub(super) tables: CudaView<'a, u32>,
 }
 
-/// What [`CudaBackend::attend`] reads through: the tables, the query rows, and the longest span
-/// a row attends (which sizes split-K).
+/// What [`CudaBackend::attend`] reads through: the tables, the query rows, the longest span
+/// a row attends (which sizes split-K), and the step's tiles for the tiled prompt kernel (the
+/// packed pairs and their count).
 pub(super) struct Attended<'a> {
     pub(super) views: StepViews<'a>,
     pub(super) rows: usize,
     pub(super) max_span: usize,
+    pub(super) tiles: (CudaView<'a, u32>, usize),
 }
 
 impl<'a> StepViews<'a> {

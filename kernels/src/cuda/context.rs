@@ -141,6 +141,7 @@ impl CudaBackend {
             },
             rows: step.rows,
             max_span: step.meta.max_span(p.sliding_window),
+            tiles: (step.tiles(), step.num_tiles),
         };
         self.attend(q, &dense, over, p)
     }

@@ -18,15 +18,16 @@ use super::probe;
 use crate::{BackendError, DType, HostTensor, Result, WeightView};
 
 /// The kernel sources, in the order they are concatenated: `prelude.cu` first (shared helpers).
-const SOURCES: [(&str, &str); 4] = [
+const SOURCES: [(&str, &str); 5] = [
     ("prelude.cu", include_str!("../../cuda/prelude.cu")),
     ("ops.cu", include_str!("../../cuda/ops.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
+    ("prefill.cu", include_str!("../../cuda/prefill.cu")),
     ("moe.cu", include_str!("../../cuda/moe.cu")),
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 30] = [
+const KERNELS: [&str; 32] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -51,6 +52,8 @@ const KERNELS: [&str; 30] = [
     "paged_attention_wide",
     "paged_attention_split_wide",
     "attention_combine",
+    "prefill_attention",
+    "prefill_attention_wide",
     "route",
     "moe_plan",
     "moe_gate_up",
@@ -131,7 +134,8 @@ pub struct CudaBackend {
     pub(super) info: DeviceInfo,
     pub(super) stream: Arc<CudaStream>,
     pub(super) blas: CudaBlas,
-    kernels: HashMap<&'static str, CudaFunction>,
+    /// Every kernel, with how many times it was looked up to launch.
+    kernels: HashMap<&'static str, (CudaFunction, AtomicU64)>,
     /// Per MoE layer, the device table of its experts' weight addresses (`moe_experts.rs`), keyed
     /// by those addresses, so that a steady-state step uploads nothing.
     pub(super) expert_tables: ExpertTables,
@@ -241,7 +245,7 @@ impl CudaBackend {
             let f = module
                 .load_function(name)
                 .map_err(|e| BackendError::device("CudaBackend::new load_function", (name, e)))?;
-            kernels.insert(name, f);
+            kernels.insert(name, (f, AtomicU64::new(0)));
         }
         let blas = CudaBlas::new(stream.clone())
             .map_err(|e| BackendError::device("CudaBackend::new cublasCreate", e))?;
@@ -297,9 +301,20 @@ impl CudaBackend {
     /// The kernel `name`, counted as launched: every caller launches what it looks up.
     pub(super) fn func(&self, name: &'static str) -> Result<&CudaFunction> {
         self.counted();
+        let (f, n) = self
+            .kernels
+            .get(name)
+            .ok_or_else(|| BackendError::device("kernel lookup", format!("no kernel {name}")))?;
+        n.fetch_add(1, Ordering::Relaxed);
+        Ok(f)
+    }
+
+    /// How many times kernel `name` has been launched (0 for a name that is no kernel): lets
+    /// tests see which of two kernels serving the same operation ran.
+    pub fn kernel_launches(&self, name: &str) -> u64 {
         self.kernels
             .get(name)
-            .ok_or_else(|| BackendError::device("kernel lookup", format!("no kernel {name}")))
+            .map_or(0, |(_, n)| n.load(Ordering::Relaxed))
     }
 
     /// `n` zeroed elements (at least one: the driver refuses empty allocations).

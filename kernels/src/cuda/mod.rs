@@ -44,6 +44,8 @@ mod nccl_types;
 mod ops;
 pub mod plan;
 #[cfg(feature = "cuda")]
+mod prefill;
+#[cfg(feature = "cuda")]
 mod probe;
 #[cfg(feature = "cuda")]
 mod step;

@@ -109,9 +109,186 @@ pub fn attention_splits(rows: usize, max_span: usize, multiprocessors: usize) ->
     by_occupancy.min(by_length).clamp(1, MAX_ATTENTION_SPLITS)
 }
 
+/// Threads per block of the tiled prompt kernels (`PF_THREADS` of prefill.cu): four warps.
+pub const PREFILL_THREADS: usize = 128;
+/// Tokens per tile of a prompt step's tile list (`PF_TILE` of prefill.cu): each sequence's new
+/// tokens are cut into runs of at most this many.
+pub const PREFILL_TILE_TOKENS: usize = 64;
+/// Fewest tokens per tile, on average, for the tiled kernel to serve a step. A decode step has one
+/// token per sequence, so one per tile, and a tiled block would compute 64 rows for it; the
+/// decode kernels serve such steps. A chunked prefill beside a few decodes stays above this.
+pub const PREFILL_MIN_TOKENS_PER_TILE: usize = 8;
+/// Widest key and value heads of the tiled kernels: their registers hold a warp's queries and
+/// outputs whole.
+pub const PREFILL_MAX_QK_DIM: usize = 192;
+pub const PREFILL_MAX_V_DIM: usize = 128;
+
+/// The instantiations of the tiled prompt kernel (prefill.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefillKernel {
+    /// `prefill_attention`: keys up to 128 wide.
+    Narrow,
+    /// `prefill_attention_wide`: keys up to 192 wide (MLA's expanded form).
+    Wide,
+}
+
+impl PrefillKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            PrefillKernel::Narrow => "prefill_attention",
+            PrefillKernel::Wide => "prefill_attention_wide",
+        }
+    }
+}
+
+/// How the tiled kernel spreads a step: `heads_per_block` query heads of one KV head per block
+/// (each with `PREFILL_TILE_TOKENS / heads_per_block` tokens, a warp per 16), and
+/// `head_blocks` blocks per KV head.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillPlan {
+    pub kernel: PrefillKernel,
+    pub heads_per_block: usize,
+    pub head_blocks: usize,
+}
+
+/// What decides whether a step's attention takes the tiled kernel.
+#[derive(Clone, Copy, Debug)]
+pub struct PrefillShape {
+    /// Query heads per KV head.
+    pub group: usize,
+    pub qk_dim: usize,
+    pub v_dim: usize,
+    /// Elements between value rows in the cache (`v_dim`, or `qk_dim` when values are a prefix
+    /// of the keys).
+    pub v_stride: usize,
+    /// The device's compute capability: the tensor-core instructions need 8.0.
+    pub compute_capability: (i32, i32),
+    pub tokens: usize,
+    pub tiles: usize,
+}
+
+/// The tiled plan for a step, or `None` where the decode kernels serve it: a device older than
+/// Ampere, heads wider than the tiled kernels hold or not a multiple of 8 (their 16-byte loads
+/// and 8-wide products), or too few tokens per tile (decode).
+pub fn prefill_plan(s: PrefillShape) -> Option<PrefillPlan> {
+    let eights = [s.qk_dim, s.v_dim, s.v_stride].iter().all(|d| d % 8 == 0);
+    let dense = s.tiles > 0 && s.tokens >= PREFILL_MIN_TOKENS_PER_TILE * s.tiles;
+    if s.compute_capability.0 < 8
+        || !eights
+        || !dense
+        || s.qk_dim == 0
+        || s.v_dim == 0
+        || s.v_dim > PREFILL_MAX_V_DIM
+        || s.qk_dim > PREFILL_MAX_QK_DIM
+    {
+        return None;
+    }
+    let kernel = if s.qk_dim <= 128 {
+        PrefillKernel::Narrow
+    } else {
+        PrefillKernel::Wide
+    };
+    // Four heads share a block's loads when the group has them; a lone head takes 64 tokens.
+    let heads_per_block = match s.group.max(1) {
+        1 => 1,
+        2 => 2,
+        _ => 4,
+    };
+    Some(PrefillPlan {
+        kernel,
+        heads_per_block,
+        head_blocks: s.group.max(1).div_ceil(heads_per_block),
+    })
+}
+
+/// Each sequence's new tokens cut into tiles of at most [`PREFILL_TILE_TOKENS`]: `(first token,
+/// tokens)` pairs, in step order, for sequences of `tokens` new tokens each.
+pub fn prefill_tiles(tokens: impl IntoIterator<Item = usize>) -> Vec<(usize, usize)> {
+    let mut tiles = Vec::new();
+    let mut start = 0;
+    for n in tokens {
+        for c in (0..n).step_by(PREFILL_TILE_TOKENS) {
+            tiles.push((start + c, (n - c).min(PREFILL_TILE_TOKENS)));
+        }
+        start += n;
+    }
+    tiles
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn shape(group: usize, qk_dim: usize, v_dim: usize, tokens: usize) -> PrefillShape {
+        PrefillShape {
+            group,
+            qk_dim,
+            v_dim,
+            v_stride: v_dim,
+            compute_capability: (9, 0),
+            tokens,
+            tiles: tokens.div_ceil(PREFILL_TILE_TOKENS),
+        }
+    }
+
+    #[test]
+    fn prompt_steps_take_the_tiled_kernel_where_it_fits() {
+        // Qwen3-30B-A3B: 8 heads per KV head -> 2 blocks of 4 heads.
+        let qwen = prefill_plan(shape(8, 128, 128, 2048)).unwrap();
+        assert_eq!(qwen.kernel, PrefillKernel::Narrow);
+        assert_eq!((qwen.heads_per_block, qwen.head_blocks), (4, 2));
+        // DeepSeek's expanded MLA: 192-wide keys, one head per KV head.
+        let mla = prefill_plan(shape(1, 192, 128, 512)).unwrap();
+        assert_eq!(mla.kernel, PrefillKernel::Wide);
+        assert_eq!((mla.heads_per_block, mla.head_blocks), (1, 1));
+        // Odd groups round up to whole blocks: 3 -> one block with an idle warp, 5 -> two.
+        assert_eq!(prefill_plan(shape(3, 64, 64, 100)).unwrap().head_blocks, 1);
+        assert_eq!(prefill_plan(shape(5, 64, 64, 100)).unwrap().head_blocks, 2);
+        assert_eq!(
+            prefill_plan(shape(2, 64, 64, 100)).unwrap().heads_per_block,
+            2
+        );
+    }
+
+    #[test]
+    fn decode_old_devices_and_odd_heads_keep_the_decode_kernels() {
+        // 64 sequences of one token: 64 tiles of 1.
+        let decode = PrefillShape {
+            tiles: 64,
+            ..shape(8, 128, 128, 64)
+        };
+        assert_eq!(prefill_plan(decode), None);
+        // A chunk of 512 beside 63 decodes: 8 + 63 tiles for 575 tokens, just above 8 per tile.
+        let mixed = PrefillShape {
+            tiles: 71,
+            ..shape(8, 128, 128, 575)
+        };
+        assert!(prefill_plan(mixed).is_some());
+        let turing = PrefillShape {
+            compute_capability: (7, 5),
+            ..shape(8, 128, 128, 2048)
+        };
+        assert_eq!(prefill_plan(turing), None);
+        // MLA's absorbed form (576-wide keys, 512-wide values), odd widths, too-wide heads.
+        assert_eq!(prefill_plan(shape(16, 576, 512, 2048)), None);
+        assert_eq!(prefill_plan(shape(4, 20, 256, 2048)), None);
+        assert_eq!(prefill_plan(shape(4, 36, 32, 2048)), None);
+        assert_eq!(prefill_plan(shape(4, 256, 128, 2048)), None);
+        let strided = PrefillShape {
+            v_stride: 20,
+            ..shape(1, 64, 16, 2048)
+        };
+        assert_eq!(prefill_plan(strided), None);
+    }
+
+    #[test]
+    fn tiles_cut_each_sequence_separately() {
+        assert_eq!(
+            prefill_tiles([130, 1, 64]),
+            vec![(0, 64), (64, 64), (128, 2), (130, 1), (131, 64)]
+        );
+        assert!(prefill_tiles([]).is_empty());
+    }
 
     #[test]
     fn short_contexts_and_full_grids_are_not_split() {

@@ -39,6 +39,9 @@ struct Layout {
     sin: Range<usize>,
     /// Every sequence's block table, one after the other (each `table_width` wide when shaped).
     tables: Range<usize>,
+    /// `(first token, tokens)` of each tile of the tiled prompt kernel (`plan::prefill_tiles`);
+    /// none for a shaped step, which graphs replay with the decode kernels.
+    tiles: Range<usize>,
 }
 
 /// A step's packed metadata on the host, ready to upload.
@@ -48,6 +51,7 @@ struct Packed {
     rows: usize,
     /// The largest block any row reads (checked against a cache's size).
     max_block: Option<u32>,
+    num_tiles: usize,
 }
 
 /// Appends `part` to `packed` and returns where it went.
@@ -108,6 +112,14 @@ fn pack(
     }
     let (cos, sin) =
         crate::cpu::ops::rope_angles(&positions, &rope.inv_freq, rope.attention_scaling);
+    let tiles = match shape {
+        Some(_) => Vec::new(),
+        None => super::plan::prefill_tiles(meta.seqs.iter().map(|s| s.num_tokens)),
+    };
+    let mut tile_data = Vec::with_capacity(2 * tiles.len());
+    for &(first, n) in &tiles {
+        tile_data.extend([to_u32(op, first)?, to_u32(op, n)?]);
+    }
     let mut data = Vec::new();
     let layout = Layout {
         live: push(&mut data, [to_u32(op, tokens)?]),
@@ -118,12 +130,14 @@ fn pack(
         cos: push(&mut data, cos.iter().map(|v| v.to_bits())),
         sin: push(&mut data, sin.iter().map(|v| v.to_bits())),
         tables: push(&mut data, tables),
+        tiles: push(&mut data, tile_data),
     };
     Ok(Packed {
         data,
         layout,
         rows,
         max_block,
+        num_tiles: tiles.len(),
     })
 }
 
@@ -147,6 +161,8 @@ pub struct CudaStep {
     pub(super) cache_blocks: AtomicUsize,
     /// Set by `prepare_context` (cuda/context.rs).
     pub(super) context: Option<super::context::CudaContext>,
+    /// Tiles of the tiled prompt kernel ([`CudaStep::tiles`]).
+    pub(super) num_tiles: usize,
 }
 
 impl CudaStep {
@@ -188,6 +204,11 @@ impl CudaStep {
         self.part(&self.parts.slots)
     }
 
+    /// `num_tiles` pairs of (first token, tokens): the tiled prompt kernel's work list.
+    pub(super) fn tiles(&self) -> CudaView<'_, u32> {
+        self.part(&self.parts.tiles)
+    }
+
     /// The longest span of positions a row attends, which sizes split-K attention: the shape's
     /// for a shaped step, whose launches must serve every step it will be rewritten with.
     pub(super) fn max_span(&self, window: Option<usize>) -> usize {
@@ -225,6 +246,7 @@ impl CudaBackend {
             max_block: p.max_block,
             cache_blocks: AtomicUsize::new(usize::MAX),
             context: None,
+            num_tiles: p.num_tiles,
         })
     }
 

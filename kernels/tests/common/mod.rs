@@ -2,6 +2,8 @@
 //! inputs, weights in any dtype, and the relative-error comparison.
 #![allow(dead_code)] // each test binary uses its own subset
 
+pub mod heads;
+
 use half::{bf16, f16};
 use tessera_kernels::cuda::CudaBackend;
 use tessera_kernels::{BackendError, DType, HostTensor, RopeLayout, RopeTable, SeqMeta, StepMeta};

@@ -1,0 +1,218 @@
+//! The tiled prompt attention of the CUDA backend (prefill.cu, tensor cores) against the CPU
+//! backend: steps whose sequences bring many tokens each, over paged caches with scattered
+//! tables, for every head grouping the kernel spreads differently, key widths of both
+//! instantiations, latent caches and sliding windows, and through `attention_rows` (MLA's
+//! expanded form). Each case also checks that the tiled kernel, not the decode one, ran.
+//! Skipped with a visible message where no GPU (or emulator) is present, like `cuda.rs`.
+//!
+//! Tolerance: queries and probabilities are rounded to tf32 (10 mantissa bits) for the tensor
+//! cores, so outputs differ from the CPU's f32 by about 1.5e-4 of their largest magnitude; 1e-3
+//! leaves room for the sums and still fails a wrong mask, scale or row.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use common::heads::Heads;
+use common::{assert_close, bf16_round, gpu, rand_vec, rope_table};
+use tessera_kernels::cpu::CpuBackend;
+use tessera_kernels::cuda::{CudaBackend, plan};
+use tessera_kernels::{AttentionParams, Backend, KvRows, Result, RopeLayout, SeqMeta, StepMeta};
+
+const TOL: f32 = 1e-3;
+const BLOCK: usize = 16;
+
+fn seq(token_start: usize, num_tokens: usize, context_len: usize, table: &[u32]) -> SeqMeta {
+    SeqMeta {
+        token_start,
+        num_tokens,
+        context_len,
+        block_table: table.to_vec(),
+    }
+}
+
+/// Block tables over a cache of 24 blocks, scattered: a fresh prompt of 150 tokens (tiles of 64,
+/// 64 and 22), a chunk of 37 after a cached prefix of 70 (its tile attends keys it did not
+/// write), and a decode at position 49 (a tile of one).
+fn tables() -> [Vec<u32>; 3] {
+    [
+        vec![23, 5, 17, 0, 9, 12, 3, 20, 7, 14],
+        vec![1, 19, 8, 22, 4, 16, 11],
+        vec![6, 21, 2, 13],
+    ]
+}
+
+/// The prompt step, and the step that filled the cached prefixes before it.
+fn steps() -> (StepMeta, StepMeta) {
+    let [a, b, c] = tables();
+    let fill = StepMeta::without_ids(vec![seq(0, 70, 70, &b), seq(70, 49, 49, &c)], BLOCK);
+    let prompt = StepMeta::without_ids(
+        vec![
+            seq(0, 150, 150, &a),
+            seq(150, 37, 107, &b),
+            seq(187, 1, 50, &c),
+        ],
+        BLOCK,
+    );
+    (fill, prompt)
+}
+
+/// Attention of the prompt step over a cache the fill step and the prompt itself wrote.
+fn prompt_case<B: Backend>(b: &B, h: Heads, window: Option<usize>) -> Result<Vec<f32>> {
+    let mut cache = b.alloc_kv(h.kv_spec(24, BLOCK))?;
+    let rope = rope_table(RopeLayout::Half, 4, 1.0);
+    let (fill, prompt) = steps();
+    for (meta, seed) in [(&fill, 100), (&prompt, 110)] {
+        let step = b.prepare_step(meta, &rope)?;
+        h.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
+    }
+    let n = prompt.num_tokens();
+    let step = b.prepare_step(&prompt, &rope)?;
+    let q = b.tensor_from_host(rand_vec(n * h.heads * h.qk, 120), n, h.heads * h.qk)?;
+    b.tensor_to_host(&b.attention(&q, &cache, &step, &h.params(window))?)
+}
+
+/// The kernel `plan` picks for the prompt step on a Hopper GPU, which the backend must have run.
+fn tiled_kernel(h: Heads) -> &'static str {
+    let (_, prompt) = steps();
+    let tiles = plan::prefill_tiles(prompt.seqs.iter().map(|s| s.num_tokens));
+    let shape = plan::PrefillShape {
+        group: h.heads / h.kv_heads,
+        qk_dim: h.qk,
+        v_dim: h.vd,
+        v_stride: if h.values == tessera_kernels::KvValues::KeyPrefix {
+            h.qk
+        } else {
+            h.vd
+        },
+        compute_capability: (9, 0),
+        tokens: prompt.num_tokens(),
+        tiles: tiles.len(),
+    };
+    let p = plan::prefill_plan(shape).unwrap_or_else(|| panic!("{h:?} is not tiled"));
+    p.kernel.name()
+}
+
+/// Runs `case` on both backends, compares, and checks that the GPU ran `kernel` once more.
+fn compare_tiled(
+    what: &str,
+    kernel: &str,
+    cpu_case: impl FnOnce(&CpuBackend) -> Result<Vec<f32>>,
+    gpu_case: impl FnOnce(&CudaBackend) -> Result<Vec<f32>>,
+    launches: u64,
+) {
+    let Some(g) = gpu(what) else { return };
+    if g.info().compute_capability.0 < 8 {
+        eprintln!("SKIPPED: {what}: the tensor-core kernel needs compute capability 8.0");
+        return;
+    }
+    let want = cpu_case(&CpuBackend).expect("cpu");
+    let before = g.kernel_launches(kernel);
+    let got = gpu_case(&g).expect("gpu");
+    assert_eq!(
+        g.kernel_launches(kernel) - before,
+        launches,
+        "{what}: {kernel} launches"
+    );
+    assert_close(what, &got, &want, TOL);
+}
+
+/// Head layouts the tiled kernel spreads differently: one head per KV head (a block of 64
+/// tokens), two (32 tokens of 2 heads), three and eight (16 tokens of 4 heads; 3 leaves a warp
+/// idle, 8 takes two blocks per KV head); keys of 192 (the wide instantiation, MLA's expanded
+/// form's width); a latent cache whose values are the keys' first elements.
+const LAYOUTS: [Heads; 6] = [
+    Heads::new(2, 2, 64, 64),
+    Heads::new(4, 2, 32, 16),
+    Heads::new(6, 2, 128, 128),
+    Heads::new(16, 2, 128, 128),
+    Heads::new(3, 3, 192, 128),
+    Heads::latent(4, 40, 32),
+];
+
+#[test]
+fn tiled_prompt_attention_matches_cpu() {
+    for h in LAYOUTS {
+        let kernel = tiled_kernel(h);
+        for window in [None, Some(20)] {
+            compare_tiled(
+                &format!("tiled prompt attention {h:?}, window {window:?}"),
+                kernel,
+                |b| prompt_case(b, h, window),
+                |b| prompt_case(b, h, window),
+                1,
+            );
+        }
+    }
+}
+
+/// MLA's expanded form over the prompt step: context rows gathered from a latent cache, per-head
+/// keys (8 wide plus the 8-wide rotary part every head shares) and values, attention over the
+/// rows through the dense scratch cache.
+fn rows_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
+    let latent = Heads::latent(4, 24, 16);
+    let mut cache = b.alloc_kv(latent.kv_spec(24, BLOCK))?;
+    let rope = rope_table(RopeLayout::Half, 4, 1.0);
+    let (fill, prompt) = steps();
+    for (meta, seed) in [(&fill, 200), (&prompt, 210)] {
+        let step = b.prepare_step(meta, &rope)?;
+        latent.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
+    }
+    let mut step = b.prepare_step(&prompt, &rope)?;
+    b.prepare_context(&mut step)?;
+    let rows = b.gather_context(&cache, &step)?;
+    let c = prompt.context_rows();
+    let shared = b.narrow_cols(&rows, 16, 8)?;
+    let heads = 4;
+    let nope = b.tensor_from_host(bf16_round(&rand_vec(c * heads * 8, 220)), c, heads * 8)?;
+    let k = b.concat_heads_shared(&nope, &shared, heads)?;
+    let v = b.tensor_from_host(bf16_round(&rand_vec(c * heads * 16, 230)), c, heads * 16)?;
+    let n = prompt.num_tokens();
+    let q = b.tensor_from_host(rand_vec(n * heads * 16, 240), n, heads * 16)?;
+    let p = AttentionParams {
+        num_heads: heads,
+        num_kv_heads: heads,
+        qk_dim: 16,
+        v_dim: 16,
+        scale: 0.25,
+        sliding_window: window,
+    };
+    b.tensor_to_host(&b.attention_rows(&q, KvRows { k: &k, v: &v }, &step, &p)?)
+}
+
+#[test]
+fn tiled_attention_over_context_rows_matches_cpu() {
+    for window in [None, Some(20)] {
+        compare_tiled(
+            &format!("tiled attention over context rows, window {window:?}"),
+            "prefill_attention",
+            |b| rows_case(b, window),
+            |b| rows_case(b, window),
+            1,
+        );
+    }
+}
+
+/// A decode step (one token per sequence) keeps the decode kernel.
+#[test]
+fn decode_steps_keep_the_decode_kernel() {
+    let h = Heads::new(16, 2, 128, 128);
+    let case = |b: &CudaBackend| -> Result<Vec<f32>> {
+        let [a, bt, c] = tables();
+        let meta = StepMeta::without_ids(
+            vec![seq(0, 1, 150, &a), seq(1, 1, 107, &bt), seq(2, 1, 50, &c)],
+            BLOCK,
+        );
+        let cache = b.alloc_kv(h.kv_spec(24, BLOCK))?;
+        let step = b.prepare_step(&meta, &rope_table(RopeLayout::Half, 4, 1.0))?;
+        let q = b.tensor_from_host(rand_vec(3 * h.heads * h.qk, 300), 3, h.heads * h.qk)?;
+        b.tensor_to_host(&b.attention(&q, &cache, &step, &h.params(None))?)
+    };
+    let Some(g) = gpu("decode_steps_keep_the_decode_kernel") else {
+        return;
+    };
+    let tiled = g.kernel_launches("prefill_attention");
+    let out = case(&g).expect("gpu");
+    assert!(out.iter().all(|x| x.is_finite()));
+    assert_eq!(g.kernel_launches("prefill_attention"), tiled);
+    assert!(g.kernel_launches("paged_attention") + g.kernel_launches("paged_attention_split") > 0);
+}
