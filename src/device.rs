@@ -1,8 +1,10 @@
-//! The `--device`, `--gpu-memory-utilization` and CUDA graph flags, shared by every command that
-//! runs the model (`generate`, `serve`, `coordinator`, `worker`).
+//! The `--device`, `--gpu-memory-utilization`, CUDA graph and `--prefill-attention` flags,
+//! shared by every command that runs the model (`generate`, `serve`, `coordinator`, `worker`).
 
 use clap::Args;
-use tessera_worker::device::{DEFAULT_GPU_MEMORY_UTILIZATION, DeviceConfig, DeviceKind};
+use tessera_worker::device::{
+    DEFAULT_GPU_MEMORY_UTILIZATION, DeviceConfig, DeviceKind, PrefillAttention,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct DeviceArgs {
@@ -26,6 +28,13 @@ pub struct DeviceArgs {
     /// name; the same as --cuda-graph-max-batch 0).
     #[arg(long, env = "TESSERA_ENFORCE_EAGER")]
     pub enforce_eager: bool,
+    /// Attention kernels of prompt steps on a GPU: `tensor-cores` (tiles of up to 64 tokens of a
+    /// sequence per block, multiplied on the tensor cores; taken where a step averages 8 or more
+    /// tokens per sequence tile, the heads are at most 192 (keys) and 128 (values) wide, and the
+    /// GPU is Ampere or newer) or `paged` (the decode kernels, a block per token, for every step:
+    /// slower for long prompts, a fallback). Launched workers inherit it; ignored on the CPU.
+    #[arg(long, default_value_t = PrefillAttention::TensorCores, env = "TESSERA_PREFILL_ATTENTION")]
+    pub prefill_attention: PrefillAttention,
 }
 
 impl DeviceArgs {
@@ -40,6 +49,7 @@ impl DeviceArgs {
             } else {
                 self.cuda_graph_max_batch
             },
+            prefill_attention: self.prefill_attention,
         }
     }
 }
@@ -71,5 +81,22 @@ mod tests {
             0
         );
         assert_eq!(graphs(&["--cuda-graph-max-batch", "0"]), 0);
+    }
+
+    #[test]
+    fn prefill_attention_defaults_to_the_tensor_cores() {
+        let parse = |args: &[&str]| {
+            let argv = std::iter::once("tessera").chain(args.iter().copied());
+            Cli::try_parse_from(argv).map(|c| c.device.config(0).prefill_attention)
+        };
+        assert_eq!(parse(&[]).unwrap(), PrefillAttention::TensorCores);
+        assert_eq!(
+            parse(&["--prefill-attention", "paged"]).unwrap(),
+            PrefillAttention::Paged
+        );
+        let err = parse(&["--prefill-attention", "flash"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("flash") && err.contains("paged"), "{err}");
     }
 }

@@ -253,21 +253,30 @@ async fn serve_names_the_gpu_and_sizes_the_kv_cache_from_utilization() {
     );
 }
 
+/// The prompt of [`emulator_counters`]'s runs unless `extra` gives another.
+const PROMPT: [&str; 2] = ["--prompt-ids", "1,2,3,4,5"];
+
 /// The device counters of the CPU emulator (`tests/cuda-emulator`, which writes them to the file
 /// `TESSERA_EMU_STATS` names when the process exits) for one `tessera generate --device cuda` of
-/// `tokens` greedy tokens.
+/// `tokens` greedy tokens; `extra` flags for `tessera generate`, with [`PROMPT`] unless they
+/// bring their own.
 fn emulator_counters(
     model: &std::path::Path,
     tokens: usize,
     extra: &[&str],
 ) -> HashMap<String, f64> {
+    let prompt: &[&str] = if extra.contains(&PROMPT[0]) {
+        &[]
+    } else {
+        &PROMPT
+    };
     let stats = tempfile::NamedTempFile::new().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .arg("generate")
         .arg("--model")
         .arg(model)
         .args(["--device", "cuda", "--json", "--temperature", "0"])
-        .args(["--prompt-ids", "1,2,3,4,5"])
+        .args(prompt)
         .args(["--max-tokens", &tokens.to_string()])
         .args(extra)
         .env("TESSERA_EMU_STATS", stats.path())
@@ -392,4 +401,79 @@ fn a_decode_step_copies_the_same_whatever_the_layer_count() {
         launches(&four) > launches(&two) + 2.0 * 10.0,
         "{four:?} vs {two:?}"
     );
+}
+
+/// `--prefill-attention` reaches the GPU backend: a 40-token prompt (one tile of 40) takes the
+/// tensor-core kernel by default and the paged one with `paged`, and both give transformers'
+/// tokens (the fixture tests above check those with the default). Emulator only, as above.
+#[test]
+fn prefill_attention_picks_the_prompt_kernel() {
+    let test = "prefill_attention_picks_the_prompt_kernel";
+    if !gpu_present(test) {
+        return;
+    }
+    let device = tessera_kernels::Backend::name(&CudaBackend::new(0).expect("device 0 opens"));
+    if !device.contains("Tessera CUDA emulator") {
+        eprintln!("SKIPPED: {test}: the counters come from the CPU emulator, not {device}");
+        return;
+    }
+    let model = common::fixtures_dir().join("qwen3_moe");
+    let ids: Vec<String> = (1..=40).map(|i| i.to_string()).collect();
+    let ids = ids.join(",");
+    let launches = |kind: &str| {
+        let c = emulator_counters(
+            &model,
+            2,
+            &["--prompt-ids", &ids, "--prefill-attention", kind],
+        );
+        let n = |k: &str| c.get(&format!("launch:{k}")).copied().unwrap_or(0.0);
+        (n("prefill_attention"), n("paged_attention"))
+    };
+    let layers = 4.0;
+    // The prompt step in every layer, then one decode step with the paged kernel.
+    assert_eq!(launches("tensor-cores"), (layers, layers));
+    assert_eq!(launches("paged"), (0.0, 2.0 * layers));
+}
+
+/// `tessera bench --roofline --device cuda` end to end on the tiny synthetic model: decode at two
+/// batches with and without graphs, and one prompt prefilled with each prompt attention. The
+/// numbers are the report's business; that each is there and positive is this test's, so that a
+/// GPU session's benchmark does not fail on something the emulator could have shown.
+#[test]
+fn the_gpu_roofline_reports_decode_and_both_prompt_attentions() {
+    let test = "the_gpu_roofline_reports_decode_and_both_prompt_attentions";
+    if !gpu_present(test) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("tiny");
+    let out = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["bench", "--roofline", "--device", "cuda", "--json"])
+        .args(["--model-size", "tiny", "--checkpoint-dir"])
+        .arg(&ckpt)
+        .args(["--batches", "1,2", "--tokens", "2", "--rounds", "1"])
+        .args(["--prefill-compare-len", "64"])
+        .output()
+        .expect("tessera bench runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("one JSON object");
+    let positive = |x: &serde_json::Value, what: &str| {
+        let f = x
+            .as_f64()
+            .unwrap_or_else(|| panic!("{what} is not a number: {v}"));
+        assert!(f > 0.0 && f.is_finite(), "{what} = {f}");
+    };
+    for batch in ["1", "2"] {
+        positive(&v["decode_tok_s"][batch], &format!("decode_tok_s[{batch}]"));
+    }
+    positive(&v["batches"][0]["eager"]["tok_s"], "eager tok/s");
+    let p = &v["prefill_attention"];
+    assert_eq!(p["prompt_len"], 64, "{v}");
+    for field in ["tensor_cores_tok_s", "paged_tok_s", "speedup"] {
+        positive(&p[field], field);
+    }
 }

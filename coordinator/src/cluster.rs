@@ -158,6 +158,7 @@ async fn start_worker(
             "--cuda-graph-max-batch",
             &device.cuda_graph_max_batch.to_string(),
         ])
+        .args(["--prefill-attention", &device.prefill_attention.to_string()])
         // The flags above say everything: settings in the environment must not override them.
         .env_remove("TESSERA_CLUSTER_CA")
         .env_remove("TESSERA_CLUSTER_CERT")
@@ -168,6 +169,7 @@ async fn start_worker(
         .env_remove("TESSERA_LOCAL_RANK")
         .env_remove("TESSERA_CUDA_GRAPH_MAX_BATCH")
         .env_remove("TESSERA_ENFORCE_EAGER")
+        .env_remove("TESSERA_PREFILL_ATTENTION")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

@@ -216,3 +216,23 @@ fn decode_steps_keep_the_decode_kernel() {
     assert_eq!(g.kernel_launches("prefill_attention"), tiled);
     assert!(g.kernel_launches("paged_attention") + g.kernel_launches("paged_attention_split") > 0);
 }
+
+/// With the backend's switch off (`--prefill-attention paged`), the same prompt step takes the
+/// paged kernels, which compute in f32 and match the CPU to 1e-4.
+#[test]
+fn the_switch_sends_prompt_steps_to_the_paged_kernels() {
+    let test = "the_switch_sends_prompt_steps_to_the_paged_kernels";
+    let Some(g) = gpu(test) else { return };
+    let h = Heads::new(16, 2, 128, 128);
+    let want = prompt_case(&CpuBackend, h, None).expect("cpu");
+    let switch = g.tensor_core_prefill();
+    switch.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (tiled, paged) = (
+        g.kernel_launches("prefill_attention"),
+        g.kernel_launches("paged_attention"),
+    );
+    let got = prompt_case(&g, h, None).expect("gpu");
+    assert_eq!(g.kernel_launches("prefill_attention"), tiled);
+    assert_eq!(g.kernel_launches("paged_attention"), paged + 1);
+    assert_close(test, &got, &want, 1e-4);
+}

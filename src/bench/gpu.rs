@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -70,6 +71,19 @@ pub struct GpuBatch {
     pub eager: Option<EagerBatch>,
 }
 
+/// One prompt prefilled with each kind of prompt attention, in the same run
+/// (`--prefill-compare-len`): the best of `--rounds` prefills each, alternating.
+#[derive(Debug, Serialize)]
+pub struct PrefillAttentionCompare {
+    pub prompt_len: usize,
+    /// Prompt tokens/s with `--prefill-attention tensor-cores`.
+    pub tensor_cores_tok_s: f64,
+    /// Prompt tokens/s with `--prefill-attention paged`.
+    pub paged_tok_s: f64,
+    /// `tensor_cores_tok_s / paged_tok_s`.
+    pub speedup: f64,
+}
+
 /// A batch decoded without graphs, beside the graphed run.
 #[derive(Debug, Serialize)]
 pub struct EagerBatch {
@@ -97,6 +111,8 @@ pub struct GpuRoofline {
     pub mla_prefill: super::MlaPrefillArg,
     pub timed_steps: usize,
     pub rounds: usize,
+    /// The prompt attention comparison; `None` with `--prefill-compare-len 0`.
+    pub prefill_attention: Option<PrefillAttentionCompare>,
     /// Decode graphs over the graphed runs: a refused capture (the driver would not hold some
     /// step) leaves its shape eager, which the graphed column then measures.
     pub graphs: GraphCounts,
@@ -143,7 +159,17 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
             spec.max_position_embeddings
         );
     }
-    let num_blocks = max_batch * positions.div_ceil(BLOCK_SIZE);
+    // The comparison's prompt, its one decode step and the position after it.
+    let compare_positions = args.prefill_compare_len + 2;
+    if args.prefill_compare_len > 0 && compare_positions > spec.max_position_embeddings {
+        bail!(
+            "--prefill-compare-len {} exceeds the model's {} positions",
+            args.prefill_compare_len,
+            spec.max_position_embeddings
+        );
+    }
+    let num_blocks =
+        (max_batch * positions.div_ceil(BLOCK_SIZE)).max(compare_positions.div_ceil(BLOCK_SIZE));
     let loading = Instant::now();
     let plan = ExecutorPlan {
         dir: &dir,
@@ -153,14 +179,15 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         block_size: BLOCK_SIZE,
         metrics: None,
         cuda_graph_max_batch: cfg.cuda_graph_max_batch,
-        // Every batch prefills its prompts in one step.
+        // Every batch prefills its prompts in one step, as does the comparison's prompt.
         limits: StepLimits {
-            max_step_tokens: max_batch * args.prompt_len.max(1),
+            max_step_tokens: (max_batch * args.prompt_len.max(1)).max(args.prefill_compare_len),
             max_seqs: max_batch,
         },
         mla_prefill: args.mla_prefill.into(),
     };
     let launches = gpu.launch_counter();
+    let tensor_cores = gpu.tensor_core_prefill();
     let mut exec = load_executor(Device::Cuda(gpu), plan)?.runner;
     info.load_seconds = loading.elapsed().as_secs_f64();
     let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
@@ -204,6 +231,17 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
             }
         }
     }
+    let prefill_attention = (args.prefill_compare_len > 0)
+        .then(|| {
+            let runs = CompareRuns {
+                prompt_len: args.prefill_compare_len,
+                rounds: args.rounds,
+                vocab: spec.vocab_size,
+                footprint: &footprint,
+            };
+            compare_prefill(&mut exec, &mut alloc, &tensor_cores, &runs)
+        })
+        .transpose()?;
     let kv_blocks = exec.num_blocks();
     drop(exec);
     // A fresh handle for the closing probe: the executor (and its memory) is gone.
@@ -257,7 +295,61 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         mla_prefill: args.mla_prefill,
         timed_steps: args.tokens,
         rounds: args.rounds,
+        prefill_attention,
         graphs: graph_counts,
+    })
+}
+
+/// What [`compare_prefill`] runs: one prompt of `prompt_len` tokens, `rounds` times per kind.
+struct CompareRuns<'a> {
+    prompt_len: usize,
+    rounds: usize,
+    vocab: usize,
+    footprint: &'a WeightFootprint,
+}
+
+/// Prefills one prompt with the tensor-core prompt attention and with the paged kernels,
+/// alternating, through `switch` (the backend's [`CudaBackend::tensor_core_prefill`]); leaves
+/// the switch on.
+///
+/// [`CudaBackend::tensor_core_prefill`]: tessera_kernels::cuda::CudaBackend::tensor_core_prefill
+fn compare_prefill(
+    exec: &mut Box<dyn tessera_worker::executor::StepRunner + Send>,
+    alloc: &mut BlockAllocator,
+    switch: &AtomicBool,
+    c: &CompareRuns<'_>,
+) -> Result<PrefillAttentionCompare> {
+    let mut best = [f64::INFINITY; 2];
+    for round in 0..c.rounds {
+        for (on, best) in [true, false].into_iter().zip(best.iter_mut()) {
+            tracing::info!(
+                round,
+                tokens = c.prompt_len,
+                tensor_cores = on,
+                "prefilling"
+            );
+            switch.store(on, Ordering::Relaxed);
+            let plan = RunPlan {
+                batch: 1,
+                prompt_len: c.prompt_len,
+                warmup: 0,
+                steps: 1,
+                vocab: c.vocab,
+                footprint: c.footprint,
+                profile: false,
+                launches: None,
+            };
+            let outcome = run_batch(exec, alloc, &plan);
+            switch.store(true, Ordering::Relaxed);
+            *best = best.min(outcome?.prefill_secs);
+        }
+    }
+    let [tc, paged] = best.map(|secs| c.prompt_len as f64 / secs);
+    Ok(PrefillAttentionCompare {
+        prompt_len: c.prompt_len,
+        tensor_cores_tok_s: tc,
+        paged_tok_s: paged,
+        speedup: tc / paged,
     })
 }
 

@@ -89,6 +89,15 @@ pub struct BenchArgs {
     /// by other attention.
     #[arg(long, value_enum, default_value_t = MlaPrefillArg::Auto, env = "TESSERA_BENCH_MLA_PREFILL")]
     pub mla_prefill: MlaPrefillArg,
+    /// GPU roofline: after the decode sweep, prefill one prompt of this many tokens with the
+    /// tensor-core prompt attention and with the paged kernels (`--prefill-attention`), each
+    /// `--rounds` times, and report both and their ratio; 0 skips it.
+    #[arg(
+        long,
+        default_value_t = 2048,
+        env = "TESSERA_BENCH_PREFILL_COMPARE_LEN"
+    )]
+    pub prefill_compare_len: usize,
     /// Also time each backend operation during extra decode steps at this batch size (1 if given
     /// without a value) and report where the time goes.
     #[arg(long, env = "TESSERA_BENCH_PROFILE", num_args = 0..=1, default_missing_value = "1")]

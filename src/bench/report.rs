@@ -251,6 +251,14 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
         "decode graphs: {} captured, {} steps replayed, {} captures refused",
         g.captures, g.replays, g.refused
     );
+    if let Some(p) = &r.prefill_attention {
+        let _ = writeln!(
+            s,
+            "prefill of {} tokens: {:.0} tok/s with tensor-core attention, {:.0} with the paged \
+             kernels ({:.2}x)",
+            p.prompt_len, p.tensor_cores_tok_s, p.paged_tok_s, p.speedup
+        );
+    }
     s
 }
 

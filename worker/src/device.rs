@@ -81,6 +81,41 @@ impl fmt::Display for DeviceKind {
     }
 }
 
+/// Which attention kernels a GPU's prompt steps take (`--prefill-attention`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrefillAttention {
+    /// The tensor-core kernel (tiles of up to 64 tokens of a sequence per block) where the step
+    /// and the heads suit it and the GPU has tensor cores for it (sm_80+), else the paged ones.
+    #[default]
+    TensorCores,
+    /// The paged kernels decode uses (a block per token), for every step: slower for long prompts,
+    /// kept to compare against and as a fallback.
+    Paged,
+}
+
+impl FromStr for PrefillAttention {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tensor-cores" => Ok(PrefillAttention::TensorCores),
+            "paged" => Ok(PrefillAttention::Paged),
+            other => Err(format!(
+                "unknown prefill attention {other:?}: expected tensor-cores or paged"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for PrefillAttention {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PrefillAttention::TensorCores => "tensor-cores",
+            PrefillAttention::Paged => "paged",
+        })
+    }
+}
+
 /// Device settings of a process that runs the model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeviceConfig {
@@ -95,6 +130,9 @@ pub struct DeviceConfig {
     /// Largest decode batch replayed from a CUDA graph; 0 runs every step eagerly. Default:
     /// [`crate::graphs::DEFAULT_MAX_BATCH`]. Ignored on the CPU.
     pub cuda_graph_max_batch: usize,
+    /// Attention kernels of prompt steps. Default: [`PrefillAttention::TensorCores`]. Ignored on
+    /// the CPU.
+    pub prefill_attention: PrefillAttention,
 }
 
 impl Default for DeviceConfig {
@@ -104,6 +142,7 @@ impl Default for DeviceConfig {
             gpu_memory_utilization: DEFAULT_GPU_MEMORY_UTILIZATION,
             local_rank: 0,
             cuda_graph_max_batch: crate::graphs::DEFAULT_MAX_BATCH,
+            prefill_attention: PrefillAttention::default(),
         }
     }
 }
@@ -161,7 +200,11 @@ impl Device {
                 Some(n) => n,
                 None => cfg.local_rank % CudaBackend::device_count()?.max(1),
             };
-            CudaBackend::new(ordinal)
+            let b = CudaBackend::new(ordinal)?;
+            let tensor_cores = cfg.prefill_attention == PrefillAttention::TensorCores;
+            b.tensor_core_prefill()
+                .store(tensor_cores, std::sync::atomic::Ordering::Relaxed);
+            Ok(b)
         };
         match cfg.kind {
             DeviceKind::Cpu => Ok(Device::Cpu(CpuBackend)),
@@ -452,6 +495,18 @@ mod tests {
             let err = bad.parse::<DeviceKind>().unwrap_err();
             assert!(err.contains(bad) && err.contains("cuda:N"), "{err}");
         }
+    }
+
+    #[test]
+    fn prefill_attention_round_trips_and_names_bad_values() {
+        for p in [PrefillAttention::TensorCores, PrefillAttention::Paged] {
+            assert_eq!(p.to_string().parse::<PrefillAttention>(), Ok(p));
+        }
+        let err = "flash".parse::<PrefillAttention>().unwrap_err();
+        assert!(
+            err.contains("flash") && err.contains("tensor-cores"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -234,16 +234,21 @@ impl CudaBackend {
         if n == 0 || p.num_heads == 0 {
             return Ok(out);
         }
-        let tiled = plan::prefill_plan(plan::PrefillShape {
-            group: p.num_heads / p.num_kv_heads,
-            qk_dim: p.qk_dim,
-            v_dim: p.v_dim,
-            v_stride: spec.v_stride(),
-            compute_capability: self.info.compute_capability,
-            tokens: n,
-            tiles: over.tiles.1,
+        let tensor_cores = self
+            .tensor_core_prefill
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let tiled = tensor_cores.then(|| {
+            plan::prefill_plan(plan::PrefillShape {
+                group: p.num_heads / p.num_kv_heads,
+                qk_dim: p.qk_dim,
+                v_dim: p.v_dim,
+                v_stride: spec.v_stride(),
+                compute_capability: self.info.compute_capability,
+                tokens: n,
+                tiles: over.tiles.1,
+            })
         });
-        if let Some(tiled) = tiled {
+        if let Some(tiled) = tiled.flatten() {
             let args = AttnArgs::new(OP, p, spec, (tiled.head_blocks, tiled.heads_per_block))?;
             let launch = super::prefill::PrefillLaunch {
                 q,

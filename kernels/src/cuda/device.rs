@@ -7,7 +7,7 @@
 //! same architecture only loads it.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::cublas::CudaBlas;
@@ -141,6 +141,9 @@ pub struct CudaBackend {
     pub(super) expert_tables: ExpertTables,
     /// Kernels and cuBLAS calls queued so far (see [`CudaBackend::launch_counter`]).
     launches: Arc<AtomicU64>,
+    /// Whether prompt steps may take the tensor-core attention kernels (see
+    /// [`CudaBackend::tensor_core_prefill`]); on by default.
+    pub(super) tensor_core_prefill: Arc<AtomicBool>,
     // Declared last so that it is dropped after everything that lives in it.
     pub(super) ctx: Arc<CudaContext>,
 }
@@ -256,6 +259,7 @@ impl CudaBackend {
             kernels,
             expert_tables: Default::default(),
             launches: Default::default(),
+            tensor_core_prefill: Arc::new(AtomicBool::new(true)),
             ctx,
         })
     }
@@ -291,6 +295,14 @@ impl CudaBackend {
     /// two can be told apart.
     pub fn launch_counter(&self) -> Arc<AtomicU64> {
         self.launches.clone()
+    }
+
+    /// The switch of the tensor-core prompt attention (prefill.cu), shared like
+    /// [`CudaBackend::launch_counter`]: on (the default), prompt steps that suit it take it; off,
+    /// every step takes the paged decode kernels. `--prefill-attention` sets it, and the GPU
+    /// benchmark flips it to time both on one prompt.
+    pub fn tensor_core_prefill(&self) -> Arc<AtomicBool> {
+        self.tensor_core_prefill.clone()
     }
 
     /// Counts one launch (a kernel or a cuBLAS call).

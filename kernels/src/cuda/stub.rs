@@ -56,6 +56,11 @@ impl CudaBackend {
         match self.never {}
     }
 
+    /// The tensor-core prompt attention's switch; no device exists in this build.
+    pub fn tensor_core_prefill(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        match self.never {}
+    }
+
     /// The device's peak memory bandwidth; no device exists in this build.
     pub fn peak_bandwidth_gb_s(&self) -> Option<f64> {
         match self.never {}
