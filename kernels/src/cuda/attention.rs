@@ -89,6 +89,23 @@ impl CudaBackend {
         })
     }
 
+    /// A cache with separate values whose contents are unspecified: the scratch cache of
+    /// attention over rows (`context.rs`), whose kernels read only the slots its rows fill
+    /// (each token's positions up to its own), so zeroing it would be a wasted memset.
+    pub(super) fn alloc_kv_scratch(&self, spec: KvSpec) -> Result<CudaKv> {
+        const OP: &str = "attention_rows";
+        spec.validate(OP)?;
+        let slots = spec.num_blocks * spec.block_size * spec.num_kv_heads;
+        Ok(CudaKv {
+            spec: KvSpec {
+                values: KvValues::Separate,
+                ..spec
+            },
+            k: self.uninit(OP, slots * spec.k_dim)?,
+            v: Some(self.uninit(OP, slots * spec.v_dim)?),
+        })
+    }
+
     /// Checks that a step's block tables fit a cache.
     pub(super) fn check_blocks(op: &'static str, spec: &KvSpec, step: &CudaStep) -> Result<()> {
         if step.meta.block_size != spec.block_size {

@@ -4,8 +4,9 @@
 //! `prepare_context` uploads the layout once per step, in one copy: each context row's slot in
 //! the cache and in the dense scratch cache, the dense block tables, and each token's offset
 //! into them. Attention over rows then writes the rows into a scratch cache with `write_kv`
-//! and runs the paged kernels over it, so keys and values are rounded to bf16 as a cache's are
-//! and the kernels are the ones the rest of attention already exercises.
+//! and runs the attention kernels over it, so keys and values are rounded to bf16 as a cache's are
+//! and the kernels are the ones the rest of attention already exercises. The scratch cache is
+//! not zeroed: every slot a kernel reads is one a row was written to.
 
 use std::ops::Range;
 
@@ -123,7 +124,7 @@ impl CudaBackend {
             (step.rows, ctx.layout.rows),
             p,
         )?;
-        let mut dense = self.alloc_kv_impl(KvSpec {
+        let mut dense = self.alloc_kv_scratch(KvSpec {
             num_blocks: ctx.layout.dense_blocks,
             block_size: ctx.layout.dense.block_size,
             num_kv_heads: p.num_kv_heads,
