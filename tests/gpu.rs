@@ -253,6 +253,20 @@ async fn serve_names_the_gpu_and_sizes_the_kv_cache_from_utilization() {
     );
 }
 
+/// Whether the device is the CPU emulator, whose counters some tests read; prints why a test
+/// is skipped when not (a real GPU has no such counters: use Nsight Systems there).
+fn on_the_emulator(test: &str) -> bool {
+    if !gpu_present(test) {
+        return false;
+    }
+    let device = tessera_kernels::Backend::name(&CudaBackend::new(0).expect("device 0 opens"));
+    let emulated = device.contains("Tessera CUDA emulator");
+    if !emulated {
+        eprintln!("SKIPPED: {test}: the counters come from the CPU emulator, not {device}");
+    }
+    emulated
+}
+
 /// The prompt of [`emulator_counters`]'s runs unless `extra` gives another.
 const PROMPT: [&str; 2] = ["--prompt-ids", "1,2,3,4,5"];
 
@@ -320,12 +334,7 @@ fn per_decode_step(model: &std::path::Path, extra: &[&str]) -> HashMap<String, f
 #[test]
 fn a_decode_step_copies_the_same_whatever_the_layer_count() {
     let test = "a_decode_step_copies_the_same_whatever_the_layer_count";
-    if !gpu_present(test) {
-        return;
-    }
-    let device = tessera_kernels::Backend::name(&CudaBackend::new(0).expect("device 0 opens"));
-    if !device.contains("Tessera CUDA emulator") {
-        eprintln!("SKIPPED: {test}: the counters come from the CPU emulator, not {device}");
+    if !on_the_emulator(test) {
         return;
     }
     let four = common::fixtures_dir().join("qwen3_moe");
@@ -409,12 +418,7 @@ fn a_decode_step_copies_the_same_whatever_the_layer_count() {
 #[test]
 fn prefill_attention_picks_the_prompt_kernel() {
     let test = "prefill_attention_picks_the_prompt_kernel";
-    if !gpu_present(test) {
-        return;
-    }
-    let device = tessera_kernels::Backend::name(&CudaBackend::new(0).expect("device 0 opens"));
-    if !device.contains("Tessera CUDA emulator") {
-        eprintln!("SKIPPED: {test}: the counters come from the CPU emulator, not {device}");
+    if !on_the_emulator(test) {
         return;
     }
     let model = common::fixtures_dir().join("qwen3_moe");

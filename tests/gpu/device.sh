@@ -73,8 +73,8 @@ tests)
         RUST_BACKTRACE=1 "$t" --test-threads=1 --nocapture 2>&1 | tee -a "$out/tests.log" | grep -E '^test |SKIPPED|test result|panicked' || true
         [ "${PIPESTATUS[0]}" = 0 ] || status=1
     done
-    # A test that finds no GPU passes with SKIPPED: on this machine only the emulator's counter
-    # test and what one GPU cannot do (two NCCL ranks) should say so.
+    # A test that finds no GPU passes with SKIPPED: on this machine only the two emulator-counter
+    # tests and what one GPU cannot do (two NCCL ranks) should say so.
     skipped=$(grep -o 'SKIPPED: [A-Za-z0-9_]*:' "$out/tests.log" | wc -l)
     echo "skipped: $skipped tests (the reasons are in tests.log)" |
         tee -a "$out/tests.log"
