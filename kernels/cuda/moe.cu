@@ -148,13 +148,15 @@ __device__ u32 block_exclusive_scan(u32 v, u32* total) {
 // Scalars of `moe_plan`; the layout of `PlanArgs` in cuda/moe_experts.rs.
 struct PlanArgs {
     u32 pairs, top_k, num_experts;
-    u32 max_tiles;  // what the host sized `tiles` for and launches the grouped kernels with
+    u32 max_tiles;   // what the host sized `tiles` for and launches the grouped kernels with
+    u32 tile_slots;  // slots per tile: MOE_TM (the SIMT kernels) or MMA_TM (moe_mma.cu)
 };
 
 // Groups the routed pairs by expert. `table` holds (gate, up, down) device addresses per expert,
 // 0 for an expert owned by another rank. Writes, for the `pairs` pairs of `ids` / `weights`:
 // slot_of_pair[pairs] (MOE_NO_SLOT if not owned), token_of_slot[slots], weight_of_slot[slots],
-// offsets[num_experts + 1], tiles[2 * max_tiles] as (expert, first slot) and n_tiles[1].
+// offsets[num_experts + 1], tiles[2 * max_tiles] as (expert, first slot) of up to tile_slots
+// slots each, and n_tiles[1].
 // One block of MOE_PLAN_THREADS threads; num_experts <= MOE_MAX_EXPERTS.
 extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS)
     moe_plan(u32* slot_of_pair, u32* token_of_slot, float* weight_of_slot, u32* offsets,
@@ -174,8 +176,8 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS)
     const u32 count = tid < ne ? fill[tid] : 0u;
     u32 slots_total, tiles_total;
     const u32 s0 = block_exclusive_scan(count, &slots_total);
-    const u32 t0 = block_exclusive_scan((count + MOE_TM - 1) / MOE_TM, &tiles_total);
-    // tiles_total <= pairs / MOE_TM + (experts with tokens) <= max_tiles by construction; the
+    const u32 t0 = block_exclusive_scan((count + a.tile_slots - 1) / a.tile_slots, &tiles_total);
+    // tiles_total <= pairs / tile_slots + (experts with tokens) <= max_tiles by construction; the
     // clamp only keeps a wrong bound from writing past `tiles`.
     const u32 nt = min(tiles_total, a.max_tiles);
     if (tid < ne) {
@@ -210,7 +212,7 @@ extern "C" __global__ void __launch_bounds__(MOE_PLAN_THREADS)
             else hi = mid - 1;
         }
         tiles[2 * (u64)i] = lo;
-        tiles[2 * (u64)i + 1] = slot_start[lo] + (i - tile_start[lo]) * MOE_TM;
+        tiles[2 * (u64)i + 1] = slot_start[lo] + (i - tile_start[lo]) * a.tile_slots;
     }
 }
 

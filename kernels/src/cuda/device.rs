@@ -18,16 +18,17 @@ use super::probe;
 use crate::{BackendError, DType, HostTensor, Result, WeightView};
 
 /// The kernel sources, in the order they are concatenated: `prelude.cu` first (shared helpers).
-const SOURCES: [(&str, &str); 5] = [
+const SOURCES: [(&str, &str); 6] = [
     ("prelude.cu", include_str!("../../cuda/prelude.cu")),
     ("ops.cu", include_str!("../../cuda/ops.cu")),
     ("attention.cu", include_str!("../../cuda/attention.cu")),
     ("prefill.cu", include_str!("../../cuda/prefill.cu")),
     ("moe.cu", include_str!("../../cuda/moe.cu")),
+    ("moe_mma.cu", include_str!("../../cuda/moe_mma.cu")),
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 32] = [
+const KERNELS: [&str; 34] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -59,6 +60,8 @@ const KERNELS: [&str; 32] = [
     "moe_gate_up",
     "moe_down",
     "moe_combine",
+    "moe_gate_up_mma",
+    "moe_down_mma",
     "moe_count",
 ];
 

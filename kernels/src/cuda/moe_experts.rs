@@ -10,8 +10,11 @@
 //!    real count exit at once, so nothing is copied to the host.
 //! 3. `moe_combine` adds each token's `y` rows with their routing weights, in routing order.
 //!
-//! Large steps instead download the per-expert offsets (one small copy, one synchronisation) and
-//! run three cuBLAS products per active expert on tensor cores; see [`use_grouped`] for the line.
+//! Larger steps take the same plan with tiles of [`MMA_TM`] slots and the tensor-core kernels of
+//! moe_mma.cu (`moe_gate_up_mma`, `moe_down_mma`): the same launches, the same arguments, no copy
+//! to the host; see [`use_grouped`] for the line. On a GPU older than Ampere (no `mma.sync` for
+//! tf32) they instead download the per-expert offsets (one small copy, one synchronisation) and
+//! run three cuBLAS products per active expert.
 //!
 //! The grouped kernels take every expert's weights through a device table of addresses (gate,
 //! up, down per expert; 0 where another rank owns the expert), cached per layer by those
@@ -26,8 +29,10 @@ use super::moe::CudaRouting;
 use super::ops::weight_dtype;
 use crate::{BackendError, DType, ExpertWeights, Result};
 
-/// Slots (routed tokens) per tile: `MOE_TM` of moe.cu.
+/// Slots (routed tokens) per tile: `MOE_TM` of moe.cu (the SIMT kernels) and `MMA_TM` of
+/// moe_mma.cu (the tensor-core ones).
 const TM: usize = 8;
+const MMA_TM: usize = 64;
 /// Threads of the one `moe_plan` block, and the most experts its scan handles (one per thread):
 /// `MOE_PLAN_THREADS` and `MOE_MAX_EXPERTS` of moe.cu.
 const PLAN_THREADS: u32 = 1024;
@@ -46,7 +51,8 @@ const GROUPED_MAX_AVG_PAIRS: usize = 2 * TM;
 const TABLE_CACHE_MAX: usize = 4096;
 
 /// Whether a step of `tokens` tokens, `top_k` choices each over `num_experts` experts, runs the
-/// grouped kernels (`true`) or one cuBLAS product per expert.
+/// grouped SIMT kernels (`true`) or, with many tokens per expert, the tensor-core ones (or one
+/// cuBLAS product per expert on a GPU without them).
 ///
 /// The grouped kernels are SIMT and read an expert's weights once per tile of [`TM`] tokens: ideal
 /// for decode, where an expert sees a few tokens and the step is bound by reading each active
@@ -60,19 +66,53 @@ fn use_grouped(tokens: usize, top_k: usize, num_experts: usize) -> bool {
     tokens * top_k <= GROUPED_MAX_AVG_PAIRS * num_experts
 }
 
-/// An upper bound of the tiles of `pairs` routed pairs over `owned` experts: an expert with `c`
-/// pairs has `ceil(c / TM) <= floor(c / TM) + 1` tiles, the floors sum to at most `pairs / TM`,
-/// and at most `min(owned, pairs)` experts have any pair.
-fn max_tiles(pairs: usize, owned: usize) -> usize {
-    pairs / TM + owned.min(pairs)
+/// An upper bound of the tiles of `tm` slots of `pairs` routed pairs over `owned` experts: an
+/// expert with `c` pairs has `ceil(c / tm) <= floor(c / tm) + 1` tiles, the floors sum to at most
+/// `pairs / tm`, and at most `min(owned, pairs)` experts have any pair.
+fn max_tiles(pairs: usize, owned: usize, tm: usize) -> usize {
+    pairs / tm + owned.min(pairs)
 }
+
+/// A pair of grouped kernels over a plan's tiles (same arguments, different tiling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct GroupedKernels {
+    gate_up: &'static str,
+    down: &'static str,
+    /// Slots per tile of the plan they read.
+    tile_slots: usize,
+    threads: u32,
+    /// Output features per block of each.
+    gate_up_features: usize,
+    down_features: usize,
+}
+
+/// The SIMT kernels of moe.cu: a warp per `GU_FEATURES` / `DOWN_FEATURES` output features.
+const SIMT: GroupedKernels = GroupedKernels {
+    gate_up: "moe_gate_up",
+    down: "moe_down",
+    tile_slots: TM,
+    threads: (32 * WARPS) as u32,
+    gate_up_features: WARPS * GU_FEATURES,
+    down_features: WARPS * DOWN_FEATURES,
+};
+
+/// The tensor-core kernels of moe_mma.cu: 64 slots by 64 features per block, four warps.
+const TENSOR_CORES: GroupedKernels = GroupedKernels {
+    gate_up: "moe_gate_up_mma",
+    down: "moe_down_mma",
+    tile_slots: MMA_TM,
+    threads: 128,
+    gate_up_features: 64,
+    down_features: 64,
+};
 
 /// How a call runs its experts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
-    /// [`use_grouped`] decides.
+    /// [`use_grouped`] and the device decide.
     Auto,
     Grouped,
+    TensorCores,
     PerExpert,
 }
 
@@ -93,6 +133,7 @@ struct PlanArgs {
     top_k: u32,
     num_experts: u32,
     max_tiles: u32,
+    tile_slots: u32,
 }
 
 // SAFETY: `repr(C)` with only `u32` fields, matching the C struct field for field; passed by value.
@@ -121,6 +162,17 @@ struct ExpertLayer {
     dtype: DType,
     inter: usize,
     owned: usize,
+}
+
+/// One call of the grouped kernels, checked: the step, its plan and the kernels to run.
+#[derive(Clone, Copy)]
+struct GroupedCall<'a> {
+    x: &'a CudaTensor,
+    r: &'a CudaRouting,
+    plan: &'a Plan,
+    table: &'a CudaSlice<u64>,
+    layer: &'a ExpertLayer,
+    kernels: GroupedKernels,
 }
 
 /// The device plan of one call (`moe_plan`), sized for `pairs` routed pairs.
@@ -157,6 +209,17 @@ impl CudaBackend {
         experts: &[Option<ExpertWeights<'_, Self>>],
     ) -> Result<CudaTensor> {
         self.moe_path(x, r, experts, Path::Grouped)
+    }
+
+    /// [`crate::Backend::moe`] through the tensor-core grouped kernels whatever the step's size
+    /// (for tests and benchmarks: the automatic choice sends small steps to the SIMT ones).
+    pub fn moe_tensor_cores(
+        &self,
+        x: &CudaTensor,
+        r: &CudaRouting,
+        experts: &[Option<ExpertWeights<'_, Self>>],
+    ) -> Result<CudaTensor> {
+        self.moe_path(x, r, experts, Path::TensorCores)
     }
 
     /// [`crate::Backend::moe`] through one cuBLAS product per expert whatever the step's size
@@ -211,16 +274,37 @@ impl CudaBackend {
             return Ok(out);
         }
         let table = self.expert_table(&layer.addrs)?;
-        let plan = self.plan(r, &table, experts.len(), layer.owned)?;
-        let grouped = match path {
-            Path::Auto => use_grouped(r.tokens, r.top_k, experts.len()),
-            Path::Grouped => true,
-            Path::PerExpert => false,
+        let tensor_cores = self.info.compute_capability.0 >= 8;
+        let path = match path {
+            Path::Auto if use_grouped(r.tokens, r.top_k, experts.len()) => Path::Grouped,
+            Path::Auto if tensor_cores => Path::TensorCores,
+            Path::Auto => Path::PerExpert,
+            Path::TensorCores if !tensor_cores => {
+                return Err(BackendError::Unsupported {
+                    op: "moe on tensor cores (needs compute capability 8.0)",
+                    backend: "cuda",
+                });
+            }
+            chosen => chosen,
         };
-        if grouped {
-            self.run_grouped(x, r, &plan, &table, &layer, &mut out)?;
+        let kernels = if path == Path::TensorCores {
+            TENSOR_CORES
         } else {
+            SIMT
+        };
+        let plan = self.plan(r, &table, (experts.len(), layer.owned), kernels.tile_slots)?;
+        if path == Path::PerExpert {
             self.run_per_expert(x, &plan, experts, &mut out)?;
+        } else {
+            let call = GroupedCall {
+                x,
+                r,
+                plan: &plan,
+                table: &table,
+                layer: &layer,
+                kernels,
+            };
+            self.run_grouped(&call, &mut out)?;
         }
         Ok(out)
     }
@@ -319,21 +403,23 @@ impl CudaBackend {
         Ok(table)
     }
 
+    /// The device plan of `r` over `(num_experts, owned)` experts, in tiles of `tile_slots`.
     fn plan(
         &self,
         r: &CudaRouting,
         table: &CudaSlice<u64>,
-        num_experts: usize,
-        owned: usize,
+        (num_experts, owned): (usize, usize),
+        tile_slots: usize,
     ) -> Result<Plan> {
         const OP: &str = "moe (plan)";
         let pairs = r.tokens * r.top_k;
-        let max_tiles = max_tiles(pairs, owned);
+        let max_tiles = max_tiles(pairs, owned, tile_slots);
         let args = PlanArgs {
             pairs: to_u32(OP, pairs)?,
             top_k: to_u32(OP, r.top_k)?,
             num_experts: to_u32(OP, num_experts)?,
             max_tiles: to_u32(OP, max_tiles)?,
+            tile_slots: to_u32(OP, tile_slots)?,
         };
         // With pairs < 2^32, max_tiles < 2^29 + MAX_EXPERTS: within a grid's x limit (2^31 - 1),
         // which the grouped kernels launch with.
@@ -380,19 +466,19 @@ impl CudaBackend {
     }
 
     /// Steps 2 and 3 of the module docs: the grouped kernels, then the combine.
-    fn run_grouped(
-        &self,
-        x: &CudaTensor,
-        r: &CudaRouting,
-        plan: &Plan,
-        table: &CudaSlice<u64>,
-        layer: &ExpertLayer,
-        out: &mut CudaTensor,
-    ) -> Result<()> {
+    fn run_grouped(&self, call: &GroupedCall<'_>, out: &mut CudaTensor) -> Result<()> {
         const OP: &str = "moe (grouped)";
+        let GroupedCall {
+            x,
+            r,
+            plan,
+            table,
+            layer,
+            kernels,
+        } = *call;
         let (hidden, inter) = (x.cols, layer.inter);
         let pairs = r.tokens * r.top_k;
-        let block = (32 * WARPS) as u32;
+        let block = kernels.threads;
         let grid = |n: usize, per_block: usize| -> Result<LaunchConfig> {
             let y = n.div_ceil(per_block);
             if y > MAX_GRID_Y {
@@ -408,8 +494,8 @@ impl CudaBackend {
             })
         };
         let (gu_cfg, down_cfg) = (
-            grid(inter, WARPS * GU_FEATURES)?,
-            grid(hidden, WARPS * DOWN_FEATURES)?,
+            grid(inter, kernels.gate_up_features)?,
+            grid(hidden, kernels.down_features)?,
         );
         let code = dtype_code(layer.dtype);
         let (n_hidden, n_inter) = (to_u32(OP, hidden)?, to_u32(OP, inter)?);
@@ -422,7 +508,7 @@ impl CudaBackend {
             k: n_hidden,
             dtype: code,
         };
-        let mut b = self.stream.launch_builder(self.func("moe_gate_up")?);
+        let mut b = self.stream.launch_builder(self.func(kernels.gate_up)?);
         b.arg(&mut h)
             .arg(&x.data)
             .arg(&plan.token_of_slot)
@@ -431,9 +517,10 @@ impl CudaBackend {
             .arg(&plan.n_tiles)
             .arg(table)
             .arg(&gu);
-        // SAFETY: moe_gate_up(float* h, const float* x, const u32* token_of_slot,
+        // SAFETY: moe_gate_up[_mma](float* h, const float* x, const u32* token_of_slot,
         // const u32* offsets, const u32* tiles, const u32* n_tiles, const u64* table,
-        // GroupedArgs a), grid (max_tiles, ceil(inter / (WARPS*GU_FEATURES))), WARPS*32 threads:
+        // GroupedArgs a), grid (max_tiles, ceil(inter / gate_up_features)), `threads` threads,
+        // the plan's tiles of the kernels' `tile_slots` (the plan was made with them):
         // blocks at or past n_tiles[0] <= max_tiles (the plan's bound) return; a tile's slots lie
         // inside its expert's offsets range, below `pairs`, so h (pairs*inter floats) holds every
         // row written; token_of_slot gives tokens < x.rows (pair / top_k), and x holds
@@ -449,7 +536,7 @@ impl CudaBackend {
             k: n_inter,
             dtype: code,
         };
-        let mut b = self.stream.launch_builder(self.func("moe_down")?);
+        let mut b = self.stream.launch_builder(self.func(kernels.down)?);
         b.arg(&mut y)
             .arg(&h)
             .arg(&plan.offsets)
@@ -457,9 +544,9 @@ impl CudaBackend {
             .arg(&plan.n_tiles)
             .arg(table)
             .arg(&dn);
-        // SAFETY: moe_down(float* y, const float* h, const u32* offsets, const u32* tiles,
+        // SAFETY: moe_down[_mma](float* y, const float* h, const u32* offsets, const u32* tiles,
         // const u32* n_tiles, const u64* table, GroupedArgs a), grid (max_tiles,
-        // ceil(hidden / (WARPS*DOWN_FEATURES))), WARPS*32 threads: as for moe_gate_up, tiles
+        // ceil(hidden / down_features)), `threads` threads: as for the gate/up kernel, tiles
         // cover owned experts' slots below `pairs`; y holds pairs*hidden floats and h
         // pairs*inter, every row read written by moe_gate_up before (same stream); the down
         // weight is [hidden, inter] of `layer.dtype` (checked).
@@ -481,7 +568,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    /// Large steps: the plan's offsets come to the host (the one copy), then each active expert
+    /// Large steps on a GPU without tf32 tensor-core instructions (or when asked): the plan's
+    /// offsets come to the host (the one copy), then each active expert
     /// runs as gather → cuBLAS gate and up → SiLU×mul → cuBLAS down → weighted scatter-add, in
     /// expert order (deterministic: one stream, each launch adds distinct rows).
     fn run_per_expert(
@@ -549,15 +637,17 @@ mod tests {
             for a in 0..=pairs {
                 for b in 0..=pairs - a {
                     let c = pairs - a - b;
-                    let tiles: usize = [a, b, c].iter().map(|n: &usize| n.div_ceil(TM)).sum();
-                    assert!(tiles <= max_tiles(pairs, 3), "{a} {b} {c}");
+                    for tm in [TM, MMA_TM, 5] {
+                        let tiles: usize = [a, b, c].iter().map(|n: &usize| n.div_ceil(tm)).sum();
+                        assert!(tiles <= max_tiles(pairs, 3, tm), "{a} {b} {c} in {tm}");
+                    }
                 }
             }
         }
     }
 
     #[test]
-    fn decode_steps_run_grouped_and_large_prefills_per_expert() {
+    fn decode_steps_run_the_simt_kernels_and_large_prefills_do_not() {
         // Mixtral (8 experts, top-2): decode batches up to 64 tokens stay grouped.
         assert!(use_grouped(1, 2, 8) && use_grouped(64, 2, 8));
         assert!(!use_grouped(65, 2, 8));
