@@ -223,6 +223,34 @@ fn moe_matches_cpu() {
     check_moe_shapes("moe_matches_cpu", &shapes);
 }
 
+/// A step past the SIMT kernels' range (100 tokens, top-2 of 8 experts: 25 pairs per expert)
+/// takes the tensor-core kernels, or with the backend's switch off cuBLAS per expert; both match
+/// the CPU.
+#[test]
+fn large_steps_take_the_tensor_cores_unless_switched_off() {
+    let test = "large_steps_take_the_tensor_cores_unless_switched_off";
+    let Some(g) = gpu(test) else { return };
+    if g.info().compute_capability.0 < 8 {
+        eprintln!("SKIPPED: {test}: the tensor-core kernels need compute capability 8.0");
+        return;
+    }
+    let s = MoeShape::new(100, 8, 2, 72, 40);
+    let want = moe_shape_case(&CpuBackend, s, |b, x, r, e| b.moe(x, r, e)).expect("cpu");
+    let switch = g.tensor_core_moe();
+    for (on, tol) in [(true, 4e-3), (false, 3e-2)] {
+        switch.store(on, std::sync::atomic::Ordering::Relaxed);
+        let before = g.kernel_launches("moe_gate_up_mma");
+        let got = moe_shape_case(&g, s, |b, x, r, e| b.moe(x, r, e)).expect("gpu");
+        let ran = g.kernel_launches("moe_gate_up_mma") - before;
+        assert_eq!(
+            ran,
+            u64::from(on),
+            "tensor-core launches with the switch {on}"
+        );
+        assert_close(&format!("{test} (switch {on})"), &got, &want, tol);
+    }
+}
+
 #[test]
 fn moe_rows_not_16_byte_aligned_take_the_scalar_path() {
     // 35 and 19 columns: neither 16-bit nor f32 rows are whole 16-byte vectors.

@@ -15,6 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
@@ -71,17 +72,23 @@ pub struct GpuBatch {
     pub eager: Option<EagerBatch>,
 }
 
-/// One prompt prefilled with each kind of prompt attention, in the same run
-/// (`--prefill-compare-len`): the best of `--rounds` prefills each, alternating.
+/// One prompt prefilled with the default kernels and with each tensor-core path swapped for its
+/// predecessor, in the same run (`--prefill-compare-len`): the best of `--rounds` prefills each,
+/// in turn.
 #[derive(Debug, Serialize)]
-pub struct PrefillAttentionCompare {
+pub struct PrefillCompare {
     pub prompt_len: usize,
-    /// Prompt tokens/s with `--prefill-attention tensor-cores`.
+    /// Prompt tokens/s with the defaults: tensor-core attention and MoE kernels.
     pub tensor_cores_tok_s: f64,
-    /// Prompt tokens/s with `--prefill-attention paged`.
-    pub paged_tok_s: f64,
-    /// `tensor_cores_tok_s / paged_tok_s`.
-    pub speedup: f64,
+    /// With `--prefill-attention paged` (the decode attention kernels).
+    pub paged_attention_tok_s: f64,
+    /// With the MoE experts as cuBLAS products per expert (after a copy of the per-expert
+    /// offsets to the host) instead of the tensor-core grouped kernels.
+    pub cublas_moe_tok_s: f64,
+    /// `tensor_cores_tok_s / paged_attention_tok_s`.
+    pub attention_speedup: f64,
+    /// `tensor_cores_tok_s / cublas_moe_tok_s`.
+    pub moe_speedup: f64,
 }
 
 /// A batch decoded without graphs, beside the graphed run.
@@ -111,8 +118,8 @@ pub struct GpuRoofline {
     pub mla_prefill: super::MlaPrefillArg,
     pub timed_steps: usize,
     pub rounds: usize,
-    /// The prompt attention comparison; `None` with `--prefill-compare-len 0`.
-    pub prefill_attention: Option<PrefillAttentionCompare>,
+    /// The prefill kernels' comparison; `None` with `--prefill-compare-len 0`.
+    pub prefill_compare: Option<PrefillCompare>,
     /// Decode graphs over the graphed runs: a refused capture (the driver would not hold some
     /// step) leaves its shape eager, which the graphed column then measures.
     pub graphs: GraphCounts,
@@ -187,7 +194,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         mla_prefill: args.mla_prefill.into(),
     };
     let launches = gpu.launch_counter();
-    let tensor_cores = gpu.tensor_core_prefill();
+    let switches = [gpu.tensor_core_prefill(), gpu.tensor_core_moe()];
     let mut exec = load_executor(Device::Cuda(gpu), plan)?.runner;
     info.load_seconds = loading.elapsed().as_secs_f64();
     let mut alloc = BlockAllocator::new(num_blocks, BLOCK_SIZE);
@@ -231,7 +238,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
             }
         }
     }
-    let prefill_attention = (args.prefill_compare_len > 0)
+    let prefill_compare = (args.prefill_compare_len > 0)
         .then(|| {
             let runs = CompareRuns {
                 prompt_len: args.prefill_compare_len,
@@ -239,7 +246,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
                 vocab: spec.vocab_size,
                 footprint: &footprint,
             };
-            compare_prefill(&mut exec, &mut alloc, &tensor_cores, &runs)
+            compare_prefill(&mut exec, &mut alloc, &switches, &runs)
         })
         .transpose()?;
     let kv_blocks = exec.num_blocks();
@@ -295,7 +302,7 @@ pub fn run(args: &BenchArgs) -> Result<GpuRoofline> {
         mla_prefill: args.mla_prefill,
         timed_steps: args.tokens,
         rounds: args.rounds,
-        prefill_attention,
+        prefill_compare,
         graphs: graph_counts,
     })
 }
@@ -308,27 +315,27 @@ struct CompareRuns<'a> {
     footprint: &'a WeightFootprint,
 }
 
-/// Prefills one prompt with the tensor-core prompt attention and with the paged kernels,
-/// alternating, through `switch` (the backend's [`CudaBackend::tensor_core_prefill`]); leaves
-/// the switch on.
+/// Prefills one prompt with every tensor-core switch on, then with each of `switches` (the
+/// backend's [`CudaBackend::tensor_core_prefill`] and [`CudaBackend::tensor_core_moe`]) off in
+/// turn; leaves them on.
 ///
 /// [`CudaBackend::tensor_core_prefill`]: tessera_kernels::cuda::CudaBackend::tensor_core_prefill
+/// [`CudaBackend::tensor_core_moe`]: tessera_kernels::cuda::CudaBackend::tensor_core_moe
 fn compare_prefill(
     exec: &mut Box<dyn tessera_worker::executor::StepRunner + Send>,
     alloc: &mut BlockAllocator,
-    switch: &AtomicBool,
+    switches: &[Arc<AtomicBool>; 2],
     c: &CompareRuns<'_>,
-) -> Result<PrefillAttentionCompare> {
-    let mut best = [f64::INFINITY; 2];
+) -> Result<PrefillCompare> {
+    // None: every switch on; Some(i): switch i off.
+    let settings = [None, Some(0), Some(1)];
+    let mut best = [f64::INFINITY; 3];
     for round in 0..c.rounds {
-        for (on, best) in [true, false].into_iter().zip(best.iter_mut()) {
-            tracing::info!(
-                round,
-                tokens = c.prompt_len,
-                tensor_cores = on,
-                "prefilling"
-            );
-            switch.store(on, Ordering::Relaxed);
+        for (off, best) in settings.into_iter().zip(best.iter_mut()) {
+            tracing::info!(round, tokens = c.prompt_len, ?off, "prefilling");
+            for (i, s) in switches.iter().enumerate() {
+                s.store(off != Some(i), Ordering::Relaxed);
+            }
             let plan = RunPlan {
                 batch: 1,
                 prompt_len: c.prompt_len,
@@ -340,16 +347,20 @@ fn compare_prefill(
                 launches: None,
             };
             let outcome = run_batch(exec, alloc, &plan);
-            switch.store(true, Ordering::Relaxed);
+            for s in switches {
+                s.store(true, Ordering::Relaxed);
+            }
             *best = best.min(outcome?.prefill_secs);
         }
     }
-    let [tc, paged] = best.map(|secs| c.prompt_len as f64 / secs);
-    Ok(PrefillAttentionCompare {
+    let [tc, paged, cublas] = best.map(|secs| c.prompt_len as f64 / secs);
+    Ok(PrefillCompare {
         prompt_len: c.prompt_len,
         tensor_cores_tok_s: tc,
-        paged_tok_s: paged,
-        speedup: tc / paged,
+        paged_attention_tok_s: paged,
+        cublas_moe_tok_s: cublas,
+        attention_speedup: tc / paged,
+        moe_speedup: tc / cublas,
     })
 }
 

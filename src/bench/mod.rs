@@ -90,8 +90,9 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = MlaPrefillArg::Auto, env = "TESSERA_BENCH_MLA_PREFILL")]
     pub mla_prefill: MlaPrefillArg,
     /// GPU roofline: after the decode sweep, prefill one prompt of this many tokens with the
-    /// tensor-core prompt attention and with the paged kernels (`--prefill-attention`), each
-    /// `--rounds` times, and report both and their ratio; 0 skips it.
+    /// default (tensor-core) kernels, with the paged attention kernels (`--prefill-attention
+    /// paged`) and with cuBLAS per expert for the MoE layers, each `--rounds` times, and report
+    /// the three and the ratios; 0 skips it.
     #[arg(
         long,
         default_value_t = 2048,

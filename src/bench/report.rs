@@ -251,12 +251,17 @@ pub fn gpu_table(r: &GpuRoofline) -> String {
         "decode graphs: {} captured, {} steps replayed, {} captures refused",
         g.captures, g.replays, g.refused
     );
-    if let Some(p) = &r.prefill_attention {
+    if let Some(p) = &r.prefill_compare {
         let _ = writeln!(
             s,
-            "prefill of {} tokens: {:.0} tok/s with tensor-core attention, {:.0} with the paged \
-             kernels ({:.2}x)",
-            p.prompt_len, p.tensor_cores_tok_s, p.paged_tok_s, p.speedup
+            "prefill of {} tokens: {:.0} tok/s on tensor cores; {:.0} with paged attention \
+             ({:.2}x), {:.0} with cuBLAS per expert ({:.2}x)",
+            p.prompt_len,
+            p.tensor_cores_tok_s,
+            p.paged_attention_tok_s,
+            p.attention_speedup,
+            p.cublas_moe_tok_s,
+            p.moe_speedup
         );
     }
     s

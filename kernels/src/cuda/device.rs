@@ -147,6 +147,9 @@ pub struct CudaBackend {
     /// Whether prompt steps may take the tensor-core attention kernels (see
     /// [`CudaBackend::tensor_core_prefill`]); on by default.
     pub(super) tensor_core_prefill: Arc<AtomicBool>,
+    /// Whether large MoE steps take the tensor-core grouped kernels (see
+    /// [`CudaBackend::tensor_core_moe`]); on by default.
+    pub(super) tensor_core_moe: Arc<AtomicBool>,
     // Declared last so that it is dropped after everything that lives in it.
     pub(super) ctx: Arc<CudaContext>,
 }
@@ -263,6 +266,7 @@ impl CudaBackend {
             expert_tables: Default::default(),
             launches: Default::default(),
             tensor_core_prefill: Arc::new(AtomicBool::new(true)),
+            tensor_core_moe: Arc::new(AtomicBool::new(true)),
             ctx,
         })
     }
@@ -306,6 +310,14 @@ impl CudaBackend {
     /// benchmark flips it to time both on one prompt.
     pub fn tensor_core_prefill(&self) -> Arc<AtomicBool> {
         self.tensor_core_prefill.clone()
+    }
+
+    /// The switch of the tensor-core MoE kernels (moe_mma.cu), shared like the one above: on (the
+    /// default), MoE steps past the SIMT kernels' range take them; off, those steps copy the
+    /// per-expert offsets to the host and run cuBLAS per expert, as a GPU older than Ampere does.
+    /// The GPU benchmark flips it to time both on one prompt.
+    pub fn tensor_core_moe(&self) -> Arc<AtomicBool> {
+        self.tensor_core_moe.clone()
     }
 
     /// Counts one launch (a kernel or a cuBLAS call).

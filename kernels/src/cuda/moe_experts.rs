@@ -275,9 +275,12 @@ impl CudaBackend {
         }
         let table = self.expert_table(&layer.addrs)?;
         let tensor_cores = self.info.compute_capability.0 >= 8;
+        let switched_on = self
+            .tensor_core_moe
+            .load(std::sync::atomic::Ordering::Relaxed);
         let path = match path {
             Path::Auto if use_grouped(r.tokens, r.top_k, experts.len()) => Path::Grouped,
-            Path::Auto if tensor_cores => Path::TensorCores,
+            Path::Auto if tensor_cores && switched_on => Path::TensorCores,
             Path::Auto => Path::PerExpert,
             Path::TensorCores if !tensor_cores => {
                 return Err(BackendError::Unsupported {

@@ -56,6 +56,11 @@ impl CudaBackend {
         match self.never {}
     }
 
+    /// The tensor-core MoE kernels' switch; no device exists in this build.
+    pub fn tensor_core_moe(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+        match self.never {}
+    }
+
     /// The tensor-core prompt attention's switch; no device exists in this build.
     pub fn tensor_core_prefill(&self) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
         match self.never {}
