@@ -4,7 +4,9 @@
 # the tests share one log).
 #   bash tests/gpu/device.sh tests   every CUDA test binary, one test at a time (~ a few minutes)
 #   bash tests/gpu/device.sh bench-qwen3     the GPU roofline on a Qwen3-30B-A3B shape (24 of 48
-#                                            layers), batch 1 and 64
+#                                            layers), batch 1 and 64, then a 2048-token prefill
+#                                            with the default, paged-attention and cuBLAS-MoE
+#                                            kernels (the report's last line)
 #   bash tests/gpu/device.sh bench-mixtral   the same on a Mixtral-8x7B shape (8 of 32 layers)
 #   bash tests/gpu/device.sh bench-deepseek  the same on DeepSeek-V2-Lite's shape (all 27 layers,
 #                                            31 GB): MLA's latent KV cache, then a 2048-token
@@ -100,6 +102,7 @@ bench-qwen3 | bench-mixtral | bench-deepseek)
         for form in absorbed expanded; do
             target/release/tessera bench --roofline --device cuda --batches 1 --tokens 2 \
                 --rounds 1 --warmup 1 --prompt-len 2048 --mla-prefill $form --json \
+                --prefill-compare-len 0 \
                 "${shape[@]}" --checkpoint-dir "$dir" \
                 > "$out/prefill-$form.json" 2>> "$out/bench-$name.log" || status=$?
         done
