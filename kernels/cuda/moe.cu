@@ -325,16 +325,16 @@ __device__ __forceinline__ void moe_dot_chunk(float (&acc)[R][MOE_TM], const cha
     }
 }
 
-// The tile of this block: its expert, first slot and row count (1..=MOE_TM).
+// The tile of this block: its expert, first slot and row count (1..=tm, the plan's tile_slots).
 struct MoeTile {
     u32 expert, first, rows;
 };
 
-__device__ __forceinline__ MoeTile moe_tile(const u32* tiles, const u32* offsets) {
+__device__ __forceinline__ MoeTile moe_tile(const u32* tiles, const u32* offsets, u32 tm) {
     MoeTile t;
     t.expert = tiles[2 * (u64)blockIdx.x];
     t.first = tiles[2 * (u64)blockIdx.x + 1];
-    t.rows = min(offsets[t.expert + 1] - t.first, (u32)MOE_TM);
+    t.rows = min(offsets[t.expert + 1] - t.first, tm);
     return t;
 }
 
@@ -377,7 +377,7 @@ __device__ __forceinline__ void moe_gate_up_body(float* xs, float* h, const floa
                                                  GroupedArgs a) {
     constexpr int F = MOE_GU_FEATURES;
     constexpr u64 esz = DT == DT_F32 ? 4 : 2;
-    const MoeTile t = moe_tile(tiles, offsets);
+    const MoeTile t = moe_tile(tiles, offsets, MOE_TM);
     const char* gate = (const char*)table[3 * (u64)t.expert];
     const char* up = (const char*)table[3 * (u64)t.expert + 1];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -419,7 +419,7 @@ __device__ __forceinline__ void moe_down_body(float* xs, float* y, const float* 
                                               const u64* table, GroupedArgs a) {
     constexpr int F = MOE_DOWN_FEATURES;
     constexpr u64 esz = DT == DT_F32 ? 4 : 2;
-    const MoeTile t = moe_tile(tiles, offsets);
+    const MoeTile t = moe_tile(tiles, offsets, MOE_TM);
     const char* down = (const char*)table[3 * (u64)t.expert + 2];
     const u32 warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const u32 n0 = (blockIdx.y * MOE_WARPS + warp) * F;

@@ -17,15 +17,6 @@
 #define MMA_STRIDE (MMA_TK + MMA_PAD)
 #define MMA_THREADS 128
 
-// The block's tile: expert, first slot, rows (1..=MMA_TM).
-__device__ __forceinline__ MoeTile moe_mma_tile(const u32* tiles, const u32* offsets) {
-    MoeTile t;
-    t.expert = tiles[2 * (u64)blockIdx.x];
-    t.first = tiles[2 * (u64)blockIdx.x + 1];
-    t.rows = min(offsets[t.expert + 1] - t.first, (u32)MMA_TM);
-    return t;
-}
-
 // Stages columns [k0, k0 + MMA_TK) of the tile's rows (row m from src_row[m], f32) and of
 // MMA_TN weight rows from feature n0 (of length k, in `dtype`) for each of `mats` matrices,
 // as tf32 bit patterns; zeros past the tile's rows, past n and past k.
@@ -78,7 +69,7 @@ __device__ void moe_mma_body(float* out, const float* src, const u32* token_of_s
     __shared__ __align__(16) u32 xs[MMA_TM * MMA_STRIDE];
     __shared__ __align__(16) u32 ws[MATS * MMA_TN * MMA_STRIDE];
     __shared__ const float* src_row[MMA_TM];
-    const MoeTile t = moe_mma_tile(tiles, offsets);
+    const MoeTile t = moe_tile(tiles, offsets, MMA_TM);
     const char* w[2];
 #pragma unroll
     for (int j = 0; j < MATS; j++) {
