@@ -1,9 +1,9 @@
-//! The `--device`, `--gpu-memory-utilization`, CUDA graph and `--prefill-attention` flags,
-//! shared by every command that runs the model (`generate`, `serve`, `coordinator`, `worker`).
+//! The `--device`, `--gpu-memory-utilization`, CUDA graph and kernel-choice flags, shared by every
+//! command that runs the model (`generate`, `serve`, `coordinator`, `worker`).
 
 use clap::Args;
 use tessera_worker::device::{
-    DEFAULT_GPU_MEMORY_UTILIZATION, DeviceConfig, DeviceKind, PrefillAttention,
+    DEFAULT_GPU_MEMORY_UTILIZATION, DeviceConfig, DeviceKind, MoeKernels, PrefillAttention,
 };
 
 #[derive(Args, Debug, Clone)]
@@ -35,6 +35,13 @@ pub struct DeviceArgs {
     /// slower for long prompts, a fallback). Launched workers inherit it; ignored on the CPU.
     #[arg(long, default_value_t = PrefillAttention::TensorCores, env = "TESSERA_PREFILL_ATTENTION")]
     pub prefill_attention: PrefillAttention,
+    /// Kernels of MoE steps with many tokens per expert (prefill) on a GPU: `tensor-cores` (the
+    /// grouped tensor-core kernels, 64 routed tokens of one expert per tile, no copy to the host;
+    /// on Ampere or newer) or `cublas` (the per-expert offsets copied to the host, then cuBLAS
+    /// products per active expert, a fallback). Decode-sized steps always take the grouped SIMT
+    /// kernels. Launched workers inherit it; ignored on the CPU.
+    #[arg(long, default_value_t = MoeKernels::TensorCores, env = "TESSERA_MOE_KERNELS")]
+    pub moe_kernels: MoeKernels,
 }
 
 impl DeviceArgs {
@@ -50,6 +57,7 @@ impl DeviceArgs {
                 self.cuda_graph_max_batch
             },
             prefill_attention: self.prefill_attention,
+            moe_kernels: self.moe_kernels,
         }
     }
 }
@@ -84,7 +92,7 @@ mod tests {
     }
 
     #[test]
-    fn prefill_attention_defaults_to_the_tensor_cores() {
+    fn kernel_choices_default_to_the_tensor_cores() {
         let parse = |args: &[&str]| {
             let argv = std::iter::once("tessera").chain(args.iter().copied());
             Cli::try_parse_from(argv).map(|c| c.device.config(0).prefill_attention)
@@ -98,5 +106,14 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("flash") && err.contains("paged"), "{err}");
+        let moe = |args: &[&str]| {
+            let argv = std::iter::once("tessera").chain(args.iter().copied());
+            Cli::try_parse_from(argv).map(|c| c.device.config(0).moe_kernels)
+        };
+        assert_eq!(moe(&[]).unwrap(), MoeKernels::TensorCores);
+        assert_eq!(
+            moe(&["--moe-kernels", "cublas"]).unwrap(),
+            MoeKernels::Cublas
+        );
     }
 }

@@ -412,31 +412,42 @@ fn a_decode_step_copies_the_same_whatever_the_layer_count() {
     );
 }
 
-/// `--prefill-attention` reaches the GPU backend: a 40-token prompt (one tile of 40) takes the
-/// tensor-core kernel by default and the paged one with `paged`, and both give transformers'
-/// tokens (the fixture tests above check those with the default). Emulator only, as above.
+/// `--prefill-attention` and `--moe-kernels` reach the GPU backend: a 100-token prompt (tiles of
+/// 64 and 36; 200 routed pairs over the one MoE layer's 8 experts, past the SIMT kernels' 16 per
+/// expert) takes the tensor-core attention and MoE kernels by default, and the paged attention or
+/// cuBLAS per expert when asked. The fixture tests above check the default's tokens against
+/// transformers. Emulator only, as above.
 #[test]
-fn prefill_attention_picks_the_prompt_kernel() {
-    let test = "prefill_attention_picks_the_prompt_kernel";
+fn kernel_flags_pick_the_prompt_kernels() {
+    let test = "kernel_flags_pick_the_prompt_kernels";
     if !on_the_emulator(test) {
         return;
     }
     let model = common::fixtures_dir().join("qwen3_moe");
-    let ids: Vec<String> = (1..=40).map(|i| i.to_string()).collect();
+    let ids: Vec<String> = (1..=100).map(|i| i.to_string()).collect();
     let ids = ids.join(",");
-    let launches = |kind: &str| {
-        let c = emulator_counters(
-            &model,
-            2,
-            &["--prompt-ids", &ids, "--prefill-attention", kind],
-        );
+    let launches = |flags: &[&str]| {
+        let extra = [&["--prompt-ids", ids.as_str()][..], flags].concat();
+        let c = emulator_counters(&model, 2, &extra);
         let n = |k: &str| c.get(&format!("launch:{k}")).copied().unwrap_or(0.0);
-        (n("prefill_attention"), n("paged_attention"))
+        [
+            n("prefill_attention"),
+            n("paged_attention"),
+            n("moe_gate_up_mma"),
+        ]
     };
     let layers = 4.0;
-    // The prompt step in every layer, then one decode step with the paged kernel.
-    assert_eq!(launches("tensor-cores"), (layers, layers));
-    assert_eq!(launches("paged"), (0.0, 2.0 * layers));
+    // The prompt step's attention in every layer and its one MoE layer, then one decode step
+    // with the paged attention kernel (and the SIMT MoE kernels).
+    assert_eq!(launches(&[]), [layers, layers, 1.0]);
+    assert_eq!(
+        launches(&["--prefill-attention", "paged"]),
+        [0.0, 2.0 * layers, 1.0]
+    );
+    assert_eq!(
+        launches(&["--moe-kernels", "cublas"]),
+        [layers, layers, 0.0]
+    );
 }
 
 /// `tessera bench --roofline --device cuda` end to end on the tiny synthetic model: decode at two

@@ -159,6 +159,7 @@ async fn start_worker(
             &device.cuda_graph_max_batch.to_string(),
         ])
         .args(["--prefill-attention", &device.prefill_attention.to_string()])
+        .args(["--moe-kernels", &device.moe_kernels.to_string()])
         // The flags above say everything: settings in the environment must not override them.
         .env_remove("TESSERA_CLUSTER_CA")
         .env_remove("TESSERA_CLUSTER_CERT")
@@ -170,6 +171,7 @@ async fn start_worker(
         .env_remove("TESSERA_CUDA_GRAPH_MAX_BATCH")
         .env_remove("TESSERA_ENFORCE_EAGER")
         .env_remove("TESSERA_PREFILL_ATTENTION")
+        .env_remove("TESSERA_MOE_KERNELS")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

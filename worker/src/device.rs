@@ -116,6 +116,42 @@ impl fmt::Display for PrefillAttention {
     }
 }
 
+/// Which kernels a GPU's large MoE steps take (`--moe-kernels`; decode-sized steps always take
+/// the grouped SIMT kernels).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MoeKernels {
+    /// The grouped tensor-core kernels (64 routed tokens of one expert per tile), with no copy to
+    /// the host, on a GPU that has them (sm_80+), else cuBLAS per expert.
+    #[default]
+    TensorCores,
+    /// The per-expert offsets copied to the host, then three cuBLAS products per active expert:
+    /// kept to compare against and as a fallback.
+    Cublas,
+}
+
+impl FromStr for MoeKernels {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tensor-cores" => Ok(MoeKernels::TensorCores),
+            "cublas" => Ok(MoeKernels::Cublas),
+            other => Err(format!(
+                "unknown MoE kernels {other:?}: expected tensor-cores or cublas"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for MoeKernels {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MoeKernels::TensorCores => "tensor-cores",
+            MoeKernels::Cublas => "cublas",
+        })
+    }
+}
+
 /// Device settings of a process that runs the model.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DeviceConfig {
@@ -133,6 +169,8 @@ pub struct DeviceConfig {
     /// Attention kernels of prompt steps. Default: [`PrefillAttention::TensorCores`]. Ignored on
     /// the CPU.
     pub prefill_attention: PrefillAttention,
+    /// Kernels of large MoE steps. Default: [`MoeKernels::TensorCores`]. Ignored on the CPU.
+    pub moe_kernels: MoeKernels,
 }
 
 impl Default for DeviceConfig {
@@ -143,6 +181,7 @@ impl Default for DeviceConfig {
             local_rank: 0,
             cuda_graph_max_batch: crate::graphs::DEFAULT_MAX_BATCH,
             prefill_attention: PrefillAttention::default(),
+            moe_kernels: MoeKernels::default(),
         }
     }
 }
@@ -201,9 +240,11 @@ impl Device {
                 None => cfg.local_rank % CudaBackend::device_count()?.max(1),
             };
             let b = CudaBackend::new(ordinal)?;
-            let tensor_cores = cfg.prefill_attention == PrefillAttention::TensorCores;
-            b.tensor_core_prefill()
-                .store(tensor_cores, std::sync::atomic::Ordering::Relaxed);
+            let relaxed = std::sync::atomic::Ordering::Relaxed;
+            let attention = cfg.prefill_attention == PrefillAttention::TensorCores;
+            b.tensor_core_prefill().store(attention, relaxed);
+            let moe = cfg.moe_kernels == MoeKernels::TensorCores;
+            b.tensor_core_moe().store(moe, relaxed);
             Ok(b)
         };
         match cfg.kind {
@@ -498,7 +539,7 @@ mod tests {
     }
 
     #[test]
-    fn prefill_attention_round_trips_and_names_bad_values() {
+    fn kernel_choices_round_trip_and_name_bad_values() {
         for p in [PrefillAttention::TensorCores, PrefillAttention::Paged] {
             assert_eq!(p.to_string().parse::<PrefillAttention>(), Ok(p));
         }
@@ -507,6 +548,11 @@ mod tests {
             err.contains("flash") && err.contains("tensor-cores"),
             "{err}"
         );
+        for m in [MoeKernels::TensorCores, MoeKernels::Cublas] {
+            assert_eq!(m.to_string().parse::<MoeKernels>(), Ok(m));
+        }
+        let err = "triton".parse::<MoeKernels>().unwrap_err();
+        assert!(err.contains("triton") && err.contains("cublas"), "{err}");
     }
 
     #[test]
