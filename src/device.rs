@@ -93,27 +93,20 @@ mod tests {
 
     #[test]
     fn kernel_choices_default_to_the_tensor_cores() {
-        let parse = |args: &[&str]| {
+        let config = |args: &[&str]| {
             let argv = std::iter::once("tessera").chain(args.iter().copied());
-            Cli::try_parse_from(argv).map(|c| c.device.config(0).prefill_attention)
+            Cli::try_parse_from(argv).map(|c| c.device.config(0))
         };
-        assert_eq!(parse(&[]).unwrap(), PrefillAttention::TensorCores);
-        assert_eq!(
-            parse(&["--prefill-attention", "paged"]).unwrap(),
-            PrefillAttention::Paged
-        );
-        let err = parse(&["--prefill-attention", "flash"])
+        let defaults = config(&[]).unwrap();
+        assert_eq!(defaults.prefill_attention, PrefillAttention::TensorCores);
+        assert_eq!(defaults.moe_kernels, MoeKernels::TensorCores);
+        let fallbacks = config(&["--prefill-attention", "paged", "--moe-kernels", "cublas"]);
+        let fallbacks = fallbacks.unwrap();
+        assert_eq!(fallbacks.prefill_attention, PrefillAttention::Paged);
+        assert_eq!(fallbacks.moe_kernels, MoeKernels::Cublas);
+        let err = config(&["--prefill-attention", "flash"])
             .unwrap_err()
             .to_string();
         assert!(err.contains("flash") && err.contains("paged"), "{err}");
-        let moe = |args: &[&str]| {
-            let argv = std::iter::once("tessera").chain(args.iter().copied());
-            Cli::try_parse_from(argv).map(|c| c.device.config(0).moe_kernels)
-        };
-        assert_eq!(moe(&[]).unwrap(), MoeKernels::TensorCores);
-        assert_eq!(
-            moe(&["--moe-kernels", "cublas"]).unwrap(),
-            MoeKernels::Cublas
-        );
     }
 }
