@@ -10,7 +10,7 @@
 // as they are; f32 weights are rounded to tf32), activations rounded to tf32: products are
 // about as exact as cuBLAS's, which rounds the activations to the weights' 16-bit type.
 
-#define MMA_TM 64   // slots per tile: 4 warps of 16 (cuda/moe_mma.rs TILE_SLOTS)
+#define MMA_TM 64   // slots per tile: 4 warps of 16 (MMA_TM of cuda/moe_experts.rs)
 #define MMA_TN 64   // output features per block
 #define MMA_TK 32   // input features per staged chunk
 #define MMA_PAD 4   // floats of padding per staged row: a fragment's 32 loads hit 32 banks

@@ -11,7 +11,7 @@
 // num_kv_heads * head_groups). Keys are read PF_KEYS at a time; a warp whose tokens attend none
 // of a chunk's keys (causality, sliding window) skips its products but still loads its share.
 // Queries and probabilities are rounded to tf32 (10 mantissa bits), so results differ from the
-// f32 decode kernels by about 1e-3 relative; keys and values are bf16 in the cache, which tf32
+// f32 decode kernels by a few 1e-4 of the output's scale; keys and values are bf16 in the cache, which tf32
 // holds exactly.
 
 #define PF_WARPS 4
@@ -37,8 +37,8 @@ struct PfRows {
     u32 pos[2], from[2];
 };
 
-// Keys [kb, kb + PF_KEYS) of KV head `kvh`, and their values, widened-free into shared memory as
-// bf16 rows padded by 8 elements (keys of different rows of an mma fragment then sit in
+// Keys [kb, kb + PF_KEYS) of KV head `kvh`, and their values, copied into shared memory as the
+// cache's bf16 rows, padded by 8 elements (keys of different rows of an mma fragment then sit in
 // different banks); rows at or past `hi` are zeros, so their probabilities (0) never meet stale
 // values.
 __device__ __forceinline__ void pf_load(u16* ks, u16* vs, const u16* kc, const u16* vc,

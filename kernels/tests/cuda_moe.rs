@@ -8,7 +8,7 @@ mod common;
 
 use common::{assert_close, gpu, ids_meta, rand_vec, rope_table, weight};
 use tessera_kernels::cpu::CpuBackend;
-use tessera_kernels::cuda::{CudaBackend, CudaRouting, CudaTensor};
+use tessera_kernels::cuda::{CudaBackend, CudaRouting, CudaTensor, plan};
 use tessera_kernels::{
     Backend, BackendError, DType, ExpertWeights, GroupScore, Result, RopeLayout, RouterParams,
     Scoring, StepShape,
@@ -193,7 +193,9 @@ fn check_moe_shapes(test: &str, shapes: &[MoeShape]) {
             }),
             ("auto", half_tol, |b, x, r, e| b.moe(x, r, e)),
         ];
-        if s.hidden * s.inter <= TENSOR_CORE_MAX_CELLS && g.info().compute_capability.0 >= 8 {
+        if s.hidden * s.inter <= TENSOR_CORE_MAX_CELLS
+            && plan::has_tf32_mma(g.info().compute_capability)
+        {
             runs.push(("tensor cores", 4e-3, |b, x, r, e| {
                 b.moe_tensor_cores(x, r, e)
             }));
@@ -230,7 +232,7 @@ fn moe_matches_cpu() {
 fn large_steps_take_the_tensor_cores_unless_switched_off() {
     let test = "large_steps_take_the_tensor_cores_unless_switched_off";
     let Some(g) = gpu(test) else { return };
-    if g.info().compute_capability.0 < 8 {
+    if !plan::has_tf32_mma(g.info().compute_capability) {
         eprintln!("SKIPPED: {test}: the tensor-core kernels need compute capability 8.0");
         return;
     }

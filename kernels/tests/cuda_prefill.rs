@@ -79,11 +79,7 @@ fn tiled_kernel(h: Heads) -> &'static str {
         group: h.heads / h.kv_heads,
         qk_dim: h.qk,
         v_dim: h.vd,
-        v_stride: if h.values == tessera_kernels::KvValues::KeyPrefix {
-            h.qk
-        } else {
-            h.vd
-        },
+        v_stride: h.kv_spec(1, BLOCK).v_stride(),
         compute_capability: (9, 0),
         tokens: prompt.num_tokens(),
         tiles: tiles.len(),
@@ -101,7 +97,7 @@ fn compare_tiled(
     launches: u64,
 ) {
     let Some(g) = gpu(what) else { return };
-    if g.info().compute_capability.0 < 8 {
+    if !plan::has_tf32_mma(g.info().compute_capability) {
         eprintln!("SKIPPED: {what}: the tensor-core kernel needs compute capability 8.0");
         return;
     }

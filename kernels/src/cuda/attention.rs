@@ -204,7 +204,7 @@ impl CudaBackend {
             views: StepViews::of(step),
             rows: step.rows,
             max_span: step.max_span(p.sliding_window),
-            tiles: (step.tiles(), step.num_tiles),
+            tiles: step.tiles(),
         };
         self.attend(q, cache, over, p)
     }

@@ -142,7 +142,7 @@ impl CudaBackend {
             },
             rows: step.rows,
             max_span: step.meta.max_span(p.sliding_window),
-            tiles: (step.tiles(), step.num_tiles),
+            tiles: step.tiles(),
         };
         self.attend(q, &dense, over, p)
     }

@@ -274,7 +274,7 @@ impl CudaBackend {
             return Ok(out);
         }
         let table = self.expert_table(&layer.addrs)?;
-        let tensor_cores = self.info.compute_capability.0 >= 8;
+        let tensor_cores = super::plan::has_tf32_mma(self.info.compute_capability);
         let switched_on = self
             .tensor_core_moe
             .load(std::sync::atomic::Ordering::Relaxed);

@@ -167,13 +167,19 @@ pub struct PrefillShape {
     pub tiles: usize,
 }
 
+/// Whether a device of compute capability `cc` has the tensor-core instructions the tiled kernels
+/// use (`mma.sync` m16n8k8 on tf32: Ampere, sm_80, and later).
+pub fn has_tf32_mma(cc: (i32, i32)) -> bool {
+    cc.0 >= 8
+}
+
 /// The tiled plan for a step, or `None` where the decode kernels serve it: a device older than
 /// Ampere, heads wider than the tiled kernels hold or not a multiple of 8 (their 16-byte loads
 /// and 8-wide products), or too few tokens per tile (decode).
 pub fn prefill_plan(s: PrefillShape) -> Option<PrefillPlan> {
     let eights = [s.qk_dim, s.v_dim, s.v_stride].iter().all(|d| d % 8 == 0);
     let dense = s.tiles > 0 && s.tokens >= PREFILL_MIN_TOKENS_PER_TILE * s.tiles;
-    if s.compute_capability.0 < 8
+    if !has_tf32_mma(s.compute_capability)
         || !eights
         || !dense
         || s.qk_dim == 0

@@ -51,7 +51,6 @@ struct Packed {
     rows: usize,
     /// The largest block any row reads (checked against a cache's size).
     max_block: Option<u32>,
-    num_tiles: usize,
 }
 
 /// Appends `part` to `packed` and returns where it went.
@@ -137,7 +136,6 @@ fn pack(
         layout,
         rows,
         max_block,
-        num_tiles: tiles.len(),
     })
 }
 
@@ -161,8 +159,6 @@ pub struct CudaStep {
     pub(super) cache_blocks: AtomicUsize,
     /// Set by `prepare_context` (cuda/context.rs).
     pub(super) context: Option<super::context::CudaContext>,
-    /// Tiles of the tiled prompt kernel ([`CudaStep::tiles`]).
-    pub(super) num_tiles: usize,
 }
 
 impl CudaStep {
@@ -204,9 +200,9 @@ impl CudaStep {
         self.part(&self.parts.slots)
     }
 
-    /// `num_tiles` pairs of (first token, tokens): the tiled prompt kernel's work list.
-    pub(super) fn tiles(&self) -> CudaView<'_, u32> {
-        self.part(&self.parts.tiles)
+    /// The tiled prompt kernel's work list, (first token, tokens) pairs, and how many pairs.
+    pub(super) fn tiles(&self) -> (CudaView<'_, u32>, usize) {
+        (self.part(&self.parts.tiles), self.parts.tiles.len() / 2)
     }
 
     /// The longest span of positions a row attends, which sizes split-K attention: the shape's
@@ -246,7 +242,6 @@ impl CudaBackend {
             max_block: p.max_block,
             cache_blocks: AtomicUsize::new(usize::MAX),
             context: None,
-            num_tiles: p.num_tiles,
         })
     }
 
