@@ -5,8 +5,12 @@
 //! expanded by `kv_b_proj` into per-head keys and values, attention over those), from the rotated
 //! queries and the filled latent cache to the per-head values `o_proj` takes.
 //!
-//! `cargo bench -p tessera-kernels --bench mla`. Throughput is prompt tokens; the two forms of
-//! one prompt length run back to back in one process, so their ratio is what to read.
+//! A later chunk of a long prompt (512 new tokens after 2048 cached ones, the fifth step of a
+//! 2560-token prompt under the default 512-token step budget) also runs expanded two heads per
+//! pass: what the worker's policy picks for it within the memory of a 512-row single pass.
+//!
+//! `cargo bench -p tessera-kernels --bench mla`. Throughput is new tokens; the forms of one
+//! case run back to back in one process, so their ratios are what to read.
 
 mod common;
 
@@ -26,7 +30,10 @@ const NOPE: usize = 128;
 const ROPE: usize = 64;
 const V: usize = 128;
 const BLOCK: usize = 16;
-const PROMPTS: &[usize] = &[512, 2048];
+/// `(new tokens, context)`: two fresh prompts and a later chunk of a long one, with the heads
+/// per expanded pass to time besides all of them at once.
+const CASES: &[(usize, usize, Option<usize>)] =
+    &[(512, 512, None), (2048, 2048, None), (512, 2560, Some(2))];
 
 fn mla_prefill(c: &mut Criterion) {
     let b = CpuBackend;
@@ -56,8 +63,8 @@ fn mla_prefill(c: &mut Criterion) {
         sliding_window: None,
     };
     let mut group = c.benchmark_group("mla_prefill");
-    for &t in PROMPTS {
-        let blocks = t.div_ceil(BLOCK);
+    for &(t, ctx, passes) in CASES {
+        let blocks = ctx.div_ceil(BLOCK);
         let spec = KvSpec {
             num_blocks: blocks,
             block_size: BLOCK,
@@ -70,7 +77,7 @@ fn mla_prefill(c: &mut Criterion) {
             vec![SeqMeta {
                 token_start: 0,
                 num_tokens: t,
-                context_len: t,
+                context_len: ctx,
                 block_table: (0..blocks as u32).rev().collect(),
             }],
             BLOCK,
@@ -85,8 +92,13 @@ fn mla_prefill(c: &mut Criterion) {
         b.write_kv(&mut cache, &rows(LATENT + ROPE, 4), None, &step)
             .expect("write");
         let q = rows(HEADS * (NOPE + ROPE), 5);
+        let name = if ctx == t {
+            format!("p{t}")
+        } else {
+            format!("c{t}_after_{}", ctx - t)
+        };
         group.throughput(Throughput::Elements(t as u64));
-        group.bench_function(BenchmarkId::new(format!("p{t}"), "absorbed"), |bch| {
+        group.bench_function(BenchmarkId::new(&name, "absorbed"), |bch| {
             bch.iter(|| {
                 let (q_nope, q_rot) = b.split_heads(black_box(&q), HEADS, NOPE).unwrap();
                 let q_latent = b.head_linear(&q_nope, &uk_t, HEADS).unwrap();
@@ -95,21 +107,42 @@ fn mla_prefill(c: &mut Criterion) {
                 black_box(b.head_linear(&o, &uv, HEADS).unwrap())
             })
         });
-        group.bench_function(BenchmarkId::new(format!("p{t}"), "expanded"), |bch| {
-            bch.iter(|| {
-                let rows = b.gather_context(&cache, &step).unwrap();
-                let latent = b.narrow_cols(&rows, 0, LATENT).unwrap();
-                let rot = b.narrow_cols(&rows, LATENT, ROPE).unwrap();
-                let kv = b.linear(&latent, &kv_b, None).unwrap();
-                let (k_nope, v) = b.split_heads(&kv, HEADS, NOPE).unwrap();
-                let k = b.concat_heads_shared(&k_nope, &rot, HEADS).unwrap();
+        // The worker's expanded form (`Mla::expanded`), `per_pass` heads at a time.
+        let expand = |per_pass: usize| {
+            let rows = b.gather_context(&cache, &step).unwrap();
+            let latent = b.narrow_cols(&rows, 0, LATENT).unwrap();
+            let rot = b.narrow_cols(&rows, LATENT, ROPE).unwrap();
+            let mut out = b.zeros(t, HEADS * V).unwrap();
+            for first in (0..HEADS).step_by(per_pass) {
+                let n = per_pass.min(HEADS - first);
+                let w = (NOPE + V) * first..(NOPE + V) * (first + n);
+                let kv = b.linear_rows(&latent, &kv_b, w).unwrap();
+                let (k_nope, v) = b.split_heads(&kv, n, NOPE).unwrap();
+                let k = b.concat_heads_shared(&k_nope, &rot, n).unwrap();
                 let kv = KvRows { k: &k, v: &v };
-                black_box(
-                    b.attention_rows(black_box(&q), kv, &step, &expanded)
-                        .unwrap(),
-                )
-            })
+                let params = AttentionParams {
+                    num_heads: n,
+                    num_kv_heads: n,
+                    ..expanded
+                };
+                if n == HEADS {
+                    return b.attention_rows(&q, kv, &step, &params).unwrap();
+                }
+                let q = b
+                    .narrow_cols(&q, first * (NOPE + ROPE), n * (NOPE + ROPE))
+                    .unwrap();
+                let o = b.attention_rows(&q, kv, &step, &params).unwrap();
+                b.write_cols(&mut out, first * V, &o).unwrap();
+            }
+            out
+        };
+        group.bench_function(BenchmarkId::new(&name, "expanded"), |bch| {
+            bch.iter(|| black_box(expand(HEADS)))
         });
+        if let Some(per_pass) = passes {
+            let id = BenchmarkId::new(&name, format!("expanded_{per_pass}_heads_per_pass"));
+            group.bench_function(id, |bch| bch.iter(|| black_box(expand(per_pass))));
+        }
     }
     group.finish();
 }

@@ -84,6 +84,13 @@ extern "C" __global__ void narrow_cols(float* out, const float* x, u32 rows, u32
     if (i < (u64)rows * len) out[i] = x[(i / len) * cols + start + i % len];
 }
 
+// The inverse of narrow_cols: x's `len` columns into columns start.. of the `cols`-wide out.
+extern "C" __global__ void write_cols(float* out, const float* x, u32 rows, u32 cols, u32 start,
+                                      u32 len) {
+    const u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (u64)rows * len) out[(i / len) * cols + start + i % len] = x[i];
+}
+
 // Each (a+b)-wide head of x goes to an a-wide head of xa and a b-wide head of xb.
 // `units` = rows * heads.
 extern "C" __global__ void split_heads(float* xa, float* xb, const float* x, u32 units, u32 a,

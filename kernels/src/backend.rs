@@ -417,6 +417,34 @@ pub fn check_pack_into(dst_len: usize, offset: usize, src_len: usize) -> Result<
     Ok(())
 }
 
+/// Checks [`Backend::linear_rows`]' output rows `rows` of a weight with `out` rows.
+pub fn check_weight_rows(rows: &std::ops::Range<usize>, out: usize) -> Result<()> {
+    if rows.start > rows.end || rows.end > out {
+        return Err(BackendError::shape(
+            "linear_rows",
+            format!(
+                "rows {}..{} of a weight with {out} rows",
+                rows.start, rows.end
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Checks [`Backend::write_cols`]: `src` (rows, cols) at column `start` of `dst` (rows, cols).
+pub fn check_write_cols(dst: (usize, usize), start: usize, src: (usize, usize)) -> Result<()> {
+    if dst.0 != src.0 || start.checked_add(src.1).is_none_or(|end| end > dst.1) {
+        return Err(BackendError::shape(
+            "write_cols",
+            format!(
+                "{}x{} at column {start} of {}x{}",
+                src.0, src.1, dst.0, dst.1
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// The graph type of a backend that has none: no value of it exists.
 pub enum NoGraph {}
 
@@ -537,6 +565,14 @@ pub trait Backend: Send + Sync + Sized + 'static {
         w: &Self::Weight,
         bias: Option<&Self::Weight>,
     ) -> Result<Self::Tensor>;
+    /// `x · W[rows]ᵀ` for `W: [out, in]`: the product with the output rows `rows` alone, read
+    /// where they are stored (MLA's expanded form takes `kv_b_proj` a few heads at a time).
+    fn linear_rows(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        rows: std::ops::Range<usize>,
+    ) -> Result<Self::Tensor>;
     /// `[x · W_iᵀ (+ b_i)]` for several weights applied to the same input (q, k and v), in one
     /// call so that a backend can run them as one pass. The default calls [`Backend::linear`].
     fn linear_many(
@@ -590,6 +626,9 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn mul_sigmoid_rows(&self, x: &mut Self::Tensor, g: &Self::Tensor) -> Result<()>;
     /// Columns `start .. start + len`.
     fn narrow_cols(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
+    /// Writes `src: [T, c]` into columns `start .. start + c` of `dst: [T, _]` (the inverse of
+    /// [`Backend::narrow_cols`]).
+    fn write_cols(&self, dst: &mut Self::Tensor, start: usize, src: &Self::Tensor) -> Result<()>;
     /// Splits every head of `x: [T, heads*(a+b)]` into `([T, heads*a], [T, heads*b])`.
     fn split_heads(
         &self,

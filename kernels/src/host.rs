@@ -266,6 +266,15 @@ impl WeightView<'_> {
         self.len() == 0
     }
 
+    /// Elements `range` (a weight's rows `a..b` are elements `a·cols .. b·cols`).
+    pub fn slice(&self, range: std::ops::Range<usize>) -> Self {
+        match self {
+            WeightView::F32(v) => WeightView::F32(&v[range]),
+            WeightView::F16(v) => WeightView::F16(&v[range]),
+            WeightView::BF16(v) => WeightView::BF16(&v[range]),
+        }
+    }
+
     /// Converts elements `start..start + out.len()` to f32 into `out`.
     #[inline]
     pub fn convert_into(&self, start: usize, out: &mut [f32]) {

@@ -99,6 +99,10 @@ fn linear_case<B: Backend>(b: &B, dtype: DType, tokens: usize) -> Result<Vec<f32
     let z = b.linear(&x, &w, None)?;
     let mut out = b.tensor_to_host(&y)?;
     out.extend(b.tensor_to_host(&z)?);
+    // Ranges of the weight's rows, read in place (MLA's expanded form, a few heads a pass).
+    for rows in [0..n, 5..17, 40..48, 47..48] {
+        out.extend(b.tensor_to_host(&b.linear_rows(&x, &w, rows)?)?);
+    }
     Ok(out)
 }
 
@@ -217,6 +221,12 @@ fn elementwise_case<B: Backend>(b: &B) -> Result<Vec<f32>> {
     out.extend(b.tensor_to_host(&b.concat_heads(&xa, &y6, 3)?)?);
     out.extend(b.tensor_to_host(&b.concat_heads(&y6, &x, 1)?)?);
     out.extend(b.tensor_to_host(&b.gather_rows(&x, &[4, 0, 0, 2])?)?);
+    // Columns written into a wider tensor, the other columns kept.
+    let mut wide = b.tensor_from_host(rand_vec(r * 30, 14), r, 30)?;
+    b.write_cols(&mut wide, 7, &y6)?;
+    b.write_cols(&mut wide, 6, &b.narrow_cols(&x, 23, 1)?)?;
+    b.write_cols(&mut wide, 30 - c, &x)?;
+    out.extend(b.tensor_to_host(&wide)?);
     Ok(out)
 }
 

@@ -230,7 +230,16 @@ impl<B: Backend> Model<B> {
         let Some(spec) = self.mla_spec() else {
             return MlaForm::Absorbed;
         };
-        self.mla.form(spec, meta)
+        // This rank's heads (every MLA layer has the same).
+        let heads = self
+            .layers
+            .iter()
+            .find_map(|l| match &l.attention {
+                Attention::Mla(a) => Some(a.params().num_heads),
+                Attention::Gqa(_) => None,
+            })
+            .unwrap_or(spec.num_heads);
+        self.mla.form(spec, heads, meta)
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -273,7 +282,7 @@ impl<B: Backend> Model<B> {
         self.check_step(meta, cache, logits)?;
         let mut step = b.prepare_step(meta, &self.rope)?;
         let form = self.mla_form(meta);
-        if form == MlaForm::Expanded {
+        if matches!(form, MlaForm::Expanded { .. }) {
             b.prepare_context(&mut step)?;
         }
         // Decode keeps every row in order: no gather (a launch and an upload on a GPU).

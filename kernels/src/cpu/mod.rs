@@ -19,6 +19,8 @@ mod simd_x86;
 pub use attention::CpuKv;
 pub use moe::CpuRouting;
 
+use std::ops::Range;
+
 use crate::{
     AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvRows, KvSpec, Result,
     RopeApply, RopeLayout, RopeTable, RouterParams, StepMeta,
@@ -236,6 +238,26 @@ impl Backend for CpuBackend {
         ))
     }
 
+    fn linear_rows(&self, x: &CpuTensor, w: &CpuWeight, rows: Range<usize>) -> Result<CpuTensor> {
+        let _p = profile::scope("linear_rows", || {
+            format!("{:?} {rows:?} t{}", w.host.shape(), x.rows)
+        });
+        let (n, k) = w.matrix("linear_rows")?;
+        crate::backend::check_weight_rows(&rows, n)?;
+        if x.cols != k {
+            return Err(BackendError::shape(
+                "linear_rows",
+                format!("x has {} columns, weight {:?}", x.cols, w.host.shape()),
+            ));
+        }
+        let view = w.host.view().slice(rows.start * k..rows.end * k);
+        Ok(tensor(
+            linear::linear(&x.data, k, view, rows.len(), None),
+            x.rows,
+            rows.len(),
+        ))
+    }
+
     fn linear_many(
         &self,
         x: &CpuTensor,
@@ -344,6 +366,21 @@ impl Backend for CpuBackend {
             .copied()
             .collect();
         Ok(tensor(data, x.rows, len))
+    }
+
+    fn write_cols(&self, dst: &mut CpuTensor, start: usize, src: &CpuTensor) -> Result<()> {
+        crate::backend::check_write_cols((dst.rows, dst.cols), start, (src.rows, src.cols))?;
+        if src.cols == 0 {
+            return Ok(());
+        }
+        for (d, s) in dst
+            .data
+            .chunks_exact_mut(dst.cols)
+            .zip(src.data.chunks_exact(src.cols))
+        {
+            d[start..start + src.cols].copy_from_slice(s);
+        }
+        Ok(())
     }
 
     fn split_heads(&self, x: &CpuTensor, heads: usize, a: usize) -> Result<(CpuTensor, CpuTensor)> {
@@ -543,5 +580,63 @@ impl Backend for CpuBackend {
             x.rows,
             x.cols,
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DType;
+
+    fn bf16_weight(n: usize, k: usize) -> HostTensor {
+        let bytes: Vec<u8> = (0..n * k)
+            .flat_map(|i| half::bf16::from_f32(((i * 37 % 23) as f32 - 11.0) / 8.0).to_le_bytes())
+            .collect();
+        HostTensor::from_bytes(&bytes, DType::BF16, vec![n, k]).unwrap()
+    }
+
+    #[test]
+    fn linear_rows_are_the_columns_of_the_whole_product() {
+        let b = CpuBackend;
+        let (n, k, t) = (24, 40, 5);
+        let w = b.upload_weight(bf16_weight(n, k)).unwrap();
+        let xs: Vec<f32> = (0..t * k)
+            .map(|i| ((i * 13 % 17) as f32 - 8.0) / 4.0)
+            .collect();
+        let x = b.tensor_from_host(xs, t, k).unwrap();
+        let whole = b.linear(&x, &w, None).unwrap();
+        for rows in [0..n, 6..13, 23..24, 9..9] {
+            let part = b.linear_rows(&x, &w, rows.clone()).unwrap();
+            assert_eq!(b.dims(&part), (t, rows.len()));
+            let want = b.narrow_cols(&whole, rows.start, rows.len()).unwrap();
+            assert_eq!(part.data, want.data, "rows {rows:?}");
+        }
+        let err = b.linear_rows(&x, &w, 20..25).unwrap_err().to_string();
+        assert!(
+            err.contains("rows 20..25 of a weight with 24 rows"),
+            "{err}"
+        );
+        let narrow = b.tensor_from_host(vec![0.0; t * 3], t, 3).unwrap();
+        let err = b.linear_rows(&narrow, &w, 0..4).unwrap_err().to_string();
+        assert!(err.contains("x has 3 columns"), "{err}");
+    }
+
+    #[test]
+    fn write_cols_undoes_narrow_cols() {
+        let b = CpuBackend;
+        let x = b
+            .tensor_from_host((0..24).map(|v| v as f32).collect(), 3, 8)
+            .unwrap();
+        let mut y = b.zeros(3, 8).unwrap();
+        for (start, len) in [(0, 3), (3, 4), (7, 1)] {
+            b.write_cols(&mut y, start, &b.narrow_cols(&x, start, len).unwrap())
+                .unwrap();
+        }
+        assert_eq!(y.data, x.data);
+        let part = b.narrow_cols(&x, 0, 3).unwrap();
+        let err = b.write_cols(&mut y, 6, &part).unwrap_err().to_string();
+        assert!(err.contains("3x3 at column 6 of 3x8"), "{err}");
+        let short = b.zeros(2, 3).unwrap();
+        assert!(b.write_cols(&mut y, 0, &short).is_err());
     }
 }

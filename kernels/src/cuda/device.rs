@@ -28,7 +28,7 @@ const SOURCES: [(&str, &str); 6] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 34] = [
+const KERNELS: [&str; 35] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -38,6 +38,7 @@ const KERNELS: [&str; 34] = [
     "silu_mul",
     "mul_sigmoid_rows",
     "narrow_cols",
+    "write_cols",
     "split_heads",
     "concat_heads",
     "concat_heads_shared",

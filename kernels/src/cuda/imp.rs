@@ -6,6 +6,8 @@ use super::device::{CudaBackend, CudaTensor, CudaWeight};
 use super::graph::DeviceGraph;
 use super::moe::CudaRouting;
 use super::step::CudaStep;
+use std::ops::Range;
+
 use crate::{
     AttentionParams, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor, KvRows,
     KvSpec, MemoryUse, Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta, StepShape,
@@ -108,7 +110,16 @@ impl Backend for CudaBackend {
         w: &CudaWeight,
         bias: Option<&CudaWeight>,
     ) -> Result<CudaTensor> {
-        self.linear_impl(x, w, bias)
+        self.linear_impl(x, w, bias, None)
+    }
+
+    fn linear_rows(
+        &self,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        rows: Range<usize>,
+    ) -> Result<CudaTensor> {
+        self.linear_impl(x, w, None, Some(rows))
     }
 
     fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32) -> Result<CudaTensor> {
@@ -150,6 +161,10 @@ impl Backend for CudaBackend {
 
     fn narrow_cols(&self, x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
         self.narrow_cols_impl(x, start, len)
+    }
+
+    fn write_cols(&self, dst: &mut CudaTensor, start: usize, src: &CudaTensor) -> Result<()> {
+        self.write_cols_impl(dst, start, src)
     }
 
     fn split_heads(

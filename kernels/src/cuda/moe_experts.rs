@@ -606,10 +606,10 @@ impl CudaBackend {
             let idx = plan.token_of_slot.slice(start..end);
             let xs = self.gather_dev(x, &idx, n)?;
             let h = self.silu_mul_impl(
-                &self.linear_impl(&xs, ex.gate, None)?,
-                &self.linear_impl(&xs, ex.up, None)?,
+                &self.linear_impl(&xs, ex.gate, None, None)?,
+                &self.linear_impl(&xs, ex.up, None, None)?,
             )?;
-            let y = self.linear_impl(&h, ex.down, None)?;
+            let y = self.linear_impl(&h, ex.down, None, None)?;
             let w = plan.weight_of_slot.slice(start..end);
             let mut b = self.stream.launch_builder(self.func("scatter_add_rows")?);
             b.arg(&mut out.data)

@@ -2,6 +2,7 @@
 //! elementwise and reshuffling kernels of `kernels/cuda/ops.cu`.
 
 use std::ffi::c_int;
+use std::ops::Range;
 
 use cudarc::cublas::{result as blas, sys as blas_sys};
 use cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut, DeviceRepr, PushKernelArg};
@@ -38,13 +39,14 @@ fn dtype_code(d: DType) -> i32 {
 
 /// One matrix product per head for cuBLAS: `y[tokens, heads·n]` with head `h` = `x_h · w_hᵀ`, where `x_h` is columns `h·k ..` of
 /// `x[tokens, heads·k]` and `w_h` rows `h·n ..` of `w[heads·n, k]`. One head is a plain linear
-/// layer.
+/// layer, and may start at row `w_row` of `w` (a range of its output rows, read in place).
 #[derive(Clone, Copy)]
 struct GemmShape {
     tokens: usize,
     n: usize,
     k: usize,
     heads: usize,
+    w_row: usize,
 }
 
 /// A [`GemmShape`] with its operands' device addresses and element type.
@@ -157,7 +159,8 @@ impl CudaBackend {
         // W h·n·k elements in, and its yᵀ h·n elements in with columns heads·n apart.
         let result = if s.heads == 1 {
             // SAFETY: the handle is bound to this backend's stream and context (bound above); w
-            // holds n*k elements of `ab_type` (lda = k), x holds tokens*k elements of the same
+            // holds n*k elements of `ab_type` from its row w_row (lda = k; linear_impl checked
+            // w_row + n against the weight's rows), x holds tokens*k elements of the same
             // type (ldb = k), y holds tokens*n f32 (ldc = n); alpha and beta are host f32
             // scalars, as CUBLAS_COMPUTE_32F with the default host pointer mode requires, and
             // outlive the call.
@@ -251,9 +254,12 @@ impl CudaBackend {
     ) -> Result<()> {
         let stream = self.stream.clone();
         let (yp, _yg) = y.data.device_ptr_mut(&stream);
+        // Bytes from the weight's start to its row `w_row`.
+        let skip = |elem: usize| (shape.w_row * shape.k * elem) as u64;
         match &w.data {
             WeightData::F32(wd) => {
                 let (wp, _wg) = wd.device_ptr(&stream);
+                let wp = wp + skip(4);
                 let (xp, _xg) = x.data.device_ptr(&stream);
                 self.gemm(Gemm {
                     shape,
@@ -266,6 +272,7 @@ impl CudaBackend {
             WeightData::Half { dtype, bits } => {
                 let xh = self.to_half(x, *dtype)?;
                 let (wp, _wg) = bits.device_ptr(&stream);
+                let wp = wp + skip(2);
                 let (xp, _xg) = xh.device_ptr(&stream);
                 let ab_type = if *dtype == DType::F16 {
                     blas_sys::cudaDataType::CUDA_R_16F
@@ -283,17 +290,26 @@ impl CudaBackend {
         }
     }
 
+    /// `x · W[rows]ᵀ (+ bias)`: `linear` over all of `W`'s rows, `linear_rows` over some.
     pub(super) fn linear_impl(
         &self,
         x: &CudaTensor,
         w: &CudaWeight,
         bias: Option<&CudaWeight>,
+        rows: Option<Range<usize>>,
     ) -> Result<CudaTensor> {
-        const OP: &str = "linear";
-        let (n, k) = w.matrix(OP)?;
+        let op = if rows.is_some() {
+            "linear_rows"
+        } else {
+            "linear"
+        };
+        let (out, k) = w.matrix(op)?;
+        let rows = rows.unwrap_or(0..out);
+        crate::backend::check_weight_rows(&rows, out)?;
+        let n = rows.len();
         if x.cols != k {
             return Err(BackendError::shape(
-                OP,
+                op,
                 format!("x has {} columns, weight {:?}", x.cols, w.shape),
             ));
         }
@@ -304,7 +320,7 @@ impl CudaBackend {
             && b.shape[0] != n
         {
             return Err(BackendError::shape(
-                OP,
+                op,
                 format!("bias of {} for {n} outputs", b.shape[0]),
             ));
         }
@@ -313,20 +329,21 @@ impl CudaBackend {
             n,
             k,
             heads: 1,
+            w_row: rows.start,
         };
-        let mut y = self.product(OP, x, w, shape)?;
+        let mut y = self.product(op, x, w, shape)?;
         // As before: an empty product returns its zeros without the bias.
         if let Some((_, bv)) = bias
             && x.rows > 0
             && n > 0
             && k > 0
         {
-            let (rows, n32) = (to_u32(OP, x.rows)?, to_u32(OP, n)?);
+            let (rows, n32) = (to_u32(op, x.rows)?, to_u32(op, n)?);
             let mut b = self.stream.launch_builder(self.func("add_bias")?);
             b.arg(&mut y.data).arg(bv).arg(&rows).arg(&n32);
             // SAFETY: add_bias(float* y, const float* b, u32 rows, u32 n): y holds rows*n floats,
             // b holds n (checked above); threads past rows*n return.
-            unsafe { b.launch(grid_1d(x.rows * n)) }.map_err(|e| BackendError::device(OP, e))?;
+            unsafe { b.launch(grid_1d(x.rows * n)) }.map_err(|e| BackendError::device(op, e))?;
         }
         Ok(y)
     }
@@ -344,6 +361,7 @@ impl CudaBackend {
             n,
             k: x.cols / heads,
             heads,
+            w_row: 0,
         };
         self.product(OP, x, w, shape)
     }
@@ -500,6 +518,29 @@ impl CudaBackend {
         // u32 len): out holds rows*len floats, x rows*cols, start+len <= cols (checked).
         unsafe { b.launch(grid_1d(x.rows * len)) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(out)
+    }
+
+    pub(super) fn write_cols_impl(
+        &self,
+        dst: &mut CudaTensor,
+        start: usize,
+        src: &CudaTensor,
+    ) -> Result<()> {
+        const OP: &str = "write_cols";
+        crate::backend::check_write_cols((dst.rows, dst.cols), start, (src.rows, src.cols))?;
+        if src.rows * src.cols == 0 {
+            return Ok(());
+        }
+        let (rows, cols) = (to_u32(OP, dst.rows)?, to_u32(OP, dst.cols)?);
+        let (start, len) = (to_u32(OP, start)?, to_u32(OP, src.cols)?);
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut dst.data).arg(&src.data);
+        b.arg(&rows).arg(&cols).arg(&start).arg(&len);
+        // SAFETY: write_cols(float* out, const float* x, u32 rows, u32 cols, u32 start, u32 len):
+        // out holds rows*cols floats, x rows*len, start+len <= cols (checked).
+        unsafe { b.launch(grid_1d(src.rows * src.cols)) }
+            .map_err(|e| BackendError::device(OP, e))?;
+        Ok(())
     }
 
     pub(super) fn split_heads_impl(

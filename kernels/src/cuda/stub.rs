@@ -6,6 +6,8 @@
 //! [`BackendError::CudaNotAvailable`]. Every method body is an empty `match` on the value that
 //! cannot exist, so none of them can run.
 
+use std::ops::Range;
+
 use crate::{
     AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvRows, KvSpec, Result,
     RopeApply, RopeTable, RouterParams, StepMeta,
@@ -131,6 +133,9 @@ impl Backend for CudaBackend {
     fn linear(&self, _: &CudaTensor, _: &CudaWeight, _: Option<&CudaWeight>) -> Result<CudaTensor> {
         match self.never {}
     }
+    fn linear_rows(&self, _: &CudaTensor, _: &CudaWeight, _: Range<usize>) -> Result<CudaTensor> {
+        match self.never {}
+    }
     fn rms_norm(&self, _: &CudaTensor, _: &CudaWeight, _: f32) -> Result<CudaTensor> {
         match self.never {}
     }
@@ -144,6 +149,9 @@ impl Backend for CudaBackend {
         match self.never {}
     }
     fn narrow_cols(&self, _: &CudaTensor, _: usize, _: usize) -> Result<CudaTensor> {
+        match self.never {}
+    }
+    fn write_cols(&self, _: &mut CudaTensor, _: usize, _: &CudaTensor) -> Result<()> {
         match self.never {}
     }
     fn split_heads(&self, _: &CudaTensor, _: usize, _: usize) -> Result<(CudaTensor, CudaTensor)> {

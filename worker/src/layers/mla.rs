@@ -21,7 +21,13 @@
 //! per step by [`MlaPolicy`]): the step's contexts are read out of the latent cache as rows,
 //! expanded by `kv_b_proj` into per-head keys (plus the shared rotary key) and values, and
 //! attended as ordinary multi-head attention ([`Backend::attention_rows`]), as transformers
-//! computes it. The cache is the same in both forms.
+//! computes it. The cache is the same in both forms. When the step's contexts are longer than
+//! the memory profile's step, the heads are expanded and attended a few at a time (each pass
+//! reads its heads' rows of `kv_b_proj` in place, [`Backend::linear_rows`], and writes its
+//! heads' columns of the output, [`Backend::write_cols`]), so the expanded keys and values of
+//! only those heads exist at once.
+
+use std::ops::Range;
 
 use tessera_common::MlaSpec;
 use tessera_kernels::{AttentionParams, Backend, BlockLayout, KvRows, KvValues, RopeApply};
@@ -209,8 +215,8 @@ impl<B: Backend> Mla<B> {
             },
         )?;
         b.write_kv(cache, &b.concat_heads(&latent, &k_rot, 1)?, None, step)?;
-        if form == MlaForm::Expanded {
-            return self.expanded(b, &q, cache, step);
+        if let MlaForm::Expanded { heads_per_pass } = form {
+            return self.expanded(b, &q, cache, step, heads_per_pass);
         }
         let (q_nope, q_rot) = b.split_heads(&q, h, nope)?;
         let q_latent = b.head_linear(&q_nope, &self.uk_t, h)?;
@@ -221,22 +227,73 @@ impl<B: Backend> Mla<B> {
     }
 
     /// The expanded form's attention, from the queries (`[nope | rope]` per head, rotated) over
-    /// the step's contexts in the cache (this step's rows already written).
+    /// the step's contexts in the cache (this step's rows already written), `heads_per_pass`
+    /// heads at a time.
     fn expanded(
         &self,
         b: &B,
         q: &B::Tensor,
         cache: &B::KvLayer,
         step: &B::Step,
+        heads_per_pass: usize,
     ) -> Result<B::Tensor, WorkerError> {
-        let (h, latent) = (self.expanded.num_heads, self.spec.kv_lora_rank);
+        let s = &self.spec;
+        let (h, latent, v_dim) = (self.expanded.num_heads, s.kv_lora_rank, s.v_head_dim);
         let rows = b.gather_context(cache, step)?;
-        let c_latent = b.narrow_cols(&rows, 0, latent)?;
-        let c_rot = b.narrow_cols(&rows, latent, self.spec.qk_rope_head_dim)?;
-        let kv = self.kv_b.forward(b, &c_latent)?;
-        let (k_nope, v) = b.split_heads(&kv, h, self.spec.qk_nope_head_dim)?;
-        let k = b.concat_heads_shared(&k_nope, &c_rot, h)?;
-        let o = b.attention_rows(q, KvRows { k: &k, v: &v }, step, &self.expanded)?;
-        self.o.forward(b, &o)
+        let context = ExpandedContext {
+            latent: b.narrow_cols(&rows, 0, latent)?,
+            rot: b.narrow_cols(&rows, latent, s.qk_rope_head_dim)?,
+        };
+        drop(rows);
+        if heads_per_pass >= h {
+            let o = self.attend_heads(b, (q, &context), step, 0..h)?;
+            return self.o.forward(b, &o);
+        }
+        let qk = self.expanded.qk_dim;
+        let mut out = b.zeros(b.dims(q).0, h * v_dim)?;
+        for first in (0..h).step_by(heads_per_pass.max(1)) {
+            let heads = first..(first + heads_per_pass).min(h);
+            let q_pass = b.narrow_cols(q, first * qk, heads.len() * qk)?;
+            let o = self.attend_heads(b, (&q_pass, &context), step, heads)?;
+            b.write_cols(&mut out, first * v_dim, &o)?;
+        }
+        self.o.forward(b, &out)
     }
+
+    /// Expanded attention of the local heads `heads` (`q` holds theirs alone) over `context`.
+    fn attend_heads(
+        &self,
+        b: &B,
+        (q, context): (&B::Tensor, &ExpandedContext<B>),
+        step: &B::Step,
+        heads: Range<usize>,
+    ) -> Result<B::Tensor, WorkerError> {
+        let (n, nope) = (heads.len(), self.spec.qk_nope_head_dim);
+        let width = nope + self.spec.v_head_dim;
+        // One weight read in place either way; the whole of it through the ordinary product.
+        let kv = if n == self.expanded.num_heads {
+            self.kv_b.forward(b, &context.latent)?
+        } else {
+            let rows = heads.start * width..heads.end * width;
+            b.linear_rows(&context.latent, &self.kv_b.weight, rows)?
+        };
+        let (k_nope, v) = b.split_heads(&kv, n, nope)?;
+        drop(kv);
+        let k = b.concat_heads_shared(&k_nope, &context.rot, n)?;
+        drop(k_nope);
+        let params = AttentionParams {
+            num_heads: n,
+            num_kv_heads: n,
+            ..self.expanded
+        };
+        Ok(b.attention_rows(q, KvRows { k: &k, v: &v }, step, &params)?)
+    }
+}
+
+/// The step's context rows read out of the latent cache, split for expansion.
+struct ExpandedContext<B: Backend> {
+    /// `[context rows, latent]`, what `kv_b_proj` expands.
+    latent: B::Tensor,
+    /// `[context rows, rope]`, the rotary key every head shares.
+    rot: B::Tensor,
 }

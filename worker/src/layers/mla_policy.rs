@@ -8,10 +8,15 @@
 //! context) is cheapest absorbed; a fresh prompt is cheapest expanded: for DeepSeek-V3's shape
 //! 1.9× less arithmetic at 512 tokens, 3× at 4096. vLLM makes the same split.
 //!
-//! The expanded form also holds every context row's keys and values at once, so it is used
-//! only for steps whose contexts fit [`MlaPolicy::max_context_rows`]: the worker sets it to the
-//! step-token budget its activation profile ran with, and the profile runs its largest step in
-//! this form, so the memory this takes is measured before the KV cache is sized.
+//! The expanded form holds every context row's keys and values at once, for the heads it
+//! expands together. The worker sets [`MlaPolicy::max_context_rows`] to the step-token budget
+//! its activation profile ran with, and the profile runs its largest step in this form with all
+//! heads in one pass, so that much memory is measured before the KV cache is sized. A step with
+//! more context rows (a later chunk of a long prompt) expands fewer heads per pass
+//! ([`MlaForm::Expanded`]'s `heads_per_pass`, from [`pass_floats_per_row`]) and stays within
+//! the same memory; the arithmetic is the same, in more launches. Only when not even one head
+//! fits does [`MlaPrefill::Auto`] fall back to the absorbed form. (vLLM bounds the same memory
+//! by cutting the context into chunks and merging their softmax partials instead.)
 
 use tessera_common::MlaSpec;
 use tessera_kernels::StepMeta;
@@ -21,8 +26,10 @@ use tessera_kernels::StepMeta;
 pub enum MlaForm {
     /// Queries absorbed into the latent space; attention over the latent cache itself.
     Absorbed,
-    /// The context rows expanded into per-head keys and values.
-    Expanded,
+    /// The context rows expanded into per-head keys and values, `heads_per_pass` of the layer's
+    /// heads at a time (all of them, unless the step's contexts are longer than the profiled
+    /// step's).
+    Expanded { heads_per_pass: usize },
 }
 
 /// Which form steps take.
@@ -33,7 +40,8 @@ pub enum MlaPrefill {
     Auto,
     /// Always absorbed.
     Absorbed,
-    /// Always expanded, whatever the step (for tests and the memory profile).
+    /// Always expanded, whatever the step, in passes of one head if memory asks for that (for
+    /// tests and the memory profile).
     Expanded,
 }
 
@@ -41,8 +49,9 @@ pub enum MlaPrefill {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MlaPolicy {
     pub prefill: MlaPrefill,
-    /// Most context rows (the sum of the step's context lengths) [`MlaPrefill::Auto`] expands.
-    /// Default: the scheduler's default step-token budget.
+    /// Most context rows (the sum of the step's context lengths) expanded with every head in one
+    /// pass; more rows take fewer heads per pass, in the same memory. Default: the scheduler's
+    /// default step-token budget.
     pub max_context_rows: usize,
 }
 
@@ -74,21 +83,57 @@ pub fn step_macs(s: &MlaSpec, meta: &StepMeta) -> (u128, u128) {
     (absorbed, expanded)
 }
 
+/// Floats the expanded form holds per context row with `heads` heads in a pass: the gathered
+/// `[latent | rope]` row and its two parts, then per head the up-projected `[nope | v]`, the
+/// same split apart, and the keys with the rotary part appended (a GPU also copies keys and
+/// values into a bf16 scratch cache: half as many floats again). An estimate: only the ratio of
+/// two steps' totals is used.
+pub fn pass_floats_per_row(s: &MlaSpec, heads: usize) -> u128 {
+    let (latent, nope, rope, v) = (
+        s.kv_lora_rank as u128,
+        s.qk_nope_head_dim as u128,
+        s.qk_rope_head_dim as u128,
+        s.v_head_dim as u128,
+    );
+    let per_head = 2 * (nope + v) + (nope + rope) + (nope + rope + v) / 2;
+    2 * (latent + rope) + heads as u128 * per_head
+}
+
 impl MlaPolicy {
-    /// The form for a step over `meta` of a model whose MLA layers are shaped `spec`.
-    pub fn form(&self, spec: &MlaSpec, meta: &StepMeta) -> MlaForm {
+    /// The form for a step over `meta` of a model whose MLA layers are shaped `spec`, with
+    /// `heads` query heads on this rank.
+    pub fn form(&self, spec: &MlaSpec, heads: usize, meta: &StepMeta) -> MlaForm {
+        let heads = heads.max(1);
         match self.prefill {
             MlaPrefill::Absorbed => MlaForm::Absorbed,
-            MlaPrefill::Expanded => MlaForm::Expanded,
+            MlaPrefill::Expanded => MlaForm::Expanded {
+                heads_per_pass: self.heads_per_pass(spec, heads, meta).max(1),
+            },
             MlaPrefill::Auto => {
                 let (absorbed, expanded) = step_macs(spec, meta);
-                if meta.context_rows() <= self.max_context_rows && expanded < absorbed {
-                    MlaForm::Expanded
-                } else {
-                    MlaForm::Absorbed
+                match self.heads_per_pass(spec, heads, meta) {
+                    0 => MlaForm::Absorbed,
+                    _ if expanded >= absorbed => MlaForm::Absorbed,
+                    heads_per_pass => MlaForm::Expanded { heads_per_pass },
                 }
             }
         }
+    }
+
+    /// The most of `heads` heads whose expansion over `meta`'s context rows fits the memory of
+    /// all of them over [`MlaPolicy::max_context_rows`] rows (0: not even one).
+    fn heads_per_pass(&self, spec: &MlaSpec, heads: usize, meta: &StepMeta) -> usize {
+        let rows = meta.context_rows() as u128;
+        if rows <= self.max_context_rows as u128 {
+            return heads;
+        }
+        let budget = self.max_context_rows as u128 * pass_floats_per_row(spec, heads);
+        let (base, per_head) = (
+            pass_floats_per_row(spec, 0),
+            pass_floats_per_row(spec, 1) - pass_floats_per_row(spec, 0),
+        );
+        let fit = budget.saturating_sub(rows * base) / (rows * per_head);
+        fit.min(heads as u128) as usize
     }
 }
 
@@ -131,50 +176,81 @@ mod tests {
         StepMeta::without_ids(seqs, 16)
     }
 
+    /// The expanded form with all of V3's 128 heads in one pass.
+    const ALL: MlaForm = MlaForm::Expanded {
+        heads_per_pass: 128,
+    };
+
     #[test]
     fn decode_stays_absorbed_and_long_prompts_expand() {
         let p = MlaPolicy::default();
         let s = v3();
-        assert_eq!(p.form(&s, &step(&[(1, 4000); 8])), MlaForm::Absorbed);
-        assert_eq!(p.form(&s, &step(&[(1, 2)])), MlaForm::Absorbed);
+        let form = |seqs: &[(usize, usize)]| p.form(&s, 128, &step(seqs));
+        assert_eq!(form(&[(1, 4000); 8]), MlaForm::Absorbed);
+        assert_eq!(form(&[(1, 2)]), MlaForm::Absorbed);
         // A fresh prompt, however short, expands: the absorbed form's projection of its queries
         // costs what expanding its rows does.
-        assert_eq!(p.form(&s, &step(&[(16, 16)])), MlaForm::Expanded);
-        assert_eq!(p.form(&s, &step(&[(512, 512)])), MlaForm::Expanded);
+        assert_eq!(form(&[(16, 16)]), ALL);
+        assert_eq!(form(&[(512, 512)]), ALL);
         let (absorbed, expanded) = step_macs(&s, &step(&[(512, 512)]));
         assert!(10 * absorbed > 18 * expanded, "{absorbed} vs {expanded}");
         let (absorbed, expanded) = step_macs(&s, &step(&[(4096, 4096)]));
         assert!(absorbed > 3 * expanded, "{absorbed} vs {expanded}");
         // A prompt chunk with a few decodes beside it still expands; many long decodes do not.
-        assert_eq!(p.form(&s, &step(&[(448, 448), (1, 60)])), MlaForm::Expanded);
-        assert_eq!(
-            p.form(&s, &step(&[(256, 256), (1, 4000)])),
-            MlaForm::Absorbed
-        );
+        assert_eq!(form(&[(448, 448), (1, 60)]), ALL);
+        assert_eq!(form(&[(256, 256), (1, 4000)]), MlaForm::Absorbed);
     }
 
     #[test]
-    fn contexts_beyond_the_row_bound_stay_absorbed_unless_forced() {
+    fn longer_contexts_expand_fewer_heads_per_pass_in_the_same_memory() {
         let s = v3();
-        // The second chunk of a long prompt: cheaper expanded, but 2048 context rows.
-        let chunk = step(&[(512, 2048)]);
-        let auto = MlaPolicy::default();
-        assert!(step_macs(&s, &chunk).1 < step_macs(&s, &chunk).0);
-        assert_eq!(auto.form(&s, &chunk), MlaForm::Absorbed);
-        let roomy = MlaPolicy {
+        let auto = MlaPolicy {
             max_context_rows: 2048,
-            ..auto
+            ..MlaPolicy::default()
         };
-        assert_eq!(roomy.form(&s, &chunk), MlaForm::Expanded);
+        let passes = |policy: &MlaPolicy, heads, seqs: &[(usize, usize)]| match policy.form(
+            &s,
+            heads,
+            &step(seqs),
+        ) {
+            MlaForm::Expanded { heads_per_pass } => heads_per_pass,
+            MlaForm::Absorbed => 0,
+        };
+        // The second chunk of a long prompt: 2560 context rows, more than the profiled 2048,
+        // expand in passes of fewer heads; the memory each pass holds stays within the budget.
+        let chunk = step(&[(512, 2560)]);
+        assert!(step_macs(&s, &chunk).1 < step_macs(&s, &chunk).0);
+        let budget = 2048 * pass_floats_per_row(&s, 128);
+        for (heads, rows) in [(128, 2560), (128, 16384), (16, 4096), (128, 100_000)] {
+            let g = passes(&auto, heads, &[(512, rows)]);
+            assert!(g >= 1 && g < heads, "{g} heads of {heads} over {rows} rows");
+            let budget = 2048 * pass_floats_per_row(&s, heads);
+            assert!(rows as u128 * pass_floats_per_row(&s, g) <= budget);
+            // One head more would not fit.
+            assert!(rows as u128 * pass_floats_per_row(&s, g + 1) > budget);
+        }
+        assert!(2560 * pass_floats_per_row(&s, 102) <= budget);
+        assert_eq!(passes(&auto, 128, &[(512, 2560)]), 102);
+        // Within the profiled rows every head expands at once.
+        assert_eq!(passes(&auto, 128, &[(512, 2048)]), 128);
+        assert_eq!(passes(&auto, 8, &[(1000, 1000), (1000, 1000)]), 8);
+        // Past what one head's pass fits, Auto stays absorbed and forced expansion takes one
+        // head at a time.
+        let huge = step(&[(512, 10_000_000)]);
+        assert_eq!(auto.form(&s, 128, &huge), MlaForm::Absorbed);
         let forced = MlaPolicy {
             prefill: MlaPrefill::Expanded,
             ..auto
         };
-        assert_eq!(forced.form(&s, &step(&[(1, 9000)])), MlaForm::Expanded);
+        assert_eq!(
+            forced.form(&s, 128, &huge),
+            MlaForm::Expanded { heads_per_pass: 1 }
+        );
+        assert_eq!(passes(&forced, 128, &[(1, 9000)]), 28);
         let never = MlaPolicy {
             prefill: MlaPrefill::Absorbed,
-            ..roomy
+            ..auto
         };
-        assert_eq!(never.form(&s, &chunk), MlaForm::Absorbed);
+        assert_eq!(never.form(&s, 128, &chunk), MlaForm::Absorbed);
     }
 }
