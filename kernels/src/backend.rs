@@ -431,6 +431,17 @@ pub fn check_weight_rows(rows: &std::ops::Range<usize>, out: usize) -> Result<()
     Ok(())
 }
 
+/// Checks [`Backend::narrow_rows`]: rows `start .. start + len` of a tensor with `rows` rows.
+pub fn check_narrow_rows(rows: usize, start: usize, len: usize) -> Result<()> {
+    if start.checked_add(len).is_none_or(|end| end > rows) {
+        return Err(BackendError::shape(
+            "narrow_rows",
+            format!("rows {start}+{len} of {rows}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Checks [`Backend::write_cols`]: `src` (rows, cols) at column `start` of `dst` (rows, cols).
 pub fn check_write_cols(dst: (usize, usize), start: usize, src: (usize, usize)) -> Result<()> {
     if dst.0 != src.0 || start.checked_add(src.1).is_none_or(|end| end > dst.1) {
@@ -626,6 +637,8 @@ pub trait Backend: Send + Sync + Sized + 'static {
     fn mul_sigmoid_rows(&self, x: &mut Self::Tensor, g: &Self::Tensor) -> Result<()>;
     /// Columns `start .. start + len`.
     fn narrow_cols(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
+    /// Rows `start .. start + len` (a contiguous part of the step's tokens).
+    fn narrow_rows(&self, x: &Self::Tensor, start: usize, len: usize) -> Result<Self::Tensor>;
     /// Writes `src: [T, c]` into columns `start .. start + c` of `dst: [T, _]` (the inverse of
     /// [`Backend::narrow_cols`]).
     fn write_cols(&self, dst: &mut Self::Tensor, start: usize, src: &Self::Tensor) -> Result<()>;

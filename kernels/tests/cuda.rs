@@ -227,6 +227,8 @@ fn elementwise_case<B: Backend>(b: &B) -> Result<Vec<f32>> {
     b.write_cols(&mut wide, 6, &b.narrow_cols(&x, 23, 1)?)?;
     b.write_cols(&mut wide, 30 - c, &x)?;
     out.extend(b.tensor_to_host(&wide)?);
+    out.extend(b.tensor_to_host(&b.narrow_rows(&wide, 1, 3)?)?);
+    out.extend(b.tensor_to_host(&b.narrow_rows(&x, 4, 1)?)?);
     Ok(out)
 }
 
@@ -683,5 +685,42 @@ fn launches_are_counted_once_each() {
         let before = count();
         g.head_linear(&x, &heads, 4).unwrap();
         assert_eq!(count() - before, launches, "head_linear {dtype:?}");
+    }
+}
+
+/// A decode listed before a prompt chunk, block size 4: each context written in full first.
+fn decode_first_case<B: Backend>(b: &B, h: Heads) -> Result<Vec<f32>> {
+    let Heads { heads, qk, .. } = h;
+    let mut cache = b.alloc_kv(h.kv_spec(8, 4))?;
+    let rope = rope_table(RopeLayout::Half, 4, 1.0);
+    let seqs = |a: (usize, usize), c: (usize, usize)| {
+        vec![
+            SeqMeta {
+                token_start: 0,
+                num_tokens: a.0,
+                context_len: a.1,
+                block_table: vec![5, 2],
+            },
+            SeqMeta {
+                token_start: a.0,
+                num_tokens: c.0,
+                context_len: c.1,
+                block_table: vec![1, 7],
+            },
+        ]
+    };
+    let fill = StepMeta::without_ids(seqs((6, 6), (8, 8)), 4);
+    let step = b.prepare_step(&fill, &rope)?;
+    h.write(b, &mut cache, &step, (14, 60))?;
+    let meta = StepMeta::without_ids(seqs((1, 6), (4, 8)), 4);
+    let step = b.prepare_step(&meta, &rope)?;
+    let q = b.tensor_from_host(rand_vec(5 * heads * qk, 61), 5, heads * qk)?;
+    b.tensor_to_host(&b.attention(&q, &cache, &step, &h.params(None))?)
+}
+
+#[test]
+fn decode_before_chunk_matches_cpu() {
+    for h in HEAD_LAYOUTS {
+        same_case!(&format!("decode first {h:?}"), 1e-4, decode_first_case, h);
     }
 }

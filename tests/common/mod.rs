@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod server;
+pub mod staggered;
 
 use std::path::PathBuf;
 

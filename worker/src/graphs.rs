@@ -23,7 +23,7 @@ use tessera_kernels::{Backend, BackendError, StepMeta, StepShape};
 
 use crate::WorkerError;
 use crate::kv_cache::KvCache;
-use crate::layers::MlaForm;
+use crate::layers::{MlaAttend, MlaForm};
 use crate::model::{LogitRows, Model, StepOutput};
 use crate::results::StepResults;
 
@@ -211,7 +211,7 @@ impl<B: Backend> DecodeGraphs<B> {
         let graph = b.capture(|| {
             let mut run = || -> Result<(), WorkerError> {
                 // Decode: the absorbed form (the expanded one reads every context row).
-                let ran = model.run(&step, cache, None, MlaForm::Absorbed)?;
+                let ran = model.run(&step, cache, None, &MlaAttend::Whole(MlaForm::Absorbed))?;
                 b.copy_into(&mut out.logits, &ran.logits)?;
                 out.results.fill(b, &ran, shape.rows, &step)?;
                 Ok(())

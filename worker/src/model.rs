@@ -14,7 +14,8 @@ use crate::checkpoint::Slice;
 use crate::collective::Collective;
 use crate::kv_cache::KvCache;
 use crate::layers::{
-    Gqa, Linear, Mla, MlaForm, MlaPolicy, Mlp, Moe, RmsNorm, TpContext, WeightLoader,
+    Gqa, Linear, Mla, MlaAttend, MlaForm, MlaPlan, MlaPolicy, Mlp, Moe, RmsNorm, SplitAttend,
+    SplitStep, TpContext, WeightLoader,
 };
 use crate::results::StepResults;
 
@@ -225,10 +226,10 @@ impl<B: Backend> Model<B> {
         self.mla_spec().is_some()
     }
 
-    /// The form MLA layers take in an eagerly run step over `meta` (absorbed without MLA).
-    pub(crate) fn mla_form(&self, meta: &StepMeta) -> MlaForm {
+    /// How MLA layers attend in an eagerly run step over `meta` (absorbed without MLA).
+    pub(crate) fn mla_plan(&self, meta: &StepMeta) -> MlaPlan {
         let Some(spec) = self.mla_spec() else {
-            return MlaForm::Absorbed;
+            return MlaPlan::Whole(MlaForm::Absorbed);
         };
         // This rank's heads (every MLA layer has the same).
         let heads = self
@@ -239,7 +240,7 @@ impl<B: Backend> Model<B> {
                 Attention::Gqa(_) => None,
             })
             .unwrap_or(spec.num_heads);
-        self.mla.form(spec, heads, meta)
+        self.mla.plan(spec, heads, meta)
     }
 
     pub fn spec(&self) -> &ModelSpec {
@@ -280,14 +281,38 @@ impl<B: Backend> Model<B> {
     ) -> Result<StepOutput, WorkerError> {
         let b = &self.backend;
         self.check_step(meta, cache, logits)?;
-        let mut step = b.prepare_step(meta, &self.rope)?;
-        let form = self.mla_form(meta);
-        if matches!(form, MlaForm::Expanded { .. }) {
-            b.prepare_context(&mut step)?;
-        }
-        // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
-        let keep = (!logits.is_every_row(meta.num_tokens())).then_some(logits.rows);
-        let out = self.run(&step, cache, keep, form)?;
+        let (step, out) = match self.mla_plan(meta) {
+            MlaPlan::Whole(form) => {
+                let mut step = b.prepare_step(meta, &self.rope)?;
+                if matches!(form, MlaForm::Expanded { .. }) {
+                    b.prepare_context(&mut step)?;
+                }
+                // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
+                let keep = (!logits.is_every_row(meta.num_tokens())).then_some(logits.rows);
+                let out = self.run(&step, cache, keep, &MlaAttend::Whole(form))?;
+                (step, out)
+            }
+            MlaPlan::Split {
+                absorbed,
+                heads_per_pass,
+            } => {
+                // The absorbed sequences first; the rows asked for follow their tokens.
+                let split = SplitStep::new(meta, &absorbed);
+                let step = b.prepare_step(&split.meta, &self.rope)?;
+                let absorbed = b.prepare_step(&split.absorbed, &self.rope)?;
+                let mut expanded = b.prepare_step(&split.expanded, &self.rope)?;
+                b.prepare_context(&mut expanded)?;
+                let keep: Vec<usize> = logits.rows.iter().map(|&r| split.token_at[r]).collect();
+                let attend = MlaAttend::Split(SplitAttend {
+                    absorbed_tokens: split.absorbed_tokens(),
+                    absorbed: &absorbed,
+                    expanded: &expanded,
+                    heads_per_pass,
+                });
+                let out = self.run(&step, cache, Some(&keep), &attend)?;
+                (step, out)
+            }
+        };
         let host_logits = self.full_rows_to_host(&out.logits, logits)?;
         // The summaries (when some row is sampled on the host's behalf) and the expert counts
         // come back in one copy.
@@ -346,14 +371,14 @@ impl<B: Backend> Model<B> {
 
     /// The device half of a step over `step`: every layer, then the logits of the rows in
     /// `keep` (every row when `None`), and each MoE layer's routing for the expert counts. No
-    /// copy to or from the host, so a graph can capture it. MLA layers attend in `form` (the
-    /// expanded form needs a step made ready by [`Backend::prepare_context`]).
+    /// copy to or from the host, so a graph can capture it. MLA layers attend as `attend` says
+    /// (the expanded form needs a step made ready by [`Backend::prepare_context`]).
     pub(crate) fn run(
         &self,
         step: &B::Step,
         cache: &mut KvCache<B>,
         keep: Option<&[usize]>,
-        form: MlaForm,
+        attend: &MlaAttend<'_, B>,
     ) -> Result<DeviceOutput<B>, WorkerError> {
         let b = &self.backend;
         let mut x = b.embedding(&self.embed, step)?;
@@ -369,7 +394,7 @@ impl<B: Backend> Model<B> {
             };
             let mut a = match &layer.attention {
                 Attention::Gqa(att) => att.forward(b, &h, kv, step)?,
-                Attention::Mla(att) => att.forward(b, &h, kv, step, form)?,
+                Attention::Mla(att) => att.forward(b, &h, kv, step, attend)?,
             };
             self.tp.all_reduce(b, &mut a)?;
             let h = layer.post_attention_norm.add_forward(b, &mut x, &a)?;

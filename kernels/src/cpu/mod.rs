@@ -368,6 +368,12 @@ impl Backend for CpuBackend {
         Ok(tensor(data, x.rows, len))
     }
 
+    fn narrow_rows(&self, x: &CpuTensor, start: usize, len: usize) -> Result<CpuTensor> {
+        crate::backend::check_narrow_rows(x.rows, start, len)?;
+        let range = start * x.cols..(start + len) * x.cols;
+        Ok(tensor(x.data[range].to_vec(), len, x.cols))
+    }
+
     fn write_cols(&self, dst: &mut CpuTensor, start: usize, src: &CpuTensor) -> Result<()> {
         crate::backend::check_write_cols((dst.rows, dst.cols), start, (src.rows, src.cols))?;
         if src.cols == 0 {
@@ -622,7 +628,7 @@ mod tests {
     }
 
     #[test]
-    fn write_cols_undoes_narrow_cols() {
+    fn write_cols_undoes_narrow_cols_and_rows_narrow() {
         let b = CpuBackend;
         let x = b
             .tensor_from_host((0..24).map(|v| v as f32).collect(), 3, 8)
@@ -638,5 +644,11 @@ mod tests {
         assert!(err.contains("3x3 at column 6 of 3x8"), "{err}");
         let short = b.zeros(2, 3).unwrap();
         assert!(b.write_cols(&mut y, 0, &short).is_err());
+        let rows = b.narrow_rows(&x, 1, 2).unwrap();
+        assert_eq!((rows.rows, rows.cols), (2, 8));
+        assert_eq!(rows.data, x.data[8..24]);
+        assert_eq!(b.narrow_rows(&x, 3, 0).unwrap().rows, 0);
+        let err = b.narrow_rows(&x, 2, 2).unwrap_err().to_string();
+        assert!(err.contains("rows 2+2 of 3"), "{err}");
     }
 }

@@ -129,6 +129,27 @@ impl CudaBackend {
             )
             .map_err(|e| BackendError::device(OP, e))
     }
+
+    /// Rows `start .. start + len` of `x`, copied on the device (one contiguous range).
+    pub(super) fn narrow_rows_impl(
+        &self,
+        x: &CudaTensor,
+        start: usize,
+        len: usize,
+    ) -> Result<CudaTensor> {
+        const OP: &str = "narrow_rows";
+        crate::backend::check_narrow_rows(x.rows, start, len)?;
+        let mut out = self.output(OP, len, x.cols)?;
+        let n = len * x.cols;
+        if n == 0 {
+            return Ok(out);
+        }
+        let from = start * x.cols;
+        self.stream
+            .memcpy_dtod(&x.data.slice(from..from + n), &mut out.data)
+            .map_err(|e| BackendError::device(OP, e))?;
+        Ok(out)
+    }
 }
 
 /// Ends a capture that unwinding left open.

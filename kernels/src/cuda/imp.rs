@@ -163,6 +163,10 @@ impl Backend for CudaBackend {
         self.narrow_cols_impl(x, start, len)
     }
 
+    fn narrow_rows(&self, x: &CudaTensor, start: usize, len: usize) -> Result<CudaTensor> {
+        self.narrow_rows_impl(x, start, len)
+    }
+
     fn write_cols(&self, dst: &mut CudaTensor, start: usize, src: &CudaTensor) -> Result<()> {
         self.write_cols_impl(dst, start, src)
     }

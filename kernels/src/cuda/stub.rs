@@ -151,6 +151,9 @@ impl Backend for CudaBackend {
     fn narrow_cols(&self, _: &CudaTensor, _: usize, _: usize) -> Result<CudaTensor> {
         match self.never {}
     }
+    fn narrow_rows(&self, _: &CudaTensor, _: usize, _: usize) -> Result<CudaTensor> {
+        match self.never {}
+    }
     fn write_cols(&self, _: &mut CudaTensor, _: usize, _: &CudaTensor) -> Result<()> {
         match self.never {}
     }

@@ -25,7 +25,8 @@
 //! the memory profile's step, the heads are expanded and attended a few at a time (each pass
 //! reads its heads' rows of `kv_b_proj` in place, [`Backend::linear_rows`], and writes its
 //! heads' columns of the output, [`Backend::write_cols`]), so the expanded keys and values of
-//! only those heads exist at once.
+//! only those heads exist at once. A step mixing decodes with prompt chunks attends each part in
+//! its own form ([`MlaAttend::Split`]).
 
 use std::ops::Range;
 
@@ -177,7 +178,7 @@ impl<B: Backend> Mla<B> {
         x: &B::Tensor,
         cache: &mut B::KvLayer,
         step: &B::Step,
-        form: MlaForm,
+        attend: &MlaAttend<'_, B>,
     ) -> Result<B::Tensor, WorkerError> {
         let s = &self.spec;
         let (h, nope, rope) = (
@@ -215,20 +216,48 @@ impl<B: Backend> Mla<B> {
             },
         )?;
         b.write_kv(cache, &b.concat_heads(&latent, &k_rot, 1)?, None, step)?;
-        if let MlaForm::Expanded { heads_per_pass } = form {
-            return self.expanded(b, &q, cache, step, heads_per_pass);
-        }
-        let (q_nope, q_rot) = b.split_heads(&q, h, nope)?;
+        let o = match attend {
+            MlaAttend::Whole(MlaForm::Absorbed) => self.absorbed(b, &q, cache, step)?,
+            MlaAttend::Whole(MlaForm::Expanded { heads_per_pass }) => {
+                self.expanded(b, &q, cache, step, *heads_per_pass)?
+            }
+            MlaAttend::Split(split) => {
+                let (tokens, first) = (b.dims(&q).0, split.absorbed_tokens);
+                let q_absorbed = b.narrow_rows(&q, 0, first)?;
+                let q_expanded = b.narrow_rows(&q, first, tokens - first)?;
+                let absorbed = self.absorbed(b, &q_absorbed, cache, split.absorbed)?;
+                let expanded =
+                    self.expanded(b, &q_expanded, cache, split.expanded, split.heads_per_pass)?;
+                let width = h * s.v_head_dim;
+                let mut o = b.zeros(tokens, width)?;
+                b.pack_into(&mut o, 0, &absorbed)?;
+                b.pack_into(&mut o, first * width, &expanded)?;
+                o
+            }
+        };
+        self.o.forward(b, &o)
+    }
+
+    /// The absorbed form's attention, from the queries (`[nope | rope]` per head, rotated) over
+    /// the latent cache: every head's value, `[tokens, heads·v]`.
+    fn absorbed(
+        &self,
+        b: &B,
+        q: &B::Tensor,
+        cache: &B::KvLayer,
+        step: &B::Step,
+    ) -> Result<B::Tensor, WorkerError> {
+        let (h, nope) = (self.params.num_heads, self.spec.qk_nope_head_dim);
+        let (q_nope, q_rot) = b.split_heads(q, h, nope)?;
         let q_latent = b.head_linear(&q_nope, &self.uk_t, h)?;
         let q = b.concat_heads(&q_latent, &q_rot, h)?;
         let o_latent = b.attention(&q, cache, step, &self.params)?;
-        let o = b.head_linear(&o_latent, &self.uv, h)?;
-        self.o.forward(b, &o)
+        Ok(b.head_linear(&o_latent, &self.uv, h)?)
     }
 
     /// The expanded form's attention, from the queries (`[nope | rope]` per head, rotated) over
     /// the step's contexts in the cache (this step's rows already written), `heads_per_pass`
-    /// heads at a time.
+    /// heads at a time: every head's value, `[tokens, heads·v]`.
     fn expanded(
         &self,
         b: &B,
@@ -246,8 +275,7 @@ impl<B: Backend> Mla<B> {
         };
         drop(rows);
         if heads_per_pass >= h {
-            let o = self.attend_heads(b, (q, &context), step, 0..h)?;
-            return self.o.forward(b, &o);
+            return self.attend_heads(b, (q, &context), step, 0..h);
         }
         let qk = self.expanded.qk_dim;
         let mut out = b.zeros(b.dims(q).0, h * v_dim)?;
@@ -257,7 +285,7 @@ impl<B: Backend> Mla<B> {
             let o = self.attend_heads(b, (&q_pass, &context), step, heads)?;
             b.write_cols(&mut out, first * v_dim, &o)?;
         }
-        self.o.forward(b, &out)
+        Ok(out)
     }
 
     /// Expanded attention of the local heads `heads` (`q` holds theirs alone) over `context`.
@@ -296,4 +324,24 @@ struct ExpandedContext<B: Backend> {
     latent: B::Tensor,
     /// `[context rows, rope]`, the rotary key every head shares.
     rot: B::Tensor,
+}
+
+/// How the MLA layers of one step attend, with the steps each part runs over.
+pub enum MlaAttend<'a, B: Backend> {
+    /// The whole step in one form.
+    Whole(MlaForm),
+    /// The step's first tokens absorbed, the rest expanded ([`crate::layers::SplitStep`]).
+    Split(SplitAttend<'a, B>),
+}
+
+/// The two parts of a split step ([`MlaAttend::Split`]).
+pub struct SplitAttend<'a, B: Backend> {
+    /// Tokens attended absorbed: the step's first rows.
+    pub absorbed_tokens: usize,
+    /// Those tokens' sequences as a step of their own.
+    pub absorbed: &'a B::Step,
+    /// The other sequences as a step of their own, made ready for the expanded form
+    /// ([`Backend::prepare_context`]).
+    pub expanded: &'a B::Step,
+    pub heads_per_pass: usize,
 }

@@ -64,23 +64,46 @@ impl Default for MlaPolicy {
     }
 }
 
-/// Multiply-adds per head of a step in each form: `(absorbed, expanded)`.
-pub fn step_macs(s: &MlaSpec, meta: &StepMeta) -> (u128, u128) {
+/// Multiply-adds per head of one sequence's `new` tokens over `ctx` positions in each form:
+/// `(absorbed, expanded)`.
+fn seq_macs(s: &MlaSpec, new: usize, ctx: usize) -> (u128, u128) {
     let (latent, nope, rope, v) = (
         s.kv_lora_rank as u128,
         s.qk_nope_head_dim as u128,
         s.qk_rope_head_dim as u128,
         s.v_head_dim as u128,
     );
-    let (mut absorbed, mut expanded) = (0u128, 0u128);
-    for q in &meta.seqs {
-        let (new, ctx) = (q.num_tokens as u128, q.context_len as u128);
-        // Causal: the new tokens attend about half their own rows beyond the cached prefix.
-        let attended = new * (ctx - new) + new * (new + 1) / 2;
-        absorbed += attended * (2 * latent + rope) + new * latent * (nope + v);
-        expanded += attended * (nope + rope + v) + ctx * latent * (nope + v);
-    }
-    (absorbed, expanded)
+    let (new, ctx) = (new as u128, ctx as u128);
+    // Causal: the new tokens attend about half their own rows beyond the cached prefix.
+    let attended = new * (ctx - new) + new * (new + 1) / 2;
+    (
+        attended * (2 * latent + rope) + new * latent * (nope + v),
+        attended * (nope + rope + v) + ctx * latent * (nope + v),
+    )
+}
+
+/// Multiply-adds per head of a step in each form: `(absorbed, expanded)`.
+pub fn step_macs(s: &MlaSpec, meta: &StepMeta) -> (u128, u128) {
+    meta.seqs.iter().fold((0, 0), |(a, e), q| {
+        let (qa, qe) = seq_macs(s, q.num_tokens, q.context_len);
+        (a + qa, e + qe)
+    })
+}
+
+/// How the MLA layers of one eager step attend ([`MlaPolicy::plan`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MlaPlan {
+    /// Every sequence in one form.
+    Whole(MlaForm),
+    /// Decodes beside prompt chunks: the sequences `absorbed` (indices into the step's, in
+    /// order) attend absorbed, the others expanded, `heads_per_pass` heads at a time. vLLM's MLA
+    /// backends split a batch the same way; taken whole, such a step would either expand every
+    /// decode's context (one decode over 4000 positions costs what a 4000-token prompt's
+    /// expansion does) or run its prompts absorbed.
+    Split {
+        absorbed: Vec<usize>,
+        heads_per_pass: usize,
+    },
 }
 
 /// Floats the expanded form holds per context row with `heads` heads in a pass: the gathered
@@ -100,18 +123,19 @@ pub fn pass_floats_per_row(s: &MlaSpec, heads: usize) -> u128 {
 }
 
 impl MlaPolicy {
-    /// The form for a step over `meta` of a model whose MLA layers are shaped `spec`, with
-    /// `heads` query heads on this rank.
+    /// The form for a step over `meta` taken whole, for a model whose MLA layers are shaped
+    /// `spec`, with `heads` query heads on this rank.
     pub fn form(&self, spec: &MlaSpec, heads: usize, meta: &StepMeta) -> MlaForm {
         let heads = heads.max(1);
+        let passes = self.heads_per_pass(spec, heads, meta.context_rows());
         match self.prefill {
             MlaPrefill::Absorbed => MlaForm::Absorbed,
             MlaPrefill::Expanded => MlaForm::Expanded {
-                heads_per_pass: self.heads_per_pass(spec, heads, meta).max(1),
+                heads_per_pass: passes.max(1),
             },
             MlaPrefill::Auto => {
                 let (absorbed, expanded) = step_macs(spec, meta);
-                match self.heads_per_pass(spec, heads, meta) {
+                match passes {
                     0 => MlaForm::Absorbed,
                     _ if expanded >= absorbed => MlaForm::Absorbed,
                     heads_per_pass => MlaForm::Expanded { heads_per_pass },
@@ -120,10 +144,39 @@ impl MlaPolicy {
         }
     }
 
-    /// The most of `heads` heads whose expansion over `meta`'s context rows fits the memory of
+    /// How a step over `meta` attends: under [`MlaPrefill::Auto`], each sequence in the form
+    /// that costs it less arithmetic (a [`MlaPlan::Split`] when the step has both kinds, and
+    /// the expanded ones fit); otherwise [`MlaPolicy::form`] for the whole step.
+    pub fn plan(&self, spec: &MlaSpec, heads: usize, meta: &StepMeta) -> MlaPlan {
+        let whole = || MlaPlan::Whole(self.form(spec, heads, meta));
+        if self.prefill != MlaPrefill::Auto {
+            return whole();
+        }
+        let (mut absorbed, mut expanded_rows) = (Vec::new(), 0);
+        for (i, q) in meta.seqs.iter().enumerate() {
+            let (a, e) = seq_macs(spec, q.num_tokens, q.context_len);
+            if e < a {
+                expanded_rows += q.context_len;
+            } else {
+                absorbed.push(i);
+            }
+        }
+        if absorbed.is_empty() || absorbed.len() == meta.seqs.len() {
+            return whole();
+        }
+        match self.heads_per_pass(spec, heads.max(1), expanded_rows) {
+            0 => MlaPlan::Whole(MlaForm::Absorbed),
+            heads_per_pass => MlaPlan::Split {
+                absorbed,
+                heads_per_pass,
+            },
+        }
+    }
+
+    /// The most of `heads` heads whose expansion over `rows` context rows fits the memory of
     /// all of them over [`MlaPolicy::max_context_rows`] rows (0: not even one).
-    fn heads_per_pass(&self, spec: &MlaSpec, heads: usize, meta: &StepMeta) -> usize {
-        let rows = meta.context_rows() as u128;
+    fn heads_per_pass(&self, spec: &MlaSpec, heads: usize, rows: usize) -> usize {
+        let rows = rows as u128;
         if rows <= self.max_context_rows as u128 {
             return heads;
         }
@@ -252,5 +305,53 @@ mod tests {
             ..auto
         };
         assert_eq!(never.form(&s, 128, &chunk), MlaForm::Absorbed);
+    }
+
+    #[test]
+    fn mixed_steps_split_decodes_from_prompt_chunks() {
+        let s = v3();
+        let auto = MlaPolicy::default();
+        // Long decodes beside a fresh prompt: taken whole the step would stay absorbed; split,
+        // the decodes stay absorbed and the prompt expands.
+        let mixed = step(&[(1, 4000), (256, 256), (1, 3000)]);
+        assert_eq!(auto.form(&s, 128, &mixed), MlaForm::Absorbed);
+        assert_eq!(
+            auto.plan(&s, 128, &mixed),
+            MlaPlan::Split {
+                absorbed: vec![0, 2],
+                heads_per_pass: 128
+            }
+        );
+        // Only the expanded sequences' context rows count against the memory bound.
+        let chunk = step(&[(1, 4000), (512, 2560)]);
+        assert_eq!(
+            auto.plan(&s, 128, &chunk),
+            MlaPlan::Split {
+                absorbed: vec![0],
+                heads_per_pass: 24
+            }
+        );
+        // One kind alone: the whole-step form.
+        let prompts = step(&[(256, 256), (128, 128)]);
+        assert_eq!(
+            auto.plan(&s, 128, &prompts),
+            MlaPlan::Whole(auto.form(&s, 128, &prompts))
+        );
+        let decodes = step(&[(1, 4000); 4]);
+        assert_eq!(
+            auto.plan(&s, 128, &decodes),
+            MlaPlan::Whole(MlaForm::Absorbed)
+        );
+        // Expanded rows beyond one head's pass: all absorbed.
+        let huge = step(&[(1, 10), (4096, 10_000_000)]);
+        assert_eq!(auto.plan(&s, 128, &huge), MlaPlan::Whole(MlaForm::Absorbed));
+        // A forced form is never split.
+        for prefill in [MlaPrefill::Absorbed, MlaPrefill::Expanded] {
+            let forced = MlaPolicy { prefill, ..auto };
+            assert_eq!(
+                forced.plan(&s, 128, &mixed),
+                MlaPlan::Whole(forced.form(&s, 128, &mixed))
+            );
+        }
     }
 }

@@ -8,14 +8,16 @@ mod attention;
 mod loader;
 mod mla;
 mod mla_policy;
+mod mla_split;
 mod mlp;
 mod moe;
 mod tp;
 
 pub use attention::Gqa;
 pub use loader::WeightLoader;
-pub use mla::Mla;
-pub use mla_policy::{MlaForm, MlaPolicy, MlaPrefill};
+pub use mla::{Mla, MlaAttend, SplitAttend};
+pub use mla_policy::{MlaForm, MlaPlan, MlaPolicy, MlaPrefill};
+pub use mla_split::SplitStep;
 pub use mlp::Mlp;
 pub use moe::Moe;
 pub use tp::TpContext;
