@@ -1,13 +1,17 @@
-//! MLA attention of a fresh prompt on the CPU, in both forms, at DeepSeek-V2-Lite's shape (16
-//! heads, a 512-wide latent, 128-wide nope and value heads, a 64-wide rotary key): what a
-//! prompt step's attention costs absorbed (queries projected into the latent space, attention
-//! over the latent rows, outputs projected back) and expanded (the latent rows read out,
-//! expanded by `kv_b_proj` into per-head keys and values, attention over those), from the rotated
-//! queries and the filled latent cache to the per-head values `o_proj` takes.
+//! MLA attention on the CPU, in both forms, at DeepSeek-V2-Lite's shape (16 heads, a 512-wide
+//! latent, 128-wide nope and value heads, a 64-wide rotary key): what a step's attention costs
+//! absorbed (queries projected into the latent space, attention over the latent rows, outputs
+//! projected back) and expanded (the latent rows read out, expanded by `kv_b_proj` into per-head
+//! keys and values, attention over those), from the rotated queries and the filled latent cache
+//! to the per-head values `o_proj` takes.
 //!
-//! A later chunk of a long prompt (512 new tokens after 2048 cached ones, the fifth step of a
-//! 2560-token prompt under the default 512-token step budget) also runs expanded two heads per
-//! pass: what the worker's policy picks for it within the memory of a 512-row single pass.
+//! - `mla_prefill`: two fresh prompts, and a later chunk of a long prompt (512 new tokens after
+//!   2048 cached ones, the fifth step of a 2560-token prompt under the default 512-token step
+//!   budget), which also runs expanded two heads per pass: what the worker's policy picks for it
+//!   within the memory of a 512-row single pass.
+//! - `mla_mixed`: a continuous-batching step, two decodes over 2048 positions beside a fresh
+//!   512-token prompt, taken whole in the absorbed form (what the policy did before it split
+//!   steps) and split (the decodes absorbed, the prompt expanded).
 //!
 //! `cargo bench -p tessera-kernels --bench mla`. Throughput is new tokens; the forms of one
 //! case run back to back in one process, so their ratios are what to read.
@@ -19,7 +23,7 @@ use std::time::Duration;
 
 use common::{bf16_weight, values};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use tessera_kernels::cpu::{CpuBackend, CpuTensor};
+use tessera_kernels::cpu::{CpuBackend, CpuKv, CpuStep, CpuTensor, CpuWeight};
 use tessera_kernels::{
     AttentionParams, Backend, KvRows, KvSpec, KvValues, RopeLayout, RopeTable, SeqMeta, StepMeta,
 };
@@ -35,63 +39,156 @@ const BLOCK: usize = 16;
 const CASES: &[(usize, usize, Option<usize>)] =
     &[(512, 512, None), (2048, 2048, None), (512, 2560, Some(2))];
 
-fn mla_prefill(c: &mut Criterion) {
-    let b = CpuBackend;
-    let rope = RopeTable {
-        inv_freq: vec![1.0; ROPE / 2],
-        attention_scaling: 1.0,
-        layout: RopeLayout::Half,
-    };
-    let uk_t = bf16_weight(&b, HEADS * LATENT, NOPE, 1);
-    let uv = bf16_weight(&b, HEADS * V, LATENT, 2);
-    let kv_b = bf16_weight(&b, HEADS * (NOPE + V), LATENT, 3);
-    let scale = ((NOPE + ROPE) as f32).powf(-0.5);
-    let absorbed = AttentionParams {
-        num_heads: HEADS,
-        num_kv_heads: 1,
-        qk_dim: LATENT + ROPE,
-        v_dim: LATENT,
-        scale,
-        sliding_window: None,
-    };
-    let expanded = AttentionParams {
-        num_heads: HEADS,
-        num_kv_heads: HEADS,
-        qk_dim: NOPE + ROPE,
-        v_dim: V,
-        scale,
-        sliding_window: None,
-    };
-    let mut group = c.benchmark_group("mla_prefill");
-    for &(t, ctx, passes) in CASES {
-        let blocks = ctx.div_ceil(BLOCK);
+/// The weights and shapes of both forms.
+struct Forms {
+    b: CpuBackend,
+    rope: RopeTable,
+    uk_t: CpuWeight,
+    uv: CpuWeight,
+    kv_b: CpuWeight,
+    absorbed: AttentionParams,
+    expanded: AttentionParams,
+}
+
+impl Forms {
+    fn new() -> Forms {
+        let b = CpuBackend;
+        let scale = ((NOPE + ROPE) as f32).powf(-0.5);
+        Forms {
+            rope: RopeTable {
+                inv_freq: vec![1.0; ROPE / 2],
+                attention_scaling: 1.0,
+                layout: RopeLayout::Half,
+            },
+            uk_t: bf16_weight(&b, HEADS * LATENT, NOPE, 1),
+            uv: bf16_weight(&b, HEADS * V, LATENT, 2),
+            kv_b: bf16_weight(&b, HEADS * (NOPE + V), LATENT, 3),
+            absorbed: AttentionParams {
+                num_heads: HEADS,
+                num_kv_heads: 1,
+                qk_dim: LATENT + ROPE,
+                v_dim: LATENT,
+                scale,
+                sliding_window: None,
+            },
+            expanded: AttentionParams {
+                num_heads: HEADS,
+                num_kv_heads: HEADS,
+                qk_dim: NOPE + ROPE,
+                v_dim: V,
+                scale,
+                sliding_window: None,
+            },
+            b,
+        }
+    }
+
+    /// A latent cache holding every position of `seqs` (`(new tokens, context)` each, in
+    /// consecutive blocks), and the step of their new tokens, ready for both forms.
+    fn step(&self, seqs: &[(usize, usize)]) -> (CpuKv, CpuStep, usize) {
+        let b = &self.b;
+        let (mut metas, mut fills, mut block, mut token) = (Vec::new(), Vec::new(), 0, 0);
+        let mut filled = 0;
+        for &(new, ctx) in seqs {
+            let blocks = ctx.div_ceil(BLOCK);
+            let table: Vec<u32> = (block..block + blocks).map(|v| v as u32).collect();
+            metas.push(SeqMeta {
+                token_start: token,
+                num_tokens: new,
+                context_len: ctx,
+                block_table: table.clone(),
+            });
+            fills.push(SeqMeta {
+                token_start: filled,
+                num_tokens: ctx,
+                context_len: ctx,
+                block_table: table,
+            });
+            (block, token, filled) = (block + blocks, token + new, filled + ctx);
+        }
         let spec = KvSpec {
-            num_blocks: blocks,
+            num_blocks: block,
             block_size: BLOCK,
             num_kv_heads: 1,
             k_dim: LATENT + ROPE,
             v_dim: LATENT,
             values: KvValues::KeyPrefix,
         };
-        let meta = StepMeta::without_ids(
-            vec![SeqMeta {
-                token_start: 0,
-                num_tokens: t,
-                context_len: ctx,
-                block_table: (0..blocks as u32).rev().collect(),
-            }],
-            BLOCK,
-        );
-        let mut step = b.prepare_step(&meta, &rope).expect("step");
-        b.prepare_context(&mut step).expect("context");
         let mut cache = b.alloc_kv(spec).expect("cache");
-        let rows = |w, seed| -> CpuTensor {
-            b.tensor_from_host(values(t * w, seed).collect(), t, w)
-                .expect("rows")
-        };
-        b.write_kv(&mut cache, &rows(LATENT + ROPE, 4), None, &step)
-            .expect("write");
-        let q = rows(HEADS * (NOPE + ROPE), 5);
+        let fill = b
+            .prepare_step(&StepMeta::without_ids(fills, BLOCK), &self.rope)
+            .expect("fill");
+        let rows = b
+            .tensor_from_host(
+                values(filled * (LATENT + ROPE), 4).collect(),
+                filled,
+                LATENT + ROPE,
+            )
+            .expect("rows");
+        b.write_kv(&mut cache, &rows, None, &fill).expect("write");
+        let mut step = b
+            .prepare_step(&StepMeta::without_ids(metas, BLOCK), &self.rope)
+            .expect("step");
+        b.prepare_context(&mut step).expect("context");
+        (cache, step, token)
+    }
+
+    /// Rotated queries for `t` tokens.
+    fn queries(&self, t: usize) -> CpuTensor {
+        let w = HEADS * (NOPE + ROPE);
+        self.b
+            .tensor_from_host(values(t * w, 5).collect(), t, w)
+            .expect("queries")
+    }
+
+    /// The absorbed form (`Mla::absorbed`).
+    fn absorbed(&self, q: &CpuTensor, cache: &CpuKv, step: &CpuStep) -> CpuTensor {
+        let b = &self.b;
+        let (q_nope, q_rot) = b.split_heads(q, HEADS, NOPE).unwrap();
+        let q_latent = b.head_linear(&q_nope, &self.uk_t, HEADS).unwrap();
+        let q = b.concat_heads(&q_latent, &q_rot, HEADS).unwrap();
+        let o = b.attention(&q, cache, step, &self.absorbed).unwrap();
+        b.head_linear(&o, &self.uv, HEADS).unwrap()
+    }
+
+    /// The expanded form (`Mla::expanded`), `per_pass` heads at a time.
+    fn expanded(&self, q: &CpuTensor, cache: &CpuKv, step: &CpuStep, per_pass: usize) -> CpuTensor {
+        let b = &self.b;
+        let rows = b.gather_context(cache, step).unwrap();
+        let latent = b.narrow_cols(&rows, 0, LATENT).unwrap();
+        let rot = b.narrow_cols(&rows, LATENT, ROPE).unwrap();
+        let mut out = b.zeros(b.dims(q).0, HEADS * V).unwrap();
+        for first in (0..HEADS).step_by(per_pass) {
+            let n = per_pass.min(HEADS - first);
+            let w = (NOPE + V) * first..(NOPE + V) * (first + n);
+            let kv = b.linear_rows(&latent, &self.kv_b, w).unwrap();
+            let (k_nope, v) = b.split_heads(&kv, n, NOPE).unwrap();
+            let k = b.concat_heads_shared(&k_nope, &rot, n).unwrap();
+            let kv = KvRows { k: &k, v: &v };
+            let params = AttentionParams {
+                num_heads: n,
+                num_kv_heads: n,
+                ..self.expanded
+            };
+            if n == HEADS {
+                return b.attention_rows(q, kv, step, &params).unwrap();
+            }
+            let q = b
+                .narrow_cols(q, first * (NOPE + ROPE), n * (NOPE + ROPE))
+                .unwrap();
+            let o = b.attention_rows(&q, kv, step, &params).unwrap();
+            b.write_cols(&mut out, first * V, &o).unwrap();
+        }
+        out
+    }
+}
+
+fn mla_prefill(c: &mut Criterion) {
+    let f = Forms::new();
+    let mut group = c.benchmark_group("mla_prefill");
+    for &(t, ctx, passes) in CASES {
+        let (cache, step, _) = f.step(&[(t, ctx)]);
+        let q = f.queries(t);
         let name = if ctx == t {
             format!("p{t}")
         } else {
@@ -99,51 +196,64 @@ fn mla_prefill(c: &mut Criterion) {
         };
         group.throughput(Throughput::Elements(t as u64));
         group.bench_function(BenchmarkId::new(&name, "absorbed"), |bch| {
-            bch.iter(|| {
-                let (q_nope, q_rot) = b.split_heads(black_box(&q), HEADS, NOPE).unwrap();
-                let q_latent = b.head_linear(&q_nope, &uk_t, HEADS).unwrap();
-                let q = b.concat_heads(&q_latent, &q_rot, HEADS).unwrap();
-                let o = b.attention(&q, &cache, &step, &absorbed).unwrap();
-                black_box(b.head_linear(&o, &uv, HEADS).unwrap())
-            })
+            bch.iter(|| black_box(f.absorbed(black_box(&q), &cache, &step)))
         });
-        // The worker's expanded form (`Mla::expanded`), `per_pass` heads at a time.
-        let expand = |per_pass: usize| {
-            let rows = b.gather_context(&cache, &step).unwrap();
-            let latent = b.narrow_cols(&rows, 0, LATENT).unwrap();
-            let rot = b.narrow_cols(&rows, LATENT, ROPE).unwrap();
-            let mut out = b.zeros(t, HEADS * V).unwrap();
-            for first in (0..HEADS).step_by(per_pass) {
-                let n = per_pass.min(HEADS - first);
-                let w = (NOPE + V) * first..(NOPE + V) * (first + n);
-                let kv = b.linear_rows(&latent, &kv_b, w).unwrap();
-                let (k_nope, v) = b.split_heads(&kv, n, NOPE).unwrap();
-                let k = b.concat_heads_shared(&k_nope, &rot, n).unwrap();
-                let kv = KvRows { k: &k, v: &v };
-                let params = AttentionParams {
-                    num_heads: n,
-                    num_kv_heads: n,
-                    ..expanded
-                };
-                if n == HEADS {
-                    return b.attention_rows(&q, kv, &step, &params).unwrap();
-                }
-                let q = b
-                    .narrow_cols(&q, first * (NOPE + ROPE), n * (NOPE + ROPE))
-                    .unwrap();
-                let o = b.attention_rows(&q, kv, &step, &params).unwrap();
-                b.write_cols(&mut out, first * V, &o).unwrap();
-            }
-            out
-        };
         group.bench_function(BenchmarkId::new(&name, "expanded"), |bch| {
-            bch.iter(|| black_box(expand(HEADS)))
+            bch.iter(|| black_box(f.expanded(black_box(&q), &cache, &step, HEADS)))
         });
         if let Some(per_pass) = passes {
             let id = BenchmarkId::new(&name, format!("expanded_{per_pass}_heads_per_pass"));
-            group.bench_function(id, |bch| bch.iter(|| black_box(expand(per_pass))));
+            group.bench_function(id, |bch| {
+                bch.iter(|| black_box(f.expanded(black_box(&q), &cache, &step, per_pass)))
+            });
         }
     }
+    group.finish();
+}
+
+fn mla_mixed(c: &mut Criterion) {
+    let f = Forms::new();
+    let b = &f.b;
+    let (decodes, prompt) = ([(1, 2048), (1, 2048)], (512, 512));
+    let (cache, whole, t) = f.step(&[decodes[0], decodes[1], prompt]);
+    // The split's two parts over the same cache: the decodes (the same blocks as in `whole`, in
+    // a cache of their own that goes unused), then the prompt (its blocks follow theirs).
+    let (_, decode_step, _) = f.step(&decodes);
+    let prompt_step = {
+        let blocks = 2 * 2048 / BLOCK;
+        let meta = StepMeta::without_ids(
+            vec![SeqMeta {
+                token_start: 0,
+                num_tokens: prompt.0,
+                context_len: prompt.1,
+                block_table: (blocks..blocks + prompt.1.div_ceil(BLOCK))
+                    .map(|v| v as u32)
+                    .collect(),
+            }],
+            BLOCK,
+        );
+        let mut step = b.prepare_step(&meta, &f.rope).expect("step");
+        b.prepare_context(&mut step).expect("context");
+        step
+    };
+    let q = f.queries(t);
+    let mut group = c.benchmark_group("mla_mixed");
+    group.throughput(Throughput::Elements(t as u64));
+    group.bench_function("2_decodes_2048_and_p512/absorbed_whole", |bch| {
+        bch.iter(|| black_box(f.absorbed(black_box(&q), &cache, &whole)))
+    });
+    group.bench_function("2_decodes_2048_and_p512/split", |bch| {
+        bch.iter(|| {
+            let q_decodes = b.narrow_rows(black_box(&q), 0, 2).unwrap();
+            let q_prompt = b.narrow_rows(&q, 2, t - 2).unwrap();
+            let absorbed = f.absorbed(&q_decodes, &cache, &decode_step);
+            let expanded = f.expanded(&q_prompt, &cache, &prompt_step, HEADS);
+            let mut o = b.zeros(t, HEADS * V).unwrap();
+            b.pack_into(&mut o, 0, &absorbed).unwrap();
+            b.pack_into(&mut o, 2 * HEADS * V, &expanded).unwrap();
+            black_box(o)
+        })
+    });
     group.finish();
 }
 
@@ -157,6 +267,6 @@ fn config() -> Criterion {
 criterion_group! {
     name = benches;
     config = config();
-    targets = mla_prefill
+    targets = mla_prefill, mla_mixed
 }
 criterion_main!(benches);
