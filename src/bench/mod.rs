@@ -83,7 +83,7 @@ pub struct BenchArgs {
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = 0, env = "TESSERA_BENCH_SEED")]
     pub seed: u64,
-    /// How latent attention (MLA, DeepSeek shapes) attends: `auto` picks per step (a fresh
+    /// How latent attention (MLA, DeepSeek shapes) attends: `auto` picks per sequence (a
     /// prompt is expanded into per-head keys and values, decode stays absorbed in the latent
     /// space); `absorbed` or `expanded` forces one form, to compare prefill/s in each. Ignored
     /// by other attention.

@@ -338,8 +338,9 @@ pub struct ExecutorPlan<'a> {
     /// The largest step the scheduler sends: profiled before an automatic KV cache is sized
     /// ([`crate::profile`]), and no graph is captured for more sequences than it allows.
     pub limits: StepLimits,
-    /// Which form MLA layers attend in ([`MlaPrefill::Auto`]: by step, within
-    /// `limits.max_step_tokens` context rows). Ignored by other attention.
+    /// Which form MLA layers attend in ([`MlaPrefill::Auto`]: by sequence, expanding every head
+    /// at once within `limits.max_step_tokens` context rows and fewer per pass beyond). Ignored
+    /// by other attention.
     pub mla_prefill: MlaPrefill,
 }
 

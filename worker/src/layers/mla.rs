@@ -18,7 +18,7 @@
 //! bounds decode.
 //!
 //! So a step with long prompts may run the expanded form instead ([`MlaForm::Expanded`], chosen
-//! per step by [`MlaPolicy`]): the step's contexts are read out of the latent cache as rows,
+//! per sequence by [`MlaPolicy`]): the step's contexts are read out of the latent cache as rows,
 //! expanded by `kv_b_proj` into per-head keys (plus the shared rotary key) and values, and
 //! attended as ordinary multi-head attention ([`Backend::attention_rows`]), as transformers
 //! computes it. The cache is the same in both forms. When the step's contexts are longer than

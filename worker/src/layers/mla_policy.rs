@@ -1,4 +1,4 @@
-//! Which form MLA attends in, step by step ([`MlaPolicy`]).
+//! Which form MLA attends in, sequence by sequence ([`MlaPolicy`]).
 //!
 //! The absorbed form scores every query head against each latent row (`2·latent + rope`
 //! multiply-adds per head and attended position), after projecting the queries into the latent
@@ -6,7 +6,9 @@
 //! attends `nope + rope + v` per head and position, but first expands every context row
 //! (`latent·(nope + v)` per head and context row). Decode (one token per sequence over its whole
 //! context) is cheapest absorbed; a fresh prompt is cheapest expanded: for DeepSeek-V3's shape
-//! 1.9× less arithmetic at 512 tokens, 3× at 4096. vLLM makes the same split.
+//! 1.9× less arithmetic at 512 tokens, 3× at 4096. vLLM makes the same split, and so does
+//! [`MlaPolicy::plan`] within a step: a step mixing decodes with prompt chunks attends each
+//! sequence in its cheaper form ([`MlaPlan::Split`]).
 //!
 //! The expanded form holds every context row's keys and values at once, for the heads it
 //! expands together. The worker sets [`MlaPolicy::max_context_rows`] to the step-token budget
