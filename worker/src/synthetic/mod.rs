@@ -6,7 +6,8 @@
 //! [`SyntheticModel`] shape (Qwen3-MoE, Mixtral or DeepSeek-V2 layout), which then loads through
 //! the ordinary [`Checkpoint::open`](crate::checkpoint::Checkpoint::open) and
 //! [`load_model_spec`](tessera_common::load_model_spec) path. The tensor list is derived from the
-//! [`ModelSpec`](tessera_common::ModelSpec) the config parses to, so the file always holds exactly what the loader asks for.
+//! [`ModelSpec`](tessera_common::ModelSpec) the config parses to, so the file always holds
+//! exactly what the loader asks for.
 //!
 //! Values are deterministic (a counter-based hash of the seed, the tensor name and the element
 //! index), uniform with a small standard deviation so activations stay far from overflow; norm
