@@ -214,33 +214,25 @@ impl<B: Backend> Model<B> {
         self.mla
     }
 
-    /// The first MLA layer's shape, if the model has latent attention.
-    fn mla_spec(&self) -> Option<&tessera_common::MlaSpec> {
-        self.spec.layers.iter().find_map(|l| match &l.attention {
-            AttentionSpec::Mla(s) => Some(s),
-            AttentionSpec::Gqa(_) => None,
+    /// The first MLA layer, if the model has latent attention (every MLA layer has the same
+    /// shape and the same heads on this rank).
+    fn first_mla(&self) -> Option<&Mla<B>> {
+        self.layers.iter().find_map(|l| match &l.attention {
+            Attention::Mla(a) => Some(a),
+            Attention::Gqa(_) => None,
         })
     }
 
     pub(crate) fn has_mla(&self) -> bool {
-        self.mla_spec().is_some()
+        self.first_mla().is_some()
     }
 
     /// How MLA layers attend in an eagerly run step over `meta` (absorbed without MLA).
     pub(crate) fn mla_plan(&self, meta: &StepMeta) -> MlaPlan {
-        let Some(spec) = self.mla_spec() else {
-            return MlaPlan::Whole(MlaForm::Absorbed);
-        };
-        // This rank's heads (every MLA layer has the same).
-        let heads = self
-            .layers
-            .iter()
-            .find_map(|l| match &l.attention {
-                Attention::Mla(a) => Some(a.params().num_heads),
-                Attention::Gqa(_) => None,
-            })
-            .unwrap_or(spec.num_heads);
-        self.mla.plan(spec, heads, meta)
+        match self.first_mla() {
+            Some(mla) => self.mla.plan(mla.spec(), mla.params().num_heads, meta),
+            None => MlaPlan::Whole(MlaForm::Absorbed),
+        }
     }
 
     pub fn spec(&self) -> &ModelSpec {

@@ -60,8 +60,8 @@ pub struct Mla<B: Backend> {
     /// `W_UV` per local head: `[heads·v, latent]`.
     uv: B::Weight,
     /// This rank's heads of `kv_b_proj`, `[heads·(nope + v), latent]`: the expanded form's
-    /// up-projection of the context rows.
-    kv_b: Linear<B>,
+    /// up-projection of the context rows (no bias), read a pass's heads at a time.
+    kv_b: B::Weight,
     o: Linear<B>,
     spec: MlaSpec,
     /// The absorbed form: every head over the one latent KV head.
@@ -119,11 +119,7 @@ impl<B: Backend> Mla<B> {
         let uk_t = kv_b.block_rows(heads.len(), 0..nope, BlockLayout::Transposed)?;
         let uv = kv_b.block_rows(heads.len(), nope..kv_width, BlockLayout::AsStored)?;
         let (uk_t, uv) = (w.backend.upload_weight(uk_t)?, w.backend.upload_weight(uv)?);
-        // Read once: the expanded form multiplies by it whole.
-        let kv_b = Linear {
-            weight: w.backend.upload_weight(kv_b)?,
-            bias: None,
-        };
+        let kv_b = w.backend.upload_weight(kv_b)?;
         Ok(Mla {
             query,
             kv_a: load(
@@ -165,6 +161,11 @@ impl<B: Backend> Mla<B> {
 
     pub fn params(&self) -> &AttentionParams {
         &self.params
+    }
+
+    /// The layer's shape, as the config gives it.
+    pub fn spec(&self) -> &MlaSpec {
+        &self.spec
     }
 
     /// The cache's values are the latent at the start of each key row.
@@ -298,13 +299,8 @@ impl<B: Backend> Mla<B> {
     ) -> Result<B::Tensor, WorkerError> {
         let (n, nope) = (heads.len(), self.spec.qk_nope_head_dim);
         let width = nope + self.spec.v_head_dim;
-        // One weight read in place either way; the whole of it through the ordinary product.
-        let kv = if n == self.expanded.num_heads {
-            self.kv_b.forward(b, &context.latent)?
-        } else {
-            let rows = heads.start * width..heads.end * width;
-            b.linear_rows(&context.latent, &self.kv_b.weight, rows)?
-        };
+        let rows = heads.start * width..heads.end * width;
+        let kv = b.linear_rows(&context.latent, &self.kv_b, rows)?;
         let (k_nope, v) = b.split_heads(&kv, n, nope)?;
         drop(kv);
         let k = b.concat_heads_shared(&k_nope, &context.rot, n)?;
