@@ -30,7 +30,7 @@ fn greedy_tokens_and_logprobs_match_transformers() {
         "expected the generated fixtures, found {}",
         fixtures.len()
     );
-    let failures = mismatches(&fixtures, MlaPolicy::default());
+    let failures = mismatches(&fixtures, MlaPolicy::default(), EngineConfig::default());
     assert!(
         failures.is_empty(),
         "mismatches against transformers:\n{}",
@@ -58,8 +58,11 @@ fn each_mla_form_alone_matches_transformers() {
         "expected the MLA fixtures, found {}",
         mla.len()
     );
-    // The last policy expands every head at once only within 8 context rows: longer contexts
+    // The third policy expands every head at once only within 8 context rows: longer contexts
     // (the fixtures' prompts, and decode over them) expand 3, 2 or 1 of their 4 heads per pass.
+    // The last fits not even one head over a whole context: every context is cut into chunks
+    // of one block (4 positions here, so up to 5 chunks), each attended one head at a time and
+    // merged into the others by its log-sum-exp.
     let absorbed = MlaPolicy {
         prefill: MlaPrefill::Absorbed,
         ..MlaPolicy::default()
@@ -72,8 +75,22 @@ fn each_mla_form_alone_matches_transformers() {
         max_context_rows: 8,
         ..expanded
     };
-    for policy in [absorbed, expanded, in_passes] {
-        let failures = mismatches(&mla, policy);
+    let in_chunks = MlaPolicy {
+        max_context_rows: 1,
+        ..expanded
+    };
+    let blocks_of_4 = EngineConfig {
+        block_size: 4,
+        ..EngineConfig::default()
+    };
+    let runs = [
+        (absorbed, EngineConfig::default()),
+        (expanded, EngineConfig::default()),
+        (in_passes, EngineConfig::default()),
+        (in_chunks, blocks_of_4),
+    ];
+    for (policy, config) in runs {
+        let failures = mismatches(&mla, policy, config);
         assert!(
             failures.is_empty(),
             "{policy:?} MLA against transformers:\n{}",
@@ -84,14 +101,18 @@ fn each_mla_form_alone_matches_transformers() {
 
 /// Every case of every fixture through an engine whose MLA layers follow `policy`: what differs
 /// from transformers' greedy tokens, log-probabilities and top alternatives.
-fn mismatches(fixtures: &[(String, std::path::PathBuf)], policy: MlaPolicy) -> Vec<String> {
+fn mismatches(
+    fixtures: &[(String, std::path::PathBuf)],
+    policy: MlaPolicy,
+    config: EngineConfig,
+) -> Vec<String> {
     let mut failures = Vec::new();
     for (name, dir) in fixtures {
         let reference = common::reference(dir);
         let tol = common::tolerance(&reference.dtype);
         let mut m = model(dir);
         m.set_mla_policy(policy);
-        let mut engine = Engine::new(m, EngineConfig::default()).unwrap();
+        let mut engine = Engine::new(m, config.clone()).unwrap();
         assert_eq!(engine.spec().architecture, reference.architecture, "{name}");
         for (ci, case) in reference.cases.iter().enumerate() {
             let req = GenerateRequest {

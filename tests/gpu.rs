@@ -59,7 +59,6 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
     if !gpu_present("every_fixture_on_the_gpu_gives_transformers_greedy_tokens") {
         return;
     }
-    let cache = EngineConfig::default();
     let mut failures = Vec::new();
     // MLA fixtures also in each form alone (by default a fresh prompt expands, decode stays
     // absorbed; a step replayed from a graph is always absorbed).
@@ -69,29 +68,46 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
             .layers
             .iter()
             .any(|l| matches!(l.attention, tessera_common::AttentionSpec::Mla(_)));
-        // The last run bounds the expanded form to 8 context rows with every head: longer
-        // contexts expand 3, 2 or 1 heads per pass (the fixtures have 4).
-        let few_rows = StepLimits {
-            max_step_tokens: 8,
+        // The third run bounds the expanded form to 8 context rows with every head: longer
+        // contexts expand 3, 2 or 1 heads per pass (the fixtures have 4). The last fits not
+        // one head over a whole context: contexts are cut into chunks of one block (4
+        // positions, up to 5 chunks), attended a head at a time and merged.
+        let rows = |max_step_tokens| StepLimits {
+            max_step_tokens,
             ..StepLimits::default()
         };
-        let forms: Vec<(MlaPrefill, Option<StepLimits>)> = if mla {
+        let blocks_of_4 = EngineConfig {
+            block_size: 4,
+            ..EngineConfig::default()
+        };
+        let whole = EngineConfig::default();
+        let forms: Vec<(MlaPrefill, StepLimits, EngineConfig, &str)> = if mla {
             vec![
-                (MlaPrefill::Auto, None),
-                (MlaPrefill::Absorbed, None),
-                (MlaPrefill::Expanded, None),
-                (MlaPrefill::Expanded, Some(few_rows)),
+                (MlaPrefill::Auto, StepLimits::default(), whole.clone(), ""),
+                (
+                    MlaPrefill::Absorbed,
+                    StepLimits::default(),
+                    whole.clone(),
+                    "",
+                ),
+                (
+                    MlaPrefill::Expanded,
+                    StepLimits::default(),
+                    whole.clone(),
+                    "",
+                ),
+                (MlaPrefill::Expanded, rows(8), whole, ", in passes"),
+                (MlaPrefill::Expanded, rows(1), blocks_of_4, ", in chunks"),
             ]
         } else {
-            vec![(MlaPrefill::Auto, None)]
+            vec![(MlaPrefill::Auto, StepLimits::default(), whole, "")]
         };
-        forms.into_iter().map(move |(f, limits)| {
-            let passes = if limits.is_some() { ", in passes" } else { "" };
-            let label = format!("{name} ({f:?}{passes})");
-            (label, dir.clone(), f, limits.unwrap_or_default())
+        forms.into_iter().map(move |(f, limits, cache, cut)| {
+            let label = format!("{name} ({f:?}{cut})");
+            (label, dir.clone(), (f, limits), cache)
         })
     });
-    for (name, dir, mla_prefill, limits) in runs {
+    for (name, dir, (mla_prefill, limits), cache) in runs {
         let reference = common::reference(&dir);
         let plan = ExecutorPlan {
             dir: &dir,

@@ -7,8 +7,9 @@
 //!
 //! - `mla_prefill`: two fresh prompts, and a later chunk of a long prompt (512 new tokens after
 //!   2048 cached ones, the fifth step of a 2560-token prompt under the default 512-token step
-//!   budget), which also runs expanded two heads per pass: what the worker's policy picks for it
-//!   within the memory of a 512-row single pass.
+//!   budget), which also runs expanded two heads per pass (what the worker's policy picks for it
+//!   within the memory of a 512-row single pass) and in chunks of 512 positions merged by their
+//!   log-sum-exps (what it picks when not even one head's pass fits).
 //! - `mla_mixed`: a continuous-batching step, two decodes over 2048 positions beside a fresh
 //!   512-token prompt, taken whole in the absorbed form (what the policy did before it split
 //!   steps) and split (the decodes absorbed, the prompt expanded).
@@ -25,7 +26,8 @@ use common::{bf16_weight, values};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use tessera_kernels::cpu::{CpuBackend, CpuKv, CpuStep, CpuTensor, CpuWeight};
 use tessera_kernels::{
-    AttentionParams, Backend, KvRows, KvSpec, KvValues, RopeLayout, RopeTable, SeqMeta, StepMeta,
+    AttentionParams, AttentionPart, Backend, KvRows, KvSpec, KvValues, RopeLayout, RopeTable,
+    SeqMeta, StepMeta,
 };
 
 const HEADS: usize = 16;
@@ -34,10 +36,36 @@ const NOPE: usize = 128;
 const ROPE: usize = 64;
 const V: usize = 128;
 const BLOCK: usize = 16;
-/// `(new tokens, context)`: two fresh prompts and a later chunk of a long one, with the heads
-/// per expanded pass to time besides all of them at once.
-const CASES: &[(usize, usize, Option<usize>)] =
-    &[(512, 512, None), (2048, 2048, None), (512, 2560, Some(2))];
+/// A step of one sequence, `(new tokens, context)`, and the cut expansions to time besides the
+/// whole one: heads per pass, positions per chunk.
+struct Case {
+    new: usize,
+    context: usize,
+    passes: Option<usize>,
+    chunk: Option<usize>,
+}
+
+/// Two fresh prompts and a later chunk of a long one.
+const CASES: &[Case] = &[
+    Case {
+        new: 512,
+        context: 512,
+        passes: None,
+        chunk: None,
+    },
+    Case {
+        new: 2048,
+        context: 2048,
+        passes: None,
+        chunk: None,
+    },
+    Case {
+        new: 512,
+        context: 2560,
+        passes: Some(2),
+        chunk: Some(512),
+    },
+];
 
 /// The weights and shapes of both forms.
 struct Forms {
@@ -84,8 +112,9 @@ impl Forms {
     }
 
     /// A latent cache holding every position of `seqs` (`(new tokens, context)` each, in
-    /// consecutive blocks), and the step of their new tokens, ready for both forms.
-    fn step(&self, seqs: &[(usize, usize)]) -> (CpuKv, CpuStep, usize) {
+    /// consecutive blocks), and the step of their new tokens, ready for both forms (its
+    /// contexts in chunks of `chunk` positions).
+    fn step(&self, seqs: &[(usize, usize)], chunk: Option<usize>) -> (CpuKv, CpuStep, usize) {
         let b = &self.b;
         let (mut metas, mut fills, mut block, mut token) = (Vec::new(), Vec::new(), 0, 0);
         let mut filled = 0;
@@ -129,7 +158,7 @@ impl Forms {
         let mut step = b
             .prepare_step(&StepMeta::without_ids(metas, BLOCK), &self.rope)
             .expect("step");
-        b.prepare_context(&mut step).expect("context");
+        b.prepare_context(&mut step, chunk).expect("context");
         (cache, step, token)
     }
 
@@ -151,20 +180,41 @@ impl Forms {
         b.head_linear(&o, &self.uv, HEADS).unwrap()
     }
 
-    /// The expanded form (`Mla::expanded`), `per_pass` heads at a time.
+    /// The expanded form (`Mla::expanded`), in the step's chunks, `per_pass` heads at a time.
     fn expanded(&self, q: &CpuTensor, cache: &CpuKv, step: &CpuStep, per_pass: usize) -> CpuTensor {
         let b = &self.b;
-        let rows = b.gather_context(cache, step).unwrap();
+        let mut acc = self.expanded_chunk(q, (cache, step, 0), per_pass);
+        for chunk in 1..b.context_chunks(step) {
+            let part = self.expanded_chunk(q, (cache, step, chunk), per_pass);
+            b.merge_attention(&mut acc, &part).unwrap();
+        }
+        acc.out
+    }
+
+    /// One chunk's part of [`Forms::expanded`].
+    fn expanded_chunk(
+        &self,
+        q: &CpuTensor,
+        (cache, step, chunk): (&CpuKv, &CpuStep, usize),
+        per_pass: usize,
+    ) -> AttentionPart<CpuTensor> {
+        let b = &self.b;
+        let rows = b.gather_context(cache, step, chunk).unwrap();
         let latent = b.narrow_cols(&rows, 0, LATENT).unwrap();
         let rot = b.narrow_cols(&rows, LATENT, ROPE).unwrap();
-        let mut out = b.zeros(b.dims(q).0, HEADS * V).unwrap();
+        let t = b.dims(q).0;
+        let (mut out, mut lse) = (b.zeros(t, HEADS * V).unwrap(), b.zeros(t, HEADS).unwrap());
         for first in (0..HEADS).step_by(per_pass) {
             let n = per_pass.min(HEADS - first);
             let w = (NOPE + V) * first..(NOPE + V) * (first + n);
             let kv = b.linear_rows(&latent, &self.kv_b, w).unwrap();
             let (k_nope, v) = b.split_heads(&kv, n, NOPE).unwrap();
             let k = b.concat_heads_shared(&k_nope, &rot, n).unwrap();
-            let kv = KvRows { k: &k, v: &v };
+            let kv = KvRows {
+                k: &k,
+                v: &v,
+                chunk,
+            };
             let params = AttentionParams {
                 num_heads: n,
                 num_kv_heads: n,
@@ -176,18 +226,20 @@ impl Forms {
             let q = b
                 .narrow_cols(q, first * (NOPE + ROPE), n * (NOPE + ROPE))
                 .unwrap();
-            let o = b.attention_rows(&q, kv, step, &params).unwrap();
-            b.write_cols(&mut out, first * V, &o).unwrap();
+            let part = b.attention_rows(&q, kv, step, &params).unwrap();
+            b.write_cols(&mut out, first * V, &part.out).unwrap();
+            b.write_cols(&mut lse, first, &part.lse).unwrap();
         }
-        out
+        AttentionPart { out, lse }
     }
 }
 
 fn mla_prefill(c: &mut Criterion) {
     let f = Forms::new();
     let mut group = c.benchmark_group("mla_prefill");
-    for &(t, ctx, passes) in CASES {
-        let (cache, step, _) = f.step(&[(t, ctx)]);
+    for case in CASES {
+        let (t, ctx) = (case.new, case.context);
+        let (cache, step, _) = f.step(&[(t, ctx)], None);
         let q = f.queries(t);
         let name = if ctx == t {
             format!("p{t}")
@@ -201,10 +253,17 @@ fn mla_prefill(c: &mut Criterion) {
         group.bench_function(BenchmarkId::new(&name, "expanded"), |bch| {
             bch.iter(|| black_box(f.expanded(black_box(&q), &cache, &step, HEADS)))
         });
-        if let Some(per_pass) = passes {
+        if let Some(per_pass) = case.passes {
             let id = BenchmarkId::new(&name, format!("expanded_{per_pass}_heads_per_pass"));
             group.bench_function(id, |bch| {
                 bch.iter(|| black_box(f.expanded(black_box(&q), &cache, &step, per_pass)))
+            });
+        }
+        if let Some(chunk) = case.chunk {
+            let (cache, step, _) = f.step(&[(t, ctx)], Some(chunk));
+            let id = BenchmarkId::new(&name, format!("expanded_in_chunks_of_{chunk}"));
+            group.bench_function(id, |bch| {
+                bch.iter(|| black_box(f.expanded(black_box(&q), &cache, &step, HEADS)))
             });
         }
     }
@@ -215,10 +274,10 @@ fn mla_mixed(c: &mut Criterion) {
     let f = Forms::new();
     let b = &f.b;
     let (decodes, prompt) = ([(1, 2048), (1, 2048)], (512, 512));
-    let (cache, whole, t) = f.step(&[decodes[0], decodes[1], prompt]);
+    let (cache, whole, t) = f.step(&[decodes[0], decodes[1], prompt], None);
     // The split's two parts over the same cache: the decodes (the same blocks as in `whole`, in
     // a cache of their own that goes unused), then the prompt (its blocks follow theirs).
-    let (_, decode_step, _) = f.step(&decodes);
+    let (_, decode_step, _) = f.step(&decodes, None);
     let prompt_step = {
         let blocks = 2 * 2048 / BLOCK;
         let meta = StepMeta::without_ids(
@@ -233,7 +292,7 @@ fn mla_mixed(c: &mut Criterion) {
             BLOCK,
         );
         let mut step = b.prepare_step(&meta, &f.rope).expect("step");
-        b.prepare_context(&mut step).expect("context");
+        b.prepare_context(&mut step, None).expect("context");
         step
     };
     let q = f.queries(t);

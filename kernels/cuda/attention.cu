@@ -44,6 +44,8 @@ struct AttnArgs {
     u32 v_stride;        // elements from one value row to the next: v_dim, or qk_dim when the
                          // values are the first v_dim elements of the key rows (vc == kc)
     u32 window;          // 0: no sliding window
+    u32 key_lo, key_hi;  // only positions [key_lo, key_hi) are attended (one chunk of a context
+                         // given as rows, cuda/context.rs); 0 and ~0 otherwise
     u32 head_groups;     // blocks per (token, KV head): its query heads are cut into this many
     u32 group_heads;     // query heads per block (the last block of a KV head may have fewer)
     float scale;
@@ -93,9 +95,20 @@ __device__ __forceinline__ AttnBlock attn_block(const AttnArgs& a) {
     return b;
 }
 
-// The first position token t attends (its sliding window's start, or 0).
+// The first position token t attends (its sliding window's start, or 0, or the key range's).
 __device__ __forceinline__ u32 attn_first(u32 pos, const AttnArgs& a) {
-    return (a.window != 0 && pos + 1 > a.window) ? pos + 1 - a.window : 0;
+    return max((a.window != 0 && pos + 1 > a.window) ? pos + 1 - a.window : 0u, a.key_lo);
+}
+
+// One past the last position token t attends: its own, or the key range's end; never before
+// attn_first, so that [attn_first, attn_end) is the (possibly empty) range it attends.
+__device__ __forceinline__ u32 attn_end(u32 pos, const AttnArgs& a) {
+    return max(min(pos + 1, a.key_hi), attn_first(pos, a));
+}
+
+// A row's log-sum-exp from its running max and sum (-inf for a row that attended no key).
+__device__ __forceinline__ float attn_lse(float m, float l) {
+    return l > 0.0f ? m + logf(l) : NEG_INF;
 }
 
 // Attention of the block's query heads over positions [from, end) of the sequence whose block
@@ -231,11 +244,12 @@ __device__ __forceinline__ void attn_load_queries(const AttnShared& sh, const fl
 
 // Causal attention of one token's query heads that share a KV head, over its sequence's cache,
 // prefill or decode. Grid: (tokens, num_kv_heads * head_groups); block: ATTN_THREADS threads;
-// dynamic shared memory as `AttnShared`.
+// dynamic shared memory as `AttnShared`. `lse`, unless null, receives each (token, head) row's
+// log-sum-exp of its scores.
 template <int HEADS, int DIMS>
-__device__ void paged_attention_body(float* out, const float* q, const u16* kc, const u16* vc,
-                                     const u32* tok_pos, const u32* tok_table, const u32* tables,
-                                     const AttnArgs& a) {
+__device__ void paged_attention_body(float* out, float* lse, const float* q, const u16* kc,
+                                     const u16* vc, const u32* tok_pos, const u32* tok_table,
+                                     const u32* tables, const AttnArgs& a) {
     extern __shared__ float smem[];
     const AttnShared sh = attn_shared(smem, a);
     const AttnBlock blk = attn_block(a);
@@ -243,12 +257,15 @@ __device__ void paged_attention_body(float* out, const float* q, const u16* kc, 
     const u32 pos = tok_pos[blk.t];
     float acc[HEADS][DIMS];
     attend_run<HEADS, DIMS>(acc, sh, blk, kc, vc, tables + tok_table[blk.t], attn_first(pos, a),
-                            pos + 1, a);
+                            attn_end(pos, a), a);
 #pragma unroll
     for (int g = 0; g < HEADS; g++) {
         if (g >= blk.gn) break;
-        float* orow = out + ((u64)blk.t * a.num_heads + blk.h0 + g) * a.v_dim;
-        const float inv = 1.0f / sh.ls[g];
+        const u64 row = (u64)blk.t * a.num_heads + blk.h0 + g;
+        float* orow = out + row * a.v_dim;
+        // A row with no key in the range (a chunk past its position) is zeros.
+        const float inv = sh.ls[g] > 0.0f ? 1.0f / sh.ls[g] : 0.0f;
+        if (lse != nullptr && threadIdx.x == 0) lse[row] = attn_lse(sh.ms[g], sh.ls[g]);
 #pragma unroll
         for (int i = 0; i < DIMS; i++) {
             const u32 d = DIMS * threadIdx.x + i;
@@ -257,17 +274,17 @@ __device__ void paged_attention_body(float* out, const float* q, const u16* kc, 
     }
 }
 
-extern "C" __global__ void paged_attention(float* out, const float* q, const u16* kc,
+extern "C" __global__ void paged_attention(float* out, float* lse, const float* q, const u16* kc,
                                            const u16* vc, const u32* tok_pos,
                                            const u32* tok_table, const u32* tables, AttnArgs a) {
-    paged_attention_body<16, 2>(out, q, kc, vc, tok_pos, tok_table, tables, a);
+    paged_attention_body<16, 2>(out, lse, q, kc, vc, tok_pos, tok_table, tables, a);
 }
 
-extern "C" __global__ void paged_attention_wide(float* out, const float* q, const u16* kc,
-                                                const u16* vc, const u32* tok_pos,
+extern "C" __global__ void paged_attention_wide(float* out, float* lse, const float* q,
+                                                const u16* kc, const u16* vc, const u32* tok_pos,
                                                 const u32* tok_table, const u32* tables,
                                                 AttnArgs a) {
-    paged_attention_body<8, 4>(out, q, kc, vc, tok_pos, tok_table, tables, a);
+    paged_attention_body<8, 4>(out, lse, q, kc, vc, tok_pos, tok_table, tables, a);
 }
 
 // Split-K ("flash decoding") for steps with too few blocks to fill the GPU: each token's
@@ -287,10 +304,10 @@ __device__ void paged_attention_split_body(float* part_acc, float* part_ml, cons
     attn_load_queries(sh, q, blk, a);
     const u32 s = blockIdx.z, splits = gridDim.z;
     const u32 pos = tok_pos[blk.t];
-    const u32 lo = attn_first(pos, a);
-    const u32 per = (pos + 1 - lo + splits - 1) / splits;
-    const u32 from = min(lo + s * per, pos + 1);
-    const u32 end = min(from + per, pos + 1);
+    const u32 lo = attn_first(pos, a), hi = attn_end(pos, a);
+    const u32 per = (hi - lo + splits - 1) / splits;
+    const u32 from = min(lo + s * per, hi);
+    const u32 end = min(from + per, hi);
     float acc[HEADS][DIMS];
     attend_run<HEADS, DIMS>(acc, sh, blk, kc, vc, tables + tok_table[blk.t], from, end, a);
 #pragma unroll
@@ -327,21 +344,43 @@ extern "C" __global__ void paged_attention_split_wide(float* part_acc, float* pa
 }
 
 // Merges the splits of `paged_attention_split`: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M)
-// l_s with M the largest m_s (split 0 is never empty, so M is finite and empty splits weigh 0).
-// Grid: one block per (token, head) row; `rows` = tokens * num_heads.
-extern "C" __global__ void attention_combine(float* out, const float* part_acc,
+// l_s with M the largest m_s (empty splits, max -inf, weigh 0; a row whose splits are all empty,
+// none of its positions in the key range, is zeros). `lse`, unless null, receives each row's
+// log-sum-exp. Grid: one block per (token, head) row; `rows` = tokens * num_heads.
+extern "C" __global__ void attention_combine(float* out, float* lse, const float* part_acc,
                                              const float* part_ml, u32 splits, u32 v_dim) {
     const u64 row = blockIdx.x;
     const float* ml = part_ml + row * splits * 2;
     float mx = NEG_INF;
     for (u32 s = 0; s < splits; s++) mx = fmaxf(mx, ml[2 * s]);
+    const float ref = mx == NEG_INF ? 0.0f : mx;  // keeps exp() from NaN on an empty row
     float l = 0.0f;
-    for (u32 s = 0; s < splits; s++) l += ml[2 * s + 1] * expf(ml[2 * s] - mx);
+    for (u32 s = 0; s < splits; s++) l += ml[2 * s + 1] * expf(ml[2 * s] - ref);
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
     for (u32 d = threadIdx.x; d < v_dim; d += blockDim.x) {
         float acc = 0.0f;
         for (u32 s = 0; s < splits; s++) {
-            acc += part_acc[(row * splits + s) * v_dim + d] * expf(ml[2 * s] - mx);
+            acc += part_acc[(row * splits + s) * v_dim + d] * expf(ml[2 * s] - ref);
         }
-        out[row * v_dim + d] = acc / l;
+        out[row * v_dim + d] = acc * inv;
     }
+    if (lse != nullptr && threadIdx.x == 0) lse[row] = attn_lse(mx, l);
+}
+
+// Folds one part of an attention into another over disjoint keys (cuda/context.rs): for each
+// (token, head) row, out = (e^(a - M) out + e^(b - M) part) / (e^(a - M) + e^(b - M)) and
+// lse = M + log of that sum, with a, b the parts' log-sum-exps and M the larger (a row neither
+// part attended stays zeros, -inf). Grid: one block per row; `rows` = tokens * num_heads.
+extern "C" __global__ void merge_attention(float* out, float* lse, const float* part,
+                                           const float* part_lse, u32 v_dim) {
+    const u64 row = blockIdx.x;
+    const float a = lse[row], b = part_lse[row], m = fmaxf(a, b);
+    if (m == NEG_INF) return;
+    const float wa = expf(a - m), wb = expf(b - m), sum = wa + wb;
+    for (u32 d = threadIdx.x; d < v_dim; d += blockDim.x) {
+        const u64 i = row * v_dim + d;
+        out[i] = (out[i] * wa + part[i] * wb) / sum;
+    }
+    __syncthreads();  // every thread has read lse[row] before it is replaced
+    if (threadIdx.x == 0) lse[row] = m + logf(sum);
 }

@@ -28,7 +28,7 @@
 // without any (its block's last tokens or heads).
 struct PfWarp {
     u32 first, rows, head;
-    u32 lo, hi;  // the keys its rows attend: [attn_first(first row), last row's position + 1)
+    u32 lo, hi;  // the keys its rows attend: [attn_first(first row), attn_end(last row))
 };
 
 // Rows of a thread in the mma layout: g = lane / 4 and g + 8.
@@ -67,8 +67,8 @@ __device__ __forceinline__ void pf_load(u16* ks, u16* vs, const u16* kc, const u
 __device__ __forceinline__ u32 pf_bf16(u16 b) { return ((u32)b) << 16; }
 
 template <int QK_STEPS, int V_TILES>
-__device__ void prefill_attention_body(float* out, const float* q, const u16* kc, const u16* vc,
-                                       const u32* tok_pos, const u32* tok_table,
+__device__ void prefill_attention_body(float* out, float* lse, const float* q, const u16* kc,
+                                       const u16* vc, const u32* tok_pos, const u32* tok_table,
                                        const u32* tables, const u32* tiles, const AttnArgs& a) {
     __shared__ __align__(16) u16 ks[PF_KEYS * (QK_STEPS * 8 + 8)];
     __shared__ __align__(16) u16 vs[PF_KEYS * (V_TILES * 8 + 8)];
@@ -89,7 +89,7 @@ __device__ void prefill_attention_body(float* out, const float* q, const u16* kc
     w.rows = slot < group && w.first < t_end ? min(16u, t_end - w.first) : 0;
     w.head = kvh * group + slot;
     w.lo = w.rows ? attn_first(tok_pos[w.first], a) : 0;
-    w.hi = w.rows ? tok_pos[w.first + w.rows - 1] + 1 : 0;
+    w.hi = w.rows ? attn_end(tok_pos[w.first + w.rows - 1], a) : 0;
     PfRows rw;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -124,7 +124,7 @@ __device__ void prefill_attention_body(float* out, const float* q, const u16* kc
     float m[2] = {NEG_INF, NEG_INF}, l[2] = {0.0f, 0.0f};
     float* pw = ps + warp * 16 * PF_PSTRIDE;
     const u32* table = tables + tok_table[t_begin];
-    const u32 lo = attn_first(tok_pos[t_begin], a), hi = tok_pos[t_end - 1] + 1;
+    const u32 lo = attn_first(tok_pos[t_begin], a), hi = attn_end(tok_pos[t_end - 1], a);
     const u32 kst = a.qk_dim + 8, vst = a.v_dim + 8;
 
     for (u32 kb = lo; kb < hi; kb += PF_KEYS) {
@@ -157,7 +157,7 @@ __device__ void prefill_attention_body(float* out, const float* q, const u16* kc
                 for (int e = 0; e < 4; e++) {
                     const int r = e >> 1;
                     const u32 j = kb + n * 8 + 2 * t4 + (e & 1);
-                    const bool ok = rw.ok[r] && j >= rw.from[r] && j <= rw.pos[r];
+                    const bool ok = rw.ok[r] && j >= rw.from[r] && j <= rw.pos[r] && j < a.key_hi;
                     s[n][e] = ok ? s[n][e] * a.scale : NEG_INF;
                     mx[r] = fmaxf(mx[r], s[n][e]);
                 }
@@ -222,8 +222,11 @@ __device__ void prefill_attention_body(float* out, const float* q, const u16* kc
         l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
         if (!rw.ok[r]) continue;
         const u32 row = g + 8 * r;
-        float* orow = out + ((u64)(w.first + row) * a.num_heads + w.head) * a.v_dim;
-        const float inv = 1.0f / l[r];  // > 0: each row attends at least its own position
+        const u64 orow_at = (u64)(w.first + row) * a.num_heads + w.head;
+        float* orow = out + orow_at * a.v_dim;
+        // 0 only for a row with no key in the range (a chunk past its position): zeros.
+        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+        if (lse != nullptr && t4 == 0) lse[orow_at] = attn_lse(m[r], l[r]);
 #pragma unroll
         for (int n = 0; n < V_TILES; n++) {
             if (n < (int)nv) {
@@ -236,16 +239,16 @@ __device__ void prefill_attention_body(float* out, const float* q, const u16* kc
 
 // Keys up to 128 wide (Llama, Qwen3, Mixtral), values up to 128.
 extern "C" __global__ void __launch_bounds__(PF_THREADS)
-    prefill_attention(float* out, const float* q, const u16* kc, const u16* vc,
+    prefill_attention(float* out, float* lse, const float* q, const u16* kc, const u16* vc,
                       const u32* tok_pos, const u32* tok_table, const u32* tables,
                       const u32* tiles, AttnArgs a) {
-    prefill_attention_body<16, 16>(out, q, kc, vc, tok_pos, tok_table, tables, tiles, a);
+    prefill_attention_body<16, 16>(out, lse, q, kc, vc, tok_pos, tok_table, tables, tiles, a);
 }
 
 // Keys up to 192 wide (MLA's expanded form: 128 + 64 rotary), values up to 128.
 extern "C" __global__ void __launch_bounds__(PF_THREADS)
-    prefill_attention_wide(float* out, const float* q, const u16* kc, const u16* vc,
+    prefill_attention_wide(float* out, float* lse, const float* q, const u16* kc, const u16* vc,
                            const u32* tok_pos, const u32* tok_table, const u32* tables,
                            const u32* tiles, AttnArgs a) {
-    prefill_attention_body<24, 16>(out, q, kc, vc, tok_pos, tok_table, tables, tiles, a);
+    prefill_attention_body<24, 16>(out, lse, q, kc, vc, tok_pos, tok_table, tables, tiles, a);
 }

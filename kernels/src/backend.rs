@@ -4,7 +4,7 @@
 //! tables, RoPE angles) is prepared once per step by [`Backend::prepare_step`], so a device backend
 //! uploads it once and every layer reuses it: no host↔device copies hide inside a layer.
 
-use crate::{BackendError, HostTensor, Result, StepMeta, StepShape};
+use crate::{AttentionPart, BackendError, HostTensor, KvRows, Result, StepMeta, StepShape};
 
 /// How rotary pairs are laid out inside a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -315,43 +315,6 @@ pub fn concat_shared_widths(
         ));
     }
     Ok((a.1 / heads, shared.1))
-}
-
-/// Keys and values given as rows ([`Backend::attention_rows`]).
-pub struct KvRows<'a, B: Backend> {
-    /// `[context rows, kv_heads · qk_dim]`.
-    pub k: &'a B::Tensor,
-    /// `[context rows, kv_heads · v_dim]`.
-    pub v: &'a B::Tensor,
-}
-
-/// Checks [`Backend::attention_rows`]' inputs, `(rows, cols)` each, against `params` for a step
-/// of `tokens` tokens and `context_rows` context rows.
-pub fn check_attention_rows(
-    q: (usize, usize),
-    kv: ((usize, usize), (usize, usize)),
-    shape: (usize, usize),
-    p: &AttentionParams,
-) -> Result<()> {
-    const OP: &str = "attention_rows";
-    let (tokens, context_rows) = shape;
-    p.check_heads(OP)?;
-    let want = (
-        (tokens, p.num_heads * p.qk_dim),
-        (context_rows, p.num_kv_heads * p.qk_dim),
-        (context_rows, p.num_kv_heads * p.v_dim),
-    );
-    if (q, kv.0, kv.1) != want {
-        return Err(BackendError::shape(
-            OP,
-            format!(
-                "q {q:?}, k {:?}, v {:?} for {tokens} tokens over {context_rows} context rows \
-                 (want {want:?})",
-                kv.0, kv.1
-            ),
-        ));
-    }
-    Ok(())
 }
 
 /// The output width per head of [`Backend::head_linear`] with a `[rows, k]` weight over `x_cols`
@@ -719,23 +682,40 @@ pub trait Backend: Send + Sync + Sized + 'static {
     ) -> Result<Self::Tensor>;
 
     /// Makes `step` ready for [`Backend::gather_context`] and [`Backend::attention_rows`]:
-    /// the step's [`crate::ContextLayout`], which a device backend uploads here, once per
-    /// step, rather than inside a layer. Those two fail on a step not prepared this way.
-    fn prepare_context(&self, step: &mut Self::Step) -> Result<()>;
-    /// Every cached position `0 .. context_len` of the step's sequences, one sequence after
-    /// another: `[context rows, kv_heads · k_dim]`, the keys (for a [`KvValues::KeyPrefix`]
-    /// cache, whose values are their prefix, everything it holds).
-    fn gather_context(&self, cache: &Self::KvLayer, step: &Self::Step) -> Result<Self::Tensor>;
-    /// Causal attention of the step's queries (`[T, num_heads · qk_dim]`) over keys and values
-    /// given as rows laid out as [`Backend::gather_context`] returns them, `num_kv_heads` heads
-    /// each: what [`Backend::attention`] computes over a cache holding them.
+    /// the step's contexts cut into chunks of `chunk_positions` positions (`None`: one chunk;
+    /// [`StepMeta::context_chunks`]), which a device backend uploads here, once per step,
+    /// rather than inside a layer. Those two fail on a step not prepared this way.
+    fn prepare_context(&self, step: &mut Self::Step, chunk_positions: Option<usize>) -> Result<()>;
+    /// How many chunks [`Backend::prepare_context`] cut the step's contexts into (0 before it
+    /// ran).
+    fn context_chunks(&self, step: &Self::Step) -> usize;
+    /// Chunk `chunk`'s cached positions of the step's sequences, one sequence after another:
+    /// `[chunk rows, kv_heads · k_dim]`, the keys (for a [`KvValues::KeyPrefix`] cache, whose
+    /// values are their prefix, everything it holds).
+    fn gather_context(
+        &self,
+        cache: &Self::KvLayer,
+        step: &Self::Step,
+        chunk: usize,
+    ) -> Result<Self::Tensor>;
+    /// Causal attention of the step's queries (`[T, num_heads · qk_dim]`) over the keys and
+    /// values of one chunk, given as rows laid out as [`Backend::gather_context`] returns them,
+    /// `num_kv_heads` heads each: over a single chunk, what [`Backend::attention`] computes over
+    /// a cache holding them; over one of several, its part ([`Backend::merge_attention`]).
     fn attention_rows(
         &self,
         q: &Self::Tensor,
         kv: KvRows<'_, Self>,
         step: &Self::Step,
         params: &AttentionParams,
-    ) -> Result<Self::Tensor>;
+    ) -> Result<AttentionPart<Self::Tensor>>;
+    /// Folds `part` into `acc`, two parts of one attention over disjoint keys: afterwards `acc`
+    /// is the attention over both keys, output and log-sum-exp.
+    fn merge_attention(
+        &self,
+        acc: &mut AttentionPart<Self::Tensor>,
+        part: &AttentionPart<Self::Tensor>,
+    ) -> Result<()>;
 
     // --- mixture of experts --------------------------------------------------------------------
     /// Routes tokens given router logits `[T, num_experts]` and an optional per-expert

@@ -21,10 +21,10 @@ mod host;
 mod step;
 
 pub use backend::{
-    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvRows, KvSpec, KvValues,
-    MemoryUse, NoGraph, RopeApply, RopeLayout, RopeTable, RouterParams, RowSummary, Scoring,
+    AttentionParams, Backend, DeviceMemory, ExpertWeights, GroupScore, KvSpec, KvValues, MemoryUse,
+    NoGraph, RopeApply, RopeLayout, RopeTable, RouterParams, RowSummary, Scoring,
 };
-pub use context::ContextLayout;
+pub use context::{AttentionPart, ContextLayout, KvRows, check_attention_rows, check_merge};
 pub use dtype::DType;
 pub use error::BackendError;
 pub use host::{BlockLayout, HostData, HostTensor, WeightView};

@@ -389,8 +389,8 @@ fn context_rows_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32
     let step = b.prepare_step(&fill, &rope)?;
     latent.write(b, &mut cache, &step, (fill.num_tokens(), 50))?;
     let mut step = b.prepare_step(&meta, &rope)?;
-    b.prepare_context(&mut step)?;
-    let rows = b.gather_context(&cache, &step)?;
+    b.prepare_context(&mut step, None)?;
+    let rows = b.gather_context(&cache, &step, 0)?;
     let c = meta.context_rows();
     out.extend(b.tensor_to_host(&rows)?);
     let shared = b.narrow_cols(&rows, 16, 8)?;
@@ -413,12 +413,12 @@ fn context_rows_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32
             scale: 0.25,
             sliding_window: window,
         };
-        out.extend(b.tensor_to_host(&b.attention_rows(
-            &q,
-            KvRows { k: &k, v: &v },
-            &step,
-            &p,
-        )?)?);
+        let kv = KvRows {
+            k: &k,
+            v: &v,
+            chunk: 0,
+        };
+        out.extend(b.tensor_to_host(&b.attention_rows(&q, kv, &step, &p)?.out)?);
     }
     Ok(out)
 }

@@ -2,7 +2,8 @@
 //! backend: steps whose sequences bring many tokens each, over paged caches with scattered
 //! tables, for every head grouping the kernel spreads differently, key widths of both
 //! instantiations, latent caches and sliding windows, and through `attention_rows` (MLA's
-//! expanded form). Each case also checks that the tiled kernel, not the decode one, ran.
+//! expanded form), whole and in chunks of positions merged by their log-sum-exps (there also
+//! through the decode and split-K kernels). Each case also checks which kernels ran.
 //! Skipped with a visible message where no GPU (or emulator) is present, like `cuda.rs`.
 //!
 //! Tolerance: queries and probabilities are rounded to tf32 (10 mantissa bits) for the tensor
@@ -16,7 +17,9 @@ use common::heads::Heads;
 use common::{assert_close, bf16_round, gpu, rand_vec, rope_table};
 use tessera_kernels::cpu::CpuBackend;
 use tessera_kernels::cuda::{CudaBackend, plan};
-use tessera_kernels::{AttentionParams, Backend, KvRows, Result, RopeLayout, SeqMeta, StepMeta};
+use tessera_kernels::{
+    AttentionParams, AttentionPart, Backend, KvRows, Result, RopeLayout, SeqMeta, StepMeta,
+};
 
 const TOL: f32 = 1e-3;
 const BLOCK: usize = 16;
@@ -154,8 +157,8 @@ fn rows_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
         latent.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
     }
     let mut step = b.prepare_step(&prompt, &rope)?;
-    b.prepare_context(&mut step)?;
-    let rows = b.gather_context(&cache, &step)?;
+    b.prepare_context(&mut step, None)?;
+    let rows = b.gather_context(&cache, &step, 0)?;
     let c = prompt.context_rows();
     let shared = b.narrow_cols(&rows, 16, 8)?;
     let heads = 4;
@@ -172,7 +175,12 @@ fn rows_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
         scale: 0.25,
         sliding_window: window,
     };
-    b.tensor_to_host(&b.attention_rows(&q, KvRows { k: &k, v: &v }, &step, &p)?)
+    let kv = KvRows {
+        k: &k,
+        v: &v,
+        chunk: 0,
+    };
+    b.tensor_to_host(&b.attention_rows(&q, kv, &step, &p)?.out)
 }
 
 #[test]
@@ -231,4 +239,185 @@ fn the_switch_sends_prompt_steps_to_the_paged_kernels() {
     assert_eq!(g.kernel_launches("prefill_attention"), tiled);
     assert_eq!(g.kernel_launches("paged_attention"), paged + 1);
     assert_close(test, &got, &want, 1e-4);
+}
+
+/// Attention over context rows in chunks: the steps, the cache blocks they need, the positions
+/// per chunk, and the sliding window.
+struct Chunked {
+    fill: StepMeta,
+    step: StepMeta,
+    blocks: usize,
+    chunk: usize,
+    window: Option<usize>,
+}
+
+/// MLA's expanded form in chunks of `c.chunk` positions over a latent cache `c.fill` and
+/// `c.step` wrote: per chunk, its rows gathered, per-head keys (with the shared rotary part) and
+/// values made from them, and its part of the attention, merged into the chunks' before it.
+/// Gives the merged outputs with every part's, and the merged log-sum-exps with every part's.
+fn chunked_case<B: Backend>(b: &B, c: &Chunked) -> Result<(Vec<f32>, Vec<f32>)> {
+    let latent = Heads::latent(4, 24, 16);
+    let mut cache = b.alloc_kv(latent.kv_spec(c.blocks, c.step.block_size))?;
+    let rope = rope_table(RopeLayout::Half, 4, 1.0);
+    for (meta, seed) in [(&c.fill, 400), (&c.step, 410)] {
+        let step = b.prepare_step(meta, &rope)?;
+        latent.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
+    }
+    let mut step = b.prepare_step(&c.step, &rope)?;
+    b.prepare_context(&mut step, Some(c.chunk))?;
+    let (heads, n) = (4, c.step.num_tokens());
+    let q = b.tensor_from_host(rand_vec(n * heads * 16, 420), n, heads * 16)?;
+    let p = AttentionParams {
+        num_heads: heads,
+        num_kv_heads: heads,
+        qk_dim: 16,
+        v_dim: 16,
+        scale: 0.25,
+        sliding_window: c.window,
+    };
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    let mut merged: Option<AttentionPart<B::Tensor>> = None;
+    for chunk in 0..b.context_chunks(&step) {
+        let rows = b.gather_context(&cache, &step, chunk)?;
+        let r = b.dims(&rows).0;
+        let seed = 430 + 10 * chunk as u64;
+        let nope = b.tensor_from_host(bf16_round(&rand_vec(r * heads * 8, seed)), r, heads * 8)?;
+        let k = b.concat_heads_shared(&nope, &b.narrow_cols(&rows, 16, 8)?, heads)?;
+        let v = b.tensor_from_host(
+            bf16_round(&rand_vec(r * heads * 16, seed + 1)),
+            r,
+            heads * 16,
+        )?;
+        let part = b.attention_rows(
+            &q,
+            KvRows {
+                k: &k,
+                v: &v,
+                chunk,
+            },
+            &step,
+            &p,
+        )?;
+        outs.extend(b.tensor_to_host(&part.out)?);
+        lses.extend(b.tensor_to_host(&part.lse)?);
+        match &mut merged {
+            None => merged = Some(part),
+            Some(acc) => b.merge_attention(acc, &part)?,
+        }
+    }
+    let merged = merged.expect("a chunk");
+    outs.extend(b.tensor_to_host(&merged.out)?);
+    lses.extend(b.tensor_to_host(&merged.lse)?);
+    Ok((outs, lses))
+}
+
+/// Runs a chunked case on both backends and compares outputs and log-sum-exps (rows that attend
+/// none of a chunk's keys must be `-inf` on both), counting the launches of `kernels` it must
+/// have made: `(name, at least)`.
+fn compare_chunked(what: &str, c: &Chunked, kernels: &[(&str, u64)]) {
+    let Some(g) = gpu(what) else { return };
+    let (want_out, want_lse) = chunked_case(&CpuBackend, c).expect("cpu");
+    let before: Vec<u64> = kernels.iter().map(|(k, _)| g.kernel_launches(k)).collect();
+    let (got_out, got_lse) = chunked_case(&g, c).expect("gpu");
+    for ((k, least), before) in kernels.iter().zip(before) {
+        let ran = g.kernel_launches(k) - before;
+        assert!(
+            ran >= *least,
+            "{what}: {k} ran {ran} times, want at least {least}"
+        );
+    }
+    assert_close(&format!("{what}: outputs"), &got_out, &want_out, TOL);
+    let empty = |v: &[f32]| -> Vec<bool> { v.iter().map(|x| *x == f32::NEG_INFINITY).collect() };
+    assert_eq!(
+        empty(&got_lse),
+        empty(&want_lse),
+        "{what}: rows without keys"
+    );
+    assert!(
+        empty(&want_lse).contains(&true),
+        "{what}: no row misses a chunk"
+    );
+    let finite = |v: &[f32]| -> Vec<f32> { v.iter().map(|x| x.max(-1e3)).collect() };
+    assert_close(
+        &format!("{what}: log-sum-exps"),
+        &finite(&got_lse),
+        &finite(&want_lse),
+        TOL,
+    );
+}
+
+#[test]
+fn chunked_context_rows_merge_like_the_cpu() {
+    let (fill, prompt) = steps();
+    let [a, bt, c] = tables();
+    // The prompt step (tiled kernel) in chunks of 32 positions: 150 positions make 5 chunks,
+    // of which the decode at 49 reaches two and the chunk after 70 cached four.
+    for window in [None, Some(20)] {
+        let case = Chunked {
+            fill: fill.clone(),
+            step: prompt.clone(),
+            blocks: 24,
+            chunk: 32,
+            window,
+        };
+        let tiled = if gpu("tensor cores")
+            .is_some_and(|g| plan::has_tf32_mma(g.info().compute_capability))
+        {
+            5
+        } else {
+            0
+        };
+        compare_chunked(
+            &format!("chunked prompt attention, window {window:?}"),
+            &case,
+            &[("prefill_attention", tiled), ("merge_attention", 4)],
+        );
+    }
+    // Decodes at 150, 107 and 50 (decode kernel) in chunks of 64.
+    let decode = StepMeta::without_ids(
+        vec![seq(0, 1, 150, &a), seq(1, 1, 107, &bt), seq(2, 1, 50, &c)],
+        BLOCK,
+    );
+    let fill_decode = StepMeta::without_ids(
+        vec![
+            seq(0, 149, 149, &a),
+            seq(149, 106, 106, &bt),
+            seq(255, 49, 49, &c),
+        ],
+        BLOCK,
+    );
+    let case = Chunked {
+        fill: fill_decode,
+        step: decode,
+        blocks: 24,
+        chunk: 64,
+        window: None,
+    };
+    compare_chunked("chunked decode attention", &case, &[("merge_attention", 2)]);
+    // A decode at 1300 and one at 40, in chunks of 512: few enough rows that the GPU splits the
+    // positions of the two full chunks (split-K; the last holds 276), the chunks past the short
+    // context empty for it.
+    let long: Vec<u32> = (0..82).rev().collect();
+    let case = Chunked {
+        fill: StepMeta::without_ids(
+            vec![seq(0, 1299, 1299, &long), seq(1299, 39, 39, &[82, 83, 84])],
+            BLOCK,
+        ),
+        step: StepMeta::without_ids(
+            vec![seq(0, 1, 1300, &long), seq(1, 1, 40, &[82, 83, 84])],
+            BLOCK,
+        ),
+        blocks: 90,
+        chunk: 512,
+        window: None,
+    };
+    compare_chunked(
+        "chunked split-K attention",
+        &case,
+        &[
+            ("paged_attention_split", 2),
+            ("attention_combine", 2),
+            ("merge_attention", 2),
+        ],
+    );
 }

@@ -276,8 +276,8 @@ impl<B: Backend> Model<B> {
         let (step, out) = match self.mla_plan(meta) {
             MlaPlan::Whole(form) => {
                 let mut step = b.prepare_step(meta, &self.rope)?;
-                if matches!(form, MlaForm::Expanded { .. }) {
-                    b.prepare_context(&mut step)?;
+                if let MlaForm::Expanded(e) = form {
+                    b.prepare_context(&mut step, e.chunk)?;
                 }
                 // Decode keeps every row in order: no gather (a launch and an upload on a GPU).
                 let keep = (!logits.is_every_row(meta.num_tokens())).then_some(logits.rows);
@@ -286,20 +286,20 @@ impl<B: Backend> Model<B> {
             }
             MlaPlan::Split {
                 absorbed,
-                heads_per_pass,
+                expansion,
             } => {
                 // The absorbed sequences first; the rows asked for follow their tokens.
                 let split = SplitStep::new(meta, &absorbed);
                 let step = b.prepare_step(&split.meta, &self.rope)?;
                 let absorbed = b.prepare_step(&split.absorbed, &self.rope)?;
                 let mut expanded = b.prepare_step(&split.expanded, &self.rope)?;
-                b.prepare_context(&mut expanded)?;
+                b.prepare_context(&mut expanded, expansion.chunk)?;
                 let keep: Vec<usize> = logits.rows.iter().map(|&r| split.token_at[r]).collect();
                 let attend = MlaAttend::Split(SplitAttend {
                     absorbed_tokens: split.absorbed_tokens(),
                     absorbed: &absorbed,
                     expanded: &expanded,
-                    heads_per_pass,
+                    expansion,
                 });
                 let out = self.run(&step, cache, Some(&keep), &attend)?;
                 (step, out)

@@ -16,6 +16,8 @@
 //! outputs. Units run in parallel when the context makes it worth it, so a
 //! single decoding token still spreads over the threads.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::linear::{Acts, Isa, Mat, Pv, pv_accumulate, rows_times_x, softmax_in_place};
@@ -124,12 +126,15 @@ pub(super) fn store_row(
     }
 }
 
+/// Attention of `q`'s rows over `cache` through `meta`'s tables, of positions in `keys` alone
+/// (`0..usize::MAX`: all): the outputs `[tokens, heads · v_dim]` and each row's log-sum-exp of
+/// its scores `[tokens, heads]` (`-inf`, with a zero output, for a row that attends no key).
 pub(crate) fn attention(
     q: &[f32],
     cache: &CpuKv,
-    meta: &StepMeta,
+    (meta, keys): (&StepMeta, Range<usize>),
     p: &AttentionParams,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let spec = &cache.spec;
     if spec.k_dim != p.qk_dim || spec.v_dim != p.v_dim || spec.num_kv_heads != p.num_kv_heads {
         return Err(BackendError::shape(
@@ -184,23 +189,33 @@ pub(crate) fn attention(
         );
     }
     let head_groups = p.num_kv_heads * parts;
-    let window_start = |pos: usize| p.sliding_window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    let window_start = |pos: usize| {
+        p.sliding_window
+            .map_or(0, |w| (pos + 1).saturating_sub(w))
+            .max(keys.start)
+    };
     // One unit of work: tile `(t0, m)`'s tokens, their query heads `part * gs ..` of those that
-    // share KV head `kvh`; the output rows `[token][head]` of the tile, in that order.
-    let unit = |u: usize, out: &mut [f32]| {
+    // share KV head `kvh`; the output rows `[token][head]` of the tile, in that order, and
+    // their log-sum-exps.
+    let unit = |u: usize, (out, lse): (&mut [f32], &mut [f32])| {
         let (ti, kvh, part) = (u / head_groups, (u / parts) % p.num_kv_heads, u % parts);
         let (t0, m) = tiles[ti];
         let rows = m * gs;
         let (si, last) = row_of_token[t0 + m - 1];
         let first_pos = last + 1 - m;
         let table = &meta.seqs[si].block_table;
-        let lo = window_start(first_pos);
-        let len = last + 1 - lo;
+        let (lo, hi) = (window_start(first_pos), (last + 1).min(keys.end));
+        out.fill(0.0);
+        lse.fill(f32::NEG_INFINITY);
+        if lo >= hi {
+            return;
+        }
+        let len = hi - lo;
         let head0 = (kvh * group + part * gs) * p.qk_dim;
         // Runs of consecutive positions in one block: (first position, block, slot, length).
-        let runs = (lo / bs..=last / bs).map(|b| {
+        let runs = (lo / bs..=(hi - 1) / bs).map(|b| {
             let first = (b * bs).max(lo);
-            let end = ((b + 1) * bs).min(last + 1);
+            let end = ((b + 1) * bs).min(hi);
             (first, table[b] as usize, first % bs, end - first)
         });
         scratch::with_buf(|gathered| {
@@ -234,12 +249,12 @@ pub(crate) fn attention(
                 // Each token attends its own window of the tile's span: the rest weighs 0.
                 for (r, row) in probs.chunks_exact_mut(len).enumerate() {
                     let pos = first_pos + r / gs;
-                    let (from, to) = (window_start(pos) - lo, pos + 1 - lo);
+                    let from = window_start(pos).clamp(lo, hi) - lo;
+                    let to = ((pos + 1).clamp(lo, hi) - lo).max(from);
                     row[..from].fill(0.0);
                     row[to..].fill(0.0);
-                    softmax_in_place(isa, &mut row[from..to]);
+                    lse[r] = softmax_lse(isa, &mut row[from..to]);
                 }
-                out.fill(0.0);
                 let (store, vs) = match spec.values {
                     KvValues::Separate => (&cache.v, p.v_dim),
                     KvValues::KeyPrefix => (&cache.k, p.qk_dim),
@@ -262,13 +277,16 @@ pub(crate) fn attention(
     };
     // Units write tile by tile: `[tile][head group][token][head]`, which is the output's own
     // `[token][head]` order when every tile is one token (decode).
-    let (mut staged, mut slices) = (super::pool::zeroed(n * ow), Vec::new());
-    let mut rest = &mut staged[..];
+    let mut staged = super::pool::zeroed(n * ow);
+    let mut staged_lse = vec![0.0; n * p.num_heads];
+    let mut slices = Vec::new();
+    let (mut rest, mut rest_lse) = (&mut staged[..], &mut staged_lse[..]);
     for &(_, m) in &tiles {
         for _ in 0..head_groups {
             let (unit_out, tail) = rest.split_at_mut(m * gs * p.v_dim);
-            slices.push(unit_out);
-            rest = tail;
+            let (unit_lse, tail_lse) = rest_lse.split_at_mut(m * gs);
+            slices.push((unit_out, unit_lse));
+            (rest, rest_lse) = (tail, tail_lse);
         }
     }
     if parallel {
@@ -282,20 +300,44 @@ pub(crate) fn attention(
         }
     }
     if tiles.len() == n || ow == 0 {
-        return Ok(staged);
+        return Ok((staged, staged_lse));
     }
     let mut out = super::pool::zeroed(n * ow);
-    let hw = gs * p.v_dim;
+    let mut lse = vec![0.0; n * p.num_heads];
     for &(t0, m) in &tiles {
         let tile = &staged[t0 * ow..][..m * ow];
-        for (hg, unit_out) in tile.chunks_exact(m * hw).enumerate() {
-            for (i, token_out) in unit_out.chunks_exact(hw).enumerate() {
-                out[(t0 + i) * ow + hg * hw..][..hw].copy_from_slice(token_out);
+        let tile_lse = &staged_lse[t0 * p.num_heads..][..m * p.num_heads];
+        let units = tile
+            .chunks_exact(m * gs * p.v_dim)
+            .zip(tile_lse.chunks_exact(m * gs));
+        for (hg, (unit_out, unit_lse)) in units.enumerate() {
+            let tokens = unit_out
+                .chunks_exact(gs * p.v_dim)
+                .zip(unit_lse.chunks_exact(gs));
+            for (i, (token_out, token_lse)) in tokens.enumerate() {
+                out[(t0 + i) * ow + hg * gs * p.v_dim..][..gs * p.v_dim].copy_from_slice(token_out);
+                lse[(t0 + i) * p.num_heads + hg * gs..][..gs].copy_from_slice(token_lse);
             }
         }
     }
     super::pool::give(staged);
-    Ok(out)
+    Ok((out, lse))
+}
+
+/// Softmax of `row` in place, returning the log-sum-exp of its scores (`-inf` when empty).
+/// The largest score's probability is `1 / Σ exp(s - max)`, so the sum comes back from it
+/// without a second pass of exponentials.
+fn softmax_lse(isa: Isa, row: &mut [f32]) -> f32 {
+    let Some((at, max)) = row
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+    else {
+        return f32::NEG_INFINITY;
+    };
+    softmax_in_place(isa, row);
+    max - row[at].ln()
 }
 
 /// Into how many units to cut each KV head's `group` query heads when a step has `units` of
@@ -337,8 +379,14 @@ mod tests {
             .collect()
     }
 
-    /// Softmax attention of one query head over explicit key/value rows, in f64.
-    fn naive(q: &[f32], keys: &[&[f32]], values: &[&[f32]], scale: f32) -> Vec<f64> {
+    /// Softmax attention of one query head over explicit key/value rows, in f64: the output
+    /// `vd` wide and the log-sum-exp of the scores (zeros and `-inf` over no rows).
+    fn naive(
+        q: &[f32],
+        (keys, values): (&[&[f32]], &[&[f32]]),
+        vd: usize,
+        scale: f32,
+    ) -> (Vec<f64>, f64) {
         let s: Vec<f64> = keys
             .iter()
             .map(|k| {
@@ -349,12 +397,16 @@ mod tests {
                     * scale as f64
             })
             .collect();
+        if s.is_empty() {
+            return (vec![0.0; vd], f64::NEG_INFINITY);
+        }
         let max = s.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
         let z: f64 = e.iter().sum();
-        (0..values[0].len())
+        let out = (0..vd)
             .map(|c| e.iter().zip(values).map(|(p, v)| p / z * v[c] as f64).sum())
-            .collect()
+            .collect();
+        (out, max + z.ln())
     }
 
     /// A cache layout and the step attending over it.
@@ -487,7 +539,13 @@ mod tests {
             .flat_map(|(si, s)| (s.context_len - s.num_tokens..s.context_len).map(move |p| (si, p)))
             .collect();
         let q = vals(rows.len() * heads * d, 3);
-        for window in [None, Some(5)] {
+        // Every key, a window of positions, and one that some tokens reach only in part and
+        // others not at all.
+        let key_ranges = [0..usize::MAX, 8..50, 52..70];
+        for (window, keys) in [None, Some(5)]
+            .into_iter()
+            .flat_map(|w| key_ranges.clone().map(|k| (w, k)))
+        {
             let p = AttentionParams {
                 num_heads: heads,
                 num_kv_heads: kv_heads,
@@ -496,10 +554,13 @@ mod tests {
                 scale: 0.125,
                 sliding_window: window,
             };
-            let out = attention(&q, &cache, &meta, &p).unwrap();
+            let (out, lse) = attention(&q, &cache, (&meta, keys.clone()), &p).unwrap();
             for (t, &(si, pos)) in rows.iter().enumerate() {
                 let table = &meta.seqs[si].block_table;
-                let lo = window.map_or(0, |w| (pos + 1usize).saturating_sub(w));
+                let lo = window
+                    .map_or(0, |w| (pos + 1usize).saturating_sub(w))
+                    .max(keys.start);
+                let attended = lo..(pos + 1).min(keys.end).max(lo);
                 for h in 0..heads {
                     let kvh = h / (heads / kv_heads);
                     // The documented layout: [block][kv_head][slot][dim].
@@ -507,24 +568,33 @@ mod tests {
                         let at = ((table[x / bs] as usize * kv_heads + kvh) * bs + x % bs) * width;
                         c[at..at + width].to_vec()
                     };
-                    let keys: Vec<Vec<f32>> = (lo..=pos).map(|x| row(&cache.k, x, d)).collect();
+                    let keys_at: Vec<Vec<f32>> =
+                        attended.clone().map(|x| row(&cache.k, x, d)).collect();
                     let values: Vec<Vec<f32>> = match spec.values {
-                        KvValues::Separate => (lo..=pos).map(|x| row(&cache.v, x, vd)).collect(),
-                        KvValues::KeyPrefix => keys.iter().map(|k| k[..vd].to_vec()).collect(),
+                        KvValues::Separate => {
+                            attended.clone().map(|x| row(&cache.v, x, vd)).collect()
+                        }
+                        KvValues::KeyPrefix => keys_at.iter().map(|k| k[..vd].to_vec()).collect(),
                     };
-                    let want = naive(
+                    let (want, want_lse) = naive(
                         &q[(t * heads + h) * d..][..d],
-                        &keys.iter().map(Vec::as_slice).collect::<Vec<_>>(),
-                        &values.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                        (
+                            &keys_at.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                            &values.iter().map(Vec::as_slice).collect::<Vec<_>>(),
+                        ),
+                        vd,
                         0.125,
                     );
+                    let at = format!("window {window:?} keys {keys:?} token {t} head {h}");
                     let got = &out[(t * heads + h) * vd..][..vd];
                     for (g, w) in got.iter().zip(&want) {
-                        assert!(
-                            (*g as f64 - w).abs() < 1e-5,
-                            "window {window:?} token {t} head {h}: {g} vs {w}"
-                        );
+                        assert!((*g as f64 - w).abs() < 1e-5, "{at}: {g} vs {w}");
                     }
+                    let got_lse = lse[t * heads + h] as f64;
+                    assert!(
+                        got_lse == want_lse || (got_lse - want_lse).abs() < 1e-4,
+                        "{at}: log-sum-exp {got_lse} vs {want_lse}"
+                    );
                 }
             }
         }
@@ -558,7 +628,7 @@ mod tests {
             scale: 1.0,
             sliding_window: None,
         };
-        let err = attention(&[0.0; 8], &cache, &meta, &p).unwrap_err();
+        let err = attention(&[0.0; 8], &cache, (&meta, 0..usize::MAX), &p).unwrap_err();
         assert!(err.to_string().contains("block 5"), "{err}");
     }
 }

@@ -36,13 +36,14 @@ pub(crate) fn gather(cache: &CpuKv, layout: &ContextLayout) -> Result<CpuTensor>
     })
 }
 
-/// Attention of `q` over `k` and `v` rows (shapes checked by the caller).
+/// Attention of `q` over one chunk's `k` and `v` rows (shapes checked by the caller): the
+/// outputs and log-sum-exps.
 pub(crate) fn attend_rows(
     q: &CpuTensor,
     (k, v): (&CpuTensor, &CpuTensor),
     layout: &ContextLayout,
     p: &AttentionParams,
-) -> Result<Vec<f32>> {
+) -> Result<(Vec<f32>, Vec<f32>)> {
     let spec = KvSpec {
         num_blocks: layout.dense_blocks,
         block_size: layout.dense.block_size,
@@ -69,7 +70,7 @@ pub(crate) fn attend_rows(
         let at = (slot as usize / bs, slot as usize % bs);
         store_row(&mut dense, at, (k, Some(v)), r);
     }
-    let out = attention(&q.data, &dense, &layout.dense, p);
+    let out = attention(&q.data, &dense, (&layout.dense, layout.keys.clone()), p);
     pool::give(dense.k);
     pool::give(dense.v);
     out
@@ -79,7 +80,7 @@ pub(crate) fn attend_rows(
 mod tests {
     use super::*;
     use crate::cpu::CpuBackend;
-    use crate::{Backend, KvRows, RopeLayout, RopeTable, SeqMeta, StepMeta};
+    use crate::{AttentionPart, Backend, KvRows, RopeLayout, RopeTable, SeqMeta, StepMeta};
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n)
@@ -139,23 +140,79 @@ mod tests {
 
         let mut step = b.prepare_step(&steps(false), &rope).unwrap();
         let q = b.tensor_from_host(values(4 * 24, 3), 4, 24).unwrap();
-        let kv = KvRows { k: &k, v: &v };
+        let kv = KvRows {
+            k: &k,
+            v: &v,
+            chunk: 0,
+        };
         let err = b
-            .attention_rows(&q, KvRows { k: &k, v: &v }, &step, &p)
+            .attention_rows(&q, KvRows { ..kv }, &step, &p)
             .unwrap_err();
         assert!(err.to_string().contains("prepare_context"), "{err}");
-        b.prepare_context(&mut step).unwrap();
+        b.prepare_context(&mut step, None).unwrap();
         // The context rows of the partial step are every position written, in order.
-        assert_eq!(b.gather_context(&cache, &step).unwrap().data, k.data);
+        assert_eq!(b.gather_context(&cache, &step, 0).unwrap().data, k.data);
         let want = b.attention(&q, &cache, &step, &p).unwrap();
-        let got = b.attention_rows(&q, kv, &step, &p).unwrap();
-        assert_eq!((got.rows, got.cols), (4, 12));
-        for (g, w) in got.data.iter().zip(&want.data) {
+        let mut got = b.attention_rows(&q, KvRows { ..kv }, &step, &p).unwrap();
+        assert_eq!((got.out.rows, got.out.cols), (4, 12));
+        for (g, w) in got.out.data.iter().zip(&want.data) {
             assert!((g - w).abs() < 1e-6, "{g} vs {w}");
         }
+
+        // Cut in chunks of one block (positions 0..4, 4..8, 8..9), gathered, attended and
+        // merged chunk by chunk, the same.
+        b.prepare_context(&mut step, Some(3)).unwrap();
+        assert_eq!(b.context_chunks(&step), 3);
+        let rows_of = |t: &CpuTensor, rows: &[usize]| {
+            let data = rows
+                .iter()
+                .flat_map(|&r| t.data[r * t.cols..][..t.cols].to_vec())
+                .collect();
+            b.tensor_from_host(data, rows.len(), t.cols).unwrap()
+        };
+        let mut merged: Option<AttentionPart<CpuTensor>> = None;
+        for chunk in 0..3 {
+            let keys = chunk * 4..chunk * 4 + 4;
+            // The first sequence's rows are its positions; the second's follow them.
+            let rows: Vec<usize> = (keys.start..keys.end.min(9))
+                .chain((keys.start..keys.end.min(5)).map(|p| 9 + p))
+                .collect();
+            let (ck, cv) = (rows_of(&k, &rows), rows_of(&v, &rows));
+            assert_eq!(
+                b.gather_context(&cache, &step, chunk).unwrap().data,
+                ck.data
+            );
+            let kv = KvRows {
+                k: &ck,
+                v: &cv,
+                chunk,
+            };
+            let part = b.attention_rows(&q, kv, &step, &p).unwrap();
+            match &mut merged {
+                None => merged = Some(part),
+                Some(acc) => b.merge_attention(acc, &part).unwrap(),
+            }
+        }
+        let merged = merged.unwrap();
+        for (g, w) in merged.out.data.iter().zip(&want.data) {
+            assert!((g - w).abs() < 1e-5, "merged {g} vs whole {w}");
+        }
+        let err = b.gather_context(&cache, &step, 3).unwrap_err().to_string();
+        assert!(
+            err.contains("chunk 3 of a step prepared in 3 chunks"),
+            "{err}"
+        );
+        let lse = b.tensor_from_host(vec![0.0; 4 * 3], 4, 3).unwrap();
+        let wrong = AttentionPart { out: want, lse };
+        let err = b.merge_attention(&mut got, &wrong).unwrap_err().to_string();
+        assert!(
+            err.contains("merge_attention") && err.contains("(4, 3)"),
+            "{err}"
+        );
+        b.prepare_context(&mut step, None).unwrap();
         let short = b.tensor_from_host(values(13 * 6, 4), 13, 6).unwrap();
         let err = b
-            .attention_rows(&q, KvRows { k: &k, v: &short }, &step, &p)
+            .attention_rows(&q, KvRows { v: &short, ..kv }, &step, &p)
             .unwrap_err();
         assert!(err.to_string().contains("14 context rows"), "{err}");
     }

@@ -21,9 +21,10 @@ pub use moe::CpuRouting;
 
 use std::ops::Range;
 
+use crate::context::{chunk_of, merge_rows};
 use crate::{
-    AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvRows, KvSpec, Result,
-    RopeApply, RopeLayout, RopeTable, RouterParams, StepMeta,
+    AttentionParams, AttentionPart, Backend, BackendError, ExpertWeights, HostTensor, KvRows,
+    KvSpec, Result, RopeApply, RopeLayout, RopeTable, RouterParams, StepMeta,
 };
 
 /// The matrix kernels this process runs (chosen once, at first use).
@@ -95,19 +96,8 @@ pub struct CpuStep {
     sin: Vec<f32>,
     layout: RopeLayout,
     rot_dim: usize,
-    /// Set by [`Backend::prepare_context`].
-    context: Option<crate::ContextLayout>,
-}
-
-impl CpuStep {
-    fn context(&self, op: &'static str) -> Result<&crate::ContextLayout> {
-        self.context.as_ref().ok_or_else(|| {
-            BackendError::invalid(
-                op,
-                "the step's context rows were not prepared (prepare_context)",
-            )
-        })
-    }
+    /// Set by [`Backend::prepare_context`]: the chunks of the step's contexts.
+    context: Vec<crate::ContextLayout>,
 }
 
 /// The CPU backend. Threads come from rayon's global pool (sized to the cores).
@@ -179,7 +169,7 @@ impl Backend for CpuBackend {
             sin,
             layout: rope.layout,
             rot_dim: rope.rot_dim(),
-            context: None,
+            context: Vec::new(),
         })
     }
 
@@ -492,18 +482,24 @@ impl Backend for CpuBackend {
         params: &AttentionParams,
     ) -> Result<CpuTensor> {
         let _p = profile::scope("attention", String::new);
-        let out = attention::attention(&q.data, cache, &step.meta, params)?;
+        let (out, _) = attention::attention(&q.data, cache, (&step.meta, 0..usize::MAX), params)?;
         Ok(tensor(out, q.rows, params.num_heads * params.v_dim))
     }
 
-    fn prepare_context(&self, step: &mut CpuStep) -> Result<()> {
-        step.context = Some(step.meta.context_layout("prepare_context")?);
+    fn prepare_context(&self, step: &mut CpuStep, chunk_positions: Option<usize>) -> Result<()> {
+        step.context = step
+            .meta
+            .context_chunks("prepare_context", chunk_positions)?;
         Ok(())
     }
 
-    fn gather_context(&self, cache: &CpuKv, step: &CpuStep) -> Result<CpuTensor> {
+    fn context_chunks(&self, step: &CpuStep) -> usize {
+        step.context.len()
+    }
+
+    fn gather_context(&self, cache: &CpuKv, step: &CpuStep, chunk: usize) -> Result<CpuTensor> {
         let _p = profile::scope("gather_context", String::new);
-        context::gather(cache, step.context("gather_context")?)
+        context::gather(cache, chunk_of("gather_context", &step.context, chunk)?)
     }
 
     fn attention_rows(
@@ -512,17 +508,37 @@ impl Backend for CpuBackend {
         kv: KvRows<'_, Self>,
         step: &CpuStep,
         params: &AttentionParams,
-    ) -> Result<CpuTensor> {
+    ) -> Result<AttentionPart<CpuTensor>> {
         let _p = profile::scope("attention_rows", String::new);
-        let layout = step.context("attention_rows")?;
-        crate::backend::check_attention_rows(
+        let layout = chunk_of("attention_rows", &step.context, kv.chunk)?;
+        crate::check_attention_rows(
             (q.rows, q.cols),
             ((kv.k.rows, kv.k.cols), (kv.v.rows, kv.v.cols)),
             (step.meta.num_tokens(), layout.rows),
             params,
         )?;
-        let out = context::attend_rows(q, (kv.k, kv.v), layout, params)?;
-        Ok(tensor(out, q.rows, params.num_heads * params.v_dim))
+        let (out, lse) = context::attend_rows(q, (kv.k, kv.v), layout, params)?;
+        Ok(AttentionPart {
+            out: tensor(out, q.rows, params.num_heads * params.v_dim),
+            lse: tensor(lse, q.rows, params.num_heads),
+        })
+    }
+
+    fn merge_attention(
+        &self,
+        acc: &mut AttentionPart<CpuTensor>,
+        part: &AttentionPart<CpuTensor>,
+    ) -> Result<()> {
+        let dims =
+            |p: &AttentionPart<CpuTensor>| ((p.out.rows, p.out.cols), (p.lse.rows, p.lse.cols));
+        let v_dim = crate::check_merge(dims(acc), dims(part))?;
+        let AttentionPart { out, lse } = acc;
+        merge_rows(
+            (&mut out.data, &mut lse.data),
+            (&part.out.data, &part.lse.data),
+            v_dim,
+        );
+        Ok(())
     }
 
     fn route(

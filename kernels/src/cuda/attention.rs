@@ -4,6 +4,8 @@
 //! `[block][kv_head][slot][dim]`; every kernel reads positions, slots and block tables from the
 //! step's metadata ([`CudaStep`], `step.rs`).
 
+use std::ops::Range;
+
 use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
@@ -40,6 +42,8 @@ pub(super) struct AttnArgs {
     block_size: u32,
     v_stride: u32,
     window: u32,
+    key_lo: u32,
+    key_hi: u32,
     head_groups: u32,
     group_heads: u32,
     scale: f32,
@@ -66,9 +70,20 @@ impl AttnArgs {
             block_size: to_u32(op, spec.block_size)?,
             v_stride: to_u32(op, spec.v_stride())?,
             window: p.sliding_window.map_or(Ok(0), |w| to_u32(op, w.max(1)))?,
+            key_lo: 0,
+            key_hi: u32::MAX,
             head_groups: to_u32(op, head_groups)?,
             group_heads: to_u32(op, group_heads)?,
             scale: p.scale,
+        })
+    }
+
+    /// The same scalars attending only the positions `keys` (a chunk's).
+    fn over_keys(self, op: &'static str, keys: &Range<usize>) -> Result<AttnArgs> {
+        Ok(AttnArgs {
+            key_lo: to_u32(op, keys.start)?,
+            key_hi: u32::try_from(keys.end).unwrap_or(u32::MAX),
+            ..self
         })
     }
 }
@@ -205,19 +220,22 @@ impl CudaBackend {
             rows: step.rows,
             max_span: step.max_span(p.sliding_window),
             tiles: step.tiles(),
+            keys: 0..usize::MAX,
+            lse: false,
         };
-        self.attend(q, cache, over, p)
+        Ok(self.attend(q, cache, over, p)?.0)
     }
 
     /// Attention of `q`'s rows over `cache` through the tables in `over`, whose blocks the
-    /// caller checked against the cache (which fits `p`).
+    /// caller checked against the cache (which fits `p`): the outputs, and each row's
+    /// log-sum-exp `[rows, heads]` when `over.lse` asks for it.
     pub(super) fn attend(
         &self,
         q: &CudaTensor,
         cache: &CudaKv,
         over: Attended<'_>,
         p: &AttentionParams,
-    ) -> Result<CudaTensor> {
+    ) -> Result<(CudaTensor, Option<CudaTensor>)> {
         const OP: &str = "attention";
         let spec = &cache.spec;
         p.check_heads(OP)?;
@@ -248,8 +266,12 @@ impl CudaBackend {
             });
         };
         let mut out = self.output(OP, n, p.num_heads * p.v_dim)?;
+        let mut lse = match over.lse {
+            true => Some(self.output(OP, n, p.num_heads)?),
+            false => None,
+        };
         if n == 0 || p.num_heads == 0 {
-            return Ok(out);
+            return Ok((out, lse));
         }
         let tensor_cores = self
             .tensor_core_prefill
@@ -266,7 +288,8 @@ impl CudaBackend {
             })
         });
         if let Some(tiled) = tiled.flatten() {
-            let args = AttnArgs::new(OP, p, spec, (tiled.head_blocks, tiled.heads_per_block))?;
+            let args = AttnArgs::new(OP, p, spec, (tiled.head_blocks, tiled.heads_per_block))?
+                .over_keys(OP, &over.keys)?;
             let launch = super::prefill::PrefillLaunch {
                 q,
                 cache,
@@ -274,11 +297,11 @@ impl CudaBackend {
                 args,
                 plan: tiled,
             };
-            self.prefill_attention(&mut out, &launch)?;
-            return Ok(out);
+            self.prefill_attention((&mut out, lse.as_mut()), &launch)?;
+            return Ok((out, lse));
         }
         let grouping_blocks = (grouping.head_groups, grouping.group_heads);
-        let args = AttnArgs::new(OP, p, spec, grouping_blocks)?;
+        let args = AttnArgs::new(OP, p, spec, grouping_blocks)?.over_keys(OP, &over.keys)?;
         let max_span = over.max_span;
         let head_blocks = p.num_kv_heads * grouping.head_groups;
         let splits = plan::attention_splits(n * head_blocks, max_span, self.info.multiprocessors);
@@ -293,8 +316,8 @@ impl CudaBackend {
             smem: to_u32(OP, grouping.shared_bytes)?,
         };
         if splits > 1 {
-            self.attention_split(&mut out, &launch, splits)?;
-            return Ok(out);
+            self.attention_split((&mut out, lse.as_mut()), &launch, splits)?;
+            return Ok((out, lse));
         }
         let cfg = LaunchConfig {
             grid_dim: (launch.tokens, launch.head_blocks, 1),
@@ -305,8 +328,9 @@ impl CudaBackend {
             .stream
             .launch_builder(self.func(grouping.kernel.names().0)?);
         b.arg(&mut out.data);
+        push_lse(&mut b, lse.as_mut());
         launch.push_inputs(&mut b);
-        // SAFETY: paged_attention[_wide](float* out, const float* q, const u16* kc,
+        // SAFETY: paged_attention[_wide](float* out, float* lse, const float* q, const u16* kc,
         // const u16* vc, const u32* tok_pos, const u32* tok_table, const u32* tables,
         // AttnArgs a): grid (tokens, kv_heads * head_groups), each block serving at most
         // group_heads query heads of its KV head (at most the kernel's HEADS); q holds
@@ -317,15 +341,16 @@ impl CudaBackend {
         // v_stride apart in vc (the keys when the cache has no values, v_dim <= qk_dim by
         // KvSpec::validate); dynamic shared memory is the
         // `AttnShared` size for group_heads (plan::attention_grouping); v_dim <= DIMS * blockDim
-        // for the kernel plan::AttnKernel::for_v_dim chose.
+        // for the kernel plan::AttnKernel::for_v_dim chose; lse is null or holds
+        // tokens*heads floats, one per (token, head) row.
         unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
-        Ok(out)
+        Ok((out, lse))
     }
 
     /// Split-K attention: `splits` partial runs per (token, head) row, then their merge.
     fn attention_split(
         &self,
-        out: &mut CudaTensor,
+        (out, lse): (&mut CudaTensor, Option<&mut CudaTensor>),
         l: &AttnLaunch<'_>,
         splits: usize,
     ) -> Result<()> {
@@ -353,14 +378,13 @@ impl CudaBackend {
         // subrange of the positions the token may attend.
         unsafe { b.launch(cfg) }.map_err(|e| BackendError::device(OP, e))?;
         let mut b = self.stream.launch_builder(self.func("attention_combine")?);
-        b.arg(&mut out.data)
-            .arg(&part_acc)
-            .arg(&part_ml)
-            .arg(&splits32)
-            .arg(&v_dim);
-        // SAFETY: attention_combine(float* out, const float* part_acc, const float* part_ml,
-        // u32 splits, u32 v_dim): one block per row; out holds rows*v_dim floats (allocated by
-        // attention_impl), part_acc and part_ml as written above.
+        b.arg(&mut out.data);
+        push_lse(&mut b, lse);
+        b.arg(&part_acc).arg(&part_ml).arg(&splits32).arg(&v_dim);
+        // SAFETY: attention_combine(float* out, float* lse, const float* part_acc,
+        // const float* part_ml, u32 splits, u32 v_dim): one block per row; out holds rows*v_dim
+        // floats and lse, unless null, rows (allocated by attend), part_acc and part_ml as
+        // written above.
         unsafe { b.launch(grid_rows(rows, ATTN_THREADS)) }
             .map_err(|e| BackendError::device(OP, e))?;
         Ok(())
@@ -389,13 +413,24 @@ pub(super) struct StepViews<'a> {
 }
 
 /// What [`CudaBackend::attend`] reads through: the tables, the query rows, the longest span
-/// a row attends (which sizes split-K), and the step's tiles for the tiled prompt kernel (the
-/// packed pairs and their count).
+/// a row attends (which sizes split-K), the step's tiles for the tiled prompt kernel (the
+/// packed pairs and their count), the positions attended, and whether the rows' log-sum-exps
+/// are wanted too.
 pub(super) struct Attended<'a> {
     pub(super) views: StepViews<'a>,
     pub(super) rows: usize,
     pub(super) max_span: usize,
     pub(super) tiles: (CudaView<'a, u32>, usize),
+    pub(super) keys: Range<usize>,
+    pub(super) lse: bool,
+}
+
+/// Pushes a kernel's `float* lse` parameter: the tensor, or null when none is wanted.
+pub(super) fn push_lse<'b>(b: &mut LaunchArgs<'b>, lse: Option<&'b mut CudaTensor>) {
+    match lse {
+        Some(l) => b.arg(&mut l.data),
+        None => b.arg(&0u64),
+    };
 }
 
 impl<'a> StepViews<'a> {

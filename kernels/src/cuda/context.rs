@@ -1,12 +1,14 @@
 //! Context rows on the GPU ([`crate::ContextLayout`]): the step's cached contexts read out as
-//! rows, and attention over keys and values given as rows.
+//! rows, chunk by chunk, attention over keys and values given as rows, and the merge of the
+//! chunks' parts.
 //!
-//! `prepare_context` uploads the layout once per step, in one copy: each context row's slot in
-//! the cache and in the dense scratch cache, the dense block tables, and each token's offset
-//! into them. Attention over rows then writes the rows into a scratch cache with `write_kv`
-//! and runs the attention kernels over it, so keys and values are rounded to bf16 as a cache's are
-//! and the kernels are the ones the rest of attention already exercises. The scratch cache is
-//! not zeroed: every slot a kernel reads is one a row was written to.
+//! `prepare_context` uploads each chunk's layout once per step, in one copy: each context row's
+//! slot in the cache and in the dense scratch cache, the dense block tables, and each token's
+//! offset into them. Attention over rows then writes the rows into a scratch cache with
+//! `write_kv` and runs the attention kernels over it, limited to the chunk's positions and
+//! writing each row's log-sum-exp beside its output, so keys and values are rounded to bf16 as a
+//! cache's are and the kernels are the ones the rest of attention already exercises. The scratch
+//! cache is not zeroed: every slot a kernel reads is one a row was written to.
 
 use std::ops::Range;
 
@@ -15,7 +17,10 @@ use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use super::attention::{Attended, StepViews};
 use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
 use super::step::{CudaStep, push};
-use crate::{AttentionParams, BackendError, ContextLayout, KvRows, KvSpec, KvValues, Result};
+use crate::context::chunk_of;
+use crate::{
+    AttentionParams, AttentionPart, BackendError, ContextLayout, KvRows, KvSpec, KvValues, Result,
+};
 
 /// A step's context layout, on the host and packed on the device.
 pub struct CudaContext {
@@ -34,18 +39,17 @@ impl CudaContext {
 }
 
 impl CudaStep {
-    fn context(&self, op: &'static str) -> Result<&CudaContext> {
-        self.context.as_ref().ok_or_else(|| {
-            BackendError::invalid(
-                op,
-                "the step's context rows were not prepared (prepare_context)",
-            )
-        })
+    fn context(&self, op: &'static str, chunk: usize) -> Result<&CudaContext> {
+        chunk_of(op, &self.context, chunk)
     }
 }
 
 impl CudaBackend {
-    pub(super) fn prepare_context_impl(&self, step: &mut CudaStep) -> Result<()> {
+    pub(super) fn prepare_context_impl(
+        &self,
+        step: &mut CudaStep,
+        chunk_positions: Option<usize>,
+    ) -> Result<()> {
         const OP: &str = "prepare_context";
         if step.rows != step.meta.num_tokens() {
             return Err(BackendError::invalid(
@@ -53,12 +57,22 @@ impl CudaBackend {
                 "a graph's padded step has no context rows",
             ));
         }
-        let layout = step.meta.context_layout(OP)?;
+        let chunks = step.meta.context_chunks(OP, chunk_positions)?;
+        step.context = chunks
+            .into_iter()
+            .map(|layout| self.upload_context(layout, step.rows))
+            .collect::<Result<_>>()?;
+        Ok(())
+    }
+
+    /// One chunk's layout on the device, in one copy.
+    fn upload_context(&self, layout: ContextLayout, rows: usize) -> Result<CudaContext> {
+        const OP: &str = "prepare_context";
         let mut data = Vec::new();
         let cache_slots = push(&mut data, layout.cache_slots.iter().copied());
         let dense_slots = push(&mut data, layout.dense_slots.iter().copied());
         // Each token's offset into the dense tables: its sequence's first entry.
-        let mut tok_table = Vec::with_capacity(step.rows);
+        let mut tok_table = Vec::with_capacity(rows);
         let mut offset = 0;
         for s in &layout.dense.seqs {
             tok_table.extend(std::iter::repeat_n(to_u32(OP, offset)?, s.num_tokens));
@@ -67,24 +81,24 @@ impl CudaBackend {
         let dense_tok_table = push(&mut data, tok_table);
         let tables = layout.dense.seqs.iter().flat_map(|s| s.block_table.iter());
         let dense_tables = push(&mut data, tables.copied());
-        step.context = Some(CudaContext {
+        Ok(CudaContext {
             packed: self.upload(OP, &data)?,
             layout,
             cache_slots,
             dense_slots,
             dense_tok_table,
             dense_tables,
-        });
-        Ok(())
+        })
     }
 
     pub(super) fn gather_context_impl(
         &self,
         cache: &super::attention::CudaKv,
         step: &CudaStep,
+        chunk: usize,
     ) -> Result<CudaTensor> {
         const OP: &str = "gather_context";
-        let ctx = step.context(OP)?;
+        let ctx = step.context(OP, chunk)?;
         let spec = cache.spec;
         Self::check_blocks(OP, &spec, step)?;
         let rows = ctx.layout.rows;
@@ -115,10 +129,10 @@ impl CudaBackend {
         kv: KvRows<'_, Self>,
         step: &CudaStep,
         p: &AttentionParams,
-    ) -> Result<CudaTensor> {
+    ) -> Result<AttentionPart<CudaTensor>> {
         const OP: &str = "attention_rows";
-        let ctx = step.context(OP)?;
-        crate::backend::check_attention_rows(
+        let ctx = step.context(OP, kv.chunk)?;
+        crate::check_attention_rows(
             (q.rows, q.cols),
             ((kv.k.rows, kv.k.cols), (kv.v.rows, kv.v.cols)),
             (step.rows, ctx.layout.rows),
@@ -134,6 +148,7 @@ impl CudaBackend {
         })?;
         let slots = ctx.part(&ctx.dense_slots);
         self.write_kv_rows(&mut dense, (kv.k, Some(kv.v)), &slots, ctx.layout.rows)?;
+        let keys = ctx.layout.keys.clone();
         let over = Attended {
             views: StepViews {
                 tok_pos: step.tok_pos(),
@@ -141,9 +156,40 @@ impl CudaBackend {
                 tables: ctx.part(&ctx.dense_tables),
             },
             rows: step.rows,
-            max_span: step.meta.max_span(p.sliding_window),
+            max_span: step.meta.max_span(p.sliding_window).min(keys.len()),
             tiles: step.tiles(),
+            keys,
+            lse: true,
         };
-        self.attend(q, &dense, over, p)
+        let (out, lse) = self.attend(q, &dense, over, p)?;
+        let lse = lse.ok_or_else(|| BackendError::invalid(OP, "attention gave no log-sum-exps"))?;
+        Ok(AttentionPart { out, lse })
+    }
+
+    pub(super) fn merge_attention_impl(
+        &self,
+        acc: &mut AttentionPart<CudaTensor>,
+        part: &AttentionPart<CudaTensor>,
+    ) -> Result<()> {
+        const OP: &str = "merge_attention";
+        let dims =
+            |p: &AttentionPart<CudaTensor>| ((p.out.rows, p.out.cols), (p.lse.rows, p.lse.cols));
+        let v_dim = crate::check_merge(dims(acc), dims(part))?;
+        let rows = acc.lse.rows * acc.lse.cols;
+        if rows == 0 || v_dim == 0 {
+            return Ok(());
+        }
+        to_u32(OP, rows * v_dim)?;
+        let v_dim = v_dim as u32;
+        let AttentionPart { out, lse } = acc;
+        let mut b = self.stream.launch_builder(self.func(OP)?);
+        b.arg(&mut out.data).arg(&mut lse.data);
+        b.arg(&part.out.data).arg(&part.lse.data).arg(&v_dim);
+        // SAFETY: merge_attention(float* out, float* lse, const float* part,
+        // const float* part_lse, u32 v_dim): one block per (token, head) row; both parts hold
+        // rows*v_dim output floats and rows log-sum-exps (check_merge: equal shapes, one
+        // log-sum-exp per row and head), and rows*v_dim fits u32 indexing (checked).
+        unsafe { b.launch(grid_rows(rows, 128)) }.map_err(|e| BackendError::device(OP, e))?;
+        Ok(())
     }
 }

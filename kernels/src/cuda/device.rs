@@ -28,7 +28,7 @@ const SOURCES: [(&str, &str); 6] = [
 ];
 
 /// Every `extern "C"` kernel of [`SOURCES`]; each is looked up once when the backend opens.
-const KERNELS: [&str; 35] = [
+const KERNELS: [&str; 36] = [
     "embedding",
     "to_half",
     "add_bias",
@@ -54,6 +54,7 @@ const KERNELS: [&str; 35] = [
     "paged_attention_wide",
     "paged_attention_split_wide",
     "attention_combine",
+    "merge_attention",
     "prefill_attention",
     "prefill_attention_wide",
     "route",

@@ -9,8 +9,9 @@ use super::step::CudaStep;
 use std::ops::Range;
 
 use crate::{
-    AttentionParams, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor, KvRows,
-    KvSpec, MemoryUse, Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta, StepShape,
+    AttentionParams, AttentionPart, Backend, BackendError, DeviceMemory, ExpertWeights, HostTensor,
+    KvRows, KvSpec, MemoryUse, Result, RopeApply, RopeTable, RouterParams, RowSummary, StepMeta,
+    StepShape,
 };
 
 impl Backend for CudaBackend {
@@ -254,12 +255,16 @@ impl Backend for CudaBackend {
         self.attention_impl(q, cache, step, params)
     }
 
-    fn prepare_context(&self, step: &mut CudaStep) -> Result<()> {
-        self.prepare_context_impl(step)
+    fn prepare_context(&self, step: &mut CudaStep, chunk_positions: Option<usize>) -> Result<()> {
+        self.prepare_context_impl(step, chunk_positions)
     }
 
-    fn gather_context(&self, cache: &CudaKv, step: &CudaStep) -> Result<CudaTensor> {
-        self.gather_context_impl(cache, step)
+    fn context_chunks(&self, step: &CudaStep) -> usize {
+        step.context.len()
+    }
+
+    fn gather_context(&self, cache: &CudaKv, step: &CudaStep, chunk: usize) -> Result<CudaTensor> {
+        self.gather_context_impl(cache, step, chunk)
     }
 
     fn attention_rows(
@@ -268,8 +273,16 @@ impl Backend for CudaBackend {
         kv: KvRows<'_, Self>,
         step: &CudaStep,
         params: &AttentionParams,
-    ) -> Result<CudaTensor> {
+    ) -> Result<AttentionPart<CudaTensor>> {
         self.attention_rows_impl(q, kv, step, params)
+    }
+
+    fn merge_attention(
+        &self,
+        acc: &mut AttentionPart<CudaTensor>,
+        part: &AttentionPart<CudaTensor>,
+    ) -> Result<()> {
+        self.merge_attention_impl(acc, part)
     }
 
     fn route(

@@ -23,7 +23,7 @@ pub(super) struct PrefillLaunch<'a> {
 impl CudaBackend {
     pub(super) fn prefill_attention(
         &self,
-        out: &mut CudaTensor,
+        (out, lse): (&mut CudaTensor, Option<&mut CudaTensor>),
         l: &PrefillLaunch<'_>,
     ) -> Result<()> {
         const OP: &str = "attention (tiled prompt)";
@@ -40,8 +40,9 @@ impl CudaBackend {
         };
         let views = &l.over.views;
         let mut b = self.stream.launch_builder(self.func(l.plan.kernel.name())?);
-        b.arg(&mut out.data)
-            .arg(&l.q.data)
+        b.arg(&mut out.data);
+        super::attention::push_lse(&mut b, lse);
+        b.arg(&l.q.data)
             .arg(&l.cache.k)
             .arg(l.cache.values())
             .arg(&views.tok_pos)
@@ -49,13 +50,14 @@ impl CudaBackend {
             .arg(&views.tables)
             .arg(tiles)
             .arg(&l.args);
-        // SAFETY: prefill_attention[_wide](float* out, const float* q, const u16* kc,
+        // SAFETY: prefill_attention[_wide](float* out, float* lse, const float* q, const u16* kc,
         // const u16* vc, const u32* tok_pos, const u32* tok_table, const u32* tables,
         // const u32* tiles, AttnArgs a): grid (tiles * heads_per_block, kv_heads * head_blocks),
         // 128 threads, static shared memory only (30 KiB at most). `tiles` holds num_tiles
         // (first, count) pairs covering the step's rows, each within one sequence (cuda/step.rs),
         // so every token index is < the rows q (rows*heads*qk_dim floats) and out
-        // (rows*heads*v_dim) hold (checked by `attend`); each token reads positions <= its own
+        // (rows*heads*v_dim) hold (checked by `attend`), and lse, unless null, rows*heads; each
+        // token reads positions <= its own
         // through its sequence's table, whose blocks were checked as for the paged kernels;
         // qk_dim, v_dim and v_stride are multiples of 8 and within the instantiation's widths
         // (plan::prefill_plan), so its 16-byte loads are aligned and its registers hold a warp's

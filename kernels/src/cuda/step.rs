@@ -157,8 +157,8 @@ pub struct CudaStep {
     /// The fewest blocks of any cache this step was checked against (`usize::MAX` before the
     /// first): a rewritten step must stay below it, since a graph replays without checking.
     pub(super) cache_blocks: AtomicUsize,
-    /// Set by `prepare_context` (cuda/context.rs).
-    pub(super) context: Option<super::context::CudaContext>,
+    /// Set by `prepare_context` (cuda/context.rs): the chunks of the step's contexts.
+    pub(super) context: Vec<super::context::CudaContext>,
 }
 
 impl CudaStep {
@@ -241,7 +241,7 @@ impl CudaBackend {
             parts: p.layout,
             max_block: p.max_block,
             cache_blocks: AtomicUsize::new(usize::MAX),
-            context: None,
+            context: Vec::new(),
         })
     }
 
@@ -284,7 +284,7 @@ impl CudaBackend {
             .map_err(|e| BackendError::device(OP, e))?;
         step.meta = meta.clone();
         step.max_block = p.max_block;
-        step.context = None;
+        step.context.clear();
         Ok(())
     }
 }

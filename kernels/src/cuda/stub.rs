@@ -9,8 +9,8 @@
 use std::ops::Range;
 
 use crate::{
-    AttentionParams, Backend, BackendError, ExpertWeights, HostTensor, KvRows, KvSpec, Result,
-    RopeApply, RopeTable, RouterParams, StepMeta,
+    AttentionParams, AttentionPart, Backend, BackendError, ExpertWeights, HostTensor, KvRows,
+    KvSpec, Result, RopeApply, RopeTable, RouterParams, StepMeta,
 };
 
 /// A value that cannot exist.
@@ -196,10 +196,13 @@ impl Backend for CudaBackend {
     ) -> Result<CudaTensor> {
         match self.never {}
     }
-    fn prepare_context(&self, _: &mut CudaStep) -> Result<()> {
+    fn prepare_context(&self, _: &mut CudaStep, _: Option<usize>) -> Result<()> {
         match self.never {}
     }
-    fn gather_context(&self, _: &CudaKv, _: &CudaStep) -> Result<CudaTensor> {
+    fn context_chunks(&self, _: &CudaStep) -> usize {
+        match self.never {}
+    }
+    fn gather_context(&self, _: &CudaKv, _: &CudaStep, _: usize) -> Result<CudaTensor> {
         match self.never {}
     }
     fn attention_rows(
@@ -208,7 +211,14 @@ impl Backend for CudaBackend {
         _: KvRows<'_, Self>,
         _: &CudaStep,
         _: &AttentionParams,
-    ) -> Result<CudaTensor> {
+    ) -> Result<AttentionPart<CudaTensor>> {
+        match self.never {}
+    }
+    fn merge_attention(
+        &self,
+        _: &mut AttentionPart<CudaTensor>,
+        _: &AttentionPart<CudaTensor>,
+    ) -> Result<()> {
         match self.never {}
     }
     fn route(

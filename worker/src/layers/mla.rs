@@ -22,18 +22,22 @@
 //! expanded by `kv_b_proj` into per-head keys (plus the shared rotary key) and values, and
 //! attended as ordinary multi-head attention ([`Backend::attention_rows`]), as transformers
 //! computes it. The cache is the same in both forms. When the step's contexts are longer than
-//! the memory profile's step, the heads are expanded and attended a few at a time (each pass
-//! reads its heads' rows of `kv_b_proj` in place, [`Backend::linear_rows`], and writes its
-//! heads' columns of the output, [`Backend::write_cols`]), so the expanded keys and values of
-//! only those heads exist at once. A step mixing decodes with prompt chunks attends each part in
-//! its own form ([`MlaAttend::Split`]).
+//! the memory profile's step ([`Expansion`]), the heads are expanded and attended a few at a time
+//! (each pass reads its heads' rows of `kv_b_proj` in place, [`Backend::linear_rows`], and
+//! writes its heads' columns of the output, [`Backend::write_cols`]), so the expanded keys and
+//! values of only those heads exist at once; and when even one head's pass over the whole
+//! contexts is too large, the contexts are taken a chunk of positions at a time, each chunk's
+//! attention merged into the others' by its log-sum-exp ([`Backend::merge_attention`]). A step
+//! mixing decodes with prompt chunks attends each part in its own form ([`MlaAttend::Split`]).
 
 use std::ops::Range;
 
 use tessera_common::MlaSpec;
-use tessera_kernels::{AttentionParams, Backend, BlockLayout, KvRows, KvValues, RopeApply};
+use tessera_kernels::{
+    AttentionParams, AttentionPart, Backend, BlockLayout, KvRows, KvValues, RopeApply,
+};
 
-use super::mla_policy::MlaForm;
+use super::mla_policy::{Expansion, MlaForm};
 use super::tp::cols;
 use super::{Linear, LinearSpec, RmsNorm, Split, TpContext, WeightLoader};
 use crate::WorkerError;
@@ -219,16 +223,14 @@ impl<B: Backend> Mla<B> {
         b.write_kv(cache, &b.concat_heads(&latent, &k_rot, 1)?, None, step)?;
         let o = match attend {
             MlaAttend::Whole(MlaForm::Absorbed) => self.absorbed(b, &q, cache, step)?,
-            MlaAttend::Whole(MlaForm::Expanded { heads_per_pass }) => {
-                self.expanded(b, &q, cache, step, *heads_per_pass)?
-            }
+            MlaAttend::Whole(MlaForm::Expanded(e)) => self.expanded(b, &q, cache, step, e)?,
             MlaAttend::Split(split) => {
                 let (tokens, first) = (b.dims(&q).0, split.absorbed_tokens);
                 let q_absorbed = b.narrow_rows(&q, 0, first)?;
                 let q_expanded = b.narrow_rows(&q, first, tokens - first)?;
                 let absorbed = self.absorbed(b, &q_absorbed, cache, split.absorbed)?;
                 let expanded =
-                    self.expanded(b, &q_expanded, cache, split.expanded, split.heads_per_pass)?;
+                    self.expanded(b, &q_expanded, cache, split.expanded, &split.expansion)?;
                 let width = h * s.v_head_dim;
                 let mut o = b.zeros(tokens, width)?;
                 b.pack_into(&mut o, 0, &absorbed)?;
@@ -257,36 +259,56 @@ impl<B: Backend> Mla<B> {
     }
 
     /// The expanded form's attention, from the queries (`[nope | rope]` per head, rotated) over
-    /// the step's contexts in the cache (this step's rows already written), `heads_per_pass`
-    /// heads at a time: every head's value, `[tokens, heads·v]`.
+    /// the step's contexts in the cache (this step's rows already written), in the chunks the
+    /// step was prepared with ([`Backend::prepare_context`] with `e.chunk`) and
+    /// `e.heads_per_pass` heads at a time: every head's value, `[tokens, heads·v]`.
     fn expanded(
         &self,
         b: &B,
         q: &B::Tensor,
         cache: &B::KvLayer,
         step: &B::Step,
-        heads_per_pass: usize,
+        e: &Expansion,
     ) -> Result<B::Tensor, WorkerError> {
+        // Chunk 0 always exists on a prepared step (and names the omission on another).
+        let mut acc = self.expanded_chunk(b, (q, cache), (step, 0), e.heads_per_pass)?;
+        for chunk in 1..b.context_chunks(step) {
+            let part = self.expanded_chunk(b, (q, cache), (step, chunk), e.heads_per_pass)?;
+            b.merge_attention(&mut acc, &part)?;
+        }
+        Ok(acc.out)
+    }
+
+    /// The part of the expanded attention over chunk `chunk` of the step's contexts.
+    fn expanded_chunk(
+        &self,
+        b: &B,
+        (q, cache): (&B::Tensor, &B::KvLayer),
+        (step, chunk): (&B::Step, usize),
+        heads_per_pass: usize,
+    ) -> Result<AttentionPart<B::Tensor>, WorkerError> {
         let s = &self.spec;
         let (h, latent, v_dim) = (self.expanded.num_heads, s.kv_lora_rank, s.v_head_dim);
-        let rows = b.gather_context(cache, step)?;
+        let rows = b.gather_context(cache, step, chunk)?;
         let context = ExpandedContext {
             latent: b.narrow_cols(&rows, 0, latent)?,
             rot: b.narrow_cols(&rows, latent, s.qk_rope_head_dim)?,
+            chunk,
         };
         drop(rows);
         if heads_per_pass >= h {
             return self.attend_heads(b, (q, &context), step, 0..h);
         }
-        let qk = self.expanded.qk_dim;
-        let mut out = b.zeros(b.dims(q).0, h * v_dim)?;
+        let (qk, tokens) = (self.expanded.qk_dim, b.dims(q).0);
+        let (mut out, mut lse) = (b.zeros(tokens, h * v_dim)?, b.zeros(tokens, h)?);
         for first in (0..h).step_by(heads_per_pass.max(1)) {
             let heads = first..(first + heads_per_pass).min(h);
             let q_pass = b.narrow_cols(q, first * qk, heads.len() * qk)?;
-            let o = self.attend_heads(b, (&q_pass, &context), step, heads)?;
-            b.write_cols(&mut out, first * v_dim, &o)?;
+            let part = self.attend_heads(b, (&q_pass, &context), step, heads)?;
+            b.write_cols(&mut out, first * v_dim, &part.out)?;
+            b.write_cols(&mut lse, first, &part.lse)?;
         }
-        Ok(out)
+        Ok(AttentionPart { out, lse })
     }
 
     /// Expanded attention of the local heads `heads` (`q` holds theirs alone) over `context`.
@@ -296,7 +318,7 @@ impl<B: Backend> Mla<B> {
         (q, context): (&B::Tensor, &ExpandedContext<B>),
         step: &B::Step,
         heads: Range<usize>,
-    ) -> Result<B::Tensor, WorkerError> {
+    ) -> Result<AttentionPart<B::Tensor>, WorkerError> {
         let (n, nope) = (heads.len(), self.spec.qk_nope_head_dim);
         let width = nope + self.spec.v_head_dim;
         let rows = heads.start * width..heads.end * width;
@@ -310,16 +332,22 @@ impl<B: Backend> Mla<B> {
             num_kv_heads: n,
             ..self.expanded
         };
-        Ok(b.attention_rows(q, KvRows { k: &k, v: &v }, step, &params)?)
+        let kv = KvRows {
+            k: &k,
+            v: &v,
+            chunk: context.chunk,
+        };
+        Ok(b.attention_rows(q, kv, step, &params)?)
     }
 }
 
-/// The step's context rows read out of the latent cache, split for expansion.
+/// One chunk of the step's context rows read out of the latent cache, split for expansion.
 struct ExpandedContext<B: Backend> {
-    /// `[context rows, latent]`, what `kv_b_proj` expands.
+    /// `[chunk rows, latent]`, what `kv_b_proj` expands.
     latent: B::Tensor,
-    /// `[context rows, rope]`, the rotary key every head shares.
+    /// `[chunk rows, rope]`, the rotary key every head shares.
     rot: B::Tensor,
+    chunk: usize,
 }
 
 /// How the MLA layers of one step attend, with the steps each part runs over.
@@ -337,7 +365,7 @@ pub struct SplitAttend<'a, B: Backend> {
     /// Those tokens' sequences as a step of their own.
     pub absorbed: &'a B::Step,
     /// The other sequences as a step of their own, made ready for the expanded form
-    /// ([`Backend::prepare_context`]).
+    /// ([`Backend::prepare_context`] with `expansion.chunk`).
     pub expanded: &'a B::Step,
-    pub heads_per_pass: usize,
+    pub expansion: Expansion,
 }

@@ -10,15 +10,15 @@
 //! [`MlaPolicy::plan`] within a step: a step mixing decodes with prompt chunks attends each
 //! sequence in its cheaper form ([`MlaPlan::Split`]).
 //!
-//! The expanded form holds every context row's keys and values at once, for the heads it
-//! expands together. The worker sets [`MlaPolicy::max_context_rows`] to the step-token budget
-//! its activation profile ran with, and the profile runs its largest step in this form with all
+//! The expanded form holds the context rows' keys and values at once, for the heads it expands
+//! together. The worker sets [`MlaPolicy::max_context_rows`] to the step-token budget its
+//! activation profile ran with, and the profile runs its largest step in this form with all
 //! heads in one pass, so that much memory is measured before the KV cache is sized. A step with
-//! more context rows (a later chunk of a long prompt) expands fewer heads per pass
-//! ([`MlaForm::Expanded`]'s `heads_per_pass`, from [`pass_floats_per_row`]) and stays within
-//! the same memory; the arithmetic is the same, in more launches. Only when not even one head
-//! fits does [`MlaPrefill::Auto`] fall back to the absorbed form. (vLLM bounds the same memory
-//! by cutting the context into chunks and merging their softmax partials instead.)
+//! more context rows (a later chunk of a long prompt) stays within the same memory
+//! ([`Expansion`]): it expands fewer heads per pass ([`pass_floats_per_row`]), and when not even
+//! one head's pass over the whole context fits, it cuts the contexts into chunks of positions
+//! that fit with every head, attends each chunk alone and merges their softmax parts, as vLLM's
+//! MLA prefill does. The arithmetic is the same either way, in more launches.
 
 use tessera_common::MlaSpec;
 use tessera_kernels::StepMeta;
@@ -28,10 +28,29 @@ use tessera_kernels::StepMeta;
 pub enum MlaForm {
     /// Queries absorbed into the latent space; attention over the latent cache itself.
     Absorbed,
-    /// The context rows expanded into per-head keys and values, `heads_per_pass` of the layer's
-    /// heads at a time (all of them, unless the step's contexts are longer than the profiled
-    /// step's).
-    Expanded { heads_per_pass: usize },
+    /// The context rows expanded into per-head keys and values.
+    Expanded(Expansion),
+}
+
+/// How the expanded form cuts its work to hold no more than the profiled step's memory: whole,
+/// unless the step's contexts are longer than the profiled step's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expansion {
+    /// Heads expanded and attended together.
+    pub heads_per_pass: usize,
+    /// Positions of every context gathered, expanded and attended at once, the chunks' parts
+    /// then merged (`None`: each context whole). A multiple of the block size.
+    pub chunk: Option<usize>,
+}
+
+impl Expansion {
+    /// Every one of `heads` in one pass over whole contexts.
+    pub const fn whole(heads: usize) -> Expansion {
+        Expansion {
+            heads_per_pass: heads,
+            chunk: None,
+        }
+    }
 }
 
 /// Which form steps take.
@@ -42,8 +61,8 @@ pub enum MlaPrefill {
     Auto,
     /// Always absorbed.
     Absorbed,
-    /// Always expanded, whatever the step, in passes of one head if memory asks for that (for
-    /// tests and the memory profile).
+    /// Always expanded, whatever the step, in passes of one head over chunks of one block if
+    /// memory asks for that (for tests and the memory profile).
     Expanded,
 }
 
@@ -52,8 +71,8 @@ pub enum MlaPrefill {
 pub struct MlaPolicy {
     pub prefill: MlaPrefill,
     /// Most context rows (the sum of the step's context lengths) expanded with every head in one
-    /// pass; more rows take fewer heads per pass, in the same memory. Default: the scheduler's
-    /// default step-token budget.
+    /// pass; more rows take fewer heads per pass or chunks, in the same memory. Default: the
+    /// scheduler's default step-token budget.
     pub max_context_rows: usize,
 }
 
@@ -98,13 +117,13 @@ pub enum MlaPlan {
     /// Every sequence in one form.
     Whole(MlaForm),
     /// Decodes beside prompt chunks: the sequences `absorbed` (indices into the step's, in
-    /// order) attend absorbed, the others expanded, `heads_per_pass` heads at a time. vLLM's MLA
-    /// backends split a batch the same way; taken whole, such a step would either expand every
-    /// decode's context (one decode over 4000 positions costs what a 4000-token prompt's
-    /// expansion does) or run its prompts absorbed.
+    /// order) attend absorbed, the others expanded as `expansion` says. vLLM's MLA backends
+    /// split a batch the same way; taken whole, such a step would either expand every decode's
+    /// context (one decode over 4000 positions costs what a 4000-token prompt's expansion does)
+    /// or run its prompts absorbed.
     Split {
         absorbed: Vec<usize>,
-        heads_per_pass: usize,
+        expansion: Expansion,
     },
 }
 
@@ -129,18 +148,23 @@ impl MlaPolicy {
     /// `spec`, with `heads` query heads on this rank.
     pub fn form(&self, spec: &MlaSpec, heads: usize, meta: &StepMeta) -> MlaForm {
         let heads = heads.max(1);
-        let passes = self.heads_per_pass(spec, heads, meta.context_rows());
+        let contexts = Contexts {
+            rows: meta.context_rows(),
+            seqs: meta.seqs.len(),
+            block_size: meta.block_size,
+        };
+        let expansion = self.expansion(spec, heads, contexts);
         match self.prefill {
             MlaPrefill::Absorbed => MlaForm::Absorbed,
-            MlaPrefill::Expanded => MlaForm::Expanded {
-                heads_per_pass: passes.max(1),
-            },
+            MlaPrefill::Expanded => MlaForm::Expanded(expansion.unwrap_or(Expansion {
+                heads_per_pass: 1,
+                chunk: Some(meta.block_size.max(1)),
+            })),
             MlaPrefill::Auto => {
                 let (absorbed, expanded) = step_macs(spec, meta);
-                match passes {
-                    0 => MlaForm::Absorbed,
-                    _ if expanded >= absorbed => MlaForm::Absorbed,
-                    heads_per_pass => MlaForm::Expanded { heads_per_pass },
+                match expansion {
+                    Some(e) if expanded < absorbed => MlaForm::Expanded(e),
+                    _ => MlaForm::Absorbed,
                 }
             }
         }
@@ -154,11 +178,17 @@ impl MlaPolicy {
         if self.prefill != MlaPrefill::Auto {
             return whole();
         }
-        let (mut absorbed, mut expanded_rows) = (Vec::new(), 0);
+        let mut absorbed = Vec::new();
+        let mut expanded = Contexts {
+            rows: 0,
+            seqs: 0,
+            block_size: meta.block_size,
+        };
         for (i, q) in meta.seqs.iter().enumerate() {
             let (a, e) = seq_macs(spec, q.num_tokens, q.context_len);
             if e < a {
-                expanded_rows += q.context_len;
+                expanded.rows += q.context_len;
+                expanded.seqs += 1;
             } else {
                 absorbed.push(i);
             }
@@ -166,12 +196,38 @@ impl MlaPolicy {
         if absorbed.is_empty() || absorbed.len() == meta.seqs.len() {
             return whole();
         }
-        match self.heads_per_pass(spec, heads.max(1), expanded_rows) {
-            0 => MlaPlan::Whole(MlaForm::Absorbed),
-            heads_per_pass => MlaPlan::Split {
+        match self.expansion(spec, heads.max(1), expanded) {
+            None => MlaPlan::Whole(MlaForm::Absorbed),
+            Some(expansion) => MlaPlan::Split {
                 absorbed,
-                heads_per_pass,
+                expansion,
             },
+        }
+    }
+
+    /// How `heads` heads expand over `contexts` within the memory of all of them over
+    /// [`MlaPolicy::max_context_rows`] rows: whole; else in passes of fewer heads; else, when
+    /// not even one head's pass over the whole contexts fits, in chunks of positions that fit
+    /// every head at once (`None`: not even a chunk of one block fits one head).
+    fn expansion(&self, spec: &MlaSpec, heads: usize, contexts: Contexts) -> Option<Expansion> {
+        match self.heads_per_pass(spec, heads, contexts.rows) {
+            0 => {}
+            heads_per_pass => {
+                return Some(Expansion {
+                    heads_per_pass,
+                    chunk: None,
+                });
+            }
+        }
+        // Each chunk holds at most `chunk` positions of every sequence.
+        let bs = contexts.block_size.max(1);
+        let chunk = (self.max_context_rows / contexts.seqs.max(1) / bs).max(1) * bs;
+        match self.heads_per_pass(spec, heads, chunk * contexts.seqs) {
+            0 => None,
+            heads_per_pass => Some(Expansion {
+                heads_per_pass,
+                chunk: Some(chunk),
+            }),
         }
     }
 
@@ -190,6 +246,15 @@ impl MlaPolicy {
         let fit = budget.saturating_sub(rows * base) / (rows * per_head);
         fit.min(heads as u128) as usize
     }
+}
+
+/// The contexts a step expands: their rows, how many sequences hold them, and the block size
+/// chunks are cut in.
+#[derive(Clone, Copy, Debug)]
+struct Contexts {
+    rows: usize,
+    seqs: usize,
+    block_size: usize,
 }
 
 #[cfg(test)]
@@ -232,9 +297,7 @@ mod tests {
     }
 
     /// The expanded form with all of V3's 128 heads in one pass.
-    const ALL: MlaForm = MlaForm::Expanded {
-        heads_per_pass: 128,
-    };
+    const ALL: MlaForm = MlaForm::Expanded(Expansion::whole(128));
 
     #[test]
     fn decode_stays_absorbed_and_long_prompts_expand() {
@@ -268,7 +331,7 @@ mod tests {
             heads,
             &step(seqs),
         ) {
-            MlaForm::Expanded { heads_per_pass } => heads_per_pass,
+            MlaForm::Expanded(e) => e.heads_per_pass,
             MlaForm::Absorbed => 0,
         };
         // The second chunk of a long prompt: 2560 context rows, more than the profiled 2048,
@@ -289,24 +352,69 @@ mod tests {
         // Within the profiled rows every head expands at once.
         assert_eq!(passes(&auto, 128, &[(512, 2048)]), 128);
         assert_eq!(passes(&auto, 8, &[(1000, 1000), (1000, 1000)]), 8);
-        // Past what one head's pass fits, Auto stays absorbed and forced expansion takes one
-        // head at a time.
+        // Past what one head's pass fits, the context is cut into chunks of the profiled rows,
+        // each expanded with every head.
         let huge = step(&[(512, 10_000_000)]);
-        assert_eq!(auto.form(&s, 128, &huge), MlaForm::Absorbed);
+        let chunked = MlaForm::Expanded(Expansion {
+            heads_per_pass: 128,
+            chunk: Some(2048),
+        });
+        assert_eq!(auto.form(&s, 128, &huge), chunked);
         let forced = MlaPolicy {
             prefill: MlaPrefill::Expanded,
             ..auto
         };
-        assert_eq!(
-            forced.form(&s, 128, &huge),
-            MlaForm::Expanded { heads_per_pass: 1 }
-        );
+        assert_eq!(forced.form(&s, 128, &huge), chunked);
         assert_eq!(passes(&forced, 128, &[(1, 9000)]), 28);
+        // Forced expansion where not even a chunk of one block fits one head: both at their
+        // least.
+        let tiny = MlaPolicy {
+            max_context_rows: 1,
+            ..forced
+        };
+        assert_eq!(
+            tiny.form(&s, 128, &step(&[(4, 40)])),
+            MlaForm::Expanded(Expansion {
+                heads_per_pass: 1,
+                chunk: Some(16)
+            })
+        );
         let never = MlaPolicy {
             prefill: MlaPrefill::Absorbed,
             ..auto
         };
         assert_eq!(never.form(&s, 128, &chunk), MlaForm::Absorbed);
+    }
+
+    #[test]
+    fn chunks_hold_every_sequence_within_the_budget() {
+        let s = v3();
+        let budget = |rows: usize, heads| rows as u128 * pass_floats_per_row(&s, heads);
+        for (max_rows, heads, seqs) in [
+            (512, 128, vec![(512, 300_000)]),
+            (512, 16, vec![(256, 50_000), (256, 40_000), (100, 30_000)]),
+            (2048, 16, vec![(700, 9000); 3]),
+            (64, 128, vec![(64, 100_000); 8]),
+        ] {
+            let policy = MlaPolicy {
+                prefill: MlaPrefill::Auto,
+                max_context_rows: max_rows,
+            };
+            let meta = step(&seqs);
+            let MlaForm::Expanded(e) = policy.form(&s, heads, &meta) else {
+                panic!("{seqs:?} with {heads} heads stayed absorbed");
+            };
+            let chunk = e.chunk.expect("chunked");
+            assert!(chunk.is_multiple_of(16) && chunk >= 16, "{e:?}");
+            // The rows of a chunk: every sequence's positions in it, at most `chunk` each.
+            let rows = seqs.len() * chunk;
+            assert!(
+                budget(rows, e.heads_per_pass) <= budget(max_rows, heads),
+                "{e:?} over {rows} rows, {seqs:?}"
+            );
+            // Chunks are as large as the budget allows: one block more would not fit every head.
+            assert!(budget(rows + 16 * seqs.len(), heads) > budget(max_rows, heads));
+        }
     }
 
     #[test]
@@ -321,7 +429,7 @@ mod tests {
             auto.plan(&s, 128, &mixed),
             MlaPlan::Split {
                 absorbed: vec![0, 2],
-                heads_per_pass: 128
+                expansion: Expansion::whole(128)
             }
         );
         // Only the expanded sequences' context rows count against the memory bound.
@@ -330,7 +438,10 @@ mod tests {
             auto.plan(&s, 128, &chunk),
             MlaPlan::Split {
                 absorbed: vec![0],
-                heads_per_pass: 24
+                expansion: Expansion {
+                    heads_per_pass: 24,
+                    chunk: None
+                }
             }
         );
         // One kind alone: the whole-step form.
@@ -344,9 +455,18 @@ mod tests {
             auto.plan(&s, 128, &decodes),
             MlaPlan::Whole(MlaForm::Absorbed)
         );
-        // Expanded rows beyond one head's pass: all absorbed.
+        // Expanded rows beyond one head's pass: in chunks of the profiled rows.
         let huge = step(&[(1, 10), (4096, 10_000_000)]);
-        assert_eq!(auto.plan(&s, 128, &huge), MlaPlan::Whole(MlaForm::Absorbed));
+        assert_eq!(
+            auto.plan(&s, 128, &huge),
+            MlaPlan::Split {
+                absorbed: vec![0],
+                expansion: Expansion {
+                    heads_per_pass: 128,
+                    chunk: Some(512)
+                }
+            }
+        );
         // A forced form is never split.
         for prefill in [MlaPrefill::Absorbed, MlaPrefill::Expanded] {
             let forced = MlaPolicy { prefill, ..auto };

@@ -16,7 +16,7 @@ mod tp;
 pub use attention::Gqa;
 pub use loader::WeightLoader;
 pub use mla::{Mla, MlaAttend, SplitAttend};
-pub use mla_policy::{MlaForm, MlaPlan, MlaPolicy, MlaPrefill};
+pub use mla_policy::{Expansion, MlaForm, MlaPlan, MlaPolicy, MlaPrefill};
 pub use mla_split::SplitStep;
 pub use mlp::Mlp;
 pub use moe::Moe;
