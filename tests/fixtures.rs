@@ -112,7 +112,7 @@ fn mismatches(
         let tol = common::tolerance(&reference.dtype);
         let mut m = model(dir);
         m.set_mla_policy(policy);
-        let mut engine = Engine::new(m, config.clone()).unwrap();
+        let mut engine = Engine::new(m, config).unwrap();
         assert_eq!(engine.spec().architecture, reference.architecture, "{name}");
         for (ci, case) in reference.cases.iter().enumerate() {
             let req = GenerateRequest {

@@ -83,19 +83,9 @@ fn every_fixture_on_the_gpu_gives_transformers_greedy_tokens() {
         let whole = EngineConfig::default();
         let forms: Vec<(MlaPrefill, StepLimits, EngineConfig, &str)> = if mla {
             vec![
-                (MlaPrefill::Auto, StepLimits::default(), whole.clone(), ""),
-                (
-                    MlaPrefill::Absorbed,
-                    StepLimits::default(),
-                    whole.clone(),
-                    "",
-                ),
-                (
-                    MlaPrefill::Expanded,
-                    StepLimits::default(),
-                    whole.clone(),
-                    "",
-                ),
+                (MlaPrefill::Auto, StepLimits::default(), whole, ""),
+                (MlaPrefill::Absorbed, StepLimits::default(), whole, ""),
+                (MlaPrefill::Expanded, StepLimits::default(), whole, ""),
                 (MlaPrefill::Expanded, rows(8), whole, ", in passes"),
                 (MlaPrefill::Expanded, rows(1), blocks_of_4, ", in chunks"),
             ]

@@ -339,8 +339,8 @@ pub struct ExecutorPlan<'a> {
     /// ([`crate::profile`]), and no graph is captured for more sequences than it allows.
     pub limits: StepLimits,
     /// Which form MLA layers attend in ([`MlaPrefill::Auto`]: by sequence, expanding every head
-    /// at once within `limits.max_step_tokens` context rows and fewer per pass beyond). Ignored
-    /// by other attention.
+    /// at once within `limits.max_step_tokens` context rows, fewer per pass beyond, and longer
+    /// contexts in chunks of positions). Ignored by other attention.
     pub mla_prefill: MlaPrefill,
 }
 

@@ -366,14 +366,14 @@ mod tests {
         };
         assert_eq!(forced.form(&s, 128, &huge), chunked);
         assert_eq!(passes(&forced, 128, &[(1, 9000)]), 28);
-        // Forced expansion where not even a chunk of one block fits one head: both at their
-        // least.
+        // Forced expansion where not even a chunk of one block fits one head (one head on this
+        // rank, profiled over one row): both at their least.
         let tiny = MlaPolicy {
             max_context_rows: 1,
             ..forced
         };
         assert_eq!(
-            tiny.form(&s, 128, &step(&[(4, 40)])),
+            tiny.form(&s, 1, &step(&[(4, 40)])),
             MlaForm::Expanded(Expansion {
                 heads_per_pass: 1,
                 chunk: Some(16)
@@ -394,7 +394,7 @@ mod tests {
             (512, 128, vec![(512, 300_000)]),
             (512, 16, vec![(256, 50_000), (256, 40_000), (100, 30_000)]),
             (2048, 16, vec![(700, 9000); 3]),
-            (64, 128, vec![(64, 100_000); 8]),
+            (64, 128, vec![(512, 100_000); 8]),
         ] {
             let policy = MlaPolicy {
                 prefill: MlaPrefill::Auto,
