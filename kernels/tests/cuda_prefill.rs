@@ -146,41 +146,17 @@ fn tiled_prompt_attention_matches_cpu() {
 
 /// MLA's expanded form over the prompt step: context rows gathered from a latent cache, per-head
 /// keys (8 wide plus the 8-wide rotary part every head shares) and values, attention over the
-/// rows through the dense scratch cache.
+/// rows through the dense scratch cache, in one chunk ([`chunked_case`]).
 fn rows_case<B: Backend>(b: &B, window: Option<usize>) -> Result<Vec<f32>> {
-    let latent = Heads::latent(4, 24, 16);
-    let mut cache = b.alloc_kv(latent.kv_spec(24, BLOCK))?;
-    let rope = rope_table(RopeLayout::Half, 4, 1.0);
-    let (fill, prompt) = steps();
-    for (meta, seed) in [(&fill, 200), (&prompt, 210)] {
-        let step = b.prepare_step(meta, &rope)?;
-        latent.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
-    }
-    let mut step = b.prepare_step(&prompt, &rope)?;
-    b.prepare_context(&mut step, None)?;
-    let rows = b.gather_context(&cache, &step, 0)?;
-    let c = prompt.context_rows();
-    let shared = b.narrow_cols(&rows, 16, 8)?;
-    let heads = 4;
-    let nope = b.tensor_from_host(bf16_round(&rand_vec(c * heads * 8, 220)), c, heads * 8)?;
-    let k = b.concat_heads_shared(&nope, &shared, heads)?;
-    let v = b.tensor_from_host(bf16_round(&rand_vec(c * heads * 16, 230)), c, heads * 16)?;
-    let n = prompt.num_tokens();
-    let q = b.tensor_from_host(rand_vec(n * heads * 16, 240), n, heads * 16)?;
-    let p = AttentionParams {
-        num_heads: heads,
-        num_kv_heads: heads,
-        qk_dim: 16,
-        v_dim: 16,
-        scale: 0.25,
-        sliding_window: window,
+    let (fill, step) = steps();
+    let case = Chunked {
+        fill,
+        step,
+        blocks: 24,
+        chunk: None,
+        window,
     };
-    let kv = KvRows {
-        k: &k,
-        v: &v,
-        chunk: 0,
-    };
-    b.tensor_to_host(&b.attention_rows(&q, kv, &step, &p)?.out)
+    Ok(chunked_case(b, &case)?.0)
 }
 
 #[test]
@@ -242,12 +218,12 @@ fn the_switch_sends_prompt_steps_to_the_paged_kernels() {
 }
 
 /// Attention over context rows in chunks: the steps, the cache blocks they need, the positions
-/// per chunk, and the sliding window.
+/// per chunk (`None`: one chunk), and the sliding window.
 struct Chunked {
     fill: StepMeta,
     step: StepMeta,
     blocks: usize,
-    chunk: usize,
+    chunk: Option<usize>,
     window: Option<usize>,
 }
 
@@ -264,7 +240,7 @@ fn chunked_case<B: Backend>(b: &B, c: &Chunked) -> Result<(Vec<f32>, Vec<f32>)> 
         latent.write(b, &mut cache, &step, (meta.num_tokens(), seed))?;
     }
     let mut step = b.prepare_step(&c.step, &rope)?;
-    b.prepare_context(&mut step, Some(c.chunk))?;
+    b.prepare_context(&mut step, c.chunk)?;
     let (heads, n) = (4, c.step.num_tokens());
     let q = b.tensor_from_host(rand_vec(n * heads * 16, 420), n, heads * 16)?;
     let p = AttentionParams {
@@ -357,7 +333,7 @@ fn chunked_context_rows_merge_like_the_cpu() {
             fill: fill.clone(),
             step: prompt.clone(),
             blocks: 24,
-            chunk: 32,
+            chunk: Some(32),
             window,
         };
         let tiled = if gpu("tensor cores")
@@ -390,7 +366,7 @@ fn chunked_context_rows_merge_like_the_cpu() {
         fill: fill_decode,
         step: decode,
         blocks: 24,
-        chunk: 64,
+        chunk: Some(64),
         window: None,
     };
     compare_chunked("chunked decode attention", &case, &[("merge_attention", 2)]);
@@ -408,7 +384,7 @@ fn chunked_context_rows_merge_like_the_cpu() {
             BLOCK,
         ),
         blocks: 90,
-        chunk: 512,
+        chunk: Some(512),
         window: None,
     };
     compare_chunked(
