@@ -9,6 +9,7 @@ use tessera_common::{ShardSpec, load_model_spec};
 use tessera_kernels::cpu::CpuBackend;
 use tessera_worker::checkpoint::Checkpoint;
 use tessera_worker::executor::{Executor, SeqStep};
+use tessera_worker::layers::{MlaPolicy, MlaPrefill};
 use tessera_worker::model::Model;
 use tessera_worker::sampling::SamplingParams;
 
@@ -28,17 +29,39 @@ fn batches_listing_prompt_chunks_before_decodes_match_transformers() {
     }
 }
 
+/// Every MLA step expanded within the memory of 4 context rows: a step's several sequences, of
+/// different lengths, are cut into chunks of one 4-position block that each sequence reaches or
+/// not, attended a head at a time, and the chunks merged by their log-sum-exps.
+#[test]
+fn batches_expanded_in_chunks_match_transformers() {
+    let policy = MlaPolicy {
+        prefill: MlaPrefill::Expanded,
+        max_context_rows: 4,
+    };
+    for name in ["deepseek_v3", "kimi_k2_style"] {
+        staggered_with(name, Order::Arrival, Some(policy));
+    }
+}
+
 /// The cases of fixture `name` staggered through a CPU executor ([`common::staggered`]).
 fn staggered(name: &str, order: Order) {
+    staggered_with(name, order, None);
+}
+
+/// [`staggered`], the MLA layers following `policy` if given.
+fn staggered_with(name: &str, order: Order, policy: Option<MlaPolicy>) {
     let dir = common::fixtures_dir().join(name);
     let reference = common::reference(&dir);
-    let model = Model::load(
+    let mut model = Model::load(
         CpuBackend,
         load_model_spec(&dir).unwrap(),
         &Checkpoint::open(&dir).unwrap(),
         &ShardSpec::whole(),
     )
     .unwrap();
+    if let Some(policy) = policy {
+        model.set_mla_policy(policy);
+    }
     let mut exec = Executor::new(model, 64, 4).unwrap();
     let tol = common::tolerance(&reference.dtype);
     common::staggered::run(&mut exec, &reference, (name, order, Some(tol)));
