@@ -145,10 +145,7 @@ impl StepMeta {
 /// or the error naming `op`.
 pub(crate) fn chunk_of<'a, T>(op: &'static str, chunks: &'a [T], chunk: usize) -> Result<&'a T> {
     match chunks {
-        [] => Err(BackendError::invalid(
-            op,
-            "the step's context rows were not prepared (prepare_context)",
-        )),
+        [] => Err(not_prepared(op)),
         _ => chunks.get(chunk).ok_or_else(|| {
             BackendError::invalid(
                 op,
@@ -159,6 +156,14 @@ pub(crate) fn chunk_of<'a, T>(op: &'static str, chunks: &'a [T], chunk: usize) -
             )
         }),
     }
+}
+
+/// The error of an op that needs [`Backend::prepare_context`] on a step without it.
+pub(crate) fn not_prepared(op: &'static str) -> BackendError {
+    BackendError::invalid(
+        op,
+        "the step's context rows were not prepared (prepare_context)",
+    )
 }
 
 /// Checks [`Backend::attention_rows`]' inputs, `(rows, cols)` each, against `params` for a step

@@ -2,9 +2,9 @@
 //! rows, chunk by chunk, attention over keys and values given as rows, and the merge of the
 //! chunks' parts.
 //!
-//! `prepare_context` uploads each chunk's layout once per step, in one copy: each context row's
-//! slot in the cache and in the dense scratch cache, the dense block tables, and each token's
-//! offset into them. Attention over rows then writes the rows into a scratch cache with
+//! `prepare_context` uploads every chunk's layout once per step, all in one copy: each context
+//! row's slot in the cache and in the dense scratch cache, the dense block tables, and each
+//! token's offset into them. Attention over rows then writes the rows into a scratch cache with
 //! `write_kv` and runs the attention kernels over it, limited to the chunk's positions and
 //! writing each row's log-sum-exp beside its output, so keys and values are rounded to bf16 as a
 //! cache's are and the kernels are the ones the rest of attention already exercises. The scratch
@@ -17,15 +17,20 @@ use cudarc::driver::{CudaSlice, CudaView, PushKernelArg};
 use super::attention::{Attended, StepViews};
 use super::device::{CudaBackend, CudaTensor, grid_rows, to_u32};
 use super::step::{CudaStep, push};
-use crate::context::chunk_of;
+use crate::context::{chunk_of, not_prepared};
 use crate::{
     AttentionParams, AttentionPart, BackendError, ContextLayout, KvRows, KvSpec, KvValues, Result,
 };
 
-/// A step's context layout, on the host and packed on the device.
+/// A step's context chunks, their layouts packed on the device one after the other.
 pub struct CudaContext {
-    layout: ContextLayout,
     packed: CudaSlice<u32>,
+    chunks: Vec<CudaChunk>,
+}
+
+/// One chunk's layout on the host and where its arrays are in the packed copy.
+struct CudaChunk {
+    layout: ContextLayout,
     cache_slots: Range<usize>,
     dense_slots: Range<usize>,
     dense_tok_table: Range<usize>,
@@ -33,14 +38,34 @@ pub struct CudaContext {
 }
 
 impl CudaContext {
+    /// How many chunks the step's contexts were cut into.
+    pub(super) fn chunks(&self) -> usize {
+        self.chunks.len()
+    }
+}
+
+/// A chunk with the packed copy its arrays are in.
+struct Chunk<'a> {
+    packed: &'a CudaSlice<u32>,
+    layout: &'a ContextLayout,
+    parts: &'a CudaChunk,
+}
+
+impl Chunk<'_> {
     fn part(&self, r: &Range<usize>) -> CudaView<'_, u32> {
         self.packed.slice(r.clone())
     }
 }
 
 impl CudaStep {
-    fn context(&self, op: &'static str, chunk: usize) -> Result<&CudaContext> {
-        chunk_of(op, &self.context, chunk)
+    fn context(&self, op: &'static str, chunk: usize) -> Result<Chunk<'_>> {
+        let c = self.context.as_ref().ok_or_else(|| not_prepared(op))?;
+        let parts = chunk_of(op, &c.chunks, chunk)?;
+        Ok(Chunk {
+            packed: &c.packed,
+            layout: &parts.layout,
+            parts,
+        })
     }
 }
 
@@ -57,38 +82,18 @@ impl CudaBackend {
                 "a graph's padded step has no context rows",
             ));
         }
-        let chunks = step.meta.context_chunks(OP, chunk_positions)?;
-        step.context = chunks
-            .into_iter()
-            .map(|layout| self.upload_context(layout, step.rows))
-            .collect::<Result<_>>()?;
-        Ok(())
-    }
-
-    /// One chunk's layout on the device, in one copy.
-    fn upload_context(&self, layout: ContextLayout, rows: usize) -> Result<CudaContext> {
-        const OP: &str = "prepare_context";
         let mut data = Vec::new();
-        let cache_slots = push(&mut data, layout.cache_slots.iter().copied());
-        let dense_slots = push(&mut data, layout.dense_slots.iter().copied());
-        // Each token's offset into the dense tables: its sequence's first entry.
-        let mut tok_table = Vec::with_capacity(rows);
-        let mut offset = 0;
-        for s in &layout.dense.seqs {
-            tok_table.extend(std::iter::repeat_n(to_u32(OP, offset)?, s.num_tokens));
-            offset += s.block_table.len();
-        }
-        let dense_tok_table = push(&mut data, tok_table);
-        let tables = layout.dense.seqs.iter().flat_map(|s| s.block_table.iter());
-        let dense_tables = push(&mut data, tables.copied());
-        Ok(CudaContext {
+        let chunks = step
+            .meta
+            .context_chunks(OP, chunk_positions)?
+            .into_iter()
+            .map(|layout| pack_chunk(&mut data, layout, step.rows))
+            .collect::<Result<_>>()?;
+        step.context = Some(CudaContext {
             packed: self.upload(OP, &data)?,
-            layout,
-            cache_slots,
-            dense_slots,
-            dense_tok_table,
-            dense_tables,
-        })
+            chunks,
+        });
+        Ok(())
     }
 
     pub(super) fn gather_context_impl(
@@ -110,7 +115,7 @@ impl CudaBackend {
         let dims = [spec.num_kv_heads, spec.k_dim, spec.block_size];
         let [heads, kd, bs] = dims.map(|d| d as u32);
         to_u32(OP, cols)?;
-        let slots = ctx.part(&ctx.cache_slots);
+        let slots = ctx.part(&ctx.parts.cache_slots);
         let mut b = self.stream.launch_builder(self.func("gather_kv_rows")?);
         b.arg(&mut out.data).arg(&cache.k).arg(&slots);
         b.arg(&heads).arg(&kd).arg(&bs);
@@ -146,14 +151,14 @@ impl CudaBackend {
             v_dim: p.v_dim,
             values: KvValues::Separate,
         })?;
-        let slots = ctx.part(&ctx.dense_slots);
+        let slots = ctx.part(&ctx.parts.dense_slots);
         self.write_kv_rows(&mut dense, (kv.k, Some(kv.v)), &slots, ctx.layout.rows)?;
         let keys = ctx.layout.keys.clone();
         let over = Attended {
             views: StepViews {
                 tok_pos: step.tok_pos(),
-                tok_table: ctx.part(&ctx.dense_tok_table),
-                tables: ctx.part(&ctx.dense_tables),
+                tok_table: ctx.part(&ctx.parts.dense_tok_table),
+                tables: ctx.part(&ctx.parts.dense_tables),
             },
             rows: step.rows,
             max_span: step.meta.max_span(p.sliding_window).min(keys.len()),
@@ -192,4 +197,28 @@ impl CudaBackend {
         unsafe { b.launch(grid_rows(rows, 128)) }.map_err(|e| BackendError::device(OP, e))?;
         Ok(())
     }
+}
+
+/// Appends one chunk's arrays to the step's packed copy.
+fn pack_chunk(data: &mut Vec<u32>, layout: ContextLayout, rows: usize) -> Result<CudaChunk> {
+    const OP: &str = "prepare_context";
+    let cache_slots = push(data, layout.cache_slots.iter().copied());
+    let dense_slots = push(data, layout.dense_slots.iter().copied());
+    // Each token's offset into the chunk's dense tables: its sequence's first entry.
+    let mut tok_table = Vec::with_capacity(rows);
+    let mut offset = 0;
+    for s in &layout.dense.seqs {
+        tok_table.extend(std::iter::repeat_n(to_u32(OP, offset)?, s.num_tokens));
+        offset += s.block_table.len();
+    }
+    let dense_tok_table = push(data, tok_table);
+    let tables = layout.dense.seqs.iter().flat_map(|s| s.block_table.iter());
+    let dense_tables = push(data, tables.copied());
+    Ok(CudaChunk {
+        layout,
+        cache_slots,
+        dense_slots,
+        dense_tok_table,
+        dense_tables,
+    })
 }

@@ -260,7 +260,7 @@ impl Backend for CudaBackend {
     }
 
     fn context_chunks(&self, step: &CudaStep) -> usize {
-        step.context.len()
+        step.context.as_ref().map_or(0, |c| c.chunks())
     }
 
     fn gather_context(&self, cache: &CudaKv, step: &CudaStep, chunk: usize) -> Result<CudaTensor> {

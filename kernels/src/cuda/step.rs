@@ -158,7 +158,7 @@ pub struct CudaStep {
     /// first): a rewritten step must stay below it, since a graph replays without checking.
     pub(super) cache_blocks: AtomicUsize,
     /// Set by `prepare_context` (cuda/context.rs): the chunks of the step's contexts.
-    pub(super) context: Vec<super::context::CudaContext>,
+    pub(super) context: Option<super::context::CudaContext>,
 }
 
 impl CudaStep {
@@ -241,7 +241,7 @@ impl CudaBackend {
             parts: p.layout,
             max_block: p.max_block,
             cache_blocks: AtomicUsize::new(usize::MAX),
-            context: Vec::new(),
+            context: None,
         })
     }
 
@@ -284,7 +284,7 @@ impl CudaBackend {
             .map_err(|e| BackendError::device(OP, e))?;
         step.meta = meta.clone();
         step.max_block = p.max_block;
-        step.context.clear();
+        step.context = None;
         Ok(())
     }
 }
