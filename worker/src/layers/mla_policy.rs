@@ -56,7 +56,7 @@ impl Expansion {
 /// Which form steps take.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum MlaPrefill {
-    /// The cheaper form by arithmetic, expanded only within the row bound (the default).
+    /// The cheaper form by arithmetic, the expanded one cut to the profiled memory (the default).
     #[default]
     Auto,
     /// Always absorbed.
