@@ -66,13 +66,9 @@ fn slot(op: &'static str, v: usize) -> Result<u32> {
 }
 
 impl StepMeta {
-    /// The context rows of this (validated) step in one chunk; `op` names the caller in errors.
-    pub fn context_layout(&self, op: &'static str) -> Result<ContextLayout> {
-        self.chunk_layout(op, 0..self.max_context())
-    }
-
     /// The context rows of this (validated) step cut into chunks of `positions` positions
-    /// (rounded up to whole blocks; `None`: one chunk), the chunks that hold any row.
+    /// (rounded up to whole blocks; `None`: one chunk), the chunks that hold any row; `op`
+    /// names the caller in errors.
     pub fn context_chunks(
         &self,
         op: &'static str,
@@ -130,7 +126,7 @@ impl StepMeta {
         })
     }
 
-    /// Context rows of the step: what [`StepMeta::context_layout`] lays out.
+    /// Context rows of the step: what [`StepMeta::context_chunks`] lays out in one chunk.
     pub fn context_rows(&self) -> usize {
         self.seqs.iter().map(|s| s.context_len).sum()
     }
@@ -195,9 +191,19 @@ pub fn check_attention_rows(
     Ok(())
 }
 
-/// Checks [`Backend::merge_attention`]'s parts, `((out rows, out cols), (lse rows, lse cols))`
-/// each, and gives the output width per head.
-pub fn check_merge(
+/// Checks [`Backend::merge_attention`]'s two parts against each other and gives the output
+/// width per head.
+pub fn check_merge<B: Backend>(
+    b: &B,
+    acc: &AttentionPart<B::Tensor>,
+    part: &AttentionPart<B::Tensor>,
+) -> Result<usize> {
+    let dims = |p: &AttentionPart<B::Tensor>| (b.dims(&p.out), b.dims(&p.lse));
+    merge_width(dims(acc), dims(part))
+}
+
+/// [`check_merge`] on the parts' `((out rows, out cols), (lse rows, lse cols))`.
+fn merge_width(
     acc: ((usize, usize), (usize, usize)),
     part: ((usize, usize), (usize, usize)),
 ) -> Result<usize> {
@@ -265,7 +271,7 @@ mod tests {
             block_size: 2,
             tokens: vec![1, 2, 3],
         };
-        let l = meta.context_layout("test").unwrap();
+        let l = meta.context_chunks("test", None).unwrap().remove(0);
         assert_eq!(l.rows, 5);
         assert_eq!(meta.context_rows(), 5);
         assert_eq!(l.cache_slots, vec![14, 15, 8, 10, 11]);
@@ -276,7 +282,6 @@ mod tests {
         assert_eq!(l.dense.seqs[1].block_table, vec![2]);
         assert_eq!(l.dense.positions(), meta.positions());
         l.dense.validate("test").unwrap();
-        assert_eq!(meta.context_chunks("test", None).unwrap(), vec![l]);
 
         // Chunks of one block (3 positions round up to 4 = two blocks would be one chunk).
         let chunks = meta.context_chunks("test", Some(1)).unwrap();
@@ -320,8 +325,8 @@ mod tests {
             (lse[0] - 4f32.ln()).abs() < 1e-6 && lse[1] == 0.5,
             "{lse:?}"
         );
-        let err = check_merge(((2, 8), (2, 2)), ((2, 8), (2, 4))).unwrap_err();
+        let err = merge_width(((2, 8), (2, 2)), ((2, 8), (2, 4))).unwrap_err();
         assert!(err.to_string().contains("(2, 4)"), "{err}");
-        assert_eq!(check_merge(((2, 8), (2, 2)), ((2, 8), (2, 2))).unwrap(), 4);
+        assert_eq!(merge_width(((2, 8), (2, 2)), ((2, 8), (2, 2))).unwrap(), 4);
     }
 }

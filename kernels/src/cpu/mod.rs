@@ -529,9 +529,7 @@ impl Backend for CpuBackend {
         acc: &mut AttentionPart<CpuTensor>,
         part: &AttentionPart<CpuTensor>,
     ) -> Result<()> {
-        let dims =
-            |p: &AttentionPart<CpuTensor>| ((p.out.rows, p.out.cols), (p.lse.rows, p.lse.cols));
-        let v_dim = crate::check_merge(dims(acc), dims(part))?;
+        let v_dim = crate::check_merge(self, acc, part)?;
         let AttentionPart { out, lse } = acc;
         merge_rows(
             (&mut out.data, &mut lse.data),

@@ -177,9 +177,7 @@ impl CudaBackend {
         part: &AttentionPart<CudaTensor>,
     ) -> Result<()> {
         const OP: &str = "merge_attention";
-        let dims =
-            |p: &AttentionPart<CudaTensor>| ((p.out.rows, p.out.cols), (p.lse.rows, p.lse.cols));
-        let v_dim = crate::check_merge(dims(acc), dims(part))?;
+        let v_dim = crate::check_merge(self, acc, part)?;
         let rows = acc.lse.rows * acc.lse.cols;
         if rows == 0 || v_dim == 0 {
             return Ok(());
